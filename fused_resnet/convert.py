@@ -1,0 +1,124 @@
+"""``convert`` swaps fused blocks into an existing model; ``revert`` swaps plain torch blocks back.
+
+Both work by changing a block's class in place (the fused and torch blocks share one layout), so parameters,
+buffers, hooks and state_dict keys are carried unchanged; with ``inplace=False`` (the default) the model is
+deep-copied first.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import List, Optional
+
+import torchvision
+from torch import nn
+
+from . import backends
+from .functional import unit_unsupported_reason
+from .modules import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin,
+                      ShortcutA)
+
+_TV = torchvision.models.resnet
+_TO_FUSED = {
+    _TV.BasicBlock: FusedBasicBlock,
+    _TV.Bottleneck: FusedBottleneck,
+    EagerBasicBlock: FusedBasicBlock,
+    EagerBottleneck: FusedBottleneck,
+}
+_TO_EAGER = {FusedBasicBlock: (_TV.BasicBlock, EagerBasicBlock), FusedBottleneck: (_TV.Bottleneck, EagerBottleneck)}
+
+
+def _unfusable_reason(block: nn.Module) -> Optional[str]:
+    for conv, bn in block._units() if hasattr(block, "_units") else _tv_units(block):
+        if conv.groups != 1:
+            return f"groups={conv.groups}"
+        if any(d != 1 for d in conv.dilation):
+            return f"dilation={tuple(conv.dilation)}"
+        reason = unit_unsupported_reason(conv, bn)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _tv_units(block: nn.Module):
+    n = 3 if isinstance(block, _TV.Bottleneck) else 2
+    return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
+
+
+def _fused_resnet_class():
+    from .models import ResNet  # models imports this module
+
+    return ResNet
+
+
+def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
+    t = type(m)
+    if t in (FusedBasicBlock, FusedBottleneck):
+        m.backend = backend
+    elif t in _TO_FUSED:
+        reason = _unfusable_reason(m)
+        if reason is not None:
+            skipped.append(f"{path or '<root>'} ({reason})")
+            return
+        if t in (_TV.BasicBlock, _TV.Bottleneck):
+            m.plain, m.dim = False, 2
+        m.__class__ = _TO_FUSED[t]
+        m.backend = backend
+        return
+    elif t is _TV.ResNet:
+        m.__class__ = _fused_resnet_class()
+        m.backend = backend
+    elif isinstance(m, FusedStemMixin):
+        m.backend = backend
+    for name, child in m.named_children():
+        _convert(child, backend, skipped, f"{path}.{name}" if path else name)
+
+
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
+    the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
+    ``backend``. Blocks that cannot be fused (groups > 1, dilation > 1, a norm layer other than BatchNorm)
+    stay as they are, with one warning listing them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    backends.check_requested(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    skipped: List[str] = []
+    _convert(model, backend, skipped, "")
+    if skipped:
+        warnings.warn(
+            f"fused_resnet.convert left {len(skipped)} block(s) unfused: {', '.join(skipped)}", RuntimeWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+def _revert(m: nn.Module) -> None:
+    t = type(m)
+    if t in _TO_EAGER:
+        tv_cls, eager_cls = _TO_EAGER[t]
+        torchvision_like = not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
+        del m.backend
+        if torchvision_like:
+            del m.plain, m.dim
+        m.__class__ = tv_cls if torchvision_like else eager_cls
+        return
+    if t is _fused_resnet_class():
+        del m.backend
+        m.__class__ = _TV.ResNet
+    elif isinstance(m, FusedStemMixin):
+        m.backend = None
+    for child in m.children():
+        _revert(child)
+
+
+def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``model`` computed by plain torch modules again: fused blocks become torchvision's BasicBlock /
+    Bottleneck where torchvision has the configuration, else fused_resnet's eager twins (option A, plain, 1-D)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    _revert(model)
+    return model

@@ -1,0 +1,220 @@
+"""Drop-in residual blocks.
+
+``FusedBasicBlock`` / ``FusedBottleneck`` take torchvision's constructor signature (inplanes, planes, stride=1,
+downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None) plus keyword-only ``backend``, ``plain``
+(no shortcut: the plain twin of the depth experiment) and ``dim`` (2, or 1 for Conv1d/BatchNorm1d sequence
+models). Submodule, parameter and buffer names are torchvision's (conv1, bn1, conv2, bn2, conv3, bn3,
+downsample.0, downsample.1), so state_dicts load both ways with strict=True.
+
+``EagerBasicBlock`` / ``EagerBottleneck`` are the same layouts computed with plain torch modules: what
+``revert`` produces for blocks torchvision has no class for (option A, plain, 1-D).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backends, reference
+from .functional import conv_bn_relu, run_units, unit_unsupported_reason
+
+
+def _conv(dim: int, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1):
+    cls = nn.Conv2d if dim == 2 else nn.Conv1d
+    padding = dilation if kernel == 3 else 0
+    return cls(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False, dilation=dilation)
+
+
+def _check_dim(dim: int) -> None:
+    if dim not in (1, 2):
+        raise ValueError(f"dim must be 1 (Conv1d/BatchNorm1d) or 2 (Conv2d/BatchNorm2d), got {dim}")
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut (the ResNet paper's CIFAR networks): identity subsampled by ``stride``, with the extra
+    output channels zero-filled (appended after the input channels). Parameter-free; used as ``downsample``."""
+
+    def __init__(self, stride: int, out_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] > self.out_channels:
+            raise RuntimeError(f"option A cannot shrink channels: input has {x.shape[1]}, target {self.out_channels}")
+        sub = x[..., :: self.stride, :: self.stride] if x.dim() == 4 else x[..., :: self.stride]
+        pad = (0, 0) * (x.dim() - 2) + (0, self.out_channels - x.shape[1])
+        return F.pad(sub, pad)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, out_channels={self.out_channels}"
+
+
+class _BlockLayout(nn.Module):
+    """Submodules shared by the eager and fused blocks; ``_units()`` lists the main path's (conv, bn) pairs."""
+
+    expansion: int = 1
+    _n_units = 0
+
+    def _setup(self, downsample: Optional[nn.Module], stride: int, plain: bool, dim: int) -> None:
+        if plain and downsample is not None:
+            raise ValueError("a plain block has no shortcut, so it takes no downsample module")
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.plain = plain
+        self.dim = dim
+
+    def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self._n_units + 1)]
+
+    def extra_repr(self) -> str:
+        return "plain=True" if self.plain else ""
+
+
+def _norm(norm_layer: Optional[Callable[..., nn.Module]], dim: int) -> Callable[..., nn.Module]:
+    if norm_layer is not None:
+        return norm_layer
+    return nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+
+
+class _BasicLayout(_BlockLayout):
+    expansion = 1
+    _n_units = 2
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, plain=False, dim=2):
+        super().__init__()
+        _check_dim(dim)
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        norm_layer = _norm(norm_layer, dim)
+        self.conv1 = _conv(dim, inplanes, planes, 3, stride)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = _conv(dim, planes, planes, 3)
+        self.bn2 = norm_layer(planes)
+        self._setup(downsample, stride, plain, dim)
+
+
+class _BottleneckLayout(_BlockLayout):
+    expansion = 4
+    _n_units = 3
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, plain=False, dim=2):
+        super().__init__()
+        _check_dim(dim)
+        norm_layer = _norm(norm_layer, dim)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv(dim, inplanes, width, 1)
+        self.bn1 = norm_layer(width)
+        self.conv2 = _conv(dim, width, width, 3, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = _conv(dim, width, planes * self.expansion, 1)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self._setup(downsample, stride, plain, dim)
+
+
+class _EagerForward:
+    """torchvision's forward, generalised to plain blocks and any number of units."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        units = self._units()
+        out = x
+        for i, (conv, bn) in enumerate(units):
+            out = bn(conv(out))
+            if i < len(units) - 1:
+                out = self.relu(out)
+        if not self.plain:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Sequential and len(module) == 2 and unit_unsupported_reason(module[0], module[1]) is None
+    )
+
+
+class _FusedForward:
+    """Forward through the fused op layer (see :func:`fused_resnet.functional.run_units`)."""
+
+    def _init_fused(self, backend: str) -> None:
+        backends.check_requested(backend)
+        for conv, bn in self._units():
+            reason = unit_unsupported_reason(conv, bn)
+            if reason is not None:
+                raise ValueError(f"{type(self).__name__} cannot fuse this block: {reason}")
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        convs, bns = [list(t) for t in zip(*self._units())]
+        ds = self.downsample
+        residual, sc_stride = None, (1, 1)
+        if self.plain:
+            kind = reference.SHORTCUT_NONE
+        elif ds is None:
+            kind = reference.SHORTCUT_IDENTITY
+        elif type(ds) is ShortcutA:
+            kind, sc_stride = reference.SHORTCUT_PAD, (ds.stride, ds.stride)
+        elif _is_projection(ds):
+            kind = reference.SHORTCUT_PROJECTION
+            convs.append(ds[0])
+            bns.append(ds[1])
+        else:
+            kind, residual = reference.SHORTCUT_TENSOR, ds(x)
+        return run_units(x, convs, bns, shortcut=kind, shortcut_stride=sc_stride, residual=residual,
+                         backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
+
+
+class FusedBasicBlock(_FusedForward, _BasicLayout):
+    """torchvision BasicBlock (two 3x3 conv-BN units, stride on the first) computed by fused ops."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, backend: str = "auto",
+                 plain: bool = False, dim: int = 2):
+        _BasicLayout.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer,
+                              plain=plain, dim=dim)
+        self._init_fused(backend)
+
+
+class FusedBottleneck(_FusedForward, _BottleneckLayout):
+    """torchvision Bottleneck (1x1 → 3x3 → 1x1, stride on the 3x3, expansion 4) computed by fused ops."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, backend: str = "auto",
+                 plain: bool = False, dim: int = 2):
+        _BottleneckLayout.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation,
+                                   norm_layer, plain=plain, dim=dim)
+        self._init_fused(backend)
+
+
+class EagerBasicBlock(_EagerForward, _BasicLayout):
+    """BasicBlock layout in plain PyTorch, with ``plain`` and ``dim`` like the fused block."""
+
+
+class EagerBottleneck(_EagerForward, _BottleneckLayout):
+    """Bottleneck layout in plain PyTorch, with ``plain`` and ``dim`` like the fused block."""
+
+
+class FusedStemMixin:
+    """A model whose stem conv-BN-ReLU (``self.conv1``, ``self.bn1``) runs as one fused unit when
+    ``self.backend`` is a backend name, and as plain torch modules when it is None."""
+
+    backend: Optional[str] = None
+
+    def _stem(self, x: Tensor) -> Tensor:
+        if self.backend is None or unit_unsupported_reason(self.conv1, self.bn1) is not None:
+            return self.relu(self.bn1(self.conv1(x)))
+        return conv_bn_relu(x, self.conv1, self.bn1, self.backend)
+
+
+BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, EagerBasicBlock, EagerBottleneck)
