@@ -1,0 +1,59 @@
+"""fused_resnet: pip install -e . (add --no-build-isolation to compile the CUDA extension against the torch
+installed in the environment; see README "Building the CUDA extension")."""
+import importlib.util
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_settings():
+    spec = importlib.util.spec_from_file_location("_fr_build", os.path.join(ROOT, "fused_resnet", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cuda_extension():
+    """([CUDAExtension], {"build_ext": BuildExtension}) where the extension can be built, else ([], {})."""
+    build = _build_settings()
+    if build.skip_requested():
+        print("fused_resnet: FUSED_RESNET_SKIP_CUDA_BUILD=1, not building the CUDA extension")
+        return [], {}
+    reason = build.unavailable_reason()
+    if reason is not None:
+        print(f"fused_resnet: not building the CUDA extension: {reason}")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.arch_list())
+    os.environ.setdefault("MAX_JOBS", str(build.default_max_jobs()))
+    ext = CUDAExtension(
+        name="fused_resnet._C",
+        sources=build.SOURCES,
+        include_dirs=build.include_dirs(),
+        extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="fused_resnet",
+    version="0.1.0",
+    description="Fused conv-BatchNorm-ReLU(+residual) ResNet blocks for PyTorch, with Triton and CUDA kernels",
+    packages=["fused_resnet", "fused_resnet.kernels"],
+    package_dir={"fused_resnet": "fused_resnet", "fused_resnet.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "torchvision>=0.20"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark"],
+        "build": ["ninja", "pybind11"],
+    },
+    entry_points={"console_scripts": ["fused-resnet=fused_resnet.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
