@@ -118,16 +118,17 @@ def block_backward(
         dy, x, y, weights, gammas, betas, acts, means, variances, strides, paddings, dilations, groups, eps,
         batch_stats, shortcut, shortcut_stride, need_input_grad,
     )
-    empty = x.new_empty((0,))
-    return [empty if dx is None else dx, empty if d_res is None else d_res] + dws + dgs + dbs
+    # Outputs of a custom op may not alias each other: one fresh empty placeholder per missing gradient.
+    dx = x.new_empty((0,)) if dx is None else dx
+    d_res = x.new_empty((0,)) if d_res is None else d_res
+    return [dx, d_res] + dws + dgs + dbs
 
 
 @block_backward.register_fake
 def _block_backward_fake(dy, x, y, weights, gammas, betas, acts, means, variances, strides, paddings, dilations,
                          groups, eps, batch_stats, shortcut, shortcut_stride, need_input_grad, backend):
-    empty = x.new_empty((0,))
-    dx = _empty_act(x, x.shape) if need_input_grad else empty
-    d_res = _empty_act(x, y.shape) if shortcut == reference.SHORTCUT_TENSOR else empty
+    dx = _empty_act(x, x.shape) if need_input_grad else x.new_empty((0,))
+    d_res = _empty_act(x, y.shape) if shortcut == reference.SHORTCUT_TENSOR else x.new_empty((0,))
     return ([dx, d_res] + [torch.empty_like(w) for w in weights] + [torch.empty_like(g) for g in gammas]
             + [torch.empty_like(b) for b in betas])
 

@@ -1,0 +1,138 @@
+"""``fused-resnet`` command line: ``info`` and ``verify``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torchvision
+
+from . import __version__, _ext, backends, models, testing
+from .convert import convert
+
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError as e:
+        return f"not importable ({e})"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    ext = _ext.status()
+    lines = [
+        f"fused_resnet   {__version__}",
+        f"python         {platform.python_version()} ({sys.executable})",
+        f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"torchvision    {torchvision.__version__}",
+        f"triton         {_triton_version()}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}          {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                         f"{p.total_memory / 2**30:.1f} GiB")
+        lines.append(f"cudnn          {torch.backends.cudnn.version()}")
+    else:
+        lines.append("gpu            none (CUDA not available to torch)")
+    lines.append("backends:")
+    for name, reason in backends.backend_status().items():
+        lines.append(f"  {name:<10}   {'available' if reason is None else 'unavailable: ' + reason}")
+    if ext["loaded"]:
+        lines.append(f"extension      loaded, {ext['how']}; ops: {', '.join(ext['ops'])}")
+    else:
+        lines.append(f"extension      unavailable: {ext['reason']}")
+    print("\n".join(lines))
+    return 0
+
+
+def _reference_model(name: str, args: argparse.Namespace):
+    """(reference torch model, input tensor) for a model name."""
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    if name in IMAGENET_MODELS:
+        model = getattr(torchvision.models, name)(num_classes=args.num_classes)
+        return testing.randomize_batchnorm(model, gen), torch.randn(args.batch, 3, args.size, args.size, generator=gen)
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if match and int(match.group(1)) in CIFAR_DEPTHS:
+        in_ch = 3 if args.dim == 2 else 1
+        model = models.cifar_resnet(int(match.group(1)), shortcut=args.shortcut, plain=args.plain,
+                                    num_classes=args.num_classes, in_channels=in_ch, dim=args.dim, backend=None)
+        shape = (args.batch, in_ch, 32, 32) if args.dim == 2 else (args.batch, in_ch, 40)
+        return testing.randomize_batchnorm(model, gen), torch.randn(*shape, generator=gen)
+    raise SystemExit(f"unknown model {name!r}; expected one of {IMAGENET_MODELS} or cifar_resnet{{{CIFAR_DEPTHS}}}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = testing.DTYPES[args.dtype]
+    backends.check_requested(args.backend)
+    failed: List[str] = []
+    for name in args.model.split(","):
+        start = time.perf_counter()
+        reference, x = _reference_model(name.strip(), args)
+        checks = testing.compare_models(
+            reference, lambda m: convert(m, backend=args.backend, inplace=True), x, dtype, device,
+            channels_last=args.channels_last, train_steps=args.steps, autocast=args.autocast, lr=args.lr,
+        )
+        layout = "channels_last" if args.channels_last else "NCHW"
+        title = (f"\n{name}: backend={args.backend}, {'autocast ' if args.autocast else ''}{args.dtype}, {device}, "
+                 f"{layout}, input {tuple(x.shape)}, {args.steps} train pass(es), lr {args.lr} ({time.perf_counter() - start:.1f} s)")
+        testing.print_table(title, checks)
+        failed += [f"{name}: {c.name}" for c in checks if not c.ok]
+    if failed:
+        print(f"\nFAILED {len(failed)} check(s): " + "; ".join(failed))
+        return 1
+    print("\nall checks passed (fused error ≤ 2 × PyTorch's own error against the float64 oracle, + floor)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-resnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, GPU, backends and extension build status")
+    info.set_defaults(func=cmd_info)
+    verify = sub.add_parser(
+        "verify",
+        help="compare converted ResNets with their torch twins against a float64 oracle",
+        description="Builds each reference ResNet and its converted twin, runs train-mode forward+backward and an "
+        "eval forward, and checks outputs, input grad, every parameter grad and running statistics with the "
+        "rule  fused error ≤ 2 × PyTorch's same-dtype error + floor  (errors relative, against float64).",
+    )
+    verify.add_argument("--model", default="resnet18,resnet50,cifar_resnet20",
+                        help="comma-separated: resnet18/34/50/101/152, cifar_resnet20/32/44/56/110/1202")
+    verify.add_argument("--backend", default="auto", choices=backends.BACKEND_CHOICES)
+    verify.add_argument("--dtype", default="float32", choices=sorted(testing.DTYPES))
+    verify.add_argument("--autocast", action="store_true", help="float32 models under torch.autocast(--dtype)")
+    verify.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    verify.add_argument("--batch", type=int, default=4)
+    verify.add_argument("--size", type=int, default=64, help="input height and width of the ImageNet models")
+    verify.add_argument("--steps", type=int, default=2,
+                        help="train-mode forward+backward passes (running statistics accumulate over them)")
+    verify.add_argument("--lr", type=float, default=0.0, help="SGD learning rate between passes (0: weights fixed)")
+    verify.add_argument("--channels-last", action="store_true")
+    verify.add_argument("--num-classes", type=int, default=10)
+    verify.add_argument("--shortcut", default="A", choices=("A", "B", "C"), help="CIFAR models")
+    verify.add_argument("--plain", action="store_true", help="CIFAR models without shortcuts")
+    verify.add_argument("--dim", type=int, default=2, choices=(1, 2), help="CIFAR models: 1 for Conv1d on length 40")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

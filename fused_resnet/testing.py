@@ -1,0 +1,353 @@
+"""Numerical-equivalence machinery shared by the tests, ``fused-resnet verify`` and the benchmarks.
+
+The rule (flash-attention's): a fused result passes when its error against the float64 oracle is at most
+``factor`` times PyTorch's own error in the same dtype, plus a small floor::
+
+    ‖fused − ref64‖ / ‖ref64‖  ≤  factor · ‖torch_same_dtype − ref64‖ / ‖ref64‖  +  floor
+
+One tolerance table and one shape table live here, imported by tests and benches alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# dtype → (factor on torch's own error, floor). The floor is 4× the dtype's machine epsilon (relative error),
+# except in float64, where PyTorch's same-dtype run *is* the oracle (its error is exactly 0) and the floor alone
+# bounds the reassociation error of a different summation order through a deep network.
+TOLERANCE: Dict[torch.dtype, tuple] = {
+    torch.float64: (2.0, 1e-12),
+    torch.float32: (2.0, 4 * torch.finfo(torch.float32).eps),
+    torch.float16: (2.0, 4 * torch.finfo(torch.float16).eps),
+    torch.bfloat16: (2.0, 4 * torch.finfo(torch.bfloat16).eps),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# Block cases for tests: (block, inplanes, planes, stride, shortcut, (N, H, W)).
+# shortcut: "identity", "A" (zero-padded identity), "B" (projection where the shape changes; here it does),
+# "C" (projection where it does not), "plain" (no shortcut), "tensor" (a downsample module the op does not
+# recognise, e.g. avg-pool + projection: its output is added as a tensor). Awkward sizes on purpose: odd channel
+# counts (3, 24, 40), H ≠ W, odd spatial sizes, N = 1.
+BLOCK_CASES = [
+    ("basic", 16, 16, 1, "identity", (2, 8, 8)),
+    ("basic", 16, 24, 2, "B", (2, 9, 7)),
+    ("basic", 8, 24, 2, "A", (3, 8, 6)),
+    ("basic", 24, 24, 1, "C", (2, 5, 6)),
+    ("basic", 3, 40, 2, "plain", (2, 7, 7)),
+    ("basic", 16, 32, 2, "tensor", (2, 8, 8)),
+    ("bottleneck", 40, 10, 1, "identity", (2, 6, 5)),
+    ("bottleneck", 24, 6, 2, "B", (1, 9, 9)),
+    ("bottleneck", 16, 8, 1, "C", (2, 4, 4)),
+    ("bottleneck", 32, 16, 2, "A", (2, 6, 6)),
+]
+
+
+@dataclasses.dataclass
+class Check:
+    """One comparison against the float64 oracle."""
+
+    name: str
+    err_fused: float
+    err_torch: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err_fused <= self.bound  # NaN fails
+
+    def row(self) -> str:
+        return (f"{self.name:<48} {self.err_fused:10.2e} {self.err_torch:10.2e} {self.bound:10.2e}  "
+                f"{'ok' if self.ok else 'FAIL'}")
+
+
+TABLE_HEADER = f"{'check':<48} {'fused err':>10} {'torch err':>10} {'bound':>10}  status"
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64 (absolute error when ref is all zeros)."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if x.shape != ref.shape:
+        return float("inf")
+    denom = ref.norm().item()
+    err = (x - ref).norm().item()
+    return err / denom if denom > 0 else err
+
+
+def check(name: str, fused: torch.Tensor, fused_ref: torch.Tensor, torch_same: torch.Tensor,
+          torch_ref: torch.Tensor, dtype: torch.dtype) -> Check:
+    """The rule for one tensor: each low-precision result against its float64 reference."""
+    factor, floor = TOLERANCE[dtype]
+    e_torch = rel_error(torch_same, torch_ref)
+    return Check(name, rel_error(fused, fused_ref), e_torch, factor * e_torch + floor)
+
+
+def worst(name: str, checks: List[Check]) -> Check:
+    """The check closest to (or furthest past) its bound, renamed ``name (which)``."""
+    def margin(c: Check) -> float:
+        return c.err_fused / c.bound if c.bound > 0 else float("inf")
+
+    w = max(checks, key=lambda c: (not c.ok, margin(c)))
+    return Check(f"{name} ({w.name})", w.err_fused, w.err_torch, w.bound)
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics, in place.
+
+    Default BN initialisation (γ = 1, β = 0, mean 0, var 1) would hide any mix-up of γ, β and the statistics.
+    The last BN of each residual branch gets a small γ in [0.1, 0.4] (near-identity blocks, the intent of
+    zero_init_residual without zeroing gradients): a freshly initialised deep ResNet in train-mode BN otherwise
+    has a chaotic gradient whose float32 error against float64 is ~1e-2 for PyTorch itself (see NUMERICS.md)."""
+    last_bns = set()
+    for m in model.modules():
+        units = [getattr(m, f"bn{i}", None) for i in (1, 2, 3)]
+        units = [u for u in units if isinstance(u, nn.modules.batchnorm._BatchNorm)]
+        if hasattr(m, "downsample") and len(units) >= 2:
+            last_bns.add(units[-1])
+
+    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    uniform(m.weight, *((0.1, 0.4) if m in last_bns else (0.5, 1.5)))
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator, dtype=torch.float64) * 0.1)
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=generator, dtype=torch.float64) * 0.1)
+                    uniform(m.running_var, 0.5, 1.5)
+    return model
+
+
+def _named_grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _input(x: torch.Tensor, device, dtype, fmt) -> torch.Tensor:
+    """A fresh leaf copy of x (never x itself, so gradients of different models never mix)."""
+    xin = x.detach().to(device=device, dtype=dtype, copy=True)
+    return xin.contiguous(memory_format=fmt) if xin.dim() == 4 else xin
+
+
+class BranchTape:
+    """The discrete decisions of one forward pass, in call order: every ReLU mask and every max-pool argmax.
+
+    ReLU and max-pool are discontinuous in their gradient: where a pre-activation lies within rounding of 0 (or
+    two pooled values within rounding of each other), a low-precision run and the float64 oracle can take
+    different branches, and a single such *flip* moves a whole channel's gradient. Both PyTorch and a fused
+    backend flip, at different elements (measured equally often, NUMERICS.md). To compare arithmetic rather than
+    luck, ``compare_models`` replays the oracle with each run's own decisions; the flips are counted separately.
+    Modes: "record" (append decisions), "replay" (consume recorded ones), "off" (plain ops)."""
+
+    def __init__(self) -> None:
+        self.mode = "off"
+        self.entries: List[torch.Tensor] = []
+        self.pos = 0
+
+    def start(self, mode: str, entries: Optional[List[torch.Tensor]] = None) -> None:
+        self.mode, self.pos = mode, 0
+        self.entries = [] if entries is None else entries
+
+    def _next(self, numel: int) -> torch.Tensor:
+        if self.pos >= len(self.entries) or self.entries[self.pos].numel() != numel:
+            raise RuntimeError("branch-decision replay is out of step with the recorded run (different call order)")
+        self.pos += 1
+        return self.entries[self.pos - 1]
+
+    def _peek_numel(self) -> int:
+        return self.entries[self.pos].numel() if self.pos < len(self.entries) else -1
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "replay":
+            mask = self._next(x.numel()).reshape(x.shape).to(x.device)
+            return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        y = torch.relu(x)
+        if self.mode == "record":
+            self.entries.append((y > 0).detach())
+        return y
+
+    def record_block(self, args: tuple, out: List[torch.Tensor]) -> None:
+        """Record the ReLU masks of a fused block from the op's outputs, recomputed exactly as the reference
+        backward recomputes them (pre = a·s + t in the accumulator dtype; the last mask is y > 0)."""
+        from . import reference
+
+        if self.mode != "record":
+            return
+        weights, gammas, betas, eps, shortcut = args[1], args[2], args[3], args[11], args[13]
+        n = len(weights)
+        n_main = n - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+        acts, means, variances = out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:1 + 3 * n]
+        for i in range(n_main - 1):
+            s, t, _ = reference.scale_shift(gammas[i], betas[i], means[i], variances[i], eps[i])
+            pre = acts[i].to(s.dtype) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+            self.entries.append((pre > 0).detach())
+        self.entries.append((out[0] > 0).detach())
+
+    def max_pool(self, pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "replay":
+            idx = self._next(self._peek_numel()).to(x.device)
+            return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                              return_indices=True)
+        if self.mode == "record":
+            self.entries.append(idx)
+        return y
+
+
+class _TapeReLU(nn.Module):
+    def __init__(self, tape: BranchTape):
+        super().__init__()
+        self.tape = tape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tape.relu(x)
+
+
+class _TapeMaxPool(nn.Module):
+    def __init__(self, pool: nn.MaxPool2d, tape: BranchTape):
+        super().__init__()
+        self.pool, self.tape = pool, tape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tape.max_pool(self.pool, x)
+
+
+def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(parent, name, _TapeReLU(tape))
+            elif type(child) is nn.MaxPool2d:
+                setattr(parent, name, _TapeMaxPool(child, tape))
+    return model
+
+
+@contextlib.contextmanager
+def _recording_fused_blocks(tape: BranchTape):
+    """Route fused block forwards through ``tape.record_block`` (the op is opaque: its masks are recomputed)."""
+    from . import ops
+
+    original = ops.block_forward
+
+    def recording(*args):
+        out = original(*args)
+        tape.record_block(args, out)
+        return out
+
+    ops.block_forward = recording
+    try:
+        yield
+    finally:
+        ops.block_forward = original
+
+
+def _flips(recorded: List[torch.Tensor], oracle: List[torch.Tensor]) -> int:
+    return int(sum((a.reshape(-1).cpu() != b.reshape(-1).cpu()).sum().item() for a, b in zip(recorded, oracle)))
+
+
+def compare_models(
+    reference: nn.Module,
+    make_fused: Callable[[nn.Module], nn.Module],
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    channels_last: bool = False,
+    train_steps: int = 1,
+    autocast: bool = False,
+    lr: float = 0.0,
+) -> List[Check]:
+    """Compare ``make_fused(copy of reference)`` with PyTorch itself against the float64 oracle.
+
+    Runs ``train_steps`` train-mode forward+backward passes (an SGD step with ``lr`` between them; running
+    statistics update every pass), then an eval forward, of: PyTorch in ``dtype``, the fused model in ``dtype``,
+    and float64 copies of the reference — one free (for counting branch flips) and one replaying each
+    low-precision run's branch decisions (see :class:`BranchTape`). Each run is measured against its own replay.
+    Checks: train output, input grad, every parameter grad (worst reported), running means and variances
+    (worst), num_batches_tracked (exact), branch flips (count), eval output. With ``autocast`` the models stay
+    float32 and run under torch.autocast(dtype)."""
+    param_dtype = torch.float32 if autocast else dtype
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    keys = ("same", "fused", "free", "ref_same", "ref_fused")
+    tapes = {k: BranchTape() for k in keys}
+    models = {
+        "same": _attach_tape(copy.deepcopy(reference), tapes["same"]).to(device=device, dtype=param_dtype),
+        "fused": _attach_tape(make_fused(copy.deepcopy(reference)), tapes["fused"]).to(device=device,
+                                                                                      dtype=param_dtype),
+    }
+    for k in ("free", "ref_same", "ref_fused"):
+        models[k] = _attach_tape(copy.deepcopy(reference), tapes[k]).to(device=device, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1234)
+    outs: Dict[str, torch.Tensor] = {}
+    xgrads: Dict[str, torch.Tensor] = {}
+    flips = {"same": 0, "fused": 0}
+    for step in range(train_steps):
+        grad_out = None
+        for key in keys:
+            model, tape = models[key], tapes[key]
+            low = key in ("same", "fused")
+            replay_of = {"ref_same": "same", "ref_fused": "fused"}.get(key)
+            tape.start("replay", tapes[replay_of].entries) if replay_of else tape.start("record")
+            model.train()
+            model.zero_grad(set_to_none=True)
+            xin = _input(x, device, param_dtype if low else torch.float64, fmt).requires_grad_(True)
+            recording = _recording_fused_blocks(tape) if key == "fused" else contextlib.nullcontext()
+            with recording, torch.autocast(device.type, dtype=dtype, enabled=autocast and low):
+                out = model(xin)
+            if grad_out is None:
+                grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+            out.backward(grad_out.to(out.dtype))
+            outs[key], xgrads[key] = out, xin.grad
+            if step < train_steps - 1:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(p.grad, alpha=-lr)
+        for k in flips:
+            flips[k] += _flips(tapes[k].entries, tapes["free"].entries)
+
+    def pair(name: str, values: Dict[str, torch.Tensor]) -> Check:
+        return check(name, values["fused"], values["ref_fused"], values["same"], values["ref_same"], dtype)
+
+    results = [pair("train output", outs), pair("input grad", xgrads)]
+    grads = {k: _named_grads(models[k]) for k in ("same", "fused", "ref_same", "ref_fused")}
+    if set(grads["fused"]) != set(grads["ref_fused"]):
+        missing = sorted(set(grads["ref_fused"]) ^ set(grads["fused"]))
+        results.append(Check(f"param grads present ({missing[:3]})", float("inf"), 0.0, 0.0))
+    else:
+        results.append(worst("param grads", [pair(n, {k: g[n] for k, g in grads.items()}) for n in grads["same"]]))
+    buffers = {k: dict(models[k].named_buffers()) for k in keys}
+    for kind in ("running_mean", "running_var"):
+        names = [n for n in buffers["free"] if n.endswith(kind)]
+        if names:
+            results.append(worst(kind, [pair(n, {k: b[n] for k, b in buffers.items()}) for n in names]))
+    nbt = [n for n in buffers["free"] if n.endswith("num_batches_tracked")]
+    if nbt:
+        bad = [n for n in nbt if not torch.equal(buffers["fused"][n].cpu(), buffers["free"][n].cpu())]
+        results.append(Check(f"num_batches_tracked (exact{': ' + bad[0] if bad else ''})", float(len(bad)), 0.0,
+                             0.0))
+    # A wrong mask computation flips ~half the elements; rounding flips a handful (bound: 2x torch's + 16).
+    results.append(Check("branch flips vs float64 (count)", float(flips["fused"]), float(flips["same"]),
+                         2.0 * flips["same"] + 16))
+    evals = {}
+    with torch.no_grad():
+        for key in keys:
+            tapes[key].start("off")
+            models[key].eval()
+            xin = _input(x, device, param_dtype if key in ("same", "fused") else torch.float64, fmt)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast and key in ("same", "fused")):
+                evals[key] = models[key](xin)
+    results.append(pair("eval output", evals))
+    return results
+
+
+def print_table(title: str, checks: List[Check], out: Optional[Callable[[str], None]] = print) -> None:
+    out(title)
+    out(TABLE_HEADER)
+    for c in checks:
+        out(c.row())
