@@ -41,7 +41,10 @@ def _conv_params(conv: nn.Module, is1d: bool) -> Tuple[List[int], List[int], Lis
 
 def _input_checks(x: Tensor, w: Tensor, groups: int, is1d: bool) -> None:
     expected = 3 if is1d else 4
-    if x.dim() != expected:
+    if x.dim() > expected:  # torch's conv error
+        raise RuntimeError(f"Expected {expected - 1}D (unbatched) or {expected}D (batched) input to "
+                           f"conv{expected - 2}d, but got input of size: {list(x.shape)}")
+    if x.dim() < expected:  # torch's BatchNorm error (the conv would accept an unbatched input)
         raise ValueError(f"expected {expected}D input (got {x.dim()}D input)")
     if not x.is_floating_point():
         raise RuntimeError(

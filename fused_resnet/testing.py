@@ -143,13 +143,15 @@ class BranchTape:
     two pooled values within rounding of each other), a low-precision run and the float64 oracle can take
     different branches, and a single such *flip* moves a whole channel's gradient. Both PyTorch and a fused
     backend flip, at different elements (measured equally often, NUMERICS.md). To compare arithmetic rather than
-    luck, ``compare_models`` replays the oracle with each run's own decisions; the flips are counted separately.
-    Modes: "record" (append decisions), "replay" (consume recorded ones), "off" (plain ops)."""
+    luck, ``compare_models`` replays the oracle with each run's own decisions, and counts as a *flip* every
+    replayed decision that differs from the one float64 itself would take at that point (``flips``).
+    Modes: "record" (append decisions), "replay" (consume recorded ones, count flips), "off" (plain ops)."""
 
     def __init__(self) -> None:
         self.mode = "off"
         self.entries: List[torch.Tensor] = []
         self.pos = 0
+        self.flips = 0
 
     def start(self, mode: str, entries: Optional[List[torch.Tensor]] = None) -> None:
         self.mode, self.pos = mode, 0
@@ -161,12 +163,10 @@ class BranchTape:
         self.pos += 1
         return self.entries[self.pos - 1]
 
-    def _peek_numel(self) -> int:
-        return self.entries[self.pos].numel() if self.pos < len(self.entries) else -1
-
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "replay":
             mask = self._next(x.numel()).reshape(x.shape).to(x.device)
+            self.flips += int((mask != (x > 0)).sum().item())
             return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
         y = torch.relu(x)
         if self.mode == "record":
@@ -191,11 +191,12 @@ class BranchTape:
         self.entries.append((out[0] > 0).detach())
 
     def max_pool(self, pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "replay":
-            idx = self._next(self._peek_numel()).to(x.device)
-            return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
         y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                               return_indices=True)
+        if self.mode == "replay":
+            replayed = self._next(idx.numel()).to(x.device)
+            self.flips += int((replayed != idx).sum().item())
+            return x.flatten(2).gather(2, replayed.flatten(2)).view(idx.shape)
         if self.mode == "record":
             self.entries.append(idx)
         return y
@@ -248,10 +249,6 @@ def _recording_fused_blocks(tape: BranchTape):
         ops.block_forward = original
 
 
-def _flips(recorded: List[torch.Tensor], oracle: List[torch.Tensor]) -> int:
-    return int(sum((a.reshape(-1).cpu() != b.reshape(-1).cpu()).sum().item() for a, b in zip(recorded, oracle)))
-
-
 def compare_models(
     reference: nn.Module,
     make_fused: Callable[[nn.Module], nn.Module],
@@ -267,26 +264,25 @@ def compare_models(
 
     Runs ``train_steps`` train-mode forward+backward passes (an SGD step with ``lr`` between them; running
     statistics update every pass), then an eval forward, of: PyTorch in ``dtype``, the fused model in ``dtype``,
-    and float64 copies of the reference — one free (for counting branch flips) and one replaying each
-    low-precision run's branch decisions (see :class:`BranchTape`). Each run is measured against its own replay.
+    and two float64 copies of the reference, each replaying one low-precision run's branch decisions (see
+    :class:`BranchTape`). Each run is measured against its own replay.
     Checks: train output, input grad, every parameter grad (worst reported), running means and variances
     (worst), num_batches_tracked (exact), branch flips (count), eval output. With ``autocast`` the models stay
     float32 and run under torch.autocast(dtype)."""
     param_dtype = torch.float32 if autocast else dtype
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    keys = ("same", "fused", "free", "ref_same", "ref_fused")
+    keys = ("same", "fused", "ref_same", "ref_fused")
     tapes = {k: BranchTape() for k in keys}
     models = {
         "same": _attach_tape(copy.deepcopy(reference), tapes["same"]).to(device=device, dtype=param_dtype),
         "fused": _attach_tape(make_fused(copy.deepcopy(reference)), tapes["fused"]).to(device=device,
                                                                                       dtype=param_dtype),
     }
-    for k in ("free", "ref_same", "ref_fused"):
+    for k in ("ref_same", "ref_fused"):
         models[k] = _attach_tape(copy.deepcopy(reference), tapes[k]).to(device=device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1234)
     outs: Dict[str, torch.Tensor] = {}
     xgrads: Dict[str, torch.Tensor] = {}
-    flips = {"same": 0, "fused": 0}
     for step in range(train_steps):
         grad_out = None
         for key in keys:
@@ -308,8 +304,6 @@ def compare_models(
                 with torch.no_grad():
                     for p in model.parameters():
                         p.add_(p.grad, alpha=-lr)
-        for k in flips:
-            flips[k] += _flips(tapes[k].entries, tapes["free"].entries)
 
     def pair(name: str, values: Dict[str, torch.Tensor]) -> Check:
         return check(name, values["fused"], values["ref_fused"], values["same"], values["ref_same"], dtype)
@@ -323,17 +317,18 @@ def compare_models(
         results.append(worst("param grads", [pair(n, {k: g[n] for k, g in grads.items()}) for n in grads["same"]]))
     buffers = {k: dict(models[k].named_buffers()) for k in keys}
     for kind in ("running_mean", "running_var"):
-        names = [n for n in buffers["free"] if n.endswith(kind)]
+        names = [n for n in buffers["ref_fused"] if n.endswith(kind)]
         if names:
             results.append(worst(kind, [pair(n, {k: b[n] for k, b in buffers.items()}) for n in names]))
-    nbt = [n for n in buffers["free"] if n.endswith("num_batches_tracked")]
+    nbt = [n for n in buffers["ref_fused"] if n.endswith("num_batches_tracked")]
     if nbt:
-        bad = [n for n in nbt if not torch.equal(buffers["fused"][n].cpu(), buffers["free"][n].cpu())]
+        bad = [n for n in nbt if not torch.equal(buffers["fused"][n].cpu(), buffers["ref_fused"][n].cpu())]
         results.append(Check(f"num_batches_tracked (exact{': ' + bad[0] if bad else ''})", float(len(bad)), 0.0,
                              0.0))
     # A wrong mask computation flips ~half the elements; rounding flips a handful (bound: 2x torch's + 16).
-    results.append(Check("branch flips vs float64 (count)", float(flips["fused"]), float(flips["same"]),
-                         2.0 * flips["same"] + 16))
+    flips_fused, flips_same = tapes["ref_fused"].flips, tapes["ref_same"].flips
+    results.append(Check("branch flips vs float64 (count)", float(flips_fused), float(flips_same),
+                         2.0 * flips_same + 16))
     evals = {}
     with torch.no_grad():
         for key in keys:

@@ -60,9 +60,10 @@ def _rows_by_channels(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def bn_act(
     a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor] = None,
-    relu: bool = True,
+    relu: bool = True, out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """relu(a·scale + shift [+ residual]) per channel; a channels_last (or [M, C]), scale/shift fp32 [C]."""
+    """relu(a·scale + shift [+ residual]) per channel; a channels_last (or [M, C]), scale/shift fp32 [C].
+    ``out`` (optional) receives the result: same shape, dtype and layout as a."""
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bn_act expects float32, float16 or bfloat16 activations, got {a.dtype}")
     a2 = _rows_by_channels(a, "the activations")
@@ -79,7 +80,9 @@ def bn_act(
             f"{tuple(residual.shape)} {residual.dtype}"
         )
     r2 = _rows_by_channels(residual, "the residual") if residual is not None else a2
-    y = torch.empty_like(a)
+    if out is not None and (out.shape != a.shape or out.dtype != a.dtype or out.device != a.device):
+        raise ValueError(f"bn_act expects out with shape {tuple(a.shape)}, dtype {a.dtype} on {a.device}")
+    y = torch.empty_like(a) if out is None else out
     y2 = _rows_by_channels(y, "the output")
     block_c = min(64, triton.next_power_of_2(c))
     block_m = max(1, 4096 // block_c)

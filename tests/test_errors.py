@@ -1,0 +1,116 @@
+"""Bad input gets torch's error type (and a message naming what was expected), raised before any state changes;
+unsupported configurations fall back to reference with a one-time warning, never a wrong number."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fused_resnet
+from fused_resnet import backends, reference
+
+TV = torchvision.models.resnet
+
+
+def _pair():
+    tv = TV.BasicBlock(8, 8)
+    return tv, fused_resnet.convert(tv)
+
+
+BAD_INPUTS = [
+    ("integer dtype", lambda: torch.randint(0, 5, (2, 8, 4, 4)), RuntimeError, "floating-point"),
+    ("wrong channels", lambda: torch.randn(2, 4, 4, 4), RuntimeError, "to have 8 channels, but got 4"),
+    ("3-D input", lambda: torch.randn(8, 4, 4), ValueError, "expected 4D input"),
+    ("5-D input", lambda: torch.randn(1, 8, 1, 1, 1), RuntimeError, "Expected 3D \\(unbatched\\) or 4D"),
+    ("one value per channel", lambda: torch.randn(1, 8, 1, 1), ValueError, "more than 1 value per channel"),
+    ("dtype mismatch", lambda: torch.randn(2, 8, 4, 4, dtype=torch.float64), RuntimeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_same_error_type_as_torch_and_no_state_change(name, make, exc, match):
+    tv, fused = _pair()
+    x = make()
+    with pytest.raises(exc):
+        tv(x)
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(exc, match=match):
+        fused(x)
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failed call"
+
+
+def test_wrong_shortcut_shapes_are_clear_errors():
+    block = fused_resnet.FusedBasicBlock(8, 16, stride=2)  # no downsample: identity cannot match
+    with pytest.raises(RuntimeError, match="give the block a downsample"):
+        block(torch.randn(2, 8, 6, 6))
+    with pytest.raises(RuntimeError, match="option-A shortcut"):
+        fused_resnet.FusedBasicBlock(16, 8, stride=1, downsample=fused_resnet.ShortcutA(1, 8))(torch.randn(2, 16, 4, 4))
+    with pytest.raises(ValueError, match="plain block"):
+        fused_resnet.FusedBasicBlock(8, 8, downsample=nn.Identity(), plain=True)
+
+
+def test_unsupported_modules_rejected_at_construction():
+    with pytest.raises(ValueError, match="norm layer is GroupNorm"):
+        fused_resnet.FusedBasicBlock(8, 8, norm_layer=lambda c: nn.GroupNorm(2, c))
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_resnet.FusedBasicBlock(8, 8, backend="fastest")
+    with pytest.raises(ValueError, match="dim must be"):
+        fused_resnet.FusedBasicBlock(8, 8, dim=3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        fused_resnet.convert("resnet18")
+
+
+class _DecliningBackend(backends.Backend):
+    """A test backend that declines float64 and must never compute anything itself."""
+
+    name = "triton"
+
+    def unsupported_reason(self, x, groups, dilations):
+        return "float64 on a GPU backend" if x.dtype == torch.float64 else None
+
+    @staticmethod
+    def block_forward(*args):
+        raise AssertionError("the declining backend must not run")
+
+    block_backward = block_inference = block_forward
+
+
+@pytest.fixture
+def declining_backend():
+    saved = dict(backends._REGISTRY)
+    backends.register(_DecliningBackend())
+    backends._warned.clear()
+    yield
+    backends._REGISTRY.clear()
+    backends._REGISTRY.update(saved)
+    backends._warned.clear()
+
+
+def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_backend):
+    assert "triton" in fused_resnet.available_backends()
+    tv = TV.BasicBlock(4, 4).double()
+    fused = fused_resnet.convert(tv, backend="triton")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            y = fused(x)
+            y.sum().backward()
+    fallback = [w for w in caught if "running it on the 'reference' backend" in str(w.message)]
+    assert len(fallback) == 1 and "float64 on a GPU backend" in str(fallback[0].message)
+    torch.testing.assert_close(y, tv(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(AssertionError, match="must not run"):
+        fused.float()(x.float())
+
+
+def test_auto_on_cpu_is_reference_even_when_triton_exists(declining_backend):
+    x = torch.randn(2, 4, 5, 5)
+    assert backends.resolve("auto", x, [1], [1, 1]).name == "reference"
+
+
+def test_unknown_shortcut_kind_in_reference():
+    with pytest.raises(ValueError, match="unknown shortcut kind"):
+        reference._shortcut_value(None, [], [], None, 9, [1, 1], 1, torch.contiguous_format, torch.float32)

@@ -1,0 +1,86 @@
+"""The torch.library op layer: opcheck on every op, and torch.compile(fullgraph=True) of converted models."""
+import copy
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import models, ops, reference
+
+from conftest import DEVICES
+from test_reference import GRADCHECK_CASES, _block_args
+
+
+def _forward_samples(device, dtype):
+    for shortcut, units, batch_stats, groups, dilation in GRADCHECK_CASES:
+        a = _block_args(shortcut, units, batch_stats, groups, dilation)
+        for k in ("x", "residual"):
+            if a[k] is not None:
+                a[k] = a[k].detach().to(device, dtype).requires_grad_()
+        for k in ("weights", "gammas", "betas"):
+            a[k] = [t.detach().to(device, dtype if k == "weights" else torch.float32).requires_grad_() for t in a[k]]
+        for k in ("running_means", "running_vars"):
+            a[k] = [t.to(device, torch.float32) for t in a[k]]
+        yield a
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_block_forward_and_backward(device, dtype):
+    for a in _forward_samples(device, dtype):
+        args = tuple(a.values())
+        torch.library.opcheck(ops.block_forward, args)
+        out = ops.block_forward(*args)
+        n = len(a["weights"])
+        bwd_args = (torch.randn_like(out[0]), a["x"].detach(), out[0].detach(),
+                    [w.detach() for w in a["weights"]], [g.detach() for g in a["gammas"]],
+                    [b.detach() for b in a["betas"]], [t.detach() for t in out[1:1 + n]],
+                    [t.detach() for t in out[1 + n:1 + 2 * n]], [t.detach() for t in out[1 + 2 * n:]],
+                    a["strides"], a["paddings"], a["dilations"], a["groups"], a["eps"], a["batch_stats"],
+                    a["shortcut"], a["shortcut_stride"], True, "reference")
+        torch.library.opcheck(ops.block_backward, bwd_args)
+        torch.library.opcheck(ops.block_backward, bwd_args[:-2] + (False, "reference"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_block_inference_and_running_update(device):
+    for a in _forward_samples(device, torch.float32):
+        if a["shortcut"] == reference.SHORTCUT_TENSOR:
+            a["residual"] = a["residual"].detach()
+        args = (a["x"].detach(), [w.detach() for w in a["weights"]], [g.detach() for g in a["gammas"]],
+                [b.detach() for b in a["betas"]], a["running_means"], a["running_vars"], a["residual"],
+                a["strides"], a["paddings"], a["dilations"], a["groups"], a["eps"], a["shortcut"],
+                a["shortcut_stride"], "reference")
+        torch.library.opcheck(ops.block_inference, args)
+    for momentum in (0.1, None):
+        args = (torch.randn(5, device=device), torch.rand(5, device=device) + 0.5,
+                torch.tensor(3, device=device), torch.randn(5, device=device), torch.rand(5, device=device), 12,
+                momentum)
+        torch.library.opcheck(ops.bn_running_update, args)
+
+
+@pytest.mark.parametrize("build,shape", [
+    (lambda: models.resnet18(num_classes=10), (4, 3, 32, 32)),
+    (lambda: models.cifar_resnet(20, shortcut="A"), (4, 3, 32, 32)),
+    (lambda: models.cifar_resnet(20, shortcut="B", dim=1, in_channels=1), (4, 1, 40)),
+], ids=["resnet18", "cifar20-A", "cifar20-B-1d"])
+def test_compile_fullgraph_matches_eager(build, shape):
+    """torch.compile(fullgraph=True) traces a converted model with no graph break; a train step and an eval
+    forward give the eager results and the same running statistics."""
+    torch._dynamo.reset()
+    model = build()
+    x = torch.randn(*shape)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x)
+    out_e = eager(x)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    for (n, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
