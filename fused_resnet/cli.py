@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import re
 import sys
@@ -72,11 +74,16 @@ def _reference_model(name: str, args: argparse.Namespace):
     raise SystemExit(f"unknown model {name!r}; expected one of {IMAGENET_MODELS} or cifar_resnet{{{CIFAR_DEPTHS}}}")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = testing.DTYPES[args.dtype]
     backends.check_requested(args.backend)
     failed: List[str] = []
+    records = []
     for name in args.model.split(","):
         start = time.perf_counter()
         reference, x = _reference_model(name.strip(), args)
@@ -89,6 +96,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                  f"{layout}, input {tuple(x.shape)}, {args.steps} train pass(es), lr {args.lr} ({time.perf_counter() - start:.1f} s)")
         testing.print_table(title, checks)
         failed += [f"{name}: {c.name}" for c in checks if not c.ok]
+        records.append({"model": name, "backend": args.backend, "dtype": args.dtype, "autocast": args.autocast,
+                        "device": str(device), "layout": layout, "input": list(x.shape), "passes": args.steps,
+                        "seed": args.seed, "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device_name": _device_name(device), "runs": records}, f,
+                      indent=1)
     if failed:
         print(f"\nFAILED {len(failed)} check(s): " + "; ".join(failed))
         return 1
@@ -125,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--plain", action="store_true", help="CIFAR models without shortcuts")
     verify.add_argument("--dim", type=int, default=2, choices=(1, 2), help="CIFAR models: 1 for Conv1d on length 40")
     verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--json", default=None, help="also write every check to this JSON file")
     verify.set_defaults(func=cmd_verify)
     return parser
 

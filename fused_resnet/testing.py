@@ -49,6 +49,21 @@ BLOCK_CASES = [
 ]
 
 
+def bn_input_shapes(model_name: str, batch: int, size: int = 224) -> List[tuple]:
+    """Every distinct (N, C, H, W) that a BatchNorm of torchvision's ``model_name`` sees, in order of first
+    appearance, found by running the model on the meta device (no memory, no compute)."""
+    import torchvision
+
+    model = getattr(torchvision.models, model_name)().to("meta")
+    shapes: List[tuple] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model(torch.empty(batch, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return list(dict.fromkeys(shapes))
+
+
 @dataclasses.dataclass
 class Check:
     """One comparison against the float64 oracle."""

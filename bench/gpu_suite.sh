@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU suite, in one call on a GPU machine, from the repository root:
+#   build the CUDA extension for this GPU, run every test (GPU tests included), run `fused-resnet verify` on
+#   CUDA in several dtypes and layouts, and time the bn_act kernels against eager PyTorch and torch.compile.
+# Writes env.json, suite.log, junit.xml, verify.json and bench_bn_act.json to $OUT (default
+# bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
+set -uo pipefail
+OUT=${OUT:-bench/results/latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+status=0
+step() {  # step NAME COMMAND...: run, log, remember failure
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
+  SUMMARY+=("$(printf '%-28s exit %-3s %5s s' "$name" "$rc" "$((SECONDS - t0))")")
+}
+SUMMARY=()
+
+python3 - > "$OUT/env.json" <<'PY'
+import json, platform, subprocess, torch, triton
+p = torch.cuda.get_device_properties(0)
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
+                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+print(json.dumps({"gpu": p.name, "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                  "memory_gib": round(p.total_memory / 2**30, 1), "nvidia_smi": smi,
+                  "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "cudnn": torch.backends.cudnn.version(), "triton": triton.__version__}, indent=1))
+PY
+cat "$OUT/env.json" | tee -a "$LOG"
+
+cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
+step build python3 -m pip install --no-deps --no-build-isolation -e .
+step info fused-resnet info
+step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
+tmp=$(mktemp -d)
+for cfg in "float32" "bfloat16" "float16" "bfloat16 --channels-last" "bfloat16 --autocast"; do
+  tag=$(echo "$cfg" | tr -d ' -')
+  # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
+  step "verify $cfg" fused-resnet verify --device cuda --batch 8 --size 128 --dtype $cfg \
+    --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
+done
+python3 - "$tmp" > "$OUT/verify.json" <<'PY'
+import glob, json, sys
+runs = [run for path in sorted(glob.glob(sys.argv[1] + "/*.json")) for run in json.load(open(path))["runs"]]
+print(json.dumps({"runs": runs}, indent=1))
+PY
+step "bench bn_act" python3 bench/bench_bn_act.py --model resnet50 --batch 256 --dtype bfloat16 \
+  --out "$OUT/bench_bn_act.json"
+
+echo "=== summary" | tee -a "$LOG"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
+exit $status
