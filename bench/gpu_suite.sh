@@ -37,13 +37,13 @@ cat "$OUT/env.json" | tee -a "$LOG"
 cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
 export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
 step build python3 -m pip install --no-deps --no-build-isolation -e .
-step info fused-resnet info
+step info python3 -m fused_resnet.cli info
 step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
 tmp=$(mktemp -d)
 for cfg in "float32" "bfloat16" "float16" "bfloat16 --channels-last" "bfloat16 --autocast"; do
   tag=$(echo "$cfg" | tr -d ' -')
   # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
-  step "verify $cfg" fused-resnet verify --device cuda --batch 8 --size 128 --dtype $cfg \
+  step "verify $cfg" python3 -m fused_resnet.cli verify --device cuda --batch 8 --size 128 --dtype $cfg \
     --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
 done
 python3 - "$tmp" > "$OUT/verify.json" <<'PY'

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-SOURCES = ["csrc/bn_act.cu", "csrc/ext.cpp"]  # relative to the repository root
+SOURCES = ["csrc/ops.cpp", "csrc/bn_act.cu"]  # relative to the repository root
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 

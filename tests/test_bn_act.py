@@ -94,5 +94,7 @@ def test_extension_status_is_reported():
     status = _ext.status()
     if status["loaded"]:
         assert "fused_resnet_C::bn_act" in status["ops"]
+        with pytest.raises(RuntimeError, match="expected a CUDA tensor"):  # an error raised inside the extension
+            torch.ops.fused_resnet_C.bn_act(torch.randn(2, 8, 3, 3), torch.ones(8), torch.ones(8), None, True)
     else:
         assert status["reason"]
