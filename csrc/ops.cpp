@@ -7,11 +7,20 @@
 #include <Python.h>
 
 #include <optional>
+#include <string>
 
 #include "bn_act.h"
 
 namespace fused_resnet {
 namespace {
+
+// Shapes are formatted by hand: streaming an IntArrayRef into a TORCH_CHECK message crashed (SIGSEGV while
+// raising) with torch 2.11 headers and g++ 13.3 on the H100 machine, while dtype/device/plain messages raised fine.
+std::string shape_str(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
 
 bool channels_innermost(const at::Tensor& x) {
   return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) || (x.dim() == 2 && x.is_contiguous());
@@ -23,7 +32,7 @@ at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor
                   const std::optional<at::Tensor>& residual, bool relu) {
   TORCH_CHECK(a.is_cuda(), "bn_act: expected a CUDA tensor, got one on ", a.device());
   TORCH_CHECK(channels_innermost(a), "bn_act: expected a channels_last (NHWC) 4-D or contiguous [M, C] tensor, ",
-              "got sizes ", a.sizes(), " strides ", a.strides());
+              "got sizes ", shape_str(a.sizes()), " strides ", shape_str(a.strides()));
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
               "bn_act: expected float32, float16 or bfloat16 activations, got ", a.scalar_type());
   const int64_t C = a.size(1);  // [N, C, H, W] or [M, C]
@@ -31,7 +40,7 @@ at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor
     TORCH_CHECK(v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == C && v->is_contiguous() &&
                     v->device() == a.device(),
                 "bn_act: expected scale and shift as contiguous float32 [", C, "] tensors on ", a.device(),
-                ", got ", v->scalar_type(), " ", v->sizes(), " on ", v->device());
+                ", got ", v->scalar_type(), " ", shape_str(v->sizes()), " on ", v->device());
   }
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == a.sizes() && residual->scalar_type() == a.scalar_type() &&
