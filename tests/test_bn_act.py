@@ -76,17 +76,25 @@ def test_cuda_bn_act(shape, dtype, with_res, relu):
 
 
 @requires_gpu
-def test_cuda_bn_act_poisoned_output_fully_written_and_errors():
+def test_cuda_bn_act_poisoned_output_fully_written():
     assert _ext.load(jit=True) is not None, _ext.status()["reason"]
     a, s, t, r = _inputs((3, 24, 9, 9), torch.float16, "cuda", 2)
     poison = torch.full_like(a, float("nan"))  # freed, then handed back by the caching allocator as the output
     del poison
     y = torch.ops.fused_resnet_C.bn_act(a, s, t, r, True)
     assert not torch.isnan(y).any()
+
+
+@requires_gpu
+def test_cuda_bn_act_bad_arguments_raise():
+    assert _ext.load(jit=True) is not None, _ext.status()["reason"]
+    a, s, t, _ = _inputs((3, 24, 9, 9), torch.float16, "cuda", 2)
     with pytest.raises(RuntimeError, match="channels_last"):
         torch.ops.fused_resnet_C.bn_act(a.contiguous(), s, t, None, True)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.fused_resnet_C.bn_act(a, s.half(), t, None, True)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.fused_resnet_C.bn_act(a.int(), s, t, None, True)
 
 
 def test_extension_status_is_reported():
