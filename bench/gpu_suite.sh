@@ -34,6 +34,12 @@ print(json.dumps({"gpu": p.name, "sm": f"{p.major}.{p.minor}", "sms": p.multi_pr
 PY
 cat "$OUT/env.json" | tee -a "$LOG"
 
+# The GPU machine's image sets CXX=/opt/gcc/bin/g++; an extension built with it segfaulted whenever one of its
+# TORCH_CHECK messages was formatted (seen 2026-11-23, torch 2.11), and one built with the system g++ did not.
+if [ -x /usr/bin/g++ ] && [ "${CXX:-/usr/bin/g++}" != /usr/bin/g++ ]; then
+  echo "using the system compiler /usr/bin/g++ instead of CXX=$CXX" | tee -a "$LOG"
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
 cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
 export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
 step build python3 -m pip install --no-deps --no-build-isolation -e .

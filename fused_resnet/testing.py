@@ -20,9 +20,10 @@ from torch import nn
 
 # dtype → (factor on torch's own error, floor). The floor is 4× the dtype's machine epsilon (relative error),
 # except in float64, where PyTorch's same-dtype run *is* the oracle (its error is exactly 0) and the floor alone
-# bounds the reassociation error of a different summation order through a deep network.
+# bounds the reassociation error of a different summation order through a deep network (measured up to 1.4e-12;
+# the logic errors injected in testing showed 1e-3 and more).
 TOLERANCE: Dict[torch.dtype, tuple] = {
-    torch.float64: (2.0, 1e-12),
+    torch.float64: (2.0, 1e-10),
     torch.float32: (2.0, 4 * torch.finfo(torch.float32).eps),
     torch.float16: (2.0, 4 * torch.finfo(torch.float16).eps),
     torch.bfloat16: (2.0, 4 * torch.finfo(torch.bfloat16).eps),

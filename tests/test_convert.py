@@ -142,17 +142,26 @@ def test_cifar_shortcut_options_and_plain():
         models.cifar_resnet(20, shortcut="D")
 
 
-@pytest.mark.parametrize("kwargs", [dict(shortcut="A"), dict(shortcut="B"), dict(shortcut="C"), dict(plain=True),
-                                    dict(dim=1, in_channels=1)])
-def test_cifar_fused_matches_eager_twin(kwargs):
+CIFAR_VARIANTS = [dict(shortcut="A"), dict(shortcut="B"), dict(shortcut="C"), dict(plain=True),
+                  dict(dim=1, in_channels=1)]
+# Deep plain networks are ill-conditioned by construction: their float32 parameter gradients reach ~2.1x PyTorch's
+# own error on the worst of ~100 tensors on some seeds and CPUs (docs/NUMERICS.md). They are checked in float64
+# here (the exact-logic test) and in every dtype at the block level (testing.BLOCK_CASES, "plain").
+CIFAR_CASES = [(kw, "float64") for kw in CIFAR_VARIANTS] + [(kw, "float32") for kw in CIFAR_VARIANTS
+                                                             if not kw.get("plain")]
+
+
+@pytest.mark.parametrize("kwargs,dtype", CIFAR_CASES, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={x}" for k, x in v.items()))
+def test_cifar_fused_matches_eager_twin(kwargs, dtype):
     eager = models.cifar_resnet(20, backend=None, **kwargs)
     gen = torch.Generator().manual_seed(5)
     testing.randomize_batchnorm(eager, gen)
     shape = (4, 1, 40) if kwargs.get("dim") == 1 else (4, 3, 16, 16)
     checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, inplace=True),
-                                    torch.randn(*shape, generator=gen), torch.float32, torch.device("cpu"),
+                                    torch.randn(*shape, generator=gen), testing.DTYPES[dtype], torch.device("cpu"),
                                     train_steps=3, lr=0.05)
-    assert_checks(checks, str(kwargs))
+    assert_checks(checks, f"{kwargs} {dtype}")
 
 
 def test_cifar_revert_gives_eager_twin():
