@@ -196,6 +196,9 @@ class BranchTape:
 
         if self.mode != "record":
             return
+        # Positional arguments of fused_resnet::block_forward, as functional.run_units passes them.
+        if len(args) != 16:
+            raise RuntimeError(f"block_forward called with {len(args)} positional arguments, expected 16")
         weights, gammas, betas, eps, shortcut = args[1], args[2], args[3], args[11], args[13]
         n = len(weights)
         n_main = n - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)

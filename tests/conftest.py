@@ -19,6 +19,12 @@ requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (run bench/g
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Module initialisation draws from the global RNG: seed it per test so no result depends on test order."""
+    torch.manual_seed(0)
+
+
 def make_block(case, fused: bool, backend: str = "reference"):
     """A block for one row of testing.BLOCK_CASES: torchvision's class where torchvision has the configuration,
     fused_resnet's eager twin otherwise (option A, plain), or the fused block."""

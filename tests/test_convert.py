@@ -160,7 +160,7 @@ def test_cifar_fused_matches_eager_twin(kwargs, dtype):
     shape = (4, 1, 40) if kwargs.get("dim") == 1 else (4, 3, 16, 16)
     checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, inplace=True),
                                     torch.randn(*shape, generator=gen), testing.DTYPES[dtype], torch.device("cpu"),
-                                    train_steps=3, lr=0.05)
+                                    train_steps=2)
     assert_checks(checks, f"{kwargs} {dtype}")
 
 

@@ -24,7 +24,7 @@ def _compare(reference_block, case, dtype, device, channels_last=False, steps=2,
     return testing.compare_models(
         reference_block, lambda m: fused_resnet.convert(m, backend="reference", inplace=True), x,
         testing.DTYPES[dtype], torch.device(device), channels_last=channels_last, train_steps=steps,
-        autocast=autocast, lr=0.05,
+        autocast=autocast,
     )
 
 
