@@ -215,6 +215,3 @@ class FusedStemMixin:
         if self.backend is None or unit_unsupported_reason(self.conv1, self.bn1) is not None:
             return self.relu(self.bn1(self.conv1(x)))
         return conv_bn_relu(x, self.conv1, self.bn1, self.backend)
-
-
-BLOCK_TYPES = (FusedBasicBlock, FusedBottleneck, EagerBasicBlock, EagerBottleneck)

@@ -16,7 +16,7 @@ otherwise; statistics are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -170,8 +170,3 @@ def bn_running_update(
 @bn_running_update.register_fake
 def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     return None
-
-
-def all_ops() -> Sequence:
-    """Every op this module registers (for opcheck)."""
-    return (block_forward, block_backward, block_inference, bn_running_update)

@@ -41,13 +41,6 @@ SHORTCUT_IDENTITY = 1  # y = relu(bn(a_last) + x)
 SHORTCUT_PROJECTION = 2  # y = relu(bn(a_last) + bn_sc(conv_sc(x))); the projection is the last conv in the lists
 SHORTCUT_PAD = 3  # option A: y = relu(bn(a_last) + pad_channels(x[:, :, ::s, ::s]))
 SHORTCUT_TENSOR = 4  # y = relu(bn(a_last) + residual), residual computed by any module outside the op
-SHORTCUT_NAMES = {
-    SHORTCUT_NONE: "none",
-    SHORTCUT_IDENTITY: "identity",
-    SHORTCUT_PROJECTION: "projection",
-    SHORTCUT_PAD: "pad",
-    SHORTCUT_TENSOR: "tensor",
-}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

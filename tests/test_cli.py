@@ -1,6 +1,5 @@
 """The fused-resnet command line."""
 import pytest
-import torch
 
 from fused_resnet import backends, cli, reference
 

@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 
-import fused_resnet
 from fused_resnet import models, ops, reference
 
 from conftest import DEVICES
