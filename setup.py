@@ -27,8 +27,7 @@ def cuda_extension():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.arch_list())
-    os.environ.setdefault("MAX_JOBS", str(build.default_max_jobs()))
+    build.set_build_env()
     ext = CUDAExtension(
         name="fused_resnet._C",
         sources=build.SOURCES,

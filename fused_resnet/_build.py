@@ -39,6 +39,12 @@ def default_max_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, by_ram))
 
 
+def set_build_env() -> None:
+    """Arch list and parallel jobs for torch.utils.cpp_extension, unless the caller set them."""
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch_list())
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+
+
 def include_dirs() -> List[str]:
     """CUDA headers that a pip-installed CUDA build of torch ships under site-packages/nvidia/ (cuBLAS, cuSPARSE
     and cuDNN headers that torch's own headers include, absent from a minimal toolkit)."""

@@ -23,8 +23,7 @@ def _jit_build():
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         raise RuntimeError(f"JIT build needs the sources of a source checkout; missing {missing}")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.arch_list())
-    os.environ.setdefault("MAX_JOBS", str(_build.default_max_jobs()))
+    _build.set_build_env()
     return cpp_extension.load(
         name="fused_resnet_C",
         sources=sources,

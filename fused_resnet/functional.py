@@ -105,7 +105,7 @@ def run_units(
         if use_batch and shape[0] * shape[2] * shape[3] == 1:
             size = torch.Size([shape[0], shape[1], shape[3]] if is1d else shape)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    n_main = len(convs) - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+    n_main = reference.num_main_units(convs, shortcut)
     out_shape = shapes[n_main - 1]
     if shortcut == reference.SHORTCUT_IDENTITY and list(x.shape) != out_shape:
         raise RuntimeError(

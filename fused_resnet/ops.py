@@ -24,7 +24,7 @@ from torch import Tensor
 from . import backends, reference
 
 def conv_output_shapes(x: Tensor, weights, strides, paddings, dilations, shortcut: int) -> List[List[int]]:
-    n_main = len(weights) - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+    n_main = reference.num_main_units(weights, shortcut)
     shapes, h, w = [], x.shape[2], x.shape[3]
     for i, wt in enumerate(weights):
         if i == n_main:
@@ -60,7 +60,7 @@ def block_forward(
 def _block_forward_fake(x, weights, gammas, betas, running_means, running_vars, residual, strides, paddings,
                         dilations, groups, eps, batch_stats, shortcut, shortcut_stride, backend):
     shapes = conv_output_shapes(x, weights, strides, paddings, dilations, shortcut)
-    n_main = len(weights) - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+    n_main = reference.num_main_units(weights, shortcut)
     stat = reference.acc_dtype(x.dtype)
     acts = [_empty_act(x, s) for s in shapes]
     means = [x.new_empty((s[1],), dtype=stat) for s in shapes]
@@ -152,7 +152,7 @@ def block_inference(
 def _block_inference_fake(x, weights, gammas, betas, running_means, running_vars, residual, strides, paddings,
                           dilations, groups, eps, shortcut, shortcut_stride, backend):
     shapes = conv_output_shapes(x, weights, strides, paddings, dilations, shortcut)
-    n_main = len(weights) - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+    n_main = reference.num_main_units(weights, shortcut)
     return _empty_act(x, shapes[n_main - 1])
 
 

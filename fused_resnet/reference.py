@@ -158,7 +158,8 @@ def _pairs(values: Sequence[int], i: int) -> Tuple[int, int]:
     return values[2 * i], values[2 * i + 1]
 
 
-def _num_main(weights: Sequence[Tensor], shortcut: int) -> int:
+def num_main_units(weights: Sequence, shortcut: int) -> int:
+    """Units on the main path: every conv but the projection shortcut's, which the lists hold last."""
     return len(weights) - (1 if shortcut == SHORTCUT_PROJECTION else 0)
 
 
@@ -172,7 +173,7 @@ def block_forward(
     y, the pre-BN conv outputs (saved for backward) and the per-channel statistics each BN used (batch
     statistics — biased variance — where ``batch_stats[i]``, else the running statistics)."""
     fmt = memory_format_of(x)
-    n_main = _num_main(weights, shortcut)
+    n_main = num_main_units(weights, shortcut)
     acts, means, variances, affine = [], [], [], []
     inp = x
     for i in range(len(weights)):
@@ -235,7 +236,7 @@ def block_backward(
     """Hand-derived block backward. Returns (dx or None, d_residual or None, dW list, dγ list, dβ list);
     d_residual (shortcut given as a tensor) is in x's dtype."""
     n = len(weights)
-    n_main = _num_main(weights, shortcut)
+    n_main = num_main_units(weights, shortcut)
     acc = acc_dtype(x.dtype)
     affine = [scale_shift(gammas[i], betas[i], means[i], variances[i], eps[i]) for i in range(n)]
     dws: List[Optional[Tensor]] = [None] * n

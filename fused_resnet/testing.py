@@ -201,7 +201,7 @@ class BranchTape:
             raise RuntimeError(f"block_forward called with {len(args)} positional arguments, expected 16")
         weights, gammas, betas, eps, shortcut = args[1], args[2], args[3], args[11], args[13]
         n = len(weights)
-        n_main = n - (1 if shortcut == reference.SHORTCUT_PROJECTION else 0)
+        n_main = reference.num_main_units(weights, shortcut)
         acts, means, variances = out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:1 + 3 * n]
         for i in range(n_main - 1):
             s, t, _ = reference.scale_shift(gammas[i], betas[i], means[i], variances[i], eps[i])
