@@ -1,0 +1,397 @@
+"""conv: implicit-GEMM convolution on NHWC activations and KRSC weights — fprop, dgrad and wgrad.
+
+Layouts (all contiguous): input x [N, H, W, C], weight w [K, R, S, C] (a channels_last conv weight is already
+this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulation for every dtype.
+
+* fprop: GEMM with M = N·P·Q (output pixels), N = K, reduction over (r, s, c). The reduction loops over the R·S
+  filter taps and over C in BLOCK_K chunks (16-byte loads along C); for small C (the stem's 3 input channels)
+  the flattened r·s·c axis is tiled instead (``FLAT``), so a tile is not mostly padding. Epilogue as constexpr:
+  + bias (per K, fp32), + residual (``RES_MODE`` 1: an [N, P, Q, K] tensor; 2: the option-A shortcut read from the
+  block input x[n, p·s, q·s, k] for k < C_in and 0 above, never materialised), ReLU.
+* dgrad: dx[n, h, w, c] = Σ_{r, s, k} dy[n, p, q, k]·w[k, r, s, c] with p = (h + pad − r)/stride where that is an
+  integer in range (gather form: stride 2 is handled by masking the taps that do not land on an output pixel).
+* wgrad: dw[k, r, s, c] = Σ_{n, p, q} dy[n, p, q, k]·x[n, p·stride − pad + r, q·stride − pad + s, c]; the
+  N·P·Q reduction is split into chunks whose programs write fp32 partials, summed in a second stage
+  (deterministic, no atomics).
+
+Shapes are runtime arguments (batch and spatial sizes are not specialised on), only the kernel size, features and
+tiles are constexpr; autotuning is keyed on channel counts, kernel size and stride, so a new batch size reuses the
+tuned configuration and the compiled kernel.
+
+Reference twins: ``fused_resnet.reference.conv`` (fprop) and ``fused_resnet.reference.conv_backward``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLAT_BELOW = 16  # input channels below this use the flattened (r, s, c) reduction axis
+_SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
+
+
+def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples as autotune configs; one small tile under the
+    interpreter (which would otherwise benchmark every configuration on the CPU)."""
+    if INTERPRET:
+        tiles = [(32, 32, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in tiles]
+
+
+# Hopper (sm_90) candidates: 128-row tiles feed wgmma; 3–4 stages keep loads in flight (device HOPPER.md).
+_GEMM_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+]
+_KEY = ["C", "K", "R", "S", "stride_h", "stride_w"]
+
+
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles: GROUP_M row tiles share each column tile while it is in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.autotune(configs=_configs(_GEMM_TILES), key=_KEY)
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["RES_H", "RES_W"])
+def conv_fprop_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    N, H, W, C, K, P, Q,
+    stride_h, stride_w, pad_h, pad_w,
+    RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    M = N * P * Q
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < K
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    img = offs_m // (P * Q)
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    RSC = R * S * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT:
+        for k0 in range(0, RSC, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < RSC
+            c = kk % C
+            s = (kk // C) % S
+            r = kk // (C * S)
+            h = h0[:, None] + r[None, :]
+            w = w0[:, None] + s[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_off = ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + offs_n[None, :] * RSC + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(acc, a, b, UPCAST, PRECISION)
+    else:
+        for r in range(R):
+            for s in range(S):
+                h = h0 + r
+                w = w0 + s
+                pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                base = ((img.to(tl.int64) * H + h) * W + w) * C
+                for c0 in range(0, C, BLOCK_K):
+                    c = c0 + tl.arange(0, BLOCK_K)
+                    c_ok = c < C
+                    a = tl.load(x_ptr + base[:, None] + c[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + offs_n[None, :] * RSC + ((r * S + s) * C + c)[:, None],
+                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = _mma(acc, a, b, UPCAST, PRECISION)
+
+    # epilogue: (+ bias) (+ residual) (ReLU), in fp32, one store
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    out_off = offs_m[:, None].to(tl.int64) * K + offs_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if RES_MODE == 1:
+        acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+    if RES_MODE == 2:
+        pix = (img.to(tl.int64) * RES_H + p * res_stride_h) * RES_W + q * res_stride_w
+        r_ok = m_ok[:, None] & (offs_n < RES_C)[None, :]
+        acc += tl.load(res_ptr + pix[:, None] * RES_C + offs_n[None, :], mask=r_ok, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(configs=_configs(_GEMM_TILES), key=_KEY)
+@triton.jit(do_not_specialize=_SIZE_ARGS)
+def conv_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    N, H, W, C, K, P, Q,
+    stride_h, stride_w, pad_h, pad_w,
+    R: tl.constexpr, S: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+):
+    # GEMM rows: input pixels (n, h, w); columns: input channels c; reduction: taps (r, s) × output channels k.
+    M = N * H * W
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w_in = offs_m % W
+    h_in = (offs_m // W) % H
+    img = offs_m // (H * W)
+    RSC = R * S * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(R):
+        for s in range(S):
+            ph = h_in + pad_h - r
+            pw = w_in + pad_w - s
+            p = ph // stride_h
+            q = pw // stride_w
+            tap_ok = (m_ok & (ph >= 0) & (pw >= 0) & (ph - p * stride_h == 0) & (pw - q * stride_w == 0)
+                      & (p < P) & (q < Q))
+            base = ((img.to(tl.int64) * P + p) * Q + q) * K
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kk < K
+                a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=tap_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
+                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = _mma(acc, a, b, UPCAST, PRECISION)
+    out_off = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
+    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+_WGRAD_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 32, 4, 4),
+]
+
+
+@triton.autotune(configs=_configs(_WGRAD_TILES), key=_KEY)
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["chunk"])
+def conv_wgrad_kernel(
+    dy_ptr, x_ptr, ws_ptr,
+    N, H, W, C, K, P, Q,
+    stride_h, stride_w, pad_h, pad_w, chunk,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # GEMM rows: output channels k (BLOCK_M); columns: (r, s, c) (BLOCK_N); reduction: output pixels (BLOCK_K),
+    # split into chunks of ``chunk`` pixels, one fp32 partial [K, R·S·C] per chunk in the workspace.
+    pid_k = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    RSC = R * S * C
+    offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_ok = offs_k < K
+    if FLAT:  # columns are the flattened (r, s, c) index
+        offs_j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = offs_j < RSC
+        c = offs_j % C
+        tap_s = (offs_j // C) % S
+        tap_r = offs_j // (C * S)
+    else:  # columns are a C block of one filter tap
+        c_blocks = tl.cdiv(C, BLOCK_N)
+        tap = pid_j // c_blocks
+        c = (pid_j % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = c < C
+        tap_s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
+        tap_r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
+        offs_j = (tap_r * S + tap_s) * C + c
+    M = N * P * Q
+    start = pid_split * chunk
+    end = tl.minimum(start + chunk, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_K):
+        mm = m0 + tl.arange(0, BLOCK_K)
+        mm_ok = mm < end
+        q = mm % Q
+        p = (mm // Q) % P
+        img = mm // (P * Q)
+        a = tl.load(dy_ptr + mm[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_ok[:, None] & mm_ok[None, :],
+                    other=0.0)
+        h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
+        w = (q * stride_w - pad_w)[:, None] + tap_s[None, :]
+        b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :], mask=b_ok, other=0.0)
+        acc = _mma(acc, a, b, UPCAST, PRECISION)
+    ws_off = pid_split * K * RSC + offs_k[:, None].to(tl.int64) * RSC + offs_j[None, :]
+    tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------- host side
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 convs follow torch's setting for cuDNN (TF32 when torch.backends.cudnn.allow_tf32), else exact fp32
+    products; fp16/bf16 products are exact in fp32 anyway."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] (any layout) as a contiguous [N, H, W, C] tensor (no copy when t is channels_last)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _empty_nchw_view(n: int, c: int, h: int, w: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh channels_last [n, c, h, w] tensor and its [n, h, w, c] contiguous storage view."""
+    storage = torch.empty((n, h, w, c), dtype=dtype or like.dtype, device=like.device)
+    return storage.permute(0, 3, 1, 2), storage
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, what: str) -> None:
+    if x.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"{what} expects a 4-D input and a 4-D weight, got {x.dim()}-D and {w.dim()}-D")
+    if x.dtype not in DTYPES or x.dtype != w.dtype:
+        raise TypeError(f"{what} expects float32, float16 or bfloat16 tensors of one dtype, got {x.dtype} and "
+                        f"{w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"{what} expects tensors on one device, got {x.device} and {w.device}")
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    out = (size + 2 * pad - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"conv output size would be {out} (input {size}, kernel {kernel}, stride {stride}, "
+                         f"padding {pad})")
+    return out
+
+
+def conv_fprop(
+    x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
+    pad_shortcut_stride: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """y = [relu](conv2d(x, w, stride, padding) [+ bias] [+ residual]), returned channels_last.
+
+    x [N, C, H, W], w [K, C, R, S] in one dtype; bias fp32 [K]. ``residual``: an [N, K, P, Q] tensor, or, with
+    ``pad_shortcut_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
+    appended up to K), read inside the kernel."""
+    _check(x, w, "conv_fprop")
+    n, c, h, wd = x.shape
+    k, c_w, r, s = w.shape
+    if c_w != c:
+        raise ValueError(f"conv_fprop: weight {tuple(w.shape)} expects {c_w} input channels, got input "
+                         f"{tuple(x.shape)}")
+    p, q = _out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])
+    y, y_st = _empty_nchw_view(n, k, p, q, x)
+    x_st, w_st = _nhwc(x), _nhwc(w)
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (k,)):
+        raise ValueError(f"conv_fprop expects the bias as float32 of shape ({k},), got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    res_mode, res_st, res_dims = 0, x_st, (1, 1, 1, 1, 1)
+    if residual is not None:
+        if residual.dtype != x.dtype:
+            raise TypeError(f"conv_fprop expects the residual in {x.dtype}, got {residual.dtype}")
+        res_st = _nhwc(residual)
+        if pad_shortcut_stride is None:
+            if residual.shape != (n, k, p, q):
+                raise ValueError(f"conv_fprop expects a residual of shape {(n, k, p, q)}, got "
+                                 f"{tuple(residual.shape)}")
+            res_mode = 1
+        else:
+            rn, rc, rh, rw = residual.shape
+            ss = pad_shortcut_stride
+            if rn != n or rc > k or (rh - 1) // ss[0] + 1 != p or (rw - 1) // ss[1] + 1 != q:
+                raise ValueError(f"conv_fprop: option-A shortcut of {tuple(residual.shape)} with stride "
+                                 f"{tuple(ss)} does not map onto the output {(n, k, p, q)}")
+            res_mode, res_dims = 2, (rh, rw, rc, ss[0], ss[1])
+    grid = lambda meta: (triton.cdiv(n * p * q, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
+    conv_fprop_kernel[grid](
+        x_st, w_st, bias if bias is not None else y_st, res_st, y_st,
+        n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims,
+        R=r, S=s, FLAT=c < FLAT_BELOW, HAS_BIAS=bias is not None, RES_MODE=res_mode, RELU=relu,
+        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+    )
+    return y
+
+
+def conv_dgrad(
+    dy: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+) -> torch.Tensor:
+    """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
+    implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype."""
+    _check(dy, w, "conv_dgrad")
+    n, k, p, q = dy.shape
+    k_w, c, r, s = w.shape
+    h, wd = input_hw
+    if k_w != k or (_out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])) != (p, q):
+        raise ValueError(f"conv_dgrad: dy {tuple(dy.shape)} does not match weight {tuple(w.shape)}, input size "
+                         f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}")
+    dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
+    grid = lambda meta: (triton.cdiv(n * h * wd, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)  # noqa: E731
+    conv_dgrad_kernel[grid](
+        _nhwc(dy), _nhwc(w), dx_st, n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1],
+        R=r, S=s, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+    )
+    return dx
+
+
+def _wgrad_split(m: int, tiles: int) -> int:
+    """Reduction chunks for wgrad: enough programs to fill the GPU (~4 per SM) without chunks below 1024 pixels."""
+    if INTERPRET:
+        return 2 if m >= 64 else 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    want = max(1, (4 * sms) // max(tiles, 1))
+    split = max(1, min(want, m // 1024, 64))
+    return 1 << (split.bit_length() - 1)  # a power of two: few distinct autotune keys
+
+
+def conv_wgrad(
+    dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+) -> torch.Tensor:
+    """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
+    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype."""
+    _check(x, dy, "conv_wgrad")
+    n, c, h, wd = x.shape
+    n_dy, k, p, q = dy.shape
+    r, s = kernel_size
+    if n_dy != n or (_out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])) != (p, q):
+        raise ValueError(f"conv_wgrad: dy {tuple(dy.shape)} does not match input {tuple(x.shape)}, kernel "
+                         f"{tuple(kernel_size)}, stride {tuple(stride)}, padding {tuple(padding)}")
+    flat = c < FLAT_BELOW
+    m = n * p * q
+    split = _wgrad_split(m, triton.cdiv(k, 128) * (triton.cdiv(r * s * c, 128) if flat else r * s * triton.cdiv(c, 128)))
+    chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
+    split = triton.cdiv(m, chunk)
+    ws = torch.empty((split, k, r, s, c), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        cols = triton.cdiv(r * s * c, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
+        return (triton.cdiv(k, meta["BLOCK_M"]), cols, split)
+
+    conv_wgrad_kernel[grid](
+        _nhwc(dy), _nhwc(x), ws, n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], chunk,
+        R=r, S=s, FLAT=flat, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+    )
+    dw = ws[0] if split == 1 else ws.sum(dim=0)
+    return dw.to(x.dtype).permute(0, 3, 1, 2)
