@@ -44,8 +44,6 @@ class ReferenceBackend(Backend):
 
 _REGISTRY: Dict[str, Backend] = {"reference": ReferenceBackend()}
 _WHY_MISSING = {
-    "triton": "no Triton block implementation is registered in this build (the Triton conv engine is not part "
-    "of this release yet)",
     "cuda": "no CUDA block implementation is registered in this build (the extension provides kernels only)",
 }
 # Order in which `auto` tries backends on a CUDA tensor (until per-layer measurement replaces it).

@@ -1,0 +1,150 @@
+"""Backend "triton": the block ops on the Triton implicit-GEMM conv engine (``fused_resnet.kernels.conv``).
+
+* Eval mode (``block_inference``): every BN is folded into its conv (W' = W·s, bias t = β − mean·s, cached per
+  parameter set and recomputed whenever a weight, γ, β or running statistic changes — tensors' version counters
+  move on every in-place update, ``load_state_dict`` and optimizer steps included). Each conv is one kernel:
+  conv + bias + ReLU, and for the block's last conv conv + bias + shortcut + ReLU, the shortcut being the block
+  input (identity), the projection conv's output (computed first, by the same kernel with its BN folded), the
+  option-A shortcut read from the block input inside the epilogue, or a residual tensor.
+* Training mode (``block_forward`` / ``block_backward``): the reference block structure with its convs on the
+  Triton engine (fprop, dgrad, wgrad); BN statistics and the elementwise steps are the reference's until the
+  training fusion replaces them.
+
+Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
+tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_kernels():
+    from .kernels import conv
+
+    return conv
+
+
+def _pair(values: Sequence[int], i: int) -> Tuple[int, int]:
+    return values[2 * i], values[2 * i + 1]
+
+
+class TritonConvs(reference.ConvOps):
+    """reference.ConvOps on the Triton engine (same signatures; groups and dilation are 1 here)."""
+
+    @staticmethod
+    def fprop(x: Tensor, w: Tensor, stride, padding, dilation, groups: int, fmt: torch.memory_format) -> Tensor:
+        return _conv_kernels().conv_fprop(x, w, stride, padding).contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(dout: Tensor, inp: Tensor, w: Tensor, stride, padding, dilation, groups: int,
+                 need_input_grad: bool) -> Tuple[Optional[Tensor], Tensor]:
+        kernels = _conv_kernels()
+        d_inp = kernels.conv_dgrad(dout, w, inp.shape[2:], stride, padding) if need_input_grad else None
+        dw = kernels.conv_wgrad(dout, inp, w.shape[2:], stride, padding)
+        return d_inp, dw.contiguous(memory_format=reference.memory_format_of(w))
+
+
+# --------------------------------------------------------------------------------------------- BN folding
+_FOLD_CACHE: Dict[tuple, tuple] = {}
+
+
+def _versions(tensors: Sequence[Tensor]) -> Optional[tuple]:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors have no version counter: never cache them
+        return None
+
+
+def fold_bn(w: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
+            eps: float) -> Tuple[Tensor, Tensor]:
+    """(W·s in W's dtype, channels_last; t in fp32) with s = γ/sqrt(running_var + eps), t = β − running_mean·s:
+    conv(x, W') + t equals BN(conv(x, W)) in eval mode. Cached until any of the five tensors changes."""
+    tensors = (w, gamma, beta, running_mean, running_var)
+    key = tuple(id(t) for t in tensors) + (eps,)
+    versions = _versions(tensors)
+    hit = _FOLD_CACHE.get(key)
+    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[2]
+    with torch.no_grad():
+        s = gamma.float() * torch.rsqrt(running_var.float() + eps)
+        t = (beta.float() - running_mean.float() * s).contiguous()
+        w_folded = (w.float() * s.view(-1, 1, 1, 1)).to(w.dtype).contiguous(memory_format=torch.channels_last)
+    if versions is not None:
+        def evict(_ref, key=key):
+            _FOLD_CACHE.pop(key, None)
+
+        _FOLD_CACHE[key] = ([weakref.ref(t_, evict) for t_ in tensors], versions, (w_folded, t))
+    return w_folded, t
+
+
+# --------------------------------------------------------------------------------------------- the backend
+class TritonBackend(backends.Backend):
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if not torch.cuda.is_available() and not _interpreting():
+            return ("no CUDA device: the Triton kernels run on CUDA tensors (TRITON_INTERPRET=1, set before the "
+                    "first import, runs them on CPU tensors for testing)")
+        return None
+
+    def unsupported_reason(self, x: Tensor, groups: Sequence[int], dilations: Sequence[int]) -> Optional[str]:
+        if x.device.type != "cuda" and not _interpreting():
+            return f"input on {x.device}; the Triton kernels need CUDA tensors"
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {x.dtype} (the Triton engine runs float32, float16 and bfloat16)"
+        if any(g != 1 for g in groups):
+            return f"groups {list(groups)} (the Triton engine implements groups=1)"
+        if any(d != 1 for d in dilations):
+            return f"dilation {list(dilations)} (the Triton engine implements dilation 1)"
+        return None
+
+    block_forward = staticmethod(functools.partial(reference.block_forward, conv_ops=TritonConvs))
+    block_backward = staticmethod(functools.partial(reference.block_backward, conv_ops=TritonConvs))
+
+    @staticmethod
+    def block_inference(
+        x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
+        running_means: List[Tensor], running_vars: List[Tensor], residual: Optional[Tensor],
+        strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
+        shortcut: int, shortcut_stride: List[int],
+    ) -> Tensor:
+        """One conv kernel per conv, BN folded, bias / shortcut / ReLU in the epilogues."""
+        conv_fprop = _conv_kernels().conv_fprop
+        n_main = reference.num_main_units(weights, shortcut)
+        folded = [fold_bn(weights[i], gammas[i], betas[i], running_means[i], running_vars[i], eps[i])
+                  for i in range(len(weights))]
+        closing: dict = {}  # the last conv's epilogue arguments
+        if shortcut == reference.SHORTCUT_IDENTITY:
+            closing = {"residual": x}
+        elif shortcut == reference.SHORTCUT_PROJECTION:
+            w_sc, b_sc = folded[n_main]
+            closing = {"residual": conv_fprop(x, w_sc, _pair(strides, n_main), _pair(paddings, n_main), bias=b_sc)}
+        elif shortcut == reference.SHORTCUT_PAD:
+            closing = {"residual": x, "pad_shortcut_stride": shortcut_stride}
+        elif shortcut == reference.SHORTCUT_TENSOR:
+            closing = {"residual": residual.to(x.dtype)}
+        h = x
+        for i in range(n_main):
+            w_i, b_i = folded[i]
+            h = conv_fprop(h, w_i, _pair(strides, i), _pair(paddings, i), bias=b_i, relu=True,
+                           **(closing if i == n_main - 1 else {}))
+        return h.contiguous(memory_format=reference.memory_format_of(x))
+
+
+backends.register(TritonBackend())
