@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +50,80 @@ BLOCK_CASES = [
 ]
 
 
-def bn_input_shapes(model_name: str, batch: int, size: int = 224) -> List[tuple]:
-    """Every distinct (N, C, H, W) that a BatchNorm of torchvision's ``model_name`` sees, in order of first
-    appearance, found by running the model on the meta device (no memory, no compute)."""
+def _meta_trace(model_name: str, batch: int, size: int, types, record) -> list:
+    """Run torchvision's ``model_name`` on the meta device (no memory, no compute) and collect
+    ``record(module, input)`` for every module of ``types``, distinct values in order of first appearance."""
     import torchvision
 
     model = getattr(torchvision.models, model_name)().to("meta")
-    shapes: List[tuple] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
-             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    found: list = []
+    hooks = [m.register_forward_hook(lambda m, i, o: found.append(record(m, i[0])))
+             for m in model.modules() if isinstance(m, types)]
     model(torch.empty(batch, 3, size, size, device="meta"))
     for h in hooks:
         h.remove()
-    return list(dict.fromkeys(shapes))
+    return list(dict.fromkeys(found))
+
+
+def bn_input_shapes(model_name: str, batch: int, size: int = 224) -> List[tuple]:
+    """Every distinct (N, C, H, W) that a BatchNorm of torchvision's ``model_name`` sees."""
+    return _meta_trace(model_name, batch, size, nn.BatchNorm2d, lambda m, x: tuple(x.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvShape:
+    """One convolution problem: input (n, c, h, w), k filters of r x s, stride (both axes), padding (h, w)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: int
+    pad: Tuple[int, int]
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return ((self.h + 2 * self.pad[0] - self.r) // self.stride + 1,
+                (self.w + 2 * self.pad[1] - self.s) // self.stride + 1)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds x 2 of one fprop (dgrad and wgrad have the same count)."""
+        p, q = self.out_hw
+        return 2 * self.n * p * q * self.k * self.c * self.r * self.s
+
+    def __str__(self) -> str:
+        pad = f"{self.pad[0]},{self.pad[1]}"
+        return f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}-{self.r}x{self.s}-s{self.stride}-p{pad}"
+
+
+def conv_shapes(model_name: str, batch: int, size: int = 224) -> List[ConvShape]:
+    """Every distinct convolution of torchvision's ``model_name`` (stem included) at this batch and image size."""
+    def record(m: nn.Conv2d, x: torch.Tensor) -> ConvShape:
+        return ConvShape(x.shape[0], x.shape[1], x.shape[2], x.shape[3], m.out_channels, *m.kernel_size,
+                         m.stride[0], tuple(m.padding))
+
+    return _meta_trace(model_name, batch, size, nn.Conv2d, record)
+
+
+# Small conv problems for the kernel tests (CPU interpreter and GPU): stride 1 and 2, padding 0/1/3, kernels 1x1,
+# 3x3, 7x7 and 1x3 (a Conv1d as H = 1), odd channel counts (3, 24, 40), N = 1, H ≠ W, 1x1 and 7x7 spatial sizes,
+# C < 16 (the flattened reduction path), and one problem larger than the interpreter's tiles in every GEMM dim.
+CONV_CASES = [
+    ConvShape(2, 3, 13, 11, 16, 7, 7, 2, (3, 3)),
+    ConvShape(2, 24, 8, 7, 40, 3, 3, 1, (1, 1)),
+    ConvShape(1, 16, 7, 9, 24, 3, 3, 2, (1, 1)),
+    ConvShape(2, 40, 7, 7, 24, 1, 1, 2, (0, 0)),
+    ConvShape(3, 40, 7, 7, 40, 3, 3, 1, (1, 1)),
+    ConvShape(2, 32, 1, 1, 16, 1, 1, 1, (0, 0)),
+    ConvShape(2, 16, 3, 3, 8, 3, 3, 1, (0, 0)),
+    ConvShape(2, 16, 1, 20, 24, 1, 3, 1, (0, 1)),
+    ConvShape(2, 1, 1, 40, 16, 1, 3, 1, (0, 1)),
+    ConvShape(2, 80, 24, 24, 72, 3, 3, 1, (1, 1)),
+]
 
 
 @dataclasses.dataclass

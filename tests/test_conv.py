@@ -1,0 +1,161 @@
+"""Triton conv engine (kernels/conv.py): fprop, dgrad and wgrad against torch's conv and its autograd with the
+float64 rule — error ≤ 2 × torch's same-dtype error + floor — over testing.CONV_CASES; the fused epilogues
+(bias, residual, option-A shortcut, ReLU); every output element written (buffers poisoned with NaN); clear errors.
+CPU: under TRITON_INTERPRET=1 in float32 and float16. GPU: bfloat16 too, and ResNet-50's shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import testing
+
+from conftest import GPU, requires_gpu
+
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])  # interpreter: no bf16 (see DESIGN)
+
+
+@pytest.fixture
+def K(monkeypatch):
+    """The kernel module, with every buffer it allocates filled with NaN first (an unwritten element shows)."""
+    from fused_resnet.kernels import conv
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(conv, "_alloc", poisoned)
+    return conv
+
+
+def _problem(shape: testing.ConvShape, dtype, seed=0, channels_last=True):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape.n, shape.c, shape.h, shape.w, generator=g)
+    w = torch.randn(shape.k, shape.c, shape.r, shape.s, generator=g) / (shape.c * shape.r * shape.s) ** 0.5
+    dy = torch.randn(shape.n, shape.k, *shape.out_hw, generator=g)
+    return [t.to(DEVICE, dtype).contiguous(memory_format=fmt) for t in (x, w, dy)]
+
+
+def _torch_backward(dy, x, w, shape):
+    dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, [shape.stride] * 2, list(shape.pad), [1, 1],
+                                                    False, [0, 0], 1, [True, True, False])
+    return dx, dw
+
+
+def _assert_rule(name, fused, ref64, torch_same, dtype):
+    c = testing.check(name, fused, ref64, torch_same, ref64, dtype)
+    assert c.ok, c.row()
+
+
+def _check_fprop_dgrad_wgrad(K, shape, dtype):
+    x, w, dy = _problem(shape, dtype)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    y = K.conv_fprop(x, w, stride, pad)
+    dx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad)
+    dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad)
+    for t, like in ((y, dy), (dx, x), (dw, w)):
+        assert t.shape == like.shape and t.dtype == dtype and t.is_contiguous(memory_format=torch.channels_last)
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
+    dx64, dw64 = _torch_backward(dy64, x64, w64, shape)
+    dx_same, dw_same = _torch_backward(dy, x, w, shape)
+    _assert_rule("fprop", y, F.conv2d(x64, w64, None, stride, pad), F.conv2d(x, w, None, stride, pad), dtype)
+    _assert_rule("dgrad", dx, dx64, dx_same, dtype)
+    _assert_rule("wgrad", dw, dw64, dw_same, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", testing.CONV_CASES, ids=str)
+def test_fprop_dgrad_wgrad(K, shape, dtype):
+    _check_fprop_dgrad_wgrad(K, shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [testing.CONV_CASES[1], testing.CONV_CASES[3]], ids=str)
+def test_nchw_inputs(K, shape):
+    """Inputs in NCHW layout give the same numbers (the kernels read a channels_last copy)."""
+    x, w, dy = _problem(shape, torch.float32, channels_last=False)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    torch.testing.assert_close(K.conv_fprop(x, w, stride, pad), F.conv2d(x, w, None, stride, pad),
+                               rtol=1e-5, atol=1e-5)
+    dx, dw = _torch_backward(dy, x, w, shape)
+    torch.testing.assert_close(K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad), dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad), dw, rtol=1e-5, atol=1e-5)
+
+
+def _epilogue_ref(x, w, bias, res, stride, pad, relu, dtype_out):
+    """conv (in x's dtype, rounded like torch) then bias + residual + ReLU in fp32, rounded once."""
+    z = F.conv2d(x, w, None, stride, pad).float() + bias.view(1, -1, 1, 1)
+    if res is not None:
+        z = z + res.float()
+    return (torch.relu(z) if relu else z).to(dtype_out)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [testing.CONV_CASES[1], testing.CONV_CASES[4], testing.CONV_CASES[7]], ids=str)
+def test_fprop_epilogue_bias_residual_relu(K, shape, dtype, relu):
+    x, w, dy = _problem(shape, dtype, seed=1)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    bias = torch.randn(shape.k, device=DEVICE)
+    res = torch.randn_like(dy)
+    y = K.conv_fprop(x, w, stride, pad, bias=bias, residual=res, relu=relu)
+    ref64 = _epilogue_ref(x.double(), w.double(), bias.double(), res.double(), stride, pad, relu, torch.float64)
+    _assert_rule("fprop+bias+res+relu", y, ref64, _epilogue_ref(x, w, bias, res, stride, pad, relu, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_in, stride", [((2, 8, 8, 6), 2), ((1, 16, 7, 7), 2), ((2, 16, 5, 5), 1)])
+def test_fprop_option_a_shortcut(K, block_in, stride, dtype):
+    """The residual is the block input subsampled by the stride with zero channels appended, read in the epilogue."""
+    n, c_in, h, w_ = block_in
+    k = 2 * c_in if stride == 2 else c_in
+    g = torch.Generator().manual_seed(3)
+    blk = torch.randn(n, c_in, h, w_, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    p, q = (h - 1) // stride + 1, (w_ - 1) // stride + 1
+    a = torch.randn(n, k, p, q, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(k, k, 3, 3, generator=g) / (9 * k) ** 0.5).to(DEVICE, dtype)
+    bias = torch.randn(k, device=DEVICE)
+    y = K.conv_fprop(a, wt, (1, 1), (1, 1), bias=bias, residual=blk, relu=True, pad_shortcut_stride=(stride, stride))
+    sc = F.pad(blk[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, k - c_in))
+    ref64 = _epilogue_ref(a.double(), wt.double(), bias.double(), sc.double(), (1, 1), (1, 1), True, torch.float64)
+    _assert_rule("fprop+optionA", y, ref64, _epilogue_ref(a, wt, bias, sc, (1, 1), (1, 1), True, dtype), dtype)
+
+
+def test_bad_inputs_raise_clear_errors(K):
+    x = torch.randn(2, 8, 6, 6, device=DEVICE)
+    w = torch.randn(16, 8, 3, 3, device=DEVICE)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.conv_fprop(x, w.half())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        K.conv_fprop(x.double(), w.double())
+    with pytest.raises(ValueError, match="expects 4 input channels"):
+        K.conv_fprop(x, w[:, :4])
+    with pytest.raises(ValueError, match="residual of shape"):
+        K.conv_fprop(x, w, (1, 1), (1, 1), residual=torch.randn(2, 16, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="output size would be"):
+        K.conv_fprop(x[:, :, :2, :2], w)
+    with pytest.raises(ValueError, match="does not match"):
+        K.conv_dgrad(torch.randn(2, 16, 4, 4, device=DEVICE), w, (6, 6), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="float32 of shape"):
+        K.conv_fprop(x, w, bias=torch.randn(16, device=DEVICE).half())
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", testing.conv_shapes("resnet50", batch=8), ids=str)
+def test_resnet50_shapes_gpu(K, shape, dtype):
+    _check_fprop_dgrad_wgrad(K, shape, dtype)
+
+
+@requires_gpu
+def test_new_batch_size_does_not_recompile(K):
+    """Batch and spatial sizes are not specialised on: the compiled-kernel cache does not grow with them."""
+    kernel = K.conv_fprop_kernel
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton version does not expose JITFunction.device_caches")
+    shape = testing.ConvShape(8, 64, 14, 14, 64, 3, 3, 1, (1, 1))
+    x, w, _ = _problem(shape, torch.bfloat16)
+    K.conv_fprop(x, w, (1, 1), (1, 1))
+    count = sum(len(c[0]) for c in caches.values())
+    for n in (1, 3, 17, 64):
+        K.conv_fprop(x[:1].expand(n, -1, -1, -1).contiguous(memory_format=torch.channels_last), w, (1, 1), (1, 1))
+    assert sum(len(c[0]) for c in caches.values()) == count

@@ -1,0 +1,193 @@
+"""Backend "triton" (fused_resnet/triton_backend.py on kernels/conv.py).
+
+Eval mode: blocks and converted models against torch with the float64 rule; one conv kernel per conv and nothing
+else (no BN, ReLU or add kernels); the folded-BN cache never serves stale weights (load_state_dict, optimizer
+steps, running statistics updated by training, a replaced parameter). Training mode (Triton convs, reference BN):
+blocks through testing.compare_models. On a CPU the kernels run under TRITON_INTERPRET=1 (set in conftest)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet
+from fused_resnet import backends, models, reference, testing, triton_backend
+
+from conftest import GPU, assert_checks, case_id, make_block
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPES = ["float32", "float16"] + (["bfloat16"] if GPU else [])
+
+
+def _eval_check(reference_model, x, dtype, name="eval output", channels_last=False):
+    """Eval-mode output of the triton-converted model vs torch in ``dtype``, both against float64 torch."""
+    dt = testing.DTYPES[dtype]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch_same = copy.deepcopy(reference_model).to(DEVICE, dt).eval()
+    fused = fused_resnet.convert(torch_same, backend="triton").eval()
+    oracle = copy.deepcopy(reference_model).to(DEVICE, torch.float64).eval()
+    with torch.no_grad():
+        xl = x.to(DEVICE, dt).contiguous(memory_format=fmt)
+        y = fused(xl)
+        assert y.dtype == dt and y.shape == oracle(x.to(DEVICE, torch.float64)).shape
+        if channels_last and y.dim() == 4:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        return testing.check(name, y, oracle(x.to(DEVICE, torch.float64)), torch_same(xl),
+                             oracle(x.to(DEVICE, torch.float64)), dt)
+
+
+def _randomized(model, seed=7):
+    return testing.randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", testing.BLOCK_CASES, ids=case_id)
+def test_eval_block_matches_torch(case, dtype):
+    n, h, w = case[5]
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(3))
+    c = _eval_check(_randomized(make_block(case, fused=False)), x, dtype, channels_last=case[0] == "bottleneck")
+    assert c.ok, c.row()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,build,shape", [
+    ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
+    ("resnet50", lambda: torchvision.models.resnet50(num_classes=10), (1, 3, 32, 32)),
+    ("cifar20-A", lambda: models.cifar_resnet(20, "A", backend=None), (2, 3, 16, 16)),
+    ("cifar20-B-1d", lambda: models.cifar_resnet(20, "B", dim=1, in_channels=1, backend=None), (2, 1, 40)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_eval_converted_models_match_torch(name, build, shape, dtype):
+    if name == "resnet50" and dtype != "float32" and not GPU:
+        pytest.skip("resnet50 runs once on the CPU interpreter (float32); every dtype on the GPU")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    c = _eval_check(_randomized(build()), x, dtype, name, channels_last=len(shape) == 4)
+    assert c.ok, c.row()
+
+
+def test_eval_runs_one_conv_kernel_per_conv_and_nothing_else(monkeypatch):
+    """In eval mode every conv is one fused kernel (BN folded, ReLU / shortcut in its epilogue): the reference
+    backend's BN-apply, conv and shortcut ops are never called."""
+    from fused_resnet.kernels import conv as kernels
+
+    calls = []
+    real = kernels.conv_fprop
+    monkeypatch.setattr(kernels, "conv_fprop", lambda *a, **k: calls.append(k) or real(*a, **k))
+    triton_backend._conv_kernels.cache_clear()
+    for fn in ("bn_act", "conv", "shortcut_pad", "bn_stats", "block_forward"):
+        monkeypatch.setattr(reference, fn, lambda *a, _fn=fn, **k: pytest.fail(f"reference.{_fn} called in eval"))
+    model = _randomized(models.cifar_resnet(20, "B", backend="triton")).eval()
+    for case in testing.BLOCK_CASES:  # every shortcut kind, plus a bottleneck
+        block = fused_resnet.convert(make_block(case, fused=False), backend="triton").eval()
+        n, h, w = case[5]
+        calls.clear()
+        with torch.no_grad():
+            block(torch.randn(n, case[1], h, w))
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in block.modules())
+        if case[4] == "tensor":  # the downsample module runs as torch, its output enters the epilogue
+            convs -= 1
+        assert len(calls) == convs, case_id(case)
+        assert sum(bool(k.get("relu")) for k in calls) == len(calls) - (case[4] in ("B", "C")), case_id(case)
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    triton_backend._conv_kernels.cache_clear()
+
+
+def _eval_pair(seed=0):
+    torch.manual_seed(seed)
+    tv = _randomized(torchvision.models.resnet.BasicBlock(8, 8), seed)
+    return tv, fused_resnet.convert(tv, backend="triton")
+
+
+def _assert_same_eval(fused, tv, x):
+    """Eval outputs agree with torch's within the float64 rule (a stale folded weight is off by O(1))."""
+    fused.eval()
+    tv.eval()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        c = testing.check("eval output", fused(x), ref64, tv(x), ref64, torch.float32)
+    assert c.ok, c.row()
+
+
+def test_folded_weights_follow_load_state_dict_optimizer_steps_and_running_stats():
+    tv, fused = _eval_pair()
+    x = torch.randn(2, 8, 6, 6)
+    _assert_same_eval(fused, tv, x)  # fills the cache
+    assert len(triton_backend._FOLD_CACHE) >= 2
+
+    other, _ = _eval_pair(seed=1)  # new weights, γ, β and running statistics, copied in place
+    fused.load_state_dict(other.state_dict())
+    tv.load_state_dict(other.state_dict())
+    _assert_same_eval(fused, tv, x)
+
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    opt_t = torch.optim.SGD(tv.parameters(), lr=0.1)
+    for model, opt in ((fused, opt_f), (tv, opt_t)):  # a train step: weights and running statistics change
+        model.train()
+        model(x).square().sum().backward()
+        opt.step()
+    _assert_same_eval(fused, tv, x)
+
+    with torch.no_grad():  # in-place edits of a single buffer / parameter
+        fused.bn2.running_var.mul_(3.0)
+        tv.bn2.running_var.mul_(3.0)
+        fused.conv1.weight[0].neg_()
+        tv.conv1.weight[0].neg_()
+    _assert_same_eval(fused, tv, x)
+
+    new_w = torch.nn.Parameter(torch.randn_like(tv.conv2.weight))  # a replaced parameter object
+    fused.conv2.weight = new_w
+    tv.conv2.weight = torch.nn.Parameter(new_w.detach().clone())
+    _assert_same_eval(fused, tv, x)
+
+
+def test_fold_cache_entries_die_with_their_tensors():
+    tv, fused = _eval_pair()
+    _assert_same_eval(fused, tv, torch.randn(2, 8, 6, 6))
+    keys = [k for k in triton_backend._FOLD_CACHE if id(fused.conv1.weight) in k]
+    assert keys
+    del fused, tv
+    import gc
+
+    gc.collect()
+    assert not any(k in triton_backend._FOLD_CACHE for k in keys)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", [testing.BLOCK_CASES[i] for i in (1, 2, 4, 7, 9)], ids=case_id)
+def test_train_block_on_triton_convs(case, dtype):
+    """Training mode runs the reference block structure with Triton fprop / dgrad / wgrad."""
+    n, h, w = case[5]
+    gen = torch.Generator().manual_seed(7)
+    block = _randomized(make_block(case, fused=False))
+    x = torch.randn(n, case[1], h, w, generator=gen)
+    checks = testing.compare_models(
+        block, lambda m: fused_resnet.convert(m, backend="triton", inplace=True), x, testing.DTYPES[dtype],
+        DEVICE, channels_last=True, train_steps=2,
+    )
+    assert_checks(checks, f"{case_id(case)} {dtype}")
+
+
+def test_float64_and_groups_fall_back_to_reference_with_a_warning():
+    backends._warned.clear()
+    tv = torchvision.models.resnet.BasicBlock(4, 4).double()
+    fused = fused_resnet.convert(tv, backend="triton")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="dtype torch.float64"):
+        y = fused(x)
+    torch.testing.assert_close(y, tv(x), rtol=1e-12, atol=1e-12)
+    reason = triton_backend.TritonBackend().unsupported_reason(torch.randn(1, 4, 2, 2), [2], [1, 1])
+    assert "groups" in reason
+    backends._warned.clear()
+
+
+def test_compile_fullgraph_eval_on_triton():
+    torch._dynamo.reset()
+    model = _randomized(models.cifar_resnet(20, "A", backend="triton")).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to reference
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
