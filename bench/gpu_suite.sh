@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The GPU suite, in one call on a GPU machine, from the repository root:
-#   build the CUDA extension for this GPU, run every test (GPU tests included), run `fused-resnet verify` on
-#   CUDA in several dtypes and layouts, and time the bn_act kernels against eager PyTorch and torch.compile.
-# Writes env.json, suite.log, junit.xml, verify.json and bench_bn_act.json to $OUT (default
+# The GPU suite on a GPU machine, from the repository root:  bench/gpu_suite.sh [STAGE...]
+#   tests   build the CUDA extension for this GPU, run every test (GPU tests included)
+#   verify  `fused-resnet verify` on CUDA in several dtypes and layouts
+#   bench   bn_act kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN) and
+#           ResNet-50 inference, each beside eager PyTorch / torch.compile / cuDNN measured in the same run
+# No STAGE: all three. The device tool allows 10 minutes per command: run the stages in separate calls there
+# (the extension build is redone when the machine is fresh). Writes env.json, suite.log, junit.xml,
+# verify.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
 # bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
 set -uo pipefail
+STAGES=${*:-tests verify bench}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-bench/results/latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -44,21 +50,33 @@ cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'
 export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
 step build python3 -m pip install --no-deps --no-build-isolation -e .
 step info python3 -m fused_resnet.cli info
-step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
-step "bench bn_act" python3 bench/bench_bn_act.py --model resnet50 --batch 256 --dtype bfloat16 \
-  --out "$OUT/bench_bn_act.json"
-tmp=$(mktemp -d)
-for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
-  tag=$(echo "$cfg" | tr -d ' -')
-  # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
-  step "verify $cfg" python3 -m fused_resnet.cli verify --device cuda --batch 8 --size 96 --dtype $cfg \
-    --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
-done
-python3 - "$tmp" > "$OUT/verify.json" <<'PY'
+if want tests; then
+  step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
+fi
+if want verify; then
+  tmp=$(mktemp -d)
+  for backend in auto triton; do
+    for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
+      tag=$backend-$(echo "$cfg" | tr -d ' -')
+      # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
+      step "verify $backend $cfg" python3 -m fused_resnet.cli verify --device cuda --backend $backend --batch 8 \
+        --size 96 --dtype $cfg --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
+    done
+  done
+  python3 - "$tmp" > "$OUT/verify.json" <<'PY'
 import glob, json, sys
 runs = [run for path in sorted(glob.glob(sys.argv[1] + "/*.json")) for run in json.load(open(path))["runs"]]
 print(json.dumps({"runs": runs}, indent=1))
 PY
+fi
+if want bench; then
+  step "bench bn_act" python3 bench/bench_bn_act.py --model resnet50 --batch 256 --dtype bfloat16 \
+    --out "$OUT/bench_bn_act.json"
+  step "bench conv" python3 bench/bench_conv.py --model resnet50 --batch 256 --dtype bfloat16 \
+    --out "$OUT/bench_conv.json"
+  step "bench inference" python3 bench/bench_inference.py --model resnet50 --batch 256 --dtype bfloat16 \
+    --out "$OUT/bench_inference.json"
+fi
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"

@@ -55,7 +55,7 @@ def _meta_trace(model_name: str, batch: int, size: int, types, record) -> list:
     ``record(module, input)`` for every module of ``types``, distinct values in order of first appearance."""
     import torchvision
 
-    model = getattr(torchvision.models, model_name)().to("meta")
+    model = getattr(torchvision.models, model_name)().to("meta").eval()
     found: list = []
     hooks = [m.register_forward_hook(lambda m, i, o: found.append(record(m, i[0])))
              for m in model.modules() if isinstance(m, types)]
@@ -111,7 +111,8 @@ def conv_shapes(model_name: str, batch: int, size: int = 224) -> List[ConvShape]
 
 # Small conv problems for the kernel tests (CPU interpreter and GPU): stride 1 and 2, padding 0/1/3, kernels 1x1,
 # 3x3, 7x7 and 1x3 (a Conv1d as H = 1), odd channel counts (3, 24, 40), N = 1, H ≠ W, 1x1 and 7x7 spatial sizes,
-# C < 16 (the flattened reduction path), and one problem larger than the interpreter's tiles in every GEMM dim.
+# C < 16 (the flattened reduction path), and problems larger than the interpreter's tiles (1024 rows, 256 channels)
+# in every GEMM dimension, so that multi-tile grids and multi-step reduction loops run on the CPU too.
 CONV_CASES = [
     ConvShape(2, 3, 13, 11, 16, 7, 7, 2, (3, 3)),
     ConvShape(2, 24, 8, 7, 40, 3, 3, 1, (1, 1)),
@@ -123,6 +124,7 @@ CONV_CASES = [
     ConvShape(2, 16, 1, 20, 24, 1, 3, 1, (0, 1)),
     ConvShape(2, 1, 1, 40, 16, 1, 3, 1, (0, 1)),
     ConvShape(2, 80, 24, 24, 72, 3, 3, 1, (1, 1)),
+    ConvShape(1, 272, 5, 4, 264, 3, 3, 1, (1, 1)),
 ]
 
 

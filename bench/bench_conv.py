@@ -1,0 +1,119 @@
+"""Conv engine microbenchmark: fprop, dgrad and wgrad of every convolution of a ResNet, Triton vs cuDNN.
+
+Providers, timed in one run with triton.testing.do_bench (median, warm-up excluded):
+  cudnn    torch's conv (F.conv2d / aten.convolution_backward with only that gradient requested)
+  triton   fused_resnet.kernels.conv (conv_fprop / conv_dgrad / conv_wgrad), autotuned on its first call
+Reported per shape and pass: ms, TFLOP/s (2·N·P·Q·K·C·R·S per pass), % of the bf16 GEMM ceiling measured in the
+same run (an 8192³ torch.matmul), speedup against cuDNN, and the target (≥ 0.95× cuDNN on 3x3, ≥ 1.0× on 1x1 and
+the stem). Each Triton result is first checked against float64 with the rule of fused_resnet.testing (cuDNN's
+same-dtype error is the yardstick).
+
+    python bench/bench_conv.py --model resnet50 --batch 256 --dtype bfloat16 --out bench_conv.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import benchmark, testing
+
+
+def gemm_ceiling_tflops(dtype: torch.dtype, dev: torch.device) -> float:
+    n = 8192 if dev.type == "cuda" else 256
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    ms = benchmark.median_ms(lambda: a @ b, dev)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _backward(dy, x, w, shape, which):
+    mask = [which == "dgrad", which == "wgrad", False]
+    out = torch.ops.aten.convolution_backward(dy, x, w, None, [shape.stride] * 2, list(shape.pad), [1, 1], False,
+                                              [0, 0], 1, mask)
+    return out[0] if which == "dgrad" else out[1]
+
+
+def _bench_shape(K, shape: testing.ConvShape, dtype: torch.dtype, ceiling: float, pass_names,
+                 dev: torch.device) -> list:
+    """Rows (cudnn and triton) for each requested pass of one conv shape."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(shape.n, shape.c, shape.h, shape.w, device=dev, generator=g).to(dtype).contiguous(
+        memory_format=cl)
+    w = (torch.randn(shape.k, shape.c, shape.r, shape.s, device=dev, generator=g)
+         / (shape.c * shape.r * shape.s) ** 0.5).to(dtype).contiguous(memory_format=cl)
+    dy = torch.randn(shape.n, shape.k, *shape.out_hw, device=dev, generator=g).to(dtype).contiguous(
+        memory_format=cl)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    passes = {  # (cudnn, triton, float64 reference)
+        "fprop": (lambda: F.conv2d(x, w, None, stride, pad), lambda: K.conv_fprop(x, w, stride, pad),
+                  lambda: F.conv2d(x.double(), w.double(), None, stride, pad)),
+        "dgrad": (lambda: _backward(dy, x, w, shape, "dgrad"),
+                  lambda: K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad),
+                  lambda: _backward(dy.double(), x.double(), w.double(), shape, "dgrad")),
+        "wgrad": (lambda: _backward(dy, x, w, shape, "wgrad"),
+                  lambda: K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad),
+                  lambda: _backward(dy.double(), x.double(), w.double(), shape, "wgrad")),
+    }
+    rows = []
+    for name in pass_names:
+        cudnn_fn, triton_fn, ref_fn = passes[name]
+        ref64 = ref_fn()
+        chk = testing.check(name, triton_fn(), ref64, cudnn_fn(), ref64, dtype)
+        del ref64
+        times = {"cudnn": benchmark.median_ms(cudnn_fn, dev), "triton": benchmark.median_ms(triton_fn, dev)}
+        target = 0.95 if shape.r == 3 and shape.s == 3 else 1.0
+        for provider, ms in times.items():
+            tflops = shape.flops / (ms * 1e-3) / 1e12
+            rows.append({"shape": str(shape), "pass": name, "provider": provider, "ms": ms, "tflops": tflops,
+                         "pct_gemm_ceiling": 100 * tflops / ceiling, "speedup_vs_cudnn": times["cudnn"] / ms,
+                         "target_vs_cudnn": target, "ok": chk.ok if provider == "triton" else True,
+                         "err": chk.err_fused if provider == "triton" else chk.err_torch})
+        print(f"{str(shape):<34} {name:<6} cudnn {times['cudnn']:7.3f} ms  triton {times['triton']:7.3f} ms  "
+              f"x{times['cudnn'] / times['triton']:.2f} (target {target})  {'ok' if chk.ok else 'BAD'}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--size", type=int, default=224, help="input image size")
+    parser.add_argument("--passes", default="fprop,dgrad,wgrad")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (smoke runs)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        dev = torch.device("cpu")  # a smoke run of the script itself; the numbers mean nothing
+    else:
+        print("bench_conv needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run); nothing measured")
+        return 2
+    from fused_resnet.kernels import conv as K
+
+    dtype = testing.DTYPES[args.dtype]
+    ceiling = gemm_ceiling_tflops(dtype, dev)
+    rows = []
+    for shape in testing.conv_shapes(args.model, args.batch, args.size)[:args.limit]:
+        rows += _bench_shape(K, shape, dtype, ceiling, args.passes.split(","), dev)
+    result = {"benchmark": "conv", "model": args.model, "batch": args.batch, "dtype": args.dtype,
+              "layout": "channels_last", "gemm_ceiling_tflops": ceiling, **benchmark.environment(), "rows": rows}
+    triton_rows = [r for r in rows if r["provider"] == "triton"]
+    missed = [r for r in triton_rows if r["speedup_vs_cudnn"] < r["target_vs_cudnn"]]
+    print(f"\n{args.model} convs, batch {args.batch}, {args.dtype}, channels_last, {result['gpu']}; "
+          f"{args.dtype} GEMM ceiling {ceiling:.0f} TFLOP/s. Targets missed: {len(missed)} of {len(triton_rows)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
