@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import _ext, reference, testing
+from fused_resnet import _ext, benchmark, reference, testing
 
 
 def copy_ceiling_gbps(do_bench) -> float:
@@ -113,10 +112,7 @@ def main(argv=None) -> int:
         print(f"{str(tuple(row['shape'])):<22} {'yes' if row['residual'] else 'no':<4} {row['provider']:<8} "
               f"{row['ms']:8.3f} {row['gbps']:7.0f} {row['pct_copy_ceiling']:6.1f} {row['speedup_vs_eager']:9.2f} "
               f"{row['speedup_vs_compile']:10.2f} {'ok' if row['ok'] else 'BAD':>3}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return benchmark.finish(result, args.out, all(r["ok"] for r in rows))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ same-dtype error is the yardstick).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
@@ -89,12 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (smoke runs)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        dev = torch.device("cpu")  # a smoke run of the script itself; the numbers mean nothing
-    else:
-        print("bench_conv needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run); nothing measured")
+    dev = benchmark.bench_device("bench_conv")
+    if dev is None:
         return 2
     from fused_resnet.kernels import conv as K
 
@@ -109,10 +103,7 @@ def main(argv=None) -> int:
     missed = [r for r in triton_rows if r["speedup_vs_cudnn"] < r["target_vs_cudnn"]]
     print(f"\n{args.model} convs, batch {args.batch}, {args.dtype}, channels_last, {result['gpu']}; "
           f"{args.dtype} GEMM ceiling {ceiling:.0f} TFLOP/s. Targets missed: {len(missed)} of {len(triton_rows)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return benchmark.finish(result, args.out, all(r["ok"] for r in rows))
 
 
 if __name__ == "__main__":

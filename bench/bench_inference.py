@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 
 import torch
@@ -36,12 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-ms", type=float, default=500, help="timed repetitions per provider, in milliseconds")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-    elif os.environ.get("TRITON_INTERPRET") == "1":
-        dev = torch.device("cpu")  # a smoke run of the script itself; the numbers mean nothing
-    else:
-        print("bench_inference needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run); nothing measured")
+    dev = benchmark.bench_device("bench_inference")
+    if dev is None:
         return 2
     wanted = args.providers.split(",")
     dtype = testing.DTYPES[args.dtype]
@@ -77,10 +71,7 @@ def main(argv=None) -> int:
             print(f"{name:<8} {r['img_per_s']:9.0f} img/s  {r['step_ms']:8.2f} ms/step  "
                   f"peak {peak}  first call {r['first_step_s']:.1f} s  "
                   f"{'ok' if chk.ok else 'BAD'} (err {chk.err_fused:.2e}, eager {chk.err_torch:.2e})", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"runs": runs}, f, indent=1)
-    return 0 if all(r["ok"] for r in runs) else 1
+    return benchmark.finish({"runs": runs}, args.out, all(r["ok"] for r in runs))
 
 
 if __name__ == "__main__":

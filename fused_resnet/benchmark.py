@@ -10,6 +10,8 @@ machine and versions it was measured with, in the results schema other tools rea
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import statistics
 import time
@@ -34,6 +36,25 @@ def environment() -> Dict[str, Optional[str]]:
         "cudnn": str(torch.backends.cudnn.version()) if cuda else None,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def bench_device(script: str) -> Optional[torch.device]:
+    """The device a benchmark script runs on: CUDA, or the CPU under TRITON_INTERPRET=1 (a smoke run of the script
+    itself, whose numbers mean nothing); None (after saying so) when neither is possible."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    print(f"{script} needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run); nothing measured")
+    return None
+
+
+def finish(result: dict, out: Optional[str], ok: bool) -> int:
+    """Write the results JSON (when asked) and return the script's exit status: 0 when every check passed."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if ok else 1
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 100, rep_ms: float = 500) -> float:

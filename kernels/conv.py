@@ -61,6 +61,12 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _split_pixels(offs, H, W):
+    """Flat NHW pixel indices → (image, row, column)."""
+    return offs // (H * W), (offs // W) % H, offs % W
+
+
+@triton.jit
 def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
         a = a.to(tl.float32)
@@ -85,9 +91,7 @@ def conv_fprop_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < K
-    q = offs_m % Q
-    p = (offs_m // Q) % P
-    img = offs_m // (P * Q)
+    img, p, q = _split_pixels(offs_m, P, Q)
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
     RSC = R * S * C
@@ -153,9 +157,7 @@ def conv_dgrad_kernel(
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     c_ok = offs_c < C
-    w_in = offs_m % W
-    h_in = (offs_m // W) % H
-    img = offs_m // (H * W)
+    img, h_in, w_in = _split_pixels(offs_m, H, W)
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(R):
@@ -216,9 +218,7 @@ def conv_wgrad_kernel(
     for m0 in range(start, end, BLOCK_K):
         mm = m0 + tl.arange(0, BLOCK_K)
         mm_ok = mm < end
-        q = mm % Q
-        p = (mm // Q) % P
-        img = mm // (P * Q)
+        img, p, q = _split_pixels(mm, P, Q)
         a = tl.load(dy_ptr + mm[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_ok[:, None] & mm_ok[None, :],
                     other=0.0)
         h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
@@ -254,11 +254,12 @@ def _launch(kernel, grid, args, kwargs, gemm_mnk: Tuple[int, int, int], interpre
     kernel[grid(meta)](*args, **kwargs, **meta)
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 convs follow torch's setting for cuDNN (TF32 when torch.backends.cudnn.allow_tf32), else exact fp32
-    products; fp16/bf16 products are exact in fp32 anyway."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 convs follow torch's setting for cuDNN (TF32 products when torch.backends.cudnn.allow_tf32, else exact
+    fp32); fp16/bf16 operands take Triton's default (tensor cores; the setting only concerns fp32 operands). The
+    interpreter always multiplies exactly (its bf16 operands are upcast to fp32 first)."""
+    if INTERPRET or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
