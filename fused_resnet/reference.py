@@ -187,7 +187,8 @@ def block_forward(
     for i in range(len(weights)):
         if i == n_main:  # the projection shortcut reads the block input
             inp = x
-        a = conv_ops.fprop(inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i], fmt)
+        a = conv_ops.fprop(inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i],
+                           fmt)
         if batch_stats[i]:
             mean, var = bn_stats(a)
         else:

@@ -77,7 +77,7 @@ def fold_bn(w: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor, runnin
     key = tuple(id(t) for t in tensors) + (eps,)
     versions = _versions(tensors)
     hit = _FOLD_CACHE.get(key)
-    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], tensors)):
+    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
         return hit[2]
     with torch.no_grad():
         s = gamma.float() * torch.rsqrt(running_var.float() + eps)
