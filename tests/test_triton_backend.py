@@ -158,14 +158,15 @@ def test_fold_cache_entries_die_with_their_tensors():
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", [testing.BLOCK_CASES[i] for i in (1, 2, 4, 7, 9)], ids=case_id)
 def test_train_block_on_triton_convs(case, dtype):
-    """Training mode runs the reference block structure with Triton fprop / dgrad / wgrad."""
+    """Training mode runs the reference block structure with Triton fprop / dgrad / wgrad (bottlenecks in
+    channels_last, basic blocks in NCHW: the outputs keep the input's layout either way)."""
     n, h, w = case[5]
     gen = torch.Generator().manual_seed(7)
     block = _randomized(make_block(case, fused=False))
     x = torch.randn(n, case[1], h, w, generator=gen)
     checks = testing.compare_models(
         block, lambda m: fused_resnet.convert(m, backend="triton", inplace=True), x, testing.DTYPES[dtype],
-        DEVICE, channels_last=True, train_steps=2,
+        DEVICE, channels_last=case[0] == "bottleneck", train_steps=2,
     )
     assert_checks(checks, f"{case_id(case)} {dtype}")
 
