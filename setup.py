@@ -49,7 +49,8 @@ setup(
     install_requires=["torch>=2.5", "torchvision>=0.20"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark"],
+        "train": ["mnist1d", "matplotlib", "tqdm"],  # fused-resnet train / experiment (imported only there)
+        "test": ["pytest", "pytest-benchmark", "mnist1d", "matplotlib", "tqdm"],
         "build": ["ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["fused-resnet=fused_resnet.cli:main"]},

@@ -1,4 +1,4 @@
-"""``fused-resnet`` command line: ``info`` and ``verify``."""
+"""``fused-resnet`` command line: ``info``, ``verify``, ``train`` and ``experiment depth | gradients``."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +8,18 @@ import platform
 import re
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 import torchvision
 
-from . import __version__, _ext, backends, models, testing
+from . import __version__, _ext, backends, data, experiments, models, testing, train
 from .convert import convert
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+DEPTH_EPOCHS = 10  # experiment depth's default budget: about 4 minutes on a 2-core CPU (docs/EXPERIMENTS.md)
 
 
 def _triton_version() -> str:
@@ -110,6 +112,60 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> train.TrainConfig:
+    fields = dataclasses.fields(train.TrainConfig)
+    return train.TrainConfig(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = _train_config(args)
+        out = args.out or (args.resume.parent if args.resume else train.default_out(cfg))
+        print(f"training {cfg.model}{' (plain)' if cfg.plain else ''} on {cfg.data}, {cfg.epochs} epochs, "
+              f"lr {cfg.lr} -> {out}")
+        history = train.train(cfg, out=out, resume=args.resume, quiet=args.quiet)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"fused-resnet train: {e}") from e
+    last = history[-1]
+    print(f"final: train loss {last['train_loss']:.4f}, train error {1 - last['train_acc']:.2%}, "
+          f"test error {1 - last['test_acc']:.2%}; wrote {out}/checkpoint.pt, history.json, curves.png")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    try:
+        depths = experiments.parse_depths(args.depths)
+        out = args.out or Path("runs") / f"experiment-{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.experiment == "depth":
+            experiments.depth(_train_config(args), depths, out)
+        else:
+            experiments.gradients(_train_config(args), depths, args.steps, out)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"fused-resnet experiment {args.experiment}: {e}") from e
+    print(f"wrote {out}/results.json, table.txt, {args.experiment}.png")
+    return 0
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs: int | None) -> None:
+    """Options shared by ``train`` and the experiments (``epochs``: the default, None for no --epochs option)."""
+    p.add_argument("--data", default="mnist1d", help=f"one of {', '.join(data.DATA_SPECS)} (default mnist1d; see "
+                   "docs/EXPERIMENTS.md for the folder layouts; nothing is downloaded)")
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate (default 0.05 on mnist1d, else 0.1), warmed up linearly, then cosine to 0")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--shortcut", default="A", choices=("A", "B", "C"), help="CIFAR models' shortcut option")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=backends.BACKEND_CHOICES)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N examples of each split")
+    p.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder data")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>-<timestamp>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fused-resnet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +197,45 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", default=None, help="also write every check to this JSON file")
     verify.set_defaults(func=cmd_verify)
+
+    train_cmd = sub.add_parser(
+        "train", help="train a fused ResNet (progress, per-epoch metrics, checkpoint/resume, JSON + PNG curves)",
+        description="Trains with fused blocks (the reference backend on a CPU): SGD with momentum 0.9 and weight "
+        "decay, linear warm-up, then cosine schedule. Writes checkpoint.pt, history.json and curves.png to --out "
+        "after every epoch; --resume continues a run exactly.",
+    )
+    train_cmd.add_argument("--model", default="cifar_resnet20",
+                           help="cifar_resnet<depth> (6n+2: 20, 32, 44, 56, 110, ...) or resnet18/34/50/101/152")
+    _add_training_options(train_cmd, epochs=10)
+    train_cmd.add_argument("--plain", action="store_true", help="CIFAR models without shortcuts (the plain twin)")
+    train_cmd.add_argument("--resume", type=Path, default=None,
+                           help="continue from this checkpoint.pt (same options; output goes to its folder by default)")
+    train_cmd.add_argument("--channels-last", action="store_true",
+                           help="2-D models: channels_last weights and inputs")
+    train_cmd.add_argument("--amp", default=None, choices=("bfloat16", "float16"), help="train under torch.autocast")
+    train_cmd.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    train_cmd.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    train_cmd.set_defaults(func=cmd_train)
+
+    experiment = sub.add_parser("experiment", help="the ResNet paper's experiments on fused blocks: depth, gradients")
+    kinds = experiment.add_subparsers(dest="experiment", required=True)
+    depth = kinds.add_parser(
+        "depth", help="plain vs residual networks at several depths: training error per epoch, final errors",
+        description="Trains plain and residual CIFAR networks (dim=1 on mnist1d) of each depth with the same seed "
+        "and data; writes results.json, depth.png (training error per epoch) and table.txt.",
+    )
+    depth.add_argument("--depths", default="20,32,56", help="comma-separated 6n+2 depths")
+    _add_training_options(depth, epochs=DEPTH_EPOCHS)
+    depth.set_defaults(func=cmd_experiment)
+    gradients = kinds.add_parser(
+        "gradients", help="per-layer conv gradient norms of plain vs residual networks, at init and after N steps",
+        description="For each depth, plain and residual: the gradient norm of every main-path conv weight on a "
+        "fixed batch, at initialisation and after --steps SGD steps; writes results.json, gradients.png, table.txt.",
+    )
+    gradients.add_argument("--depths", default="20,56,110", help="comma-separated 6n+2 depths")
+    gradients.add_argument("--steps", type=int, default=50, help="SGD steps between the two measurements")
+    _add_training_options(gradients, epochs=None)
+    gradients.set_defaults(func=cmd_experiment)
     return parser
 
 

@@ -1,0 +1,169 @@
+"""The ResNet paper's argument, reproduced on fused blocks: ``fused-resnet experiment depth | gradients``.
+
+* ``depth``: plain and residual CIFAR networks of several depths trained with the same seed, data and schedule;
+  training error per epoch (solid: residual, dashed: plain) and a table of final train and test error.
+* ``gradients``: the gradient norm of every main-path conv weight (stem, then each block's convs; projection
+  shortcuts are left out so plain and residual twins list the same layers) on a fixed batch, at initialisation
+  and after some SGD steps, for plain and residual networks of increasing depth.
+
+Every run uses :mod:`fused_resnet.train` (fused blocks, SGD with momentum, warm-up, cosine schedule). Results go
+to ``results.json``, a PNG and ``table.txt`` in the output folder; the table is also printed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import data as datasets
+from .train import TrainConfig, Trainer, figure, train, write_json
+
+VARIANTS = (False, True)  # plain=False (residual), plain=True: every depth trains both, with the same seed
+
+
+def parse_depths(text: str) -> list[int]:
+    """"20,32,56" → [20, 32, 56], each a CIFAR ResNet depth (6n+2)."""
+    try:
+        depths = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"depths must be comma-separated integers, got {text!r}") from None
+    bad = [d for d in depths if d < 8 or (d - 2) % 6]
+    if bad:
+        raise ValueError(f"CIFAR ResNet depths are 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {bad}")
+    return depths
+
+
+def _shared_options(base: TrainConfig) -> dict:
+    """The options every run of an experiment shares (each run sets its own model and plain)."""
+    return {k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "plain")}
+
+
+def _name(plain: bool) -> str:
+    return "plain" if plain else "residual"
+
+
+def _plot(ax, xs: Sequence, ys: Sequence[float], depths: Sequence[int], depth: int, plain: bool) -> None:
+    """One run's line: a colour per depth, dashed for plain, solid for residual."""
+    ax.plot(xs, ys, "--" if plain else "-", color=f"C{list(depths).index(depth)}",
+            label=f"{'plain' if plain else 'resnet'}-{depth}")
+
+
+def _print_table(header: Sequence[str], rows: list[Sequence]) -> str:
+    cells = [list(header)] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    text = "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+    print(text)
+    return text
+
+
+def depth(base: TrainConfig, depths: Sequence[int], out: Path) -> dict:
+    """Train plain and residual ``cifar_resnet<d>`` for each depth with ``base``'s options; write results.json,
+    depth.png and table.txt to ``out``; return the results."""
+    data = datasets.load(base.data, base.image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for d, plain in itertools.product(depths, VARIANTS):
+        cfg = dataclasses.replace(base, model=f"cifar_resnet{d}", plain=plain)
+        start = time.perf_counter()
+        history = train(cfg, data=data, quiet=True)
+        runs.append({"depth": d, "plain": plain, "seconds": time.perf_counter() - start, "history": history})
+        last = history[-1]
+        print(f"depth {d:4d} {_name(plain):8s}  train loss {last['train_loss']:.4f}  "
+              f"train error {1 - last['train_acc']:.2%}  test error {1 - last['test_acc']:.2%}  "
+              f"({runs[-1]['seconds']:.0f} s)", flush=True)
+
+    final = {(r["depth"], r["plain"]): r["history"][-1] for r in runs}
+    rows = [[d] + [100 * (1 - final[d, p][key]) for key in ("train_acc", "test_acc") for p in (True, False)]
+            + [final[d, p]["train_loss"] for p in (True, False)] for d in depths]
+    print(f"\nfinal errors (%) after {base.epochs} epochs on {data.name}:")
+    table = _print_table(["depth", "plain train", "residual train", "plain test", "residual test",
+                          "plain train loss", "residual train loss"], rows)
+    (out / "table.txt").write_text(table + "\n")
+    results = {"config": _shared_options(base), "depths": list(depths), "runs": runs}
+    write_json(out / "results.json", results)
+
+    fig, axes = figure(2, f"plain (dashed) vs residual (solid) on {data.name}, shortcut {base.shortcut}")
+    for r in runs:
+        epochs = [h["epoch"] for h in r["history"]]
+        for ax, key in zip(axes, ("train_acc", "test_acc")):
+            _plot(ax, epochs, [100 * (1 - h[key]) for h in r["history"]], depths, r["depth"], r["plain"])
+    for ax, split in zip(axes, ("training", "test")):
+        ax.set(xlabel="epoch", ylabel=f"{split} error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(out / "depth.png", dpi=120)
+    return results
+
+
+def main_path_convs(model: nn.Module) -> list[nn.Module]:
+    """The stem conv and every block's convs in forward order (projection shortcuts left out)."""
+    return [m for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and "downsample" not in name]
+
+
+def conv_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """‖∂loss/∂W‖ of every main-path conv weight, in forward order, for one train-mode pass on (x, y)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    norms = [m.weight.grad.norm().item() for m in main_path_convs(model)]
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def gradients(base: TrainConfig, depths: Sequence[int], steps: int, out: Path) -> dict:
+    """Per-layer conv gradient norms of plain and residual ``cifar_resnet<d>`` at initialisation and after
+    ``steps`` SGD steps (schedule over those steps), on the first ``base.batch_size`` training examples; write
+    results.json, gradients.png and table.txt to ``out``; return the results."""
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    data = datasets.load(base.data, base.image_size).subset(base.subset)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_x, probe_y = next(iter(DataLoader(data.train, batch_size=base.batch_size)))
+    runs = []
+    for d, plain in itertools.product(depths, VARIANTS):
+        cfg = dataclasses.replace(base, model=f"cifar_resnet{d}", plain=plain)
+        loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        trainer = Trainer(cfg, data, len(loader), steps)
+        x, y = trainer.inputs(probe_x, probe_y)
+        at_init = conv_grad_norms(trainer.model, x, y)
+        weights_init = [m.weight.norm().item() for m in main_path_convs(trainer.model)]
+        losses = [trainer.step(bx, by)[0] / len(by)
+                  for bx, by in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)]
+        after = conv_grad_norms(trainer.model, x, y)
+        runs.append({"depth": d, "plain": plain, "init": at_init, "after": after, "losses": losses,
+                     "weight_norms_init": weights_init,
+                     "weight_norms_after": [m.weight.norm().item() for m in main_path_convs(trainer.model)]})
+        print(f"depth {d:4d} {_name(plain):8s}  first/last layer gradient norm: init {at_init[0] / at_init[-1]:.3g}, "
+              f"after {steps} steps {after[0] / after[-1]:.3g}; loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+
+    rows = [[r["depth"], _name(r["plain"]), r["init"][0], r["init"][-1],
+             r["init"][0] / r["init"][-1], r["after"][0], r["after"][-1], r["after"][0] / r["after"][-1],
+             r["losses"][-1]] for r in runs]
+    print(f"\nconv weight gradient norms on a fixed batch of {len(probe_y)} ({data.name}), at init and after {steps} "
+          f"steps:")
+    table = _print_table(["depth", "net", "init first", "init last", "init first/last", "after first",
+                          "after last", "after first/last", "last loss"], rows)
+    (out / "table.txt").write_text(table + "\n")
+    results = {"config": _shared_options(base), "depths": list(depths), "steps": steps, "runs": runs}
+    write_json(out / "results.json", results)
+
+    fig, axes = figure(2, f"conv weight gradient norm per layer on {data.name} (dashed: plain, solid: residual)")
+    for r in runs:
+        for ax, key in zip(axes, ("init", "after")):
+            _plot(ax, range(len(r[key])), r[key], depths, r["depth"], r["plain"])
+    for ax, when in zip(axes, ("at initialisation", f"after {steps} steps")):
+        ax.set(xlabel="conv layer (0 = stem)", ylabel="‖∂loss/∂W‖", yscale="log", title=when)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.savefig(out / "gradients.png", dpi=120)
+    return results

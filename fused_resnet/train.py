@@ -1,0 +1,270 @@
+"""Training with fused blocks: ``fused-resnet train`` and the runs of ``fused-resnet experiment``.
+
+Optimiser: SGD with momentum 0.9 and weight decay 1e-4 (the ResNet paper's), learning rate 0.1 on images (the
+paper's) and 0.05 on MNIST-1D, warmed up linearly over the first epoch, then cosine-annealed to 0, stepped every
+batch. Training loss and accuracy of an epoch are averages over its batches in train mode (as the paper's
+training-error curves); test loss and accuracy are measured in eval mode.
+
+Reproducibility: the seed sets torch's global RNG (weights, augmentation) and the generator of the training
+DataLoader (shuffling); with ``num_workers=0`` a CPU run is exactly repeatable. A checkpoint is written after every
+epoch with the model, optimiser, scheduler, grad scaler, both RNG states and the history, so a resumed run
+continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import backends, models
+from . import data as datasets
+
+TORCHVISION_MODELS = tuple(name for name in models.__all__ if re.fullmatch(r"resnet\d+", name))
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# The paper's 0.1 for images; on MNIST-1D 0.05 reached lower training loss and test error (docs/EXPERIMENTS.md).
+DEFAULT_LR = {"mnist1d": 0.05}
+# The option that may differ between an interrupted run and its resumption (only the arithmetic changes with it).
+RESUME_MAY_DIFFER = ("device",)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. ``lr=None`` takes the data's DEFAULT_LR (0.1 if none); ``shortcut``/``plain`` apply to
+    cifar_resnet models; ``subset`` keeps the first n examples of each split; ``image_size`` is for ImageFolder
+    data; ``amp`` is an autocast dtype (bfloat16 or float16)."""
+
+    model: str = "cifar_resnet20"
+    data: str = "mnist1d"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    plain: bool = False
+    shortcut: str = "A"
+    backend: str = "auto"
+    device: str | None = None
+    channels_last: bool = False
+    amp: str | None = None
+    subset: int | None = None
+    image_size: int = 224
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be positive, got {self.epochs} and {self.batch_size}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.data, 0.1)
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
+
+
+def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
+    """The fused model named by ``cfg.model`` for ``data`` (channels, classes, 1-D or 2-D)."""
+    backends.check_requested(cfg.backend)
+    match = re.fullmatch(r"cifar_resnet(\d+)", cfg.model)
+    if match:
+        return models.cifar_resnet(int(match.group(1)), shortcut=cfg.shortcut, plain=cfg.plain,
+                                   num_classes=data.num_classes, in_channels=data.in_channels, dim=data.dim,
+                                   backend=cfg.backend)
+    if cfg.model not in TORCHVISION_MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; expected cifar_resnet<depth> (depth 6n+2: 20, 32, 44, 56, "
+                         f"110, ...) or one of {', '.join(TORCHVISION_MODELS)}")
+    if cfg.plain or cfg.shortcut != "A":
+        raise ValueError(f"--plain and --shortcut apply to cifar_resnet models; {cfg.model} has torchvision's "
+                         f"projection shortcuts")
+    if data.dim != 2:
+        raise ValueError(f"{cfg.model} takes images; {data.name} is 1-D: use a cifar_resnet model")
+    return getattr(models, cfg.model)(num_classes=data.num_classes, backend=cfg.backend)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int):
+    """SGD (momentum, weight decay) and a per-step schedule: linear warm-up over ``warmup_steps``, then cosine
+    annealing to 0 at ``total_steps``."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Trainer:
+    """A model, its optimiser and schedule, and the device, layout and autocast settings of one run."""
+
+    def __init__(self, cfg: TrainConfig, data: datasets.Data, steps_per_epoch: int, total_steps: int):
+        if cfg.channels_last and data.dim != 2:
+            raise ValueError("channels_last applies to 2-D (image) models only")
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, data).to(self.device)
+        self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.layout)
+        warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, total_steps, warmup)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "float16")
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x, y.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        if self.cfg.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.cfg.amp])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One SGD step in train mode; (summed loss, correct predictions) of the batch."""
+        x, y = self.inputs(x, y)
+        self.model.train()
+        with self._autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.item() * len(y), int((logits.argmax(1) == y).sum())
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> tuple[float, float]:
+        """(mean loss, accuracy) over a loader, in eval mode."""
+        self.model.eval()
+        total, correct, n = 0.0, 0, 0
+        for x, y in loader:
+            x, y = self.inputs(x, y)
+            with self._autocast():
+                logits = self.model(x).float()
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        return total / n, correct / n
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    current = dataclasses.asdict(cfg)
+    diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in current
+            if k not in RESUME_MAY_DIFFER and saved.get(k) != current[k]]
+    if diff:
+        raise ValueError("the checkpoint was trained with other options; resume with the same ones: " + ", ".join(diff))
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a run killed while saving leaves the previous checkpoint intact
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.model}{'-plain' if cfg.plain else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: TrainConfig, out: Path | None = None, resume: Path | None = None,
+          data: datasets.Data | None = None, quiet: bool = False) -> list[dict]:
+    """Train ``cfg.epochs`` epochs; return the history (one dict per epoch). With ``out``, write checkpoint.pt,
+    history.json and curves.png there after every epoch. ``resume`` continues from a checkpoint.pt written with
+    the same options. ``data`` overrides ``cfg.data`` with already loaded datasets."""
+    tqdm = datasets.optional_import("tqdm").tqdm
+    data = (data or datasets.load(cfg.data, cfg.image_size)).subset(cfg.subset)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
+                              num_workers=cfg.num_workers)
+    test_loader = DataLoader(data.test, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    trainer = Trainer(cfg, data, len(train_loader), cfg.epochs * len(train_loader))
+    history: list[dict] = []
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"no checkpoint at {resume}")
+        state = torch.load(resume, map_location="cpu")  # the RNG states stay on the CPU
+        _check_resumable(state["config"], cfg)
+        trainer.load_state_dict(state)
+        history = state["history"]
+        torch.set_rng_state(state["rng_torch"])
+        loader_gen.set_state(state["rng_loader"])
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        loss_sum, correct, n = 0.0, 0, 0
+        batches = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       disable=quiet or not sys.stderr.isatty())
+        for x, y in batches:
+            batch_loss, batch_correct = trainer.step(x, y)
+            loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
+            batches.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.1%}", refresh=False)
+        test_loss, test_acc = trainer.evaluate(test_loader)
+        history.append({"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n, "test_loss": test_loss,
+                        "test_acc": test_acc, "seconds": time.perf_counter() - start})
+        if not quiet:
+            h = history[-1]
+            print(f"epoch {epoch}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:.2%}  "
+                  f"test loss {h['test_loss']:.4f} acc {h['test_acc']:.2%}  {h['seconds']:.1f} s", flush=True)
+        if out is not None:
+            _save(trainer.state_dict() | {"config": dataclasses.asdict(cfg), "history": history,
+                                          "rng_torch": torch.get_rng_state(), "rng_loader": loader_gen.get_state()},
+                  out / "checkpoint.pt")
+            write_json(out / "history.json", {"config": dataclasses.asdict(cfg), "epochs": history})
+            plot_curves(history, out / "curves.png", f"{cfg.model}{' plain' if cfg.plain else ''} on {data.name}")
+    return history
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def figure(ncols: int, title: str):
+    """A matplotlib Figure on the non-interactive Agg canvas (pyplot and its global state are not used)."""
+    mpl_figure = datasets.optional_import("matplotlib.figure")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import MaxNLocator
+
+    fig = mpl_figure.Figure(figsize=(5.5 * ncols, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, layer indices
+    return fig, axes
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss and error (%) per epoch, train and test."""
+    fig, (ax_loss, ax_err) = figure(2, title)
+    epochs = [h["epoch"] for h in history]
+    for split, style in (("train", "-"), ("test", "--")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, marker=".", label=split)
+        ax_err.plot(epochs, [100 * (1 - h[f"{split}_acc"]) for h in history], style, marker=".", label=split)
+    for ax, label in ((ax_loss, "loss"), (ax_err, "error (%)")):
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=120)
