@@ -1,4 +1,5 @@
-"""Measurement helpers shared by the benchmark scripts in bench/ (never used by tests to judge speed).
+"""Benchmarks: timing helpers for the scripts in bench/, and the model-level runs of ``fused-resnet bench``
+(never used by tests to judge speed).
 
 Timing: ``triton.testing.do_bench`` on a GPU (CUDA events, warm-up excluded, L2 flushed between calls, median);
 on a CPU the median of ``time.perf_counter`` over repeated calls after warm-up. Every result row carries the
@@ -9,15 +10,24 @@ machine and versions it was measured with, in the results schema other tools rea
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fused_resnet
+
+from . import backends, models, modules, testing
 
 
 def environment() -> Dict[str, Optional[str]]:
@@ -77,9 +87,10 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float =
 
 
 def measure(fn: Callable[[], object], device: torch.device, batch: int, warmup_ms: float = 100,
-            rep_ms: float = 500) -> Dict[str, float]:
+            rep_ms: float = 500, steps: Optional[int] = None) -> Dict[str, float]:
     """img/s at the median step time, peak memory of a step (GiB, GPU only), and the first call's time
-    (compilation / autotuning included)."""
+    (compilation / autotuning included). ``steps``: time about that many steps (after a fifth as many warm-up
+    steps) instead of ``warmup_ms`` / ``rep_ms``."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -88,6 +99,293 @@ def measure(fn: Callable[[], object], device: torch.device, batch: int, warmup_m
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - start
+    if steps is not None:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        once_ms = 1e3 * (time.perf_counter() - start)
+        warmup_ms, rep_ms = once_ms * max(1, steps // 5), once_ms * steps
     ms = median_ms(fn, device, warmup_ms, rep_ms)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"img_per_s": batch / (ms * 1e-3), "step_ms": ms, "peak_mem_gib": peak, "first_step_s": first}
+
+
+# --------------------------------------------------------------------------------------------- model level
+MODES = ("train", "infer")
+
+
+def build_model(name: str, num_classes: int = 1000) -> Tuple[nn.Module, Tuple[int, ...]]:
+    """(torch model with torchvision's / the paper's architecture, per-image input shape) for a model name:
+    resnet18..152 (3x224x224) or cifar_resnet<depth> (3x32x32)."""
+    if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        return getattr(torchvision.models, name)(num_classes=num_classes), (3, 224, 224)
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if match:
+        return models.cifar_resnet(int(match.group(1)), num_classes=num_classes, backend=None), (3, 32, 32)
+    raise ValueError(f"unknown model {name!r}; expected resnet18/34/50/101/152 or cifar_resnet<6n+2>")
+
+
+def provider_model(base: nn.Module, provider: str) -> nn.Module:
+    """eager: a copy of ``base``; compile: torch.compile of a copy; a backend name: the converted copy."""
+    model = copy.deepcopy(base)
+    if provider == "eager":
+        return model
+    if provider == "compile":
+        return torch.compile(model)
+    backends.check_requested(provider)
+    return fused_resnet.convert(model, backend=provider, inplace=True)
+
+
+def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """One training step (forward, cross-entropy, backward, SGD update) or one eval forward under no_grad."""
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                return model(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return train_step
+
+
+def _progress(items: list, enabled: bool):
+    """tqdm's bar over ``items`` when tqdm is installed (the train extra), else a line per item."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class _Lines(list):
+            def set_description(self, text: str) -> None:
+                if enabled:
+                    print(f"[{text}]", flush=True)
+
+        return _Lines(items)
+    return tqdm(items, disable=not enabled, unit="run")
+
+
+def model_inputs(name: str, batch: int, device: torch.device, dtype: torch.dtype, fmt: torch.memory_format,
+                 size: Optional[int] = None) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model in dtype and layout on device, seeded input batch, labels) for ``name``."""
+    base, shape = build_model(name)
+    if size is not None:
+        shape = (shape[0], size, size)
+    base = base.to(device, dtype).to(memory_format=fmt)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000 if name.startswith("resnet") else 10, (batch,), generator=gen).to(device)
+    return base, x, y
+
+
+def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequence[str], dtype: str, batch: int,
+               device: torch.device, channels_last: bool = True, size: Optional[int] = None,
+               warmup_ms: float = 100, rep_ms: float = 500, steps: Optional[int] = None,
+               progress: bool = True) -> List[dict]:
+    """Every (model, mode, provider) measured in this one run: img/s at the median step, peak memory, first-step
+    time; rows in the results schema (plus step_ms and layout)."""
+    dt = testing.DTYPES[dtype]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    env = environment()
+    jobs = [(m, mode, p) for m in model_names for mode in modes for p in providers]
+    runs = []
+    bar = _progress(jobs, progress)
+    for name, mode, provider in bar:
+        bar.set_description(f"{name} {mode} {provider}")
+        base, x, y = model_inputs(name, batch, device, dt, fmt, size)
+        fn = step_fn(provider_model(base, provider), mode, x, y)
+        r = measure(fn, device, batch, warmup_ms, rep_ms, steps)
+        runs.append({"model": name, "mode": mode, "provider": provider, "dtype": dtype, "batch": batch,
+                     "img_per_s": r["img_per_s"], "peak_mem_gib": r["peak_mem_gib"],
+                     "first_step_s": r["first_step_s"], **env, "step_ms": r["step_ms"],
+                     "layout": "channels_last" if channels_last else "NCHW"})
+        del fn, base, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs
+
+
+def table(runs: Sequence[dict]) -> str:
+    """A Markdown table of the runs, with each provider's speedup over eager and torch.compile of the same
+    model and mode (where those were measured)."""
+    def base(r, provider):
+        for o in runs:
+            if (o["model"], o["mode"], o["provider"]) == (r["model"], r["mode"], provider):
+                return o["img_per_s"]
+        return None
+
+    lines = ["| model | mode | provider | dtype | batch | img/s | vs eager | vs compile | peak GiB | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        rel = [f"{r['img_per_s'] / b:.2f}x" if b else "–" for b in (base(r, "eager"), base(r, "compile"))]
+        peak = "–" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['provider']} | {r['dtype']} | {r['batch']} | "
+                     f"{r['img_per_s']:,.0f} | {rel[0]} | {rel[1]} | {peak} | {r['first_step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_throughput(runs: Sequence[dict], path: str) -> None:
+    """Grouped bars: img/s per provider, one group per (model, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["model"], r["mode"]) for r in runs))
+    providers = list(dict.fromkeys(r["provider"] for r in runs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * len(providers) / 2), 4))
+    width = 0.8 / len(providers)
+    for j, p in enumerate(providers):
+        vals = [next((r["img_per_s"] for r in runs if (r["model"], r["mode"], r["provider"]) == (*g, p)), 0)
+                for g in groups]
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{m}\n{mode}" for m, mode in groups])
+    ax.set_ylabel("images / s")
+    r0 = runs[0]
+    ax.set_title(f"{r0['gpu']}, {r0['dtype']}, batch {r0['batch']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(runs: Sequence[dict], out_dir: str) -> List[str]:
+    """results.json ({"runs": [...]}), results.md and throughput.png in ``out_dir``; returns the paths written
+    (no PNG, with a message, when matplotlib is not installed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, n) for n in ("results.json", "results.md")]
+    with open(paths[0], "w") as f:
+        json.dump({"runs": list(runs)}, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(table(runs) + "\n")
+    if _can_plot():
+        paths.append(os.path.join(out_dir, "throughput.png"))
+        plot_throughput(runs, paths[-1])
+    return paths
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('matplotlib is not installed: no PNG plots (pip install "fused_resnet[train]" or matplotlib)')
+        return False
+    return True
+
+
+_BLOCK_TYPES = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, modules._BlockLayout)
+
+
+def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The residual blocks of a model: torchvision's, and fused_resnet's fused and eager ones."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BLOCK_TYPES)]
+
+
+def _block_inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    inputs: Dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0].detach().clone()))
+             for n, m in _blocks(model)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def layer_times(base: nn.Module, providers: Sequence[str], mode: str, x: torch.Tensor, device: torch.device,
+                warmup_ms: float = 25, rep_ms: float = 100) -> Dict[str, Dict[str, float]]:
+    """Median ms of each residual block alone (forward, or forward + backward in ``train`` mode) per provider
+    ('eager' or a backend name), on the input that block sees in the model: {block name: {provider: ms}}."""
+    inputs = _block_inputs(copy.deepcopy(base), x)
+    times: Dict[str, Dict[str, float]] = {n: {} for n in inputs}
+    for provider in providers:
+        model = provider_model(base, provider)
+        for name, block in _blocks(model):
+            xin = inputs[name]
+            if mode == "infer":
+                block.eval()
+
+                def fn(block=block, xin=xin):
+                    with torch.no_grad():
+                        return block(xin)
+            else:
+                block.train()
+                xin = xin.clone().requires_grad_(True)
+
+                def fn(block=block, xin=xin):
+                    out = block(xin)
+                    out.backward(torch.ones_like(out))
+            times[name][provider] = median_ms(fn, device, warmup_ms, rep_ms)
+    return times
+
+
+def plot_layer_speedup(times: Dict[str, Dict[str, float]], title: str, path: str) -> None:
+    """Bars per block: eager time / provider time for every non-eager provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(times)
+    providers = [p for p in next(iter(times.values())) if p != "eager"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) * max(1, len(providers))), 4))
+    width = 0.8 / max(1, len(providers))
+    for j, p in enumerate(providers):
+        ax.bar([i + j * width for i in range(len(names))], [times[n]["eager"] / times[n][p] for n in names], width,
+               label=p)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("speedup vs eager")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def profile(base: nn.Module, provider: str, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+            top: int = 15, steps: int = 3) -> str:
+    """Where the time goes for one provider: torch.profiler over ``steps`` steps after a warm-up step, with a
+    a range per residual block, so the blocks and the ops / kernels that dominate can be read off one report."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    model = provider_model(base, provider)
+    fn = step_fn(model, mode, x, y)
+    fn()
+    layers = [(f"layer:{n}", m) for n, m in _blocks(model)]
+    stack: List = []
+    hooks = []
+    for label, m in layers:
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, label=label: stack.append(
+            record_function(label).__enter__())))
+        hooks.append(m.register_forward_hook(lambda mod, args, out: stack.pop().__exit__(None, None, None)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    layer_rows = sorted((e for e in events if e.key.startswith("layer:")),
+                        key=lambda e: -(e.device_time_total if device.type == "cuda" else e.cpu_time_total))
+    total_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    lines = [f"## {provider}, {mode}: layers by total {'GPU' if device.type == 'cuda' else 'CPU'} time "
+             f"({steps} steps; backward kernels are not attributed to layers)"]
+    lines += [f"{e.key[6:]:<24} {getattr(e, total_key) / 1e3 / steps:9.3f} ms/step" for e in layer_rows[:top]]
+    lines.append(f"\n## {provider}, {mode}: ops and kernels by self time")
+    lines.append(events.table(sort_by=key, row_limit=top))
+    return "\n".join(lines)

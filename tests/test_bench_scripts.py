@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fused_resnet import benchmark
+from fused_resnet import benchmark, cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMA = {"model", "mode", "provider", "dtype", "batch", "img_per_s", "peak_mem_gib", "first_step_s", "gpu", "torch",
@@ -48,3 +48,30 @@ def test_measure_on_cpu_reports_median_and_first_call():
                           rep_ms=20)
     assert r["img_per_s"] == pytest.approx(4 / (r["step_ms"] * 1e-3)) and r["peak_mem_gib"] is None
     assert len(calls) >= 3 and r["first_step_s"] >= 0
+
+
+def test_bench_command_cpu_comparison(tmp_path, capsys):
+    """Without a GPU, `fused-resnet bench` says so and compares the reference backend with eager: table, JSON in
+    the results schema, Markdown, throughput and per-layer plots, and the profile report."""
+    assert cli.main(["bench", "--steps", "2", "--quiet", "--profile", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU here" in out and "| cifar_resnet20 | train | reference |" in out
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {(r["mode"], r["provider"]) for r in runs} == {(m, p) for m in ("train", "infer")
+                                                         for p in ("eager", "reference")}
+    assert all(SCHEMA <= set(r) and r["img_per_s"] > 0 and r["batch"] == 8 for r in runs)
+    for name in ("results.md", "throughput.png", "layers_cifar_resnet20_train.png",
+                 "layers_cifar_resnet20_infer.json", "profile_cifar_resnet20_reference_train.txt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    layers = json.loads((tmp_path / "layers_cifar_resnet20_infer.json").read_text())
+    assert len(layers) == 9 and all(set(v) == {"eager", "reference"} for v in layers.values())
+    assert "layer3.2" in (tmp_path / "profile_cifar_resnet20_reference_train.txt").read_text()
+
+
+def test_bench_command_rejects_bad_options():
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["bench", "--model", "resnet19"])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        cli.main(["bench", "--mode", "training"])
+    with pytest.raises(SystemExit, match="unknown backend"):
+        cli.main(["bench", "--providers", "eager,fastest"])
