@@ -4,12 +4,15 @@
 #   verify  `fused-resnet verify` on CUDA in several dtypes and layouts
 #   bench   bn_act kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN) and
 #           ResNet-50 inference, each beside eager PyTorch / torch.compile / cuDNN measured in the same run
-# No STAGE: all three. The device tool allows 10 minutes per command: run the stages in separate calls there
+#   models  `fused-resnet bench`: resnet18 and resnet50 training and inference, every provider, with the
+#           per-block chart (its folder comes back as bench_models.tar.gz)
+#   micro   bench/test_microbench.py (pytest-benchmark) on ResNet-50's shapes, report in micro.json
+# No STAGE: tests, verify and bench. The device tool allows 10 minutes per command: run the stages in separate calls there
 # (the extension build is redone when the machine is fresh). Writes env.json, suite.log, junit.xml,
 # verify.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
 # bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
 set -uo pipefail
-STAGES=${*:-tests verify bench}
+STAGES=${*:-tests verify bench}  # models and micro run only when named
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-bench/results/latest}
 mkdir -p "$OUT"
@@ -76,6 +79,15 @@ if want bench; then
     --out "$OUT/bench_conv.json"
   step "bench inference" python3 bench/bench_inference.py --model resnet50 --batch 256 --dtype bfloat16 \
     --out "$OUT/bench_inference.json"
+fi
+if want models; then
+  models_dir=$(mktemp -d)/bench_models
+  step "bench models" python3 -m fused_resnet.cli bench --quiet --out "$models_dir"
+  tar czf "$OUT/bench_models.tar.gz" -C "$(dirname "$models_dir")" bench_models
+fi
+if want micro; then
+  FUSED_RESNET_MICRO_MODELS=resnet50 FUSED_RESNET_MICRO_JSON="$OUT/micro.json" step "microbenchmarks" \
+    python3 -m pytest -q -p no:cacheprovider bench/test_microbench.py --benchmark-columns=median,min,max
 fi
 
 echo "=== summary" | tee -a "$LOG"
