@@ -6,9 +6,13 @@
   conv + bias + ReLU, and for the block's last conv conv + bias + shortcut + ReLU, the shortcut being the block
   input (identity), the projection conv's output (computed first, by the same kernel with its BN folded), the
   option-A shortcut read from the block input inside the epilogue, or a residual tensor.
-* Training mode (``block_forward`` / ``block_backward``): the reference block structure with its convs on the
-  Triton engine (fprop, dgrad, wgrad); BN statistics and the elementwise steps are the reference's until the
-  training fusion replaces them.
+* Training forward (``block_forward``): each conv writes its pre-BN output and per-tile fp32 mean / M2 partials
+  of it from its epilogue (merged exactly, Chan's formula); the next conv applies that BN + ReLU while loading
+  its input, so the BN/ReLU output is never written; the block output y = relu(a·s + t + shortcut) is one
+  Triton kernel (kernels/bn_act.py). A projection shortcut's BN output and the option-A shortcut are still
+  materialised first.
+* Training backward (``block_backward``): the reference block structure with its convs on the Triton engine
+  (dgrad, wgrad); the dReLU / dBN steps are still PyTorch.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -114,8 +118,50 @@ class TritonBackend(backends.Backend):
             return f"dilation {list(dilations)} (the Triton engine implements dilation 1)"
         return None
 
-    block_forward = staticmethod(functools.partial(reference.block_forward, conv_ops=TritonConvs))
     block_backward = staticmethod(functools.partial(reference.block_backward, conv_ops=TritonConvs))
+
+    @staticmethod
+    def block_forward(
+        x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
+        running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]], residual: Optional[Tensor],
+        strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
+        batch_stats: List[bool], shortcut: int, shortcut_stride: List[int],
+    ) -> List[Tensor]:
+        """Training forward, same outputs as reference.block_forward. Each conv computes its output's BN
+        statistics in its epilogue (per-tile partials merged exactly), and applies the previous unit's BN + ReLU
+        while loading its input (r_i is never written); the block output is one BN-apply + add + ReLU kernel."""
+        kernels = _conv_kernels()
+        from .kernels import bn_act as bn_act_kernel
+
+        n_main = reference.num_main_units(weights, shortcut)
+        acts, means, variances, affine = [], [], [], []
+        for i in range(len(weights)):
+            chained = 0 < i < n_main  # reads the previous unit's pre-BN output through its BN + ReLU
+            inp, in_affine = (acts[i - 1], affine[i - 1]) if chained else (x, None)
+            args = (inp, weights[i], _pair(strides, i), _pair(paddings, i))
+            if batch_stats[i]:
+                a, mean, var = kernels.conv_fprop(*args, in_affine=in_affine, stats=True)
+            else:
+                a = kernels.conv_fprop(*args, in_affine=in_affine)
+                mean, var = running_means[i].float().clone(), running_vars[i].float().clone()
+            s, t, _ = reference.scale_shift(gammas[i], betas[i], mean, var, eps[i])
+            acts.append(a)
+            means.append(mean)
+            variances.append(var)
+            affine.append((s.contiguous(), t.contiguous()))
+        cl = torch.channels_last
+        sc = None
+        if shortcut == reference.SHORTCUT_IDENTITY:
+            sc = x.contiguous(memory_format=cl)
+        elif shortcut == reference.SHORTCUT_PROJECTION:
+            sc = bn_act_kernel.bn_act(acts[n_main], *affine[n_main], relu=False)
+        elif shortcut == reference.SHORTCUT_PAD:
+            sc = reference.shortcut_pad(x, shortcut_stride, acts[n_main - 1].shape[1], cl)
+        elif shortcut == reference.SHORTCUT_TENSOR:
+            sc = residual.to(x.dtype).contiguous(memory_format=cl)
+        y = bn_act_kernel.bn_act(acts[n_main - 1], *affine[n_main - 1], sc)
+        fmt = reference.memory_format_of(x)
+        return [y.contiguous(memory_format=fmt)] + [a.contiguous(memory_format=fmt) for a in acts] + means + variances
 
     @staticmethod
     def block_inference(

@@ -67,6 +67,16 @@ def _split_pixels(offs, H, W):
 
 
 @triton.jit
+def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
+    """relu(a·s[c] + t[c]) of a loaded input tile, in fp32, back in a's dtype; masked (padding) elements stay 0:
+    the previous unit's BN-apply + ReLU, never materialised."""
+    sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    z = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    return tl.where(a_ok, z, 0.0).to(a.dtype)
+
+
+@triton.jit
 def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
         a = a.to(tl.float32)
@@ -77,10 +87,12 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["RES_H", "RES_W"])
 def conv_fprop_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE: per input channel fp32 scale / shift applied on load, then ReLU
+    mean_ptr, m2_ptr, tile_ptr,  # STATS: per (row tile, channel) fp32 mean and M2 of the stored output; BLOCK_M
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w,
     RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -108,6 +120,8 @@ def conv_fprop_kernel(
             a_ok = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             a_off = ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :]
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, k_ok)
             b = tl.load(w_ptr + offs_n[None, :] * RSC + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, PRECISION)
     else:
@@ -120,7 +134,10 @@ def conv_fprop_kernel(
                 for c0 in range(0, C, BLOCK_K):
                     c = c0 + tl.arange(0, BLOCK_K)
                     c_ok = c < C
-                    a = tl.load(x_ptr + base[:, None] + c[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    a_ok = pix_ok[:, None] & c_ok[None, :]
+                    a = tl.load(x_ptr + base[:, None] + c[None, :], mask=a_ok, other=0.0)
+                    if PROLOGUE:
+                        a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
                     b = tl.load(w_ptr + offs_n[None, :] * RSC + ((r * S + s) * C + c)[:, None],
                                 mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                     acc = _mma(acc, a, b, UPCAST, PRECISION)
@@ -138,7 +155,17 @@ def conv_fprop_kernel(
         acc += tl.load(res_ptr + pix[:, None] * RES_C + offs_n[None, :], mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + out_off, out, mask=out_ok)
+    if STATS:  # this tile's per-channel mean and M2 of the stored (rounded) values, merged later (Chan)
+        v = tl.where(out_ok, out.to(tl.float32), 0.0)
+        count = tl.sum(m_ok.to(tl.float32), axis=0)
+        mean = tl.sum(v, axis=0) / count
+        d = tl.where(out_ok, v - mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * K + offs_n
+        tl.store(mean_ptr + part, mean, mask=n_ok)
+        tl.store(m2_ptr + part, tl.sum(d * d, axis=0), mask=n_ok)
+        tl.store(tile_ptr, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS)
@@ -300,16 +327,38 @@ def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
+def merge_tile_stats(means: torch.Tensor, m2s: torch.Tensor, tile: torch.Tensor, m: int):
+    """Per-channel (mean, biased variance) over m rows from per-row-tile partials (Chan's parallel merge:
+    M2 = Σ M2_i + Σ n_i·(mean_i − mean)²), in fp32 on the device, no host synchronisation. ``tile`` holds the
+    BLOCK_M the kernel ran with (autotuning picks it), which fixes each tile's row count; rows of the partial
+    buffers beyond the tiles that ran are ignored."""
+    idx = torch.arange(means.shape[0], device=means.device)
+    counts = (m - idx * tile.to(idx.dtype)).clamp(min=0).minimum(tile.to(idx.dtype)).to(torch.float32)[:, None]
+    valid = counts > 0
+    mean = (torch.where(valid, means, 0.0) * counts).sum(0) / m
+    dev = torch.where(valid, means - mean, 0.0)
+    m2 = torch.where(valid, m2s, 0.0).sum(0) + (dev * dev * counts).sum(0)
+    return mean, m2 / m
+
+
+def _min_block_m(m: int) -> int:
+    return _pow2(m, 16, 1024) if INTERPRET else min(t[0] for t in _GEMM_TILES)
+
+
 def conv_fprop(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
     pad_shortcut_stride: Optional[Sequence[int]] = None,
-) -> torch.Tensor:
-    """y = [relu](conv2d(x, w, stride, padding) [+ bias] [+ residual]), returned channels_last.
+    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False,
+):
+    """y = [relu](conv2d(x', w, stride, padding) [+ bias] [+ residual]), returned channels_last, where
+    x' = relu(x·s + t) per input channel when ``in_affine`` = (s, t) (fp32; the previous BN-apply + ReLU done
+    while loading, zero padding staying zero) and x' = x otherwise.
 
     x [N, C, H, W], w [K, C, R, S] in one dtype; bias fp32 [K]. ``residual``: an [N, K, P, Q] tensor, or, with
     ``pad_shortcut_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
-    appended up to K), read inside the kernel."""
+    appended up to K), read inside the kernel. With ``stats`` returns (y, mean, var): the per-channel fp32 mean
+    and biased variance of y as stored, from per-tile partials written by the epilogue."""
     _check(x, w, "conv_fprop")
     n, c, h, wd = x.shape
     k, c_w, r, s = w.shape
@@ -340,18 +389,34 @@ def conv_fprop(
                                  f"{tuple(ss)} does not map onto the output {(n, k, p, q)}")
             res_mode, res_dims = 2, (rh, rw, rc, ss[0], ss[1])
 
+    if in_affine is not None:
+        for v in in_affine:
+            if v.dtype != torch.float32 or v.shape != (c,) or not v.is_contiguous():
+                raise ValueError(f"conv_fprop expects in_affine as two contiguous float32 tensors of shape ({c},), "
+                                 f"got {v.dtype} {tuple(v.shape)}")
+    m = n * p * q
+    if stats:
+        rows = triton.cdiv(m, _min_block_m(m))
+        means, m2s = _alloc((rows, k), torch.float32, x.device), _alloc((rows, k), torch.float32, x.device)
+        tile = _alloc((1,), torch.int32, x.device)
+    else:
+        means = m2s = tile = y_st
+    scale, shift = in_affine if in_affine is not None else (y_st, y_st)
+
     def grid(meta):
-        return (triton.cdiv(n * p * q, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
     flat = c < FLAT_BELOW
     _launch(
         conv_fprop_kernel, grid,
-        (x_st, w_st, bias if bias is not None else y_st, res_st, y_st,
+        (x_st, w_st, bias if bias is not None else y_st, res_st, y_st, scale, shift, means, m2s, tile,
          n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims),
-        dict(R=r, S=s, FLAT=flat, HAS_BIAS=bias is not None, RES_MODE=res_mode, RELU=relu,
-             UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
-        (n * p * q, k, r * s * c if flat else c), (1024, 256, 256),
+        dict(R=r, S=s, FLAT=flat, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             RES_MODE=res_mode, RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
+        (m, k, r * s * c if flat else c), (1024, 256, 256),
     )
+    if stats:
+        return (y, *merge_tile_stats(means, m2s, tile, m))
     return y
 
 

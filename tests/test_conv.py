@@ -2,6 +2,8 @@
 float64 rule — error ≤ 2 × torch's same-dtype error + floor — over testing.CONV_CASES; the fused epilogues
 (bias, residual, option-A shortcut, ReLU); every output element written (buffers poisoned with NaN); clear errors.
 CPU: under TRITON_INTERPRET=1 in float32 and float16. GPU: bfloat16 too, and ResNet-50's shapes."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,11 +18,12 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])  # i
 
 @pytest.fixture
 def K(monkeypatch):
-    """The kernel module, with every buffer it allocates filled with NaN first (an unwritten element shows)."""
+    """The kernel module, with every buffer it allocates filled with NaN (integers: -7) first: an unwritten
+    element shows."""
     from fused_resnet.kernels import conv
 
     def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
     monkeypatch.setattr(conv, "_alloc", poisoned)
     return conv
@@ -117,6 +120,33 @@ def test_fprop_option_a_shortcut(K, block_in, stride, dtype):
     sc = F.pad(blk[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, k - c_in))
     ref64 = _epilogue_ref(a.double(), wt.double(), bias.double(), sc.double(), (1, 1), (1, 1), True, torch.float64)
     _assert_rule("fprop+optionA", y, ref64, _epilogue_ref(a, wt, bias, sc, (1, 1), (1, 1), True, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [testing.CONV_CASES[i] for i in (0, 1, 3, 7, 9, 10)], ids=str)
+def test_fprop_prologue_and_stats_epilogue(K, shape, dtype):
+    """Training-mode fusion: relu(x·s + t) applied while loading (zero padding stays zero after the transform),
+    and the per-channel mean / biased variance of the stored output from per-tile partials (Chan merge)."""
+    x, w, _ = _problem(shape, dtype, seed=2)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    g = torch.Generator().manual_seed(4)
+    s = (torch.rand(shape.c, generator=g) + 0.5).to(DEVICE)
+    t = (torch.randn(shape.c, generator=g) * 0.5 + 0.3).to(DEVICE)  # t > 0 somewhere: padding must not become t
+
+    def act(v):
+        return torch.relu(v.float() * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
+
+    y, mean, var = K.conv_fprop(x, w, stride, pad, in_affine=(s, t), stats=True)
+    ref64 = F.conv2d(act(x.double()).double(), w.double(), None, stride, pad)
+    _assert_rule("fprop+prologue", y, ref64, F.conv2d(act(x).to(dtype), w, None, stride, pad), dtype)
+    # torch's CPU var_mean accumulates fp32 input in double, so it is no fp32 yardstick here: the bound adds an
+    # fp32 summation allowance of 4·log2(M)·eps (pairwise sums; M values per channel).
+    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    var32, mean32 = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+    allowance = 4 * math.log2(y.numel() // shape.k) * torch.finfo(torch.float32).eps
+    for name, got, ref64, same in (("mean", mean, mean64, mean32), ("var", var, var64, var32)):
+        c = testing.check(f"stats {name}", got, ref64, same, ref64, torch.float32)
+        assert c.err_fused <= c.bound + allowance, c.row()
 
 
 def test_bad_inputs_raise_clear_errors(K):
