@@ -153,14 +153,6 @@ def bn_running_update(
     running_var.copy_(running_var.to(var.dtype) * (1 - factor) + unbiased * factor)
 
 
-class ConvOps:
-    """The convolution primitives the block ops call. A backend whose convs run elsewhere (the Triton engine)
-    passes a subclass with the same two static methods; everything else in the block ops stays this module's."""
-
-    fprop = staticmethod(conv)
-    backward = staticmethod(conv_backward)
-
-
 # --------------------------------------------------------------------------------------------- block ops
 def _pairs(values: Sequence[int], i: int) -> Tuple[int, int]:
     return values[2 * i], values[2 * i + 1]
@@ -175,7 +167,7 @@ def block_forward(
     x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
     running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]], residual: Optional[Tensor],
     strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
-    batch_stats: List[bool], shortcut: int, shortcut_stride: List[int], conv_ops: type = ConvOps,
+    batch_stats: List[bool], shortcut: int, shortcut_stride: List[int],
 ) -> List[Tensor]:
     """Training-capable block forward. Returns [y, a_0 .. a_{n-1}, mean_0 .. mean_{n-1}, var_0 .. var_{n-1}]:
     y, the pre-BN conv outputs (saved for backward) and the per-channel statistics each BN used (batch
@@ -187,8 +179,7 @@ def block_forward(
     for i in range(len(weights)):
         if i == n_main:  # the projection shortcut reads the block input
             inp = x
-        a = conv_ops.fprop(inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i],
-                           fmt)
+        a = conv(inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i], fmt)
         if batch_stats[i]:
             mean, var = bn_stats(a)
         else:
@@ -241,7 +232,6 @@ def block_backward(
     acts: List[Tensor], means: List[Tensor], variances: List[Tensor],
     strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
     batch_stats: List[bool], shortcut: int, shortcut_stride: List[int], need_input_grad: bool,
-    conv_ops: type = ConvOps,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
     """Hand-derived block backward. Returns (dx or None, d_residual or None, dW list, dγ list, dβ list);
     d_residual (shortcut given as a tensor) is in x's dtype."""
@@ -261,7 +251,7 @@ def block_backward(
         dgammas[i] = sum_dz_xhat.to(gammas[i].dtype)
         dbetas[i] = sum_dz.to(betas[i].dtype)
         da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, batch_stats[i])
-        d_inp, dws[i] = conv_ops.backward(
+        d_inp, dws[i] = conv_backward(
             da, inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i],
             need_inp_grad,
         )

@@ -11,8 +11,10 @@
   its input, so the BN/ReLU output is never written; the block output y = relu(a·s + t + shortcut) is one
   Triton kernel (kernels/bn_act.py). A projection shortcut's BN output and the option-A shortcut are still
   materialised first.
-* Training backward (``block_backward``): the reference block structure with its convs on the Triton engine
-  (dgrad, wgrad); the dReLU / dBN steps are still PyTorch.
+* Training backward (``block_backward``): one reduction kernel (kernels/drelu_dbn.py) masks dy with [y > 0]
+  and sums Σdz, Σdz·x̂; every dgrad / wgrad applies the BN backward while loading its gradient operand, wgrad
+  recomputes its input relu(a·s + t) while loading, each dgrad's epilogue applies the previous ReLU mask and
+  sums the previous BN's Σdz, Σdz·x̂, and the block's first dgrad adds the shortcut gradient.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -44,22 +46,6 @@ def _conv_kernels():
 
 def _pair(values: Sequence[int], i: int) -> Tuple[int, int]:
     return values[2 * i], values[2 * i + 1]
-
-
-class TritonConvs(reference.ConvOps):
-    """reference.ConvOps on the Triton engine (same signatures; groups and dilation are 1 here)."""
-
-    @staticmethod
-    def fprop(x: Tensor, w: Tensor, stride, padding, dilation, groups: int, fmt: torch.memory_format) -> Tensor:
-        return _conv_kernels().conv_fprop(x, w, stride, padding).contiguous(memory_format=fmt)
-
-    @staticmethod
-    def backward(dout: Tensor, inp: Tensor, w: Tensor, stride, padding, dilation, groups: int,
-                 need_input_grad: bool) -> Tuple[Optional[Tensor], Tensor]:
-        kernels = _conv_kernels()
-        d_inp = kernels.conv_dgrad(dout, w, inp.shape[2:], stride, padding) if need_input_grad else None
-        dw = kernels.conv_wgrad(dout, inp, w.shape[2:], stride, padding)
-        return d_inp, dw.contiguous(memory_format=reference.memory_format_of(w))
 
 
 # --------------------------------------------------------------------------------------------- BN folding
@@ -118,7 +104,85 @@ class TritonBackend(backends.Backend):
             return f"dilation {list(dilations)} (the Triton engine implements dilation 1)"
         return None
 
-    block_backward = staticmethod(functools.partial(reference.block_backward, conv_ops=TritonConvs))
+    @staticmethod
+    def block_backward(
+        dy: Tensor, x: Tensor, y: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
+        acts: List[Tensor], means: List[Tensor], variances: List[Tensor],
+        strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
+        batch_stats: List[bool], shortcut: int, shortcut_stride: List[int], need_input_grad: bool,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """Backward, same results as reference.block_backward. One reduction kernel masks dy with [y > 0] and sums
+        Σdz, Σdz·x̂ of the last BN; each dgrad and wgrad applies that BN's backward while loading its gradient
+        operand; wgrad recomputes its input relu(a·s + t) while loading; each dgrad's epilogue applies the
+        previous unit's ReLU mask (recomputed from its pre-BN output) and sums the previous BN's Σdz, Σdz·x̂;
+        the block's first dgrad adds the shortcut's gradient in its epilogue."""
+        kernels = _conv_kernels()
+        from .kernels.drelu_dbn import drelu_dbn_reduce
+
+        cl = torch.channels_last
+        n = len(weights)
+        n_main = reference.num_main_units(weights, shortcut)
+        acts = [a.contiguous(memory_format=cl) for a in acts]
+        affine = [tuple(v.contiguous() for v in reference.scale_shift(gammas[i], betas[i], means[i], variances[i],
+                                                                     eps[i])) for i in range(n)]  # (s, t, rstd)
+        dws: List[Optional[Tensor]] = [None] * n
+        dgammas: List[Optional[Tensor]] = [None] * n
+        dbetas: List[Optional[Tensor]] = [None] * n
+
+        def dbn(i: int, sum_dz: Tensor, sum_dz_xhat: Tensor) -> Tuple[Tensor, ...]:
+            """Record unit i's dγ, dβ; return (a_i, α, β, γ) of its BN backward da = α·dz + β·a + γ."""
+            dgammas[i], dbetas[i] = sum_dz_xhat.to(gammas[i].dtype), sum_dz.to(betas[i].dtype)
+            s, _, rstd = affine[i]
+            if not batch_stats[i]:  # fixed (running) statistics: da = s·dz
+                zero = torch.zeros_like(s)
+                return acts[i], s, zero, zero
+            count = acts[i].numel() // acts[i].shape[1]
+            c1, c2 = sum_dz / count, sum_dz_xhat / count
+            mean = means[i].contiguous()
+            return acts[i], s, (-s * rstd * c2).contiguous(), (s * (rstd * mean * c2 - c1)).contiguous()
+
+        def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor, in_affine=None) -> None:
+            dw = kernels.conv_wgrad(grad, inp, weights[i].shape[2:], _pair(strides, i), _pair(paddings, i),
+                                    dbn=coeffs, in_affine=in_affine)
+            dws[i] = dw.contiguous(memory_format=reference.memory_format_of(weights[i]))
+
+        _, _, rstd_last = affine[n_main - 1]
+        dz_out, sum_dz, sum_dz_xhat = drelu_dbn_reduce(
+            dy.contiguous(memory_format=cl), acts[n_main - 1], means[n_main - 1].contiguous(), rstd_last,
+            y=y.contiguous(memory_format=cl))
+        closing: dict = {}  # the block's first dgrad adds the shortcut's gradient in its epilogue
+        d_residual = None
+        if shortcut == reference.SHORTCUT_IDENTITY:
+            closing = {"residual": dz_out}
+        elif shortcut == reference.SHORTCUT_PAD:
+            closing = {"residual": dz_out, "pad_shortcut_stride": shortcut_stride}
+        elif shortcut == reference.SHORTCUT_TENSOR:
+            d_residual = dz_out.to(x.dtype).contiguous(memory_format=reference.memory_format_of(x))
+        elif shortcut == reference.SHORTCUT_PROJECTION:
+            _, sc_sum, sc_sum_x = drelu_dbn_reduce(dz_out, acts[n_main], means[n_main].contiguous(),
+                                                  affine[n_main][2])
+            coeffs = dbn(n_main, sc_sum, sc_sum_x)
+            wgrad(n_main, dz_out, coeffs, x)
+            if need_input_grad:
+                closing = {"residual": kernels.conv_dgrad(dz_out, weights[n_main], x.shape[2:],
+                                                          _pair(strides, n_main), _pair(paddings, n_main),
+                                                          dbn=coeffs)}
+        dz, dx = dz_out, None
+        for i in reversed(range(n_main)):
+            coeffs = dbn(i, sum_dz, sum_dz_xhat)
+            if i > 0:
+                s_prev, t_prev, rstd_prev = affine[i - 1]
+                wgrad(i, dz, coeffs, acts[i - 1], in_affine=(s_prev, t_prev))
+                dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad(
+                    dz, weights[i], acts[i - 1].shape[2:], _pair(strides, i), _pair(paddings, i), dbn=coeffs,
+                    relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1].contiguous(), rstd_prev))
+            else:
+                wgrad(0, dz, coeffs, x)
+                if need_input_grad:
+                    dx = kernels.conv_dgrad(dz, weights[0], x.shape[2:], _pair(strides, 0), _pair(paddings, 0),
+                                            dbn=coeffs, **closing)
+                    dx = dx.contiguous(memory_format=reference.memory_format_of(x))
+        return dx, d_residual, dws, dgammas, dbetas
 
     @staticmethod
     def block_forward(

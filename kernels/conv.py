@@ -77,6 +77,22 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
 
 
 @triton.jit
+def _dbn_on_load(g, a_ptrs, ok, alpha_ptr, beta_ptr, gamma_ptr, ch, ch_ok, AXIS: tl.constexpr):
+    """The BN backward applied to a loaded gradient tile: da = α·dz + β·a + γ per channel (α = s, and with batch
+    statistics β = −s·rstd·Σdz·x̂/M, γ = −s·Σdz/M + s·rstd·mean·Σdz·x̂/M), in fp32, back in dz's dtype; masked
+    elements stay 0. Channels run along axis 1 of the tile (AXIS = 1) or axis 0."""
+    a = tl.load(a_ptrs, mask=ok, other=0.0).to(tl.float32)
+    al = tl.load(alpha_ptr + ch, mask=ch_ok, other=0.0)
+    be = tl.load(beta_ptr + ch, mask=ch_ok, other=0.0)
+    ga = tl.load(gamma_ptr + ch, mask=ch_ok, other=0.0)
+    if AXIS == 1:
+        da = g.to(tl.float32) * al[None, :] + a * be[None, :] + ga[None, :]
+    else:
+        da = g.to(tl.float32) * al[:, None] + a * be[:, None] + ga[:, None]
+    return tl.where(ok, da, 0.0).to(g.dtype)
+
+
+@triton.jit
 def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
         a = a.to(tl.float32)
@@ -168,12 +184,17 @@ def conv_fprop_kernel(
         tl.store(tile_ptr, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["RP", "RQ"])
 def conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
+    a_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: the operand is α·dy + β·a + γ per output channel (dBN apply)
+    prev_ptr, prev_s_ptr, prev_t_ptr, prev_mean_ptr, prev_rstd_ptr,  # MASK: ReLU mask of relu(prev·s + t); STATS
+    sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
+    res_ptr,  # RES_MODE 1: + an [N, H, W, C] tensor; 2: + the option-A shortcut's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,
-    stride_h, stride_w, pad_h, pad_w,
-    R: tl.constexpr, S: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w,
+    R: tl.constexpr, S: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
+    RES_MODE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
@@ -199,20 +220,48 @@ def conv_dgrad_kernel(
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = kk < K
-                a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=tap_ok[:, None] & k_ok[None, :], other=0.0)
+                a_ok = tap_ok[:, None] & k_ok[None, :]
+                a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=a_ok, other=0.0)
+                if DBN:
+                    a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, alpha_ptr, beta_ptr, gamma_ptr,
+                                     kk, k_ok, 1)
                 b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
                             mask=k_ok[:, None] & c_ok[None, :], other=0.0)
                 acc = _mma(acc, a, b, UPCAST, PRECISION)
+    out_ok = m_ok[:, None] & c_ok[None, :]
     out_off = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    if RES_MODE == 1:
+        acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+    if RES_MODE == 2:  # option A: dx[n, h, w, c] += dz[n, h / s, w / s, c] where the stride divides h and w
+        sub = m_ok & (h_in % res_stride_h == 0) & (w_in % res_stride_w == 0)
+        pix = (img.to(tl.int64) * RP + h_in // res_stride_h) * RQ + w_in // res_stride_w
+        acc += tl.load(res_ptr + pix[:, None] * RK + offs_c[None, :], mask=sub[:, None] & c_ok[None, :],
+                       other=0.0).to(tl.float32)
+    out = acc.to(dx_ptr.dtype.element_ty)
+    if MASK:  # the previous unit's ReLU, recomputed from its pre-BN output: dz = dr·[prev·s + t > 0]
+        prev = tl.load(prev_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+        ps = tl.load(prev_s_ptr + offs_c, mask=c_ok, other=0.0)
+        pt = tl.load(prev_t_ptr + offs_c, mask=c_ok, other=0.0)
+        out = tl.where(prev * ps[None, :] + pt[None, :] > 0, out, 0.0).to(dx_ptr.dtype.element_ty)
+        if STATS:  # Σdz and Σdz·x̂ of the previous BN, per tile
+            mean = tl.load(prev_mean_ptr + offs_c, mask=c_ok, other=0.0)
+            rstd = tl.load(prev_rstd_ptr + offs_c, mask=c_ok, other=0.0)
+            dz = tl.where(out_ok, out.to(tl.float32), 0.0)
+            part = pid_m.to(tl.int64) * C + offs_c
+            tl.store(sum_ptr + part, tl.sum(dz, axis=0), mask=c_ok)
+            tl.store(sumx_ptr + part, tl.sum(dz * (prev - mean[None, :]) * rstd[None, :], axis=0), mask=c_ok)
+            tl.store(tile_ptr, BLOCK_M)
+    tl.store(dx_ptr + out_off, out, mask=out_ok)
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["chunk"])
 def conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr,
+    a_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: the dy operand is α·dy + β·a + γ per output channel
+    in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, chunk,
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, DBN: tl.constexpr, PROLOGUE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -246,12 +295,17 @@ def conv_wgrad_kernel(
         mm = m0 + tl.arange(0, BLOCK_K)
         mm_ok = mm < end
         img, p, q = _split_pixels(mm, P, Q)
-        a = tl.load(dy_ptr + mm[None, :].to(tl.int64) * K + offs_k[:, None], mask=k_ok[:, None] & mm_ok[None, :],
-                    other=0.0)
+        a_ok = k_ok[:, None] & mm_ok[None, :]
+        a_off = mm[None, :].to(tl.int64) * K + offs_k[:, None]
+        a = tl.load(dy_ptr + a_off, mask=a_ok, other=0.0)
+        if DBN:
+            a = _dbn_on_load(a, a_ptr + a_off, a_ok, alpha_ptr, beta_ptr, gamma_ptr, offs_k, k_ok, 0)
         h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
         w = (q * stride_w - pad_w)[:, None] + tap_s[None, :]
         b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :], mask=b_ok, other=0.0)
+        if PROLOGUE:
+            b = _bn_relu_on_load(b, b_ok, in_scale_ptr, in_shift_ptr, c, j_ok)
         acc = _mma(acc, a, b, UPCAST, PRECISION)
     ws_off = pid_split * K * RSC + offs_k[:, None].to(tl.int64) * RSC + offs_j[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
@@ -327,13 +381,23 @@ def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
+def _tile_counts(rows: int, tile: torch.Tensor, m: int) -> torch.Tensor:
+    """[rows, 1] fp32: how many of the m rows each row tile of ``tile[0]`` rows held (0 past the last tile)."""
+    idx = torch.arange(rows, device=tile.device)
+    return (m - idx * tile.to(idx.dtype)).clamp(min=0).minimum(tile.to(idx.dtype)).to(torch.float32)[:, None]
+
+
+def _tile_rows(rows: int, tile: torch.Tensor, m: int) -> torch.Tensor:
+    """[rows, 1] bool: which rows of a per-tile partial buffer were written by the tiles that ran."""
+    return _tile_counts(rows, tile, m) > 0
+
+
 def merge_tile_stats(means: torch.Tensor, m2s: torch.Tensor, tile: torch.Tensor, m: int):
     """Per-channel (mean, biased variance) over m rows from per-row-tile partials (Chan's parallel merge:
     M2 = Σ M2_i + Σ n_i·(mean_i − mean)²), in fp32 on the device, no host synchronisation. ``tile`` holds the
     BLOCK_M the kernel ran with (autotuning picks it), which fixes each tile's row count; rows of the partial
     buffers beyond the tiles that ran are ignored."""
-    idx = torch.arange(means.shape[0], device=means.device)
-    counts = (m - idx * tile.to(idx.dtype)).clamp(min=0).minimum(tile.to(idx.dtype)).to(torch.float32)[:, None]
+    counts = _tile_counts(means.shape[0], tile, m)
     valid = counts > 0
     mean = (torch.where(valid, means, 0.0) * counts).sum(0) / m
     dev = torch.where(valid, means - mean, 0.0)
@@ -420,12 +484,33 @@ def conv_fprop(
     return y
 
 
+def _vectors(what: str, n: int, *vs: torch.Tensor) -> None:
+    for v in vs:
+        if v.dtype != torch.float32 or v.shape != (n,) or not v.is_contiguous():
+            raise ValueError(f"{what} expects contiguous float32 per-channel vectors of shape ({n},), got {v.dtype} "
+                             f"{tuple(v.shape)}")
+
+
+def _same_shape(what: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.shape != like.shape or t.dtype != like.dtype:
+        raise ValueError(f"{what} must match {tuple(like.shape)} {like.dtype}, got {tuple(t.shape)} {t.dtype}")
+
+
 def conv_dgrad(
     dy: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
-) -> torch.Tensor:
+    padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
+    relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
+    pad_shortcut_stride: Optional[Sequence[int]] = None,
+):
     """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
-    implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype."""
+    implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
+
+    Training-fusion options: ``dbn`` = (a, α, β, γ): the gradient operand is α·dy + β·a + γ per output channel
+    (the BN backward applied while loading; a has dy's shape). ``residual``: added to dx (an [N, C, H, W]
+    tensor, or with ``pad_shortcut_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
+    tensor). ``relu_of`` = (prev, s, t[, mean, rstd]): dx is multiplied by the ReLU mask [prev·s + t > 0] of
+    the previous unit (prev: its pre-BN output, x's shape); with mean and rstd also returns that BN's Σdz and
+    Σdz·x̂ per channel: (dz, Σdz, Σdz·x̂)."""
     _check(dy, w, "conv_dgrad")
     n, k, p, q = dy.shape
     k_w, c, r, s = w.shape
@@ -434,16 +519,56 @@ def conv_dgrad(
         raise ValueError(f"conv_dgrad: dy {tuple(dy.shape)} does not match weight {tuple(w.shape)}, input size "
                          f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}")
     dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
+    m = n * h * wd
+    dummy = dx_st
+    a = alpha = beta = gamma = dummy
+    if dbn is not None:
+        a, alpha, beta, gamma = dbn
+        _same_shape("conv_dgrad: dbn's a", a, dy)
+        _vectors("conv_dgrad's dbn", k, alpha, beta, gamma)
+        a = _nhwc(a)
+    prev = ps = pt = pmean = prstd = sums = sumx = tile = dummy
+    stats = relu_of is not None and len(relu_of) == 5
+    if relu_of is not None:
+        prev, ps, pt, *moments = relu_of
+        _same_shape("conv_dgrad: relu_of's pre-BN tensor", prev, dx)
+        _vectors("conv_dgrad's relu_of", c, ps, pt, *moments)
+        prev = _nhwc(prev)
+        if stats:
+            pmean, prstd = moments
+            rows = triton.cdiv(m, _min_block_m(m))
+            sums, sumx = _alloc((rows, c), torch.float32, dy.device), _alloc((rows, c), torch.float32, dy.device)
+            tile = _alloc((1,), torch.int32, dy.device)
+    res_mode, res, res_dims = 0, dummy, (1, 1, 1, 1, 1)
+    if residual is not None:
+        if residual.dtype != dy.dtype:
+            raise TypeError(f"conv_dgrad expects the residual in {dy.dtype}, got {residual.dtype}")
+        res = _nhwc(residual)
+        if pad_shortcut_stride is None:
+            _same_shape("conv_dgrad: residual", residual, dx)
+            res_mode = 1
+        else:
+            rn, rk, rp, rq = residual.shape
+            ss = pad_shortcut_stride
+            if rn != n or rk < c or (h - 1) // ss[0] + 1 != rp or (wd - 1) // ss[1] + 1 != rq:
+                raise ValueError(f"conv_dgrad: option-A shortcut gradient {tuple(residual.shape)} with stride "
+                                 f"{tuple(ss)} does not map onto dx {(n, c, h, wd)}")
+            res_mode, res_dims = 2, (rp, rq, rk, ss[0], ss[1])
 
     def grid(meta):
-        return (triton.cdiv(n * h * wd, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)
 
     _launch(
         conv_dgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(w), dx_st, n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1]),
-        dict(R=r, S=s, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
-        (n * h * wd, c, k), (1024, 256, 256),
+        (_nhwc(dy), _nhwc(w), dx_st, a, alpha, beta, gamma, prev, ps, pt, pmean, prstd, sums, sumx, tile, res,
+         n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims),
+        dict(R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=res_mode,
+             UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
+        (m, c, k), (1024, 256, 256),
     )
+    if stats:
+        valid = _tile_rows(sums.shape[0], tile, m)
+        return dx, torch.where(valid, sums, 0.0).sum(0), torch.where(valid, sumx, 0.0).sum(0)
     return dx
 
 
@@ -460,10 +585,14 @@ def _wgrad_split(m: int, tiles: int) -> int:
 
 def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
+    padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
+    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
-    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype."""
+    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype.
+
+    Training-fusion options: ``dbn`` = (a, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
+    is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading)."""
     _check(x, dy, "conv_wgrad")
     n, c, h, wd = x.shape
     n_dy, k, p, q = dy.shape
@@ -478,6 +607,15 @@ def conv_wgrad(
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
     ws = _alloc((split, k, r, s, c), torch.float32, x.device)
+    a = alpha = beta = gamma = scale = shift = ws
+    if dbn is not None:
+        a, alpha, beta, gamma = dbn
+        _same_shape("conv_wgrad: dbn's a", a, dy)
+        _vectors("conv_wgrad's dbn", k, alpha, beta, gamma)
+        a = _nhwc(a)
+    if in_affine is not None:
+        scale, shift = in_affine
+        _vectors("conv_wgrad's in_affine", c, scale, shift)
 
     def grid(meta):
         cols = triton.cdiv(r * s * c, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
@@ -485,8 +623,10 @@ def conv_wgrad(
 
     _launch(
         conv_wgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(x), ws, n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], chunk),
-        dict(R=r, S=s, FLAT=flat, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
+        (_nhwc(dy), _nhwc(x), ws, a, alpha, beta, gamma, scale, shift,
+         n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], chunk),
+        dict(R=r, S=s, FLAT=flat, DBN=dbn is not None, PROLOGUE=in_affine is not None, UPCAST=_upcast(x.dtype),
+             PRECISION=_precision(x.dtype)),
         (k, r * s * c if flat else c, chunk), (256, 256, 256),
     )
     dw = ws[0] if split == 1 else ws.sum(dim=0)

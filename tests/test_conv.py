@@ -149,6 +149,60 @@ def test_fprop_prologue_and_stats_epilogue(K, shape, dtype):
         assert c.err_fused <= c.bound + allowance, c.row()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [testing.CONV_CASES[i] for i in (1, 2, 3, 7, 9, 10)], ids=str)
+def test_dgrad_wgrad_training_fusion(K, shape, dtype):
+    """The backward fusion options against the same math unfused (each fused result rounds once where the
+    unfused sequence rounds at every step, so the comparison is the float64 rule with that sequence as torch):
+    dBN apply on the gradient operand (dgrad and wgrad), BN + ReLU on wgrad's input, the previous ReLU mask with
+    Σdz / Σdz·x̂ in dgrad's epilogue, and a residual added to dx."""
+    x, w, dy = _problem(shape, dtype, seed=5)
+    stride, pad = (shape.stride,) * 2, shape.pad
+    g = torch.Generator().manual_seed(6)
+
+    def vec(n, lo, hi):
+        return (torch.rand(n, generator=g) * (hi - lo) + lo).to(DEVICE)
+
+    a = torch.randn(dy.shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    alpha, beta, gamma = vec(shape.k, 0.5, 1.5), vec(shape.k, -0.3, 0.3), vec(shape.k, -0.2, 0.2)
+    s, t = vec(shape.c, 0.5, 1.5), vec(shape.c, -0.3, 0.5)
+    mean, rstd = vec(shape.c, -0.2, 0.2), vec(shape.c, 0.8, 1.2)
+    prev = x  # the previous unit's pre-BN output (x's shape)
+    res = torch.randn(x.shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+
+    def chan(v):
+        return v.double().view(1, -1, 1, 1)
+
+    def unfused(dy, a, prev, res, w, round_to):
+        da = (dy.double() * chan(alpha) + a.double() * chan(beta) + chan(gamma)).to(round_to)
+        r_in = torch.relu(prev.double() * chan(s) + chan(t)).to(round_to)
+        dr, dw = _torch_backward(da, r_in, w.to(round_to), shape)
+        dr = (dr.double() + res.double()).to(round_to).double()
+        dz = dr * (prev.double() * chan(s) + chan(t) > 0)
+        xhat = (prev.double() - chan(mean)) * chan(rstd)
+        return dz, dw, dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
+
+    dz, sdz, sdzx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad, dbn=(a, alpha, beta, gamma),
+                                 relu_of=(prev, s, t, mean, rstd), residual=res)
+    dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad, dbn=(a, alpha, beta, gamma), in_affine=(s, t))
+    ref = unfused(dy, a, prev, res, w, torch.float64)
+    same = [v.to(dtype) if i < 2 else v for i, v in enumerate(unfused(dy, a, prev, res, w, dtype))]
+    for name, got, r64, r_same in zip(("dz", "dW", "sum dz", "sum dz*xhat"), (dz, dw, sdz, sdzx), ref, same,
+                                      strict=True):
+        _assert_rule(name, got, r64, r_same, dtype)
+
+
+def test_dgrad_option_a_shortcut_gradient(K):
+    """dx += the option-A shortcut's gradient: dz[:, :C_in] scattered back to the subsampled positions."""
+    shape = testing.ConvShape(2, 8, 7, 6, 8, 3, 3, 1, (1, 1))
+    x, w, dy = _problem(shape, torch.float32, seed=7)
+    dz_out = torch.randn(2, 16, 4, 3).contiguous(memory_format=torch.channels_last).to(DEVICE)
+    dx = K.conv_dgrad(dy, w, (7, 6), (1, 1), (1, 1), residual=dz_out, pad_shortcut_stride=(2, 2))
+    expected = _torch_backward(dy, x, w, shape)[0]
+    expected[:, :, ::2, ::2] += dz_out[:, :8]
+    torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors(K):
     x = torch.randn(2, 8, 6, 6, device=DEVICE)
     w = torch.randn(16, 8, 3, 3, device=DEVICE)

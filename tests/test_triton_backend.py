@@ -159,10 +159,12 @@ def test_fold_cache_entries_die_with_their_tensors():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("case", [testing.BLOCK_CASES[i] for i in (1, 2, 4, 7, 9)], ids=case_id)
-def test_train_block_on_triton_convs(case, dtype):
-    """Training mode runs the reference block structure with Triton fprop / dgrad / wgrad (bottlenecks in
-    channels_last, basic blocks in NCHW: the outputs keep the input's layout either way)."""
+@pytest.mark.parametrize("case", testing.BLOCK_CASES, ids=case_id)
+def test_train_block_fused(case, dtype):
+    """Training forward and backward fused on the Triton engine (BN statistics in the conv epilogue, BN + ReLU in
+    the next conv's prologue, dBN in the dgrad / wgrad prologues, ReLU mask and Σ in the dgrad epilogue):
+    every output, gradient and running statistic against float64 with the rule, every shortcut kind
+    (bottlenecks in channels_last, basic blocks in NCHW: the outputs keep the input's layout either way)."""
     n, h, w = case[5]
     gen = torch.Generator().manual_seed(7)
     block = _randomized(make_block(case, fused=False))
@@ -172,6 +174,29 @@ def test_train_block_on_triton_convs(case, dtype):
         DEVICE, channels_last=case[0] == "bottleneck", train_steps=2,
     )
     assert_checks(checks, f"{case_id(case)} {dtype}")
+
+
+def test_train_with_a_frozen_bn_and_no_input_grad():
+    """A BN frozen in eval inside a training block uses running statistics (da = s·dz) and still gets γ/β
+    gradients; an input that needs no gradient skips the first dgrad."""
+    tv = _randomized(torchvision.models.resnet.Bottleneck(16, 4))
+    fused = fused_resnet.convert(tv, backend="triton")
+    oracle = copy.deepcopy(tv).double()
+    for m in (tv, fused, oracle):
+        m.train()
+        m.bn2.eval()
+    x = torch.randn(2, 16, 5, 5)
+    xg = x.clone().requires_grad_(True)
+    outs = [m(inp) for m, inp in ((fused, xg), (tv, x.clone().requires_grad_(True)), (oracle, x.double()))]
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters()):
+        c = testing.check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
+        assert c.ok, c.row()
+    assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
+    fused.zero_grad()
+    fused(x).sum().backward()  # x needs no gradient
+    assert all(p.grad is not None for p in fused.parameters())
 
 
 def test_float64_and_groups_fall_back_to_reference_with_a_warning():
