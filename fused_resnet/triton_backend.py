@@ -130,16 +130,16 @@ class TritonBackend(backends.Backend):
         dbetas: List[Optional[Tensor]] = [None] * n
 
         def dbn(i: int, sum_dz: Tensor, sum_dz_xhat: Tensor) -> Tuple[Tensor, ...]:
-            """Record unit i's dγ, dβ; return (a_i, α, β, γ) of its BN backward da = α·dz + β·a + γ."""
+            """Record unit i's dγ, dβ; return (a_i, mean_i, α, β, γ) of its BN backward
+            da = α·dz + β·(a − mean) + γ."""
             dgammas[i], dbetas[i] = sum_dz_xhat.to(gammas[i].dtype), sum_dz.to(betas[i].dtype)
             s, _, rstd = affine[i]
+            mean = means[i].contiguous()
             if not batch_stats[i]:  # fixed (running) statistics: da = s·dz
                 zero = torch.zeros_like(s)
-                return acts[i], s, zero, zero
+                return acts[i], mean, s, zero, zero
             count = acts[i].numel() // acts[i].shape[1]
-            c1, c2 = sum_dz / count, sum_dz_xhat / count
-            mean = means[i].contiguous()
-            return acts[i], s, (-s * rstd * c2).contiguous(), (s * (rstd * mean * c2 - c1)).contiguous()
+            return acts[i], mean, s, (-s * rstd * sum_dz_xhat / count).contiguous(), (-s * sum_dz / count).contiguous()
 
         def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor, in_affine=None) -> None:
             dw = kernels.conv_wgrad(grad, inp, weights[i].shape[2:], _pair(strides, i), _pair(paddings, i),

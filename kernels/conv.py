@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_SUMS = tl.constexpr(INTERPRET)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLAT_BELOW = 16  # input channels below this use the flattened (r, s, c) reduction axis
 _SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
@@ -77,18 +78,31 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
 
 
 @triton.jit
-def _dbn_on_load(g, a_ptrs, ok, alpha_ptr, beta_ptr, gamma_ptr, ch, ch_ok, AXIS: tl.constexpr):
-    """The BN backward applied to a loaded gradient tile: da = α·dz + β·a + γ per channel (α = s, and with batch
-    statistics β = −s·rstd·Σdz·x̂/M, γ = −s·Σdz/M + s·rstd·mean·Σdz·x̂/M), in fp32, back in dz's dtype; masked
-    elements stay 0. Channels run along axis 1 of the tile (AXIS = 1) or axis 0."""
+def _sum_rows(x, ROWS: tl.constexpr):
+    """Column sums of a [ROWS, N] fp32 tile. The interpreter reduces over rows one row after another (error
+    growing like ROWS·eps: 10x torch's own on the CPU tests); there the rows are summed in three levels, groups
+    of 8, then 8, then the rest (error like (16 + ROWS/64)·eps). Compiled, tl.sum is a tree reduction already."""
+    if INTERPRET_SUMS and ROWS >= 128:
+        x4 = tl.reshape(x, (ROWS // 64, 8, 8, x.shape[1]))
+        return tl.sum(tl.sum(tl.sum(x4, axis=2), axis=1), axis=0)
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _dbn_on_load(g, a_ptrs, ok, mean_ptr, alpha_ptr, beta_ptr, gamma_ptr, ch, ch_ok, AXIS: tl.constexpr):
+    """The BN backward applied to a loaded gradient tile: da = α·dz + β·(a − mean) + γ per channel (α = s, and
+    with batch statistics β = −s·rstd·Σdz·x̂/M, γ = −s·Σdz/M), in fp32, back in dz's dtype; masked elements stay
+    0. a − mean is formed first: folding the mean into γ would cancel catastrophically when |mean| ≫ std.
+    Channels run along axis 1 of the tile (AXIS = 1) or axis 0."""
     a = tl.load(a_ptrs, mask=ok, other=0.0).to(tl.float32)
+    mu = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0)
     al = tl.load(alpha_ptr + ch, mask=ch_ok, other=0.0)
     be = tl.load(beta_ptr + ch, mask=ch_ok, other=0.0)
     ga = tl.load(gamma_ptr + ch, mask=ch_ok, other=0.0)
     if AXIS == 1:
-        da = g.to(tl.float32) * al[None, :] + a * be[None, :] + ga[None, :]
+        da = g.to(tl.float32) * al[None, :] + (a - mu[None, :]) * be[None, :] + ga[None, :]
     else:
-        da = g.to(tl.float32) * al[:, None] + a * be[:, None] + ga[:, None]
+        da = g.to(tl.float32) * al[:, None] + (a - mu[:, None]) * be[:, None] + ga[:, None]
     return tl.where(ok, da, 0.0).to(g.dtype)
 
 
@@ -176,18 +190,18 @@ def conv_fprop_kernel(
     if STATS:  # this tile's per-channel mean and M2 of the stored (rounded) values, merged later (Chan)
         v = tl.where(out_ok, out.to(tl.float32), 0.0)
         count = tl.sum(m_ok.to(tl.float32), axis=0)
-        mean = tl.sum(v, axis=0) / count
+        mean = _sum_rows(v, BLOCK_M) / count
         d = tl.where(out_ok, v - mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * K + offs_n
         tl.store(mean_ptr + part, mean, mask=n_ok)
-        tl.store(m2_ptr + part, tl.sum(d * d, axis=0), mask=n_ok)
+        tl.store(m2_ptr + part, _sum_rows(d * d, BLOCK_M), mask=n_ok)
         tl.store(tile_ptr, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["RP", "RQ"])
 def conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
-    a_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: the operand is α·dy + β·a + γ per output channel (dBN apply)
+    a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: operand α·dy + β·(a − mean) + γ per channel
     prev_ptr, prev_s_ptr, prev_t_ptr, prev_mean_ptr, prev_rstd_ptr,  # MASK: ReLU mask of relu(prev·s + t); STATS
     sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
     res_ptr,  # RES_MODE 1: + an [N, H, W, C] tensor; 2: + the option-A shortcut's gradient from [N, RP, RQ, RK]
@@ -223,8 +237,8 @@ def conv_dgrad_kernel(
                 a_ok = tap_ok[:, None] & k_ok[None, :]
                 a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=a_ok, other=0.0)
                 if DBN:
-                    a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, alpha_ptr, beta_ptr, gamma_ptr,
-                                     kk, k_ok, 1)
+                    a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, amean_ptr, alpha_ptr, beta_ptr,
+                                     gamma_ptr, kk, k_ok, 1)
                 b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
                             mask=k_ok[:, None] & c_ok[None, :], other=0.0)
                 acc = _mma(acc, a, b, UPCAST, PRECISION)
@@ -248,8 +262,8 @@ def conv_dgrad_kernel(
             rstd = tl.load(prev_rstd_ptr + offs_c, mask=c_ok, other=0.0)
             dz = tl.where(out_ok, out.to(tl.float32), 0.0)
             part = pid_m.to(tl.int64) * C + offs_c
-            tl.store(sum_ptr + part, tl.sum(dz, axis=0), mask=c_ok)
-            tl.store(sumx_ptr + part, tl.sum(dz * (prev - mean[None, :]) * rstd[None, :], axis=0), mask=c_ok)
+            tl.store(sum_ptr + part, _sum_rows(dz, BLOCK_M), mask=c_ok)
+            tl.store(sumx_ptr + part, _sum_rows(dz * (prev - mean[None, :]) * rstd[None, :], BLOCK_M), mask=c_ok)
             tl.store(tile_ptr, BLOCK_M)
     tl.store(dx_ptr + out_off, out, mask=out_ok)
 
@@ -257,7 +271,7 @@ def conv_dgrad_kernel(
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["chunk"])
 def conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr,
-    a_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: the dy operand is α·dy + β·a + γ per output channel
+    a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: dy operand α·dy + β·(a − mean) + γ per channel
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, chunk,
@@ -299,7 +313,7 @@ def conv_wgrad_kernel(
         a_off = mm[None, :].to(tl.int64) * K + offs_k[:, None]
         a = tl.load(dy_ptr + a_off, mask=a_ok, other=0.0)
         if DBN:
-            a = _dbn_on_load(a, a_ptr + a_off, a_ok, alpha_ptr, beta_ptr, gamma_ptr, offs_k, k_ok, 0)
+            a = _dbn_on_load(a, a_ptr + a_off, a_ok, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr, offs_k, k_ok, 0)
         h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
         w = (q * stride_w - pad_w)[:, None] + tap_s[None, :]
         b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -505,8 +519,8 @@ def conv_dgrad(
     """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
     implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
 
-    Training-fusion options: ``dbn`` = (a, α, β, γ): the gradient operand is α·dy + β·a + γ per output channel
-    (the BN backward applied while loading; a has dy's shape). ``residual``: added to dx (an [N, C, H, W]
+    Training-fusion options: ``dbn`` = (a, mean, α, β, γ): the gradient operand is α·dy + β·(a − mean) + γ per
+    output channel (the BN backward applied while loading; a has dy's shape). ``residual``: added to dx (an [N, C, H, W]
     tensor, or with ``pad_shortcut_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
     tensor). ``relu_of`` = (prev, s, t[, mean, rstd]): dx is multiplied by the ReLU mask [prev·s + t > 0] of
     the previous unit (prev: its pre-BN output, x's shape); with mean and rstd also returns that BN's Σdz and
@@ -521,11 +535,11 @@ def conv_dgrad(
     dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
     m = n * h * wd
     dummy = dx_st
-    a = alpha = beta = gamma = dummy
+    a = amean = alpha = beta = gamma = dummy
     if dbn is not None:
-        a, alpha, beta, gamma = dbn
+        a, amean, alpha, beta, gamma = dbn
         _same_shape("conv_dgrad: dbn's a", a, dy)
-        _vectors("conv_dgrad's dbn", k, alpha, beta, gamma)
+        _vectors("conv_dgrad's dbn", k, amean, alpha, beta, gamma)
         a = _nhwc(a)
     prev = ps = pt = pmean = prstd = sums = sumx = tile = dummy
     stats = relu_of is not None and len(relu_of) == 5
@@ -560,7 +574,7 @@ def conv_dgrad(
 
     _launch(
         conv_dgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(w), dx_st, a, alpha, beta, gamma, prev, ps, pt, pmean, prstd, sums, sumx, tile, res,
+        (_nhwc(dy), _nhwc(w), dx_st, a, amean, alpha, beta, gamma, prev, ps, pt, pmean, prstd, sums, sumx, tile, res,
          n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims),
         dict(R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=res_mode,
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
@@ -591,7 +605,7 @@ def conv_wgrad(
     """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
     the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype.
 
-    Training-fusion options: ``dbn`` = (a, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
+    Training-fusion options: ``dbn`` = (a, mean, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
     is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading)."""
     _check(x, dy, "conv_wgrad")
     n, c, h, wd = x.shape
@@ -607,11 +621,11 @@ def conv_wgrad(
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
     ws = _alloc((split, k, r, s, c), torch.float32, x.device)
-    a = alpha = beta = gamma = scale = shift = ws
+    a = amean = alpha = beta = gamma = scale = shift = ws
     if dbn is not None:
-        a, alpha, beta, gamma = dbn
+        a, amean, alpha, beta, gamma = dbn
         _same_shape("conv_wgrad: dbn's a", a, dy)
-        _vectors("conv_wgrad's dbn", k, alpha, beta, gamma)
+        _vectors("conv_wgrad's dbn", k, amean, alpha, beta, gamma)
         a = _nhwc(a)
     if in_affine is not None:
         scale, shift = in_affine
@@ -623,7 +637,7 @@ def conv_wgrad(
 
     _launch(
         conv_wgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(x), ws, a, alpha, beta, gamma, scale, shift,
+        (_nhwc(dy), _nhwc(x), ws, a, amean, alpha, beta, gamma, scale, shift,
          n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], chunk),
         dict(R=r, S=s, FLAT=flat, DBN=dbn is not None, PROLOGUE=in_affine is not None, UPCAST=_upcast(x.dtype),
              PRECISION=_precision(x.dtype)),

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .bn_act import _rows_by_channels
+from .conv import _sum_rows
 
 
 @triton.jit
@@ -40,8 +41,8 @@ def drelu_dbn_reduce_kernel(
     xhat = (tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
     dz = tl.where(ok, g.to(tl.float32), 0.0)
     part = tl.program_id(0).to(tl.int64) * C + cols
-    tl.store(sum_ptr + part, tl.sum(dz, axis=0), mask=col_ok)
-    tl.store(sumx_ptr + part, tl.sum(dz * xhat, axis=0), mask=col_ok)
+    tl.store(sum_ptr + part, _sum_rows(dz, BLOCK_M), mask=col_ok)
+    tl.store(sumx_ptr + part, _sum_rows(dz * xhat, BLOCK_M), mask=col_ok)
 
 
 def drelu_dbn_reduce(

@@ -165,6 +165,7 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
 
     a = torch.randn(dy.shape, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     alpha, beta, gamma = vec(shape.k, 0.5, 1.5), vec(shape.k, -0.3, 0.3), vec(shape.k, -0.2, 0.2)
+    a_mean = vec(shape.k, 1.0, 3.0)  # |mean| above the spread of a: the form β·(a − mean) must not cancel
     s, t = vec(shape.c, 0.5, 1.5), vec(shape.c, -0.3, 0.5)
     mean, rstd = vec(shape.c, -0.2, 0.2), vec(shape.c, 0.8, 1.2)
     prev = x  # the previous unit's pre-BN output (x's shape)
@@ -174,7 +175,7 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
         return v.double().view(1, -1, 1, 1)
 
     def unfused(dy, a, prev, res, w, round_to):
-        da = (dy.double() * chan(alpha) + a.double() * chan(beta) + chan(gamma)).to(round_to)
+        da = (dy.double() * chan(alpha) + (a.double() - chan(a_mean)) * chan(beta) + chan(gamma)).to(round_to)
         r_in = torch.relu(prev.double() * chan(s) + chan(t)).to(round_to)
         dr, dw = _torch_backward(da, r_in, w.to(round_to), shape)
         dr = (dr.double() + res.double()).to(round_to).double()
@@ -182,9 +183,10 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
         xhat = (prev.double() - chan(mean)) * chan(rstd)
         return dz, dw, dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
 
-    dz, sdz, sdzx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad, dbn=(a, alpha, beta, gamma),
+    dz, sdz, sdzx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad, dbn=(a, a_mean, alpha, beta, gamma),
                                  relu_of=(prev, s, t, mean, rstd), residual=res)
-    dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad, dbn=(a, alpha, beta, gamma), in_affine=(s, t))
+    dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad, dbn=(a, a_mean, alpha, beta, gamma),
+                      in_affine=(s, t))
     ref = unfused(dy, a, prev, res, w, torch.float64)
     same = [v.to(dtype) if i < 2 else v for i, v in enumerate(unfused(dy, a, prev, res, w, dtype))]
     for name, got, r64, r_same in zip(("dz", "dW", "sum dz", "sum dz*xhat"), (dz, dw, sdz, sdzx), ref, same,

@@ -176,6 +176,23 @@ def test_train_block_fused(case, dtype):
     assert_checks(checks, f"{case_id(case)} {dtype}")
 
 
+@pytest.mark.parametrize("name,build,shape", [
+    ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 64, 64)),
+    ("cifar20-A", lambda: models.cifar_resnet(20, "A", backend=None), (4, 3, 16, 16)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_train_converted_models_over_sgd_steps(name, build, shape):
+    """Whole converted models on the fused training path: three train passes with SGD steps between them (lr
+    0.01), then eval — outputs, input grad, every parameter grad, running statistics and eval output against
+    float64 with the rule. (resnet18 at 64 px, batch 4: at 32 px, batch 2 its last stage normalises 2 values
+    per channel and torch's own float32 error is O(1), which makes the rule meaningless.)"""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    checks = testing.compare_models(
+        _randomized(build()), lambda m: fused_resnet.convert(m, backend="triton", inplace=True), x,
+        torch.float32, DEVICE, channels_last=True, train_steps=3, lr=0.01,
+    )
+    assert_checks(checks, name)
+
+
 def test_train_with_a_frozen_bn_and_no_input_grad():
     """A BN frozen in eval inside a training block uses running statistics (da = s·dz) and still gets γ/β
     gradients; an input that needs no gradient skips the first dgrad."""
