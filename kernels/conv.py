@@ -423,6 +423,14 @@ def _min_block_m(m: int) -> int:
     return _pow2(m, 16, 1024) if INTERPRET else min(t[0] for t in _GEMM_TILES)
 
 
+def _tile_partials(m: int, channels: int, device: torch.device):
+    """Two fp32 [row tiles, channels] partial buffers for an epilogue reduction over m rows (sized for the
+    smallest BLOCK_M autotuning may pick) and the 1-element buffer the kernel writes its BLOCK_M to."""
+    rows = triton.cdiv(m, _min_block_m(m))
+    return (_alloc((rows, channels), torch.float32, device), _alloc((rows, channels), torch.float32, device),
+            _alloc((1,), torch.int32, device))
+
+
 def conv_fprop(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
@@ -474,9 +482,7 @@ def conv_fprop(
                                  f"got {v.dtype} {tuple(v.shape)}")
     m = n * p * q
     if stats:
-        rows = triton.cdiv(m, _min_block_m(m))
-        means, m2s = _alloc((rows, k), torch.float32, x.device), _alloc((rows, k), torch.float32, x.device)
-        tile = _alloc((1,), torch.int32, x.device)
+        means, m2s, tile = _tile_partials(m, k, x.device)
     else:
         means = m2s = tile = y_st
     scale, shift = in_affine if in_affine is not None else (y_st, y_st)
@@ -550,9 +556,7 @@ def conv_dgrad(
         prev = _nhwc(prev)
         if stats:
             pmean, prstd = moments
-            rows = triton.cdiv(m, _min_block_m(m))
-            sums, sumx = _alloc((rows, c), torch.float32, dy.device), _alloc((rows, c), torch.float32, dy.device)
-            tile = _alloc((1,), torch.int32, dy.device)
+            sums, sumx, tile = _tile_partials(m, c, dy.device)
     res_mode, res, res_dims = 0, dummy, (1, 1, 1, 1, 1)
     if residual is not None:
         if residual.dtype != dy.dtype:

@@ -207,7 +207,7 @@ def test_train_with_a_frozen_bn_and_no_input_grad():
     outs = [m(inp) for m, inp in ((fused, xg), (tv, x.clone().requires_grad_(True)), (oracle, x.double()))]
     for out in outs:
         out.square().sum().backward()
-    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters()):
+    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters(), strict=True):
         c = testing.check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
         assert c.ok, c.row()
     assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
