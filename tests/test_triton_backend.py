@@ -193,6 +193,43 @@ def test_train_converted_models_over_sgd_steps(name, build, shape):
     assert_checks(checks, name)
 
 
+@pytest.mark.parametrize("case", [testing.BLOCK_CASES[i] for i in (0, 1, 6, 7)], ids=case_id)
+def test_saved_for_backward_is_the_design_minimum(case):
+    """Bytes autograd keeps for a fused block's backward, parameters aside: x, the pre-BN conv outputs, y and
+    per-channel fp32 vectors only — no BN output, no ReLU output, no mask (DESIGN §1)."""
+    n, h, w = case[5]
+    block = fused_resnet.convert(make_block(case, fused=False), backend="triton").train()
+    x = torch.randn(n, case[1], h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    def saved_bytes(model):
+        params = {p.data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                saved[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        return sum(saved.values()), out
+
+    total, y = saved_bytes(block)
+    eager_total, _ = saved_bytes(fused_resnet.revert(copy.deepcopy(block)))
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+    acts = 0
+    hin = x
+    for conv in convs:  # pre-BN outputs: every conv's output size (the projection reads x)
+        src = x if conv in list(getattr(block, "downsample", None) or []) else hin
+        out = torch.nn.functional.conv2d(src.detach(), conv.weight.detach(), None, conv.stride, conv.padding)
+        acts += out.numel() * out.element_size()
+        if conv not in list(getattr(block, "downsample", None) or []):
+            hin = out
+    vectors = sum(2 * c.out_channels * 4 for c in convs)  # mean and var per BN
+    design = x.numel() * x.element_size() + acts + y.numel() * y.element_size() + vectors
+    assert total <= design < eager_total, (total, design, eager_total)  # eager keeps BN and ReLU outputs too
+
+
 def test_train_with_a_frozen_bn_and_no_input_grad():
     """A BN frozen in eval inside a training block uses running statistics (da = s·dz) and still gets γ/β
     gradients; an input that needs no gradient skips the first dgrad."""
