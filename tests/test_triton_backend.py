@@ -230,6 +230,20 @@ def test_saved_for_backward_is_the_design_minimum(case):
     assert total <= design < eager_total, (total, design, eager_total)  # eager keeps BN and ReLU outputs too
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_train_block_under_autocast(dtype):
+    """float32 modules under torch.autocast: inputs and conv weights run in the autocast dtype on the fused path
+    (the interpreter upcasts bf16 products to fp32; bf16 is also tested on the GPU), BN parameters stay fp32."""
+    case = testing.BLOCK_CASES[7]
+    n, h, w = case[5]
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(8))
+    checks = testing.compare_models(
+        _randomized(make_block(case, fused=False)), lambda m: fused_resnet.convert(m, backend="triton", inplace=True),
+        x, testing.DTYPES[dtype], DEVICE, channels_last=True, train_steps=2, autocast=True,
+    )
+    assert_checks(checks, f"autocast {dtype}")
+
+
 def test_train_with_a_frozen_bn_and_no_input_grad():
     """A BN frozen in eval inside a training block uses running statistics (da = s·dz) and still gets γ/β
     gradients; an input that needs no gradient skips the first dgrad."""
