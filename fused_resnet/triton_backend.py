@@ -9,8 +9,8 @@
 * Training forward (``block_forward``): each conv writes its pre-BN output and per-tile fp32 mean / M2 partials
   of it from its epilogue (merged exactly, Chan's formula); the next conv applies that BN + ReLU while loading
   its input, so the BN/ReLU output is never written; the block output y = relu(a·s + t + shortcut) is one
-  Triton kernel (kernels/bn_act.py). A projection shortcut's BN output and the option-A shortcut are still
-  materialised first.
+  Triton kernel (kernels/bn_act.py) reading the shortcut in place: the block input, the projection's pre-BN
+  output through its own BN (dual affine), or the option-A subsample of the block input.
 * Training backward (``block_backward``): one reduction kernel (kernels/drelu_dbn.py) masks dy with [y > 0]
   and sums Σdz, Σdz·x̂; every dgrad / wgrad applies the BN backward while loading its gradient operand, wgrad
   recomputes its input relu(a·s + t) while loading, each dgrad's epilogue applies the previous ReLU mask and
@@ -193,7 +193,8 @@ class TritonBackend(backends.Backend):
     ) -> List[Tensor]:
         """Training forward, same outputs as reference.block_forward. Each conv computes its output's BN
         statistics in its epilogue (per-tile partials merged exactly), and applies the previous unit's BN + ReLU
-        while loading its input (r_i is never written); the block output is one BN-apply + add + ReLU kernel."""
+        while loading its input (r_i is never written); the block output is one BN-apply + shortcut + ReLU
+        kernel (dual affine for a projection, in-place read for option A)."""
         kernels = _conv_kernels()
         from .kernels import bn_act as bn_act_kernel
 
@@ -214,16 +215,16 @@ class TritonBackend(backends.Backend):
             variances.append(var)
             affine.append((s.contiguous(), t.contiguous()))
         cl = torch.channels_last
-        sc = None
-        if shortcut == reference.SHORTCUT_IDENTITY:
-            sc = x.contiguous(memory_format=cl)
+        closing: dict = {}  # the closing kernel's shortcut: read in place, through its own BN for a projection
+        if shortcut in (reference.SHORTCUT_IDENTITY, reference.SHORTCUT_PAD):
+            closing["residual"] = x.contiguous(memory_format=cl)
+            if shortcut == reference.SHORTCUT_PAD:
+                closing["pad_shortcut_stride"] = shortcut_stride
         elif shortcut == reference.SHORTCUT_PROJECTION:
-            sc = bn_act_kernel.bn_act(acts[n_main], *affine[n_main], relu=False)
-        elif shortcut == reference.SHORTCUT_PAD:
-            sc = reference.shortcut_pad(x, shortcut_stride, acts[n_main - 1].shape[1], cl)
+            closing = {"residual": acts[n_main], "residual_affine": affine[n_main]}
         elif shortcut == reference.SHORTCUT_TENSOR:
-            sc = residual.to(x.dtype).contiguous(memory_format=cl)
-        y = bn_act_kernel.bn_act(acts[n_main - 1], *affine[n_main - 1], sc)
+            closing["residual"] = residual.to(x.dtype).contiguous(memory_format=cl)
+        y = bn_act_kernel.bn_act(acts[n_main - 1], *affine[n_main - 1], **closing)
         fmt = reference.memory_format_of(x)
         return [y.contiguous(memory_format=fmt)] + [a.contiguous(memory_format=fmt) for a in acts] + means + variances
 

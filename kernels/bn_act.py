@@ -4,12 +4,16 @@ Forward, per element of a (M = N·H·W rows, C channels innermost) with per-chan
 
     y[m, c] = relu(a[m, c]·s[c] + t[c] + r[m, c])
 
+where the residual r is a tensor of a's shape, optionally through its own BN (a projection shortcut:
+r·s_r + t_r, the "dual affine"), or the option-A shortcut read from the block input x[n, p·s, q·s, c] for
+c < C_in and 0 above (never materialised).
+
 computed in fp32, stored in a's dtype. Its backward (dz = dy·[y > 0], then the dBN reduction) belongs to the
 drelu_dbn_reduce family; this kernel has none of its own. Reference twin: ``fused_resnet.reference.bn_act``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -21,11 +25,15 @@ def bn_act_kernel(
     a_ptr,  # [M, C] activations (channels innermost), any float dtype
     scale_ptr,  # [C] fp32 per-channel scale s = γ·rstd
     shift_ptr,  # [C] fp32 per-channel shift t = β − mean·s
-    res_ptr,  # [M, C] residual in a's dtype (read only when HAS_RES)
+    res_ptr,  # RES_MODE 1: [M, C] residual in a's dtype; 2: the block input [N, RH, RW, RC] (option A)
+    res_scale_ptr,  # RES_AFFINE: [C] fp32 scale / shift of the residual's own BN
+    res_shift_ptr,
     y_ptr,  # [M, C] output in a's dtype
     M,
     C,
-    HAS_RES: tl.constexpr,
+    P, Q, RH, RW, RC, rs_h, rs_w,  # option A: a's spatial size P x Q, the block input's size and the stride
+    RES_MODE: tl.constexpr,
+    RES_AFFINE: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -39,8 +47,19 @@ def bn_act_kernel(
     s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     t = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     z = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s[None, :] + t[None, :]
-    if HAS_RES:
-        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RES_MODE == 1:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RES_AFFINE:
+            r = r * tl.load(res_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.load(
+                res_shift_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        z += r
+    if RES_MODE == 2:
+        q = rows % Q
+        p = (rows // Q) % P
+        img = rows // (P * Q)
+        pix = (img.to(tl.int64) * RH + p * rs_h) * RW + q * rs_w
+        r_ok = (rows[:, None] < M) & (cols < RC)[None, :]
+        z += tl.load(res_ptr + pix[:, None] * RC + cols[None, :], mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
         z = tl.maximum(z, 0.0)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
@@ -61,32 +80,57 @@ def _rows_by_channels(t: torch.Tensor, what: str) -> torch.Tensor:
 def bn_act(
     a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor] = None,
     relu: bool = True, out: Optional[torch.Tensor] = None,
+    residual_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    pad_shortcut_stride: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """relu(a·scale + shift [+ residual]) per channel; a channels_last (or [M, C]), scale/shift fp32 [C].
-    ``out`` (optional) receives the result: same shape, dtype and layout as a."""
+    ``residual_affine`` = (s_r, t_r): the residual enters as residual·s_r + t_r (a projection shortcut's BN).
+    ``pad_shortcut_stride``: the residual is the option-A block input [N, C_in, H, W] (channels_last),
+    subsampled by the stride with channels C_in.. zero, read in place. ``out`` (optional) receives the result:
+    same shape, dtype and layout as a."""
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"bn_act expects float32, float16 or bfloat16 activations, got {a.dtype}")
     a2 = _rows_by_channels(a, "the activations")
     m, c = a2.shape
-    for name, v in (("scale", scale), ("shift", shift)):
+    vectors = [("scale", scale), ("shift", shift)] + (
+        [("residual scale", residual_affine[0]), ("residual shift", residual_affine[1])] if residual_affine else [])
+    for name, v in vectors:
         if v.dtype != torch.float32 or v.shape != (c,) or not v.is_contiguous() or v.device != a.device:
             raise ValueError(
                 f"bn_act expects {name} as a contiguous float32 tensor of shape ({c},) on {a.device}, got "
                 f"{v.dtype} {tuple(v.shape)} on {v.device}"
             )
-    if residual is not None and (residual.shape != a.shape or residual.dtype != a.dtype):
-        raise ValueError(
-            f"bn_act expects the residual with the activations' shape {tuple(a.shape)} and dtype {a.dtype}, got "
-            f"{tuple(residual.shape)} {residual.dtype}"
-        )
-    r2 = _rows_by_channels(residual, "the residual") if residual is not None else a2
+    dims = (1, 1, 1, 1, 1, 1, 1)
+    res_mode = 0 if residual is None else 1
+    if residual is not None and residual.dtype != a.dtype:
+        raise ValueError(f"bn_act expects the residual in the activations' dtype {a.dtype}, got {residual.dtype}")
+    if residual is not None and pad_shortcut_stride is not None:
+        ss = pad_shortcut_stride
+        if (a.dim() != 4 or residual.dim() != 4 or residual.shape[0] != a.shape[0] or residual.shape[1] > c
+                or (residual.shape[2] - 1) // ss[0] + 1 != a.shape[2]
+                or (residual.shape[3] - 1) // ss[1] + 1 != a.shape[3]):
+            raise ValueError(f"bn_act: option-A shortcut of {tuple(residual.shape)} with stride {tuple(ss)} does not "
+                             f"map onto {tuple(a.shape)}")
+        r2 = _rows_by_channels(residual, "the residual")
+        res_mode = 2
+        dims = (a.shape[2], a.shape[3], residual.shape[2], residual.shape[3], residual.shape[1], ss[0], ss[1])
+    elif residual is not None:
+        if residual.shape != a.shape:
+            raise ValueError(
+                f"bn_act expects the residual with the activations' shape {tuple(a.shape)}, got "
+                f"{tuple(residual.shape)}"
+            )
+        r2 = _rows_by_channels(residual, "the residual")
+    else:
+        r2 = a2
     if out is not None and (out.shape != a.shape or out.dtype != a.dtype or out.device != a.device):
         raise ValueError(f"bn_act expects out with shape {tuple(a.shape)}, dtype {a.dtype} on {a.device}")
     y = torch.empty_like(a) if out is None else out
     y2 = _rows_by_channels(y, "the output")
+    rs, rt = residual_affine if residual_affine else (scale, shift)
     block_c = min(64, triton.next_power_of_2(c))
     block_m = max(1, 4096 // block_c)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    bn_act_kernel[grid](a2, scale, shift, r2, y2, m, c, HAS_RES=residual is not None, RELU=relu,
-                        BLOCK_M=block_m, BLOCK_C=block_c)
+    bn_act_kernel[grid](a2, scale, shift, r2, rs, rt, y2, m, c, *dims, RES_MODE=res_mode,
+                        RES_AFFINE=residual_affine is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
     return y
