@@ -7,12 +7,13 @@
 #   models  `fused-resnet bench`: resnet18 and resnet50 training and inference, every provider, with the
 #           per-block chart (its folder comes back as bench_models.tar.gz)
 #   micro   bench/test_microbench.py (pytest-benchmark) on ResNet-50's shapes, report in micro.json
+#   parity  bench/bench_parity.py: resnet50 bf16, 200 SGD steps, backend triton's loss against eager's
 # No STAGE: tests, verify and bench. The device tool allows 10 minutes per command: run the stages in separate calls there
 # (the extension build is redone when the machine is fresh). Writes env.json, suite.log, junit.xml,
 # verify.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
 # bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
 set -uo pipefail
-STAGES=${*:-tests verify bench}  # models and micro run only when named
+STAGES=${*:-tests verify bench}  # models, micro and parity run only when named
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-bench/results/latest}
 mkdir -p "$OUT"
@@ -88,6 +89,10 @@ fi
 if want micro; then
   FUSED_RESNET_MICRO_MODELS=resnet50 FUSED_RESNET_MICRO_JSON="$OUT/micro.json" step "microbenchmarks" \
     python3 -m pytest -q -p no:cacheprovider bench/test_microbench.py --benchmark-columns=median,min,max
+fi
+if want parity; then
+  step "training parity" python3 bench/bench_parity.py --model resnet50 --dtype bfloat16 --batch 64 --steps 200 \
+    --out "$OUT/parity.json"
 fi
 
 echo "=== summary" | tee -a "$LOG"

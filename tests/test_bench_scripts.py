@@ -88,3 +88,10 @@ def test_microbenchmarks_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["provider"] for r in rows} == {"eager", "compile", "triton"}
     assert all(r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0 for r in rows)
+
+
+def test_bench_parity_smoke(tmp_path):
+    result = _run("bench_parity.py", "--model", "cifar_resnet20", "--dtype", "float32", "--batch", "4", "--size", "8",
+                  "--steps", "2", tmp_path=tmp_path)
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert set(rows) == {"eager", "triton"} and all(len(r["losses"]) == 2 and r["ok"] for r in rows.values())
