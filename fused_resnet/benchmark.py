@@ -305,12 +305,16 @@ def _block_inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
 def layer_times(base: nn.Module, providers: Sequence[str], mode: str, x: torch.Tensor, device: torch.device,
                 warmup_ms: float = 25, rep_ms: float = 100) -> Dict[str, Dict[str, float]]:
     """Median ms of each residual block alone (forward, or forward + backward in ``train`` mode) per provider
-    ('eager' or a backend name), on the input that block sees in the model: {block name: {provider: ms}}."""
+    ('eager', 'compile' — torch.compile of each torchvision block — or a backend name), on the input that block
+    sees in the model: {block name: {provider: ms}}."""
     inputs = _block_inputs(copy.deepcopy(base), x)
     times: Dict[str, Dict[str, float]] = {n: {} for n in inputs}
     for provider in providers:
-        model = provider_model(base, provider)
+        model = provider_model(base, "eager" if provider == "compile" else provider)
         for name, block in _blocks(model):
+            if provider == "compile":  # a fresh compile per block: reused, dynamo's recompile limit would
+                torch._dynamo.reset()  # silently fall back to eager after a few block shapes
+                block = torch.compile(block)
             xin = inputs[name]
             if mode == "infer":
                 block.eval()

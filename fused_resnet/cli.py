@@ -207,15 +207,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dt = testing.DTYPES[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if args.layers and fused:
-        for mode in modes:
-            base, x, _ = benchmark.model_inputs(model_names[0], batch, device, dt, fmt, args.size)
-            times = benchmark.layer_times(base, ["eager"] + fused, mode, x, device)
-            with open(Path(out) / f"layers_{model_names[0]}_{mode}.json", "w") as f:
-                json.dump(times, f, indent=1)
-            if benchmark._can_plot():
-                path = str(Path(out) / f"layers_{model_names[0]}_{mode}.png")
-                benchmark.plot_layer_speedup(times, f"{model_names[0]} {mode}, {dtype}, batch {batch}", path)
-                paths.append(path)
+        block_providers = [p for p in ("eager", "compile") if p in providers or p == "eager"] + fused
+        for name in model_names:
+            for mode in modes:
+                base, x, _ = benchmark.model_inputs(name, batch, device, dt, fmt, args.size)
+                times = benchmark.layer_times(base, block_providers, mode, x, device)
+                with open(Path(out) / f"layers_{name}_{mode}.json", "w") as f:
+                    json.dump(times, f, indent=1)
+                if benchmark._can_plot():
+                    path = str(Path(out) / f"layers_{name}_{mode}.png")
+                    benchmark.plot_layer_speedup(times, f"{name} {mode}, {dtype}, batch {batch}", path)
+                    paths.append(path)
     if args.profile:
         for name in model_names:
             base, x, y = benchmark.model_inputs(name, batch, device, dt, fmt, args.size)
@@ -285,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--channels-last", action="store_true", help="channels_last (the default on a GPU)")
     layout.add_argument("--nchw", action="store_true", help="NCHW inputs and weights on a GPU")
     bench.add_argument("--no-layers", dest="layers", action="store_false",
-                       help="skip the per-layer (per-block) speedup chart")
+                       help="skip the per-block timings and speedup charts (each residual block alone, forward or "
+                       "forward+backward, every provider incl. torch.compile of the block)")
     bench.add_argument("--profile", action="store_true",
                        help="also profile each provider (torch.profiler): time per block and the top ops / kernels")
     bench.add_argument("--out", default=None, help="results folder (default runs/bench-<time>)")
