@@ -62,6 +62,16 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _output_tile(rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a rows x cols GEMM: (row-tile index, row offsets, column offsets, row mask,
+    column mask)."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.cdiv(cols, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, offs_m, offs_n, offs_m < rows, offs_n < cols
+
+
+@triton.jit
 def _split_pixels(offs, H, W):
     """Flat NHW pixel indices → (image, row, column)."""
     return offs // (H * W), (offs // W) % H, offs % W
@@ -127,12 +137,7 @@ def conv_fprop_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
-    M = N * P * Q
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < K
+    pid_m, offs_m, offs_n, m_ok, n_ok = _output_tile(N * P * Q, K, BLOCK_M, BLOCK_N, GROUP_M)
     img, p, q = _split_pixels(offs_m, P, Q)
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
@@ -213,12 +218,7 @@ def conv_dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     # GEMM rows: input pixels (n, h, w); columns: input channels c; reduction: taps (r, s) × output channels k.
-    M = N * H * W
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
+    pid_m, offs_m, offs_c, m_ok, c_ok = _output_tile(N * H * W, C, BLOCK_M, BLOCK_N, GROUP_M)
     img, h_in, w_in = _split_pixels(offs_m, H, W)
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
