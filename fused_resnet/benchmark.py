@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -118,11 +117,11 @@ MODES = ("train", "infer")
 def build_model(name: str, num_classes: int = 1000) -> Tuple[nn.Module, Tuple[int, ...]]:
     """(torch model with torchvision's / the paper's architecture, per-image input shape) for a model name:
     resnet18..152 (3x224x224) or cifar_resnet<depth> (3x32x32)."""
-    if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    if name in models.IMAGENET_NAMES:
         return getattr(torchvision.models, name)(num_classes=num_classes), (3, 224, 224)
-    match = re.fullmatch(r"cifar_resnet(\d+)", name)
-    if match:
-        return models.cifar_resnet(int(match.group(1)), num_classes=num_classes, backend=None), (3, 32, 32)
+    depth = models.cifar_depth(name)
+    if depth is not None:
+        return models.cifar_resnet(depth, num_classes=num_classes, backend=None), (3, 32, 32)
     raise ValueError(f"unknown model {name!r}; expected resnet18/34/50/101/152 or cifar_resnet<6n+2>")
 
 
@@ -268,13 +267,13 @@ def write_results(runs: Sequence[dict], out_dir: str) -> List[str]:
         json.dump({"runs": list(runs)}, f, indent=1)
     with open(paths[1], "w") as f:
         f.write(table(runs) + "\n")
-    if _can_plot():
+    if can_plot():
         paths.append(os.path.join(out_dir, "throughput.png"))
         plot_throughput(runs, paths[-1])
     return paths
 
 
-def _can_plot() -> bool:
+def can_plot() -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ import torchvision
 from . import __version__, _ext, backends, benchmark, data, experiments, models, testing, train
 from .convert import convert
 
-IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 DEPTH_EPOCHS = 10  # experiment depth's default budget: about 4 minutes on a 2-core CPU (docs/EXPERIMENTS.md)
 
@@ -63,17 +61,18 @@ def _reference_model(name: str, args: argparse.Namespace):
     """(reference torch model, input tensor) for a model name."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    if name in IMAGENET_MODELS:
+    if name in models.IMAGENET_NAMES:
         model = getattr(torchvision.models, name)(num_classes=args.num_classes)
         return testing.randomize_batchnorm(model, gen), torch.randn(args.batch, 3, args.size, args.size, generator=gen)
-    match = re.fullmatch(r"cifar_resnet(\d+)", name)
-    if match and int(match.group(1)) in CIFAR_DEPTHS:
+    depth = models.cifar_depth(name)
+    if depth in CIFAR_DEPTHS:
         in_ch = 3 if args.dim == 2 else 1
-        model = models.cifar_resnet(int(match.group(1)), shortcut=args.shortcut, plain=args.plain,
+        model = models.cifar_resnet(depth, shortcut=args.shortcut, plain=args.plain,
                                     num_classes=args.num_classes, in_channels=in_ch, dim=args.dim, backend=None)
         shape = (args.batch, in_ch, 32, 32) if args.dim == 2 else (args.batch, in_ch, 40)
         return testing.randomize_batchnorm(model, gen), torch.randn(*shape, generator=gen)
-    raise SystemExit(f"unknown model {name!r}; expected one of {IMAGENET_MODELS} or cifar_resnet{{{CIFAR_DEPTHS}}}")
+    raise SystemExit(f"unknown model {name!r}; expected one of {models.IMAGENET_NAMES} or "
+                     f"cifar_resnet{{{CIFAR_DEPTHS}}}")
 
 
 def _device_name(device: torch.device) -> str:
@@ -207,14 +206,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dt = testing.DTYPES[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if args.layers and fused:
-        block_providers = [p for p in ("eager", "compile") if p in providers or p == "eager"] + fused
+        block_providers = ["eager"] + (["compile"] if "compile" in providers else []) + fused
         for name in model_names:
             for mode in modes:
                 base, x, _ = benchmark.model_inputs(name, batch, device, dt, fmt, args.size)
                 times = benchmark.layer_times(base, block_providers, mode, x, device)
                 with open(Path(out) / f"layers_{name}_{mode}.json", "w") as f:
                     json.dump(times, f, indent=1)
-                if benchmark._can_plot():
+                if benchmark.can_plot():
                     path = str(Path(out) / f"layers_{name}_{mode}.png")
                     benchmark.plot_layer_speedup(times, f"{name} {mode}, {dtype}, batch {batch}", path)
                     paths.append(path)

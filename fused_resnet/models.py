@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -19,6 +20,13 @@ from .convert import convert
 from .modules import EagerBasicBlock, FusedBasicBlock, FusedStemMixin, ShortcutA, _conv
 
 __all__ = ["ResNet", "CifarResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet"]
+IMAGENET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def cifar_depth(name: str) -> Optional[int]:
+    """The depth of a ``cifar_resnet<depth>`` model name, or None for any other name (depth not validated)."""
+    match = re.fullmatch(r"cifar_resnet(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):

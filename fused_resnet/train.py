@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +29,6 @@ from torch.utils.data import DataLoader
 from . import backends, models
 from . import data as datasets
 
-TORCHVISION_MODELS = tuple(name for name in models.__all__ if re.fullmatch(r"resnet\d+", name))
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # The paper's 0.1 for images; on MNIST-1D 0.05 reached lower training loss and test error (docs/EXPERIMENTS.md).
 DEFAULT_LR = {"mnist1d": 0.05}
@@ -75,14 +73,14 @@ class TrainConfig:
 def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
     """The fused model named by ``cfg.model`` for ``data`` (channels, classes, 1-D or 2-D)."""
     backends.check_requested(cfg.backend)
-    match = re.fullmatch(r"cifar_resnet(\d+)", cfg.model)
-    if match:
-        return models.cifar_resnet(int(match.group(1)), shortcut=cfg.shortcut, plain=cfg.plain,
+    depth = models.cifar_depth(cfg.model)
+    if depth is not None:
+        return models.cifar_resnet(depth, shortcut=cfg.shortcut, plain=cfg.plain,
                                    num_classes=data.num_classes, in_channels=data.in_channels, dim=data.dim,
                                    backend=cfg.backend)
-    if cfg.model not in TORCHVISION_MODELS:
+    if cfg.model not in models.IMAGENET_NAMES:
         raise ValueError(f"unknown model {cfg.model!r}; expected cifar_resnet<depth> (depth 6n+2: 20, 32, 44, 56, "
-                         f"110, ...) or one of {', '.join(TORCHVISION_MODELS)}")
+                         f"110, ...) or one of {', '.join(models.IMAGENET_NAMES)}")
     if cfg.plain or cfg.shortcut != "A":
         raise ValueError(f"--plain and --shortcut apply to cifar_resnet models; {cfg.model} has torchvision's "
                          f"projection shortcuts")
