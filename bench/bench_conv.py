@@ -16,7 +16,6 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from fused_resnet import benchmark, testing
 
@@ -29,39 +28,20 @@ def gemm_ceiling_tflops(dtype: torch.dtype, dev: torch.device) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def _backward(dy, x, w, shape, which):
-    mask = [which == "dgrad", which == "wgrad", False]
-    out = torch.ops.aten.convolution_backward(dy, x, w, None, [shape.stride] * 2, list(shape.pad), [1, 1], False,
-                                              [0, 0], 1, mask)
-    return out[0] if which == "dgrad" else out[1]
-
-
-def _bench_shape(K, shape: testing.ConvShape, dtype: torch.dtype, ceiling: float, pass_names,
+def _bench_shape(shape: testing.ConvShape, dtype: torch.dtype, ceiling: float, pass_names,
                  dev: torch.device) -> list:
     """Rows (cudnn and triton) for each requested pass of one conv shape."""
-    g = torch.Generator(device=dev).manual_seed(0)
-    cl = torch.channels_last
-    x = torch.randn(shape.n, shape.c, shape.h, shape.w, device=dev, generator=g).to(dtype).contiguous(
-        memory_format=cl)
-    w = (torch.randn(shape.k, shape.c, shape.r, shape.s, device=dev, generator=g)
-         / (shape.c * shape.r * shape.s) ** 0.5).to(dtype).contiguous(memory_format=cl)
-    dy = torch.randn(shape.n, shape.k, *shape.out_hw, device=dev, generator=g).to(dtype).contiguous(
-        memory_format=cl)
-    stride, pad = (shape.stride,) * 2, shape.pad
-    passes = {  # (cudnn, triton, float64 reference)
-        "fprop": (lambda: F.conv2d(x, w, None, stride, pad), lambda: K.conv_fprop(x, w, stride, pad),
-                  lambda: F.conv2d(x.double(), w.double(), None, stride, pad)),
-        "dgrad": (lambda: _backward(dy, x, w, shape, "dgrad"),
-                  lambda: K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad),
-                  lambda: _backward(dy.double(), x.double(), w.double(), shape, "dgrad")),
-        "wgrad": (lambda: _backward(dy, x, w, shape, "wgrad"),
-                  lambda: K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad),
-                  lambda: _backward(dy.double(), x.double(), w.double(), shape, "wgrad")),
-    }
+    x, w, dy = shape.problem(dtype, dev)
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
     rows = []
     for name in pass_names:
-        cudnn_fn, triton_fn, ref_fn = passes[name]
-        ref64 = ref_fn()
+        def cudnn_fn(name=name):
+            return shape.torch_pass(name, x, w, dy)
+
+        def triton_fn(name=name):
+            return shape.triton_pass(name, x, w, dy)
+
+        ref64 = shape.torch_pass(name, x64, w64, dy64)
         chk = testing.check(name, triton_fn(), ref64, cudnn_fn(), ref64, dtype)
         del ref64
         times = {"cudnn": benchmark.median_ms(cudnn_fn, dev), "triton": benchmark.median_ms(triton_fn, dev)}
@@ -90,13 +70,11 @@ def main(argv=None) -> int:
     dev = benchmark.bench_device("bench_conv")
     if dev is None:
         return 2
-    from fused_resnet.kernels import conv as K
-
     dtype = testing.DTYPES[args.dtype]
     ceiling = gemm_ceiling_tflops(dtype, dev)
     rows = []
     for shape in testing.conv_shapes(args.model, args.batch, args.size)[:args.limit]:
-        rows += _bench_shape(K, shape, dtype, ceiling, args.passes.split(","), dev)
+        rows += _bench_shape(shape, dtype, ceiling, args.passes.split(","), dev)
     result = {"benchmark": "conv", "model": args.model, "batch": args.batch, "dtype": args.dtype,
               "layout": "channels_last", "gemm_ceiling_tflops": ceiling, **benchmark.environment(), "rows": rows}
     triton_rows = [r for r in rows if r["provider"] == "triton"]

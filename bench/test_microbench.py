@@ -97,35 +97,12 @@ def _report(gemm, copy):
                        **benchmark.environment(), "rows": RESULTS}, f, indent=1)
 
 
-def _conv_problem(shape):
-    g = torch.Generator(device=DEV).manual_seed(0)
-    cl = torch.channels_last
-    x = torch.randn(shape.n, shape.c, shape.h, shape.w, device=DEV, generator=g).to(DTYPE).contiguous(memory_format=cl)
-    w = (torch.randn(shape.k, shape.c, shape.r, shape.s, device=DEV, generator=g)
-         / (shape.c * shape.r * shape.s) ** 0.5).to(DTYPE).contiguous(memory_format=cl)
-    dy = torch.randn(shape.n, shape.k, *shape.out_hw, device=DEV, generator=g).to(DTYPE).contiguous(memory_format=cl)
-    return x, w, dy
-
-
 def _conv_fns(shape, x, w, dy, which):
     """{provider: fn} and the float64 reference for one conv pass."""
-    from fused_resnet.kernels import conv as K
-
-    stride, pad = (shape.stride,) * 2, list(shape.pad)
-
-    def torch_pass(x, w, dy):
-        if which == "fprop":
-            return F.conv2d(x, w, None, stride, pad)
-        mask = [which == "dgrad", which == "wgrad", False]
-        out = torch.ops.aten.convolution_backward(dy, x, w, None, list(stride), pad, [1, 1], False, [0, 0], 1, mask)
-        return out[0] if which == "dgrad" else out[1]
-
-    triton_pass = {"fprop": lambda: K.conv_fprop(x, w, stride, pad),
-                   "dgrad": lambda: K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad),
-                   "wgrad": lambda: K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad)}[which]
-    compiled = torch.compile(torch_pass, dynamic=False)
-    fns = {"eager": lambda: torch_pass(x, w, dy), "compile": lambda: compiled(x, w, dy), "triton": triton_pass}
-    return fns, torch_pass(x.double(), w.double(), dy.double())
+    compiled = torch.compile(lambda x, w, dy: shape.torch_pass(which, x, w, dy), dynamic=False)
+    fns = {"eager": lambda: shape.torch_pass(which, x, w, dy), "compile": lambda: compiled(x, w, dy),
+           "triton": lambda: shape.triton_pass(which, x, w, dy)}
+    return fns, shape.torch_pass(which, x.double(), w.double(), dy.double())
 
 
 @pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
@@ -133,7 +110,7 @@ def _conv_fns(shape, x, w, dy, which):
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
 def test_conv(benchmark, ceilings, shape, which, provider):
     torch._dynamo.reset()
-    x, w, dy = _conv_problem(shape)
+    x, w, dy = shape.problem(DTYPE, DEV)
     fns, ref64 = _conv_fns(shape, x, w, dy, which)
     chk = testing.check(which, fns[provider](), ref64, fns["eager"](), ref64, DTYPE)
     assert chk.ok, chk.row()

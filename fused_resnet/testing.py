@@ -95,6 +95,40 @@ class ConvShape:
         p, q = self.out_hw
         return 2 * self.n * p * q * self.k * self.c * self.r * self.s
 
+    def problem(self, dtype: torch.dtype, device, seed: int = 0, channels_last: bool = True):
+        """Seeded (x, w, dy) for this problem on ``device`` in ``dtype``: standard-normal input and output gradient,
+        weights scaled by 1/sqrt(fan-in)."""
+        g = torch.Generator(device=device).manual_seed(seed)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fan_in = self.c * self.r * self.s
+        shapes = ((self.n, self.c, self.h, self.w), (self.k, self.c, self.r, self.s), (self.n, self.k, *self.out_hw))
+        x, w, dy = (torch.randn(s, device=device, generator=g) for s in shapes)
+        return [t.to(dtype).contiguous(memory_format=fmt) for t in (x, w / fan_in**0.5, dy)]
+
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dgrad: bool = True, wgrad: bool = True):
+        """torch's (dx, dW) of this conv (None where not requested), in the inputs' dtype."""
+        dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, [self.stride] * 2, list(self.pad), [1, 1],
+                                                        False, [0, 0], 1, [dgrad, wgrad, False])
+        return dx, dw
+
+    def torch_pass(self, which: str, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """torch's result of one pass: "fprop" (y), "dgrad" (dx) or "wgrad" (dW)."""
+        if which == "fprop":
+            return F.conv2d(x, w, None, self.stride, self.pad)
+        dx, dw = self.backward(dy, x, w, dgrad=which == "dgrad", wgrad=which == "wgrad")
+        return dx if which == "dgrad" else dw
+
+    def triton_pass(self, which: str, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """The Triton conv engine's result of the same pass (imports Triton)."""
+        from .kernels import conv as kernels
+
+        stride = (self.stride, self.stride)
+        if which == "fprop":
+            return kernels.conv_fprop(x, w, stride, self.pad)
+        if which == "dgrad":
+            return kernels.conv_dgrad(dy, w, (self.h, self.w), stride, self.pad)
+        return kernels.conv_wgrad(dy, x, (self.r, self.s), stride, self.pad)
+
     def __str__(self) -> str:
         pad = f"{self.pad[0]},{self.pad[1]}"
         return f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}-{self.r}x{self.s}-s{self.stride}-p{pad}"

@@ -29,28 +29,13 @@ def K(monkeypatch):
     return conv
 
 
-def _problem(shape: testing.ConvShape, dtype, seed=0, channels_last=True):
-    g = torch.Generator().manual_seed(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape.n, shape.c, shape.h, shape.w, generator=g)
-    w = torch.randn(shape.k, shape.c, shape.r, shape.s, generator=g) / (shape.c * shape.r * shape.s) ** 0.5
-    dy = torch.randn(shape.n, shape.k, *shape.out_hw, generator=g)
-    return [t.to(DEVICE, dtype).contiguous(memory_format=fmt) for t in (x, w, dy)]
-
-
-def _torch_backward(dy, x, w, shape):
-    dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, [shape.stride] * 2, list(shape.pad), [1, 1],
-                                                    False, [0, 0], 1, [True, True, False])
-    return dx, dw
-
-
 def _assert_rule(name, fused, ref64, torch_same, dtype):
     c = testing.check(name, fused, ref64, torch_same, ref64, dtype)
     assert c.ok, c.row()
 
 
 def _check_fprop_dgrad_wgrad(K, shape, dtype):
-    x, w, dy = _problem(shape, dtype)
+    x, w, dy = shape.problem(dtype, DEVICE)
     stride, pad = (shape.stride,) * 2, shape.pad
     y = K.conv_fprop(x, w, stride, pad)
     dx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad)
@@ -58,8 +43,8 @@ def _check_fprop_dgrad_wgrad(K, shape, dtype):
     for t, like in ((y, dy), (dx, x), (dw, w)):
         assert t.shape == like.shape and t.dtype == dtype and t.is_contiguous(memory_format=torch.channels_last)
     x64, w64, dy64 = x.double(), w.double(), dy.double()
-    dx64, dw64 = _torch_backward(dy64, x64, w64, shape)
-    dx_same, dw_same = _torch_backward(dy, x, w, shape)
+    dx64, dw64 = shape.backward(dy64, x64, w64)
+    dx_same, dw_same = shape.backward(dy, x, w)
     _assert_rule("fprop", y, F.conv2d(x64, w64, None, stride, pad), F.conv2d(x, w, None, stride, pad), dtype)
     _assert_rule("dgrad", dx, dx64, dx_same, dtype)
     _assert_rule("wgrad", dw, dw64, dw_same, dtype)
@@ -74,11 +59,11 @@ def test_fprop_dgrad_wgrad(K, shape, dtype):
 @pytest.mark.parametrize("shape", [testing.CONV_CASES[1], testing.CONV_CASES[3]], ids=str)
 def test_nchw_inputs(K, shape):
     """Inputs in NCHW layout give the same numbers (the kernels read a channels_last copy)."""
-    x, w, dy = _problem(shape, torch.float32, channels_last=False)
+    x, w, dy = shape.problem(torch.float32, DEVICE, channels_last=False)
     stride, pad = (shape.stride,) * 2, shape.pad
     torch.testing.assert_close(K.conv_fprop(x, w, stride, pad), F.conv2d(x, w, None, stride, pad),
                                rtol=1e-5, atol=1e-5)
-    dx, dw = _torch_backward(dy, x, w, shape)
+    dx, dw = shape.backward(dy, x, w)
     torch.testing.assert_close(K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad), dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad), dw, rtol=1e-5, atol=1e-5)
 
@@ -95,7 +80,7 @@ def _epilogue_ref(x, w, bias, res, stride, pad, relu, dtype_out):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [testing.CONV_CASES[1], testing.CONV_CASES[4], testing.CONV_CASES[7]], ids=str)
 def test_fprop_epilogue_bias_residual_relu(K, shape, dtype, relu):
-    x, w, dy = _problem(shape, dtype, seed=1)
+    x, w, dy = shape.problem(dtype, DEVICE, seed=1)
     stride, pad = (shape.stride,) * 2, shape.pad
     bias = torch.randn(shape.k, device=DEVICE)
     res = torch.randn_like(dy)
@@ -127,7 +112,7 @@ def test_fprop_option_a_shortcut(K, block_in, stride, dtype):
 def test_fprop_prologue_and_stats_epilogue(K, shape, dtype):
     """Training-mode fusion: relu(x·s + t) applied while loading (zero padding stays zero after the transform),
     and the per-channel mean / biased variance of the stored output from per-tile partials (Chan merge)."""
-    x, w, _ = _problem(shape, dtype, seed=2)
+    x, w, _ = shape.problem(dtype, DEVICE, seed=2)
     stride, pad = (shape.stride,) * 2, shape.pad
     g = torch.Generator().manual_seed(4)
     s = (torch.rand(shape.c, generator=g) + 0.5).to(DEVICE)
@@ -156,7 +141,7 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     unfused sequence rounds at every step, so the comparison is the float64 rule with that sequence as torch):
     dBN apply on the gradient operand (dgrad and wgrad), BN + ReLU on wgrad's input, the previous ReLU mask with
     Σdz / Σdz·x̂ in dgrad's epilogue, and a residual added to dx."""
-    x, w, dy = _problem(shape, dtype, seed=5)
+    x, w, dy = shape.problem(dtype, DEVICE, seed=5)
     stride, pad = (shape.stride,) * 2, shape.pad
     g = torch.Generator().manual_seed(6)
 
@@ -177,7 +162,7 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     def unfused(dy, a, prev, res, w, round_to):
         da = (dy.double() * chan(alpha) + (a.double() - chan(a_mean)) * chan(beta) + chan(gamma)).to(round_to)
         r_in = torch.relu(prev.double() * chan(s) + chan(t)).to(round_to)
-        dr, dw = _torch_backward(da, r_in, w.to(round_to), shape)
+        dr, dw = shape.backward(da, r_in, w.to(round_to))
         dr = (dr.double() + res.double()).to(round_to).double()
         dz = dr * (prev.double() * chan(s) + chan(t) > 0)
         xhat = (prev.double() - chan(mean)) * chan(rstd)
@@ -197,10 +182,10 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
 def test_dgrad_option_a_shortcut_gradient(K):
     """dx += the option-A shortcut's gradient: dz[:, :C_in] scattered back to the subsampled positions."""
     shape = testing.ConvShape(2, 8, 7, 6, 8, 3, 3, 1, (1, 1))
-    x, w, dy = _problem(shape, torch.float32, seed=7)
+    x, w, dy = shape.problem(torch.float32, DEVICE, seed=7)
     dz_out = torch.randn(2, 16, 4, 3).contiguous(memory_format=torch.channels_last).to(DEVICE)
     dx = K.conv_dgrad(dy, w, (7, 6), (1, 1), (1, 1), residual=dz_out, pad_shortcut_stride=(2, 2))
-    expected = _torch_backward(dy, x, w, shape)[0]
+    expected = shape.backward(dy, x, w)[0]
     expected[:, :, ::2, ::2] += dz_out[:, :8]
     torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-5)
 
@@ -239,7 +224,7 @@ def test_new_batch_size_does_not_recompile(K):
     if caches is None:
         pytest.skip("this Triton version does not expose JITFunction.device_caches")
     shape = testing.ConvShape(8, 64, 14, 14, 64, 3, 3, 1, (1, 1))
-    x, w, _ = _problem(shape, torch.bfloat16)
+    x, w, _ = shape.problem(torch.bfloat16, DEVICE)
     K.conv_fprop(x, w, (1, 1), (1, 1))
     count = sum(len(c[0]) for c in caches.values())
     for n in (1, 3, 17, 64):
