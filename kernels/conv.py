@@ -476,10 +476,7 @@ def conv_fprop(
             res_mode, res_dims = 2, (rh, rw, rc, ss[0], ss[1])
 
     if in_affine is not None:
-        for v in in_affine:
-            if v.dtype != torch.float32 or v.shape != (c,) or not v.is_contiguous():
-                raise ValueError(f"conv_fprop expects in_affine as two contiguous float32 tensors of shape ({c},), "
-                                 f"got {v.dtype} {tuple(v.shape)}")
+        _vectors("conv_fprop's in_affine", c, *in_affine)
     m = n * p * q
     if stats:
         means, m2s, tile = _tile_partials(m, k, x.device)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .bn_act import _rows_by_channels
-from .conv import _sum_rows
+from .conv import _sum_rows, _vectors
 
 
 @triton.jit
@@ -56,10 +56,7 @@ def drelu_dbn_reduce(
                              f"{tuple(t.shape)}")
     g2 = _rows_by_channels(g, "the gradient")
     m, c = g2.shape
-    for name, v in (("mean", mean), ("rstd", rstd)):
-        if v.dtype != torch.float32 or v.shape != (c,) or not v.is_contiguous():
-            raise ValueError(f"drelu_dbn_reduce expects {name} as contiguous float32 ({c},), got {v.dtype} "
-                             f"{tuple(v.shape)}")
+    _vectors("drelu_dbn_reduce's mean and rstd", c, mean, rstd)
     dz = torch.empty_like(g) if y is not None else g
     block_c = min(64, triton.next_power_of_2(c))
     block_m = max(16, min(1024, 8192 // block_c))
