@@ -1,106 +1,119 @@
-// bn_act: BN-apply (scale-shift) + optional residual add + optional ReLU on NHWC activations.
+// bn_act: BN-apply (scale-shift) + shortcut add + optional ReLU on channels-innermost activations, fp32 math:
 //
-//   y[m, c] = relu(a[m, c] * s[c] + t[c] + r[m, c])      m over N*H*W, c innermost; fp32 math
+//   y[m, c] = relu(a[m, c]·s[c] + t[c] + sc[m, c])
+//   sc = 0 | r[m, c] | r[m, c]·rs[c] + rt[c] (projection through its BN) | option A read in place from x
 //
-// Twin of kernels/bn_act.py and fused_resnet.reference.bn_act. 16-byte vector loads/stores when the channel
-// count and every pointer allow it (a vector then never straddles two pixels), scalar otherwise; grid-stride
-// loop over a grid sized from the SM count; launched on the current stream. Argument checks live in ops.cpp.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+// Twin of kernels/bn_act.py and fused_resnet.reference.bn_act. 16-byte vectors when the channel counts and every
+// pointer allow it (a vector then never straddles two pixels), one element otherwise.
+#include <type_traits>
 
-#include <algorithm>
-#include <cstdint>
-
-#include "bn_act.h"
+#include "common.cuh"
+#include "kernels.h"
 
 namespace fused_resnet {
 namespace {
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
+enum ResMode : int { kNone = 0, kTensor = 1, kAffine = 2, kPad = 3 };
+
+template <typename T, int VEC, int RES, bool RELU>
+struct BnActOp {
+  const T* a;
+  const float* s;
+  const float* t;
+  const T* r;  // residual [M, C], projection output [M, C] or block input [N, H, W, C_in] (option A)
+  const float* rs;
+  const float* rt;
+  T* y;
+  int64_t C;
+  // option A geometry: output P×Q, input H×W×C_in, strides
+  int64_t P, Q, H, W, C_in, stride_h, stride_w;
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t e = i * VEC;
+    const int64_t c0 = e % C;
+    float z[VEC];
+    load_floats<T, VEC>(a, e, z);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) z[k] = z[k] * s[c0 + k] + t[c0 + k];
+    if constexpr (RES == kTensor || RES == kAffine) {
+      float res[VEC];
+      load_floats<T, VEC>(r, e, res);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] += RES == kAffine ? res[k] * rs[c0 + k] + rt[c0 + k] : res[k];
+    }
+    if constexpr (RES == kPad) {
+      if (c0 < C_in) {  // C_in is a multiple of VEC: the vector is wholly inside or wholly outside
+        const int64_t m = e / C;
+        const int64_t q = m % Q, p = (m / Q) % P, n = m / (P * Q);
+        float res[VEC];
+        load_floats<T, VEC>(r, ((n * H + p * stride_h) * W + q * stride_w) * C_in + c0, res);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) z[k] += res[k];
+      }
+    }
+    if constexpr (RELU) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = z[k] > 0.f ? z[k] : 0.f;
+    }
+    store_floats<T, VEC>(y, e, z);
+  }
 };
 
-template <typename T, int VEC, bool HAS_RES, bool RELU>
-__global__ void bn_act_kernel(const T* __restrict__ a,      // [M, C] activations
-                              const float* __restrict__ s,  // [C] scale
-                              const float* __restrict__ t,  // [C] shift
-                              const T* __restrict__ r,      // [M, C] residual (HAS_RES only)
-                              T* __restrict__ y,            // [M, C] output
-                              int64_t n_vec,                // M * C / VEC
-                              int64_t C) {
-  using P = Pack<T, VEC>;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec; i += step) {
-    const int64_t c0 = (i * VEC) % C;
-    const P pa = reinterpret_cast<const P*>(a)[i];
-    P pr;
-    if constexpr (HAS_RES) pr = reinterpret_cast<const P*>(r)[i];
-    P out;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      float z = static_cast<float>(pa.v[k]) * __ldg(s + c0 + k) + __ldg(t + c0 + k);
-      if constexpr (HAS_RES) z += static_cast<float>(pr.v[k]);
-      if constexpr (RELU) z = fmaxf(z, 0.f);
-      out.v[k] = static_cast<T>(z);
-    }
-    reinterpret_cast<P*>(y)[i] = out;
-  }
+template <typename T, int VEC, int RES, bool RELU>
+void run(const BnActOp<T, 1, kNone, false>& args, int64_t n, bool cuda) {
+  BnActOp<T, VEC, RES, RELU> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
+                                args.P, args.Q, args.H, args.W, args.C_in, args.stride_h, args.stride_w};
+  for_each_index(op, n / VEC, cuda);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int VEC>
-void launch(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& r,
-            at::Tensor& y, bool relu) {
-  const int64_t C = a.size(1);
-  const int64_t n_vec = a.numel() / VEC;
-  if (n_vec == 0) return;
-  const int threads = 256;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((n_vec + threads - 1) / threads, static_cast<int64_t>(sms) * 8);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const T* pa = static_cast<const T*>(a.const_data_ptr());
-  const T* pr = r.has_value() ? static_cast<const T*>(r->const_data_ptr()) : nullptr;
-  T* py = static_cast<T*>(y.mutable_data_ptr());
-  const float* ps = s.const_data_ptr<float>();
-  const float* pt = t.const_data_ptr<float>();
-#define FR_LAUNCH(HAS_RES, RELU) \
-  bn_act_kernel<T, VEC, HAS_RES, RELU><<<blocks, threads, 0, stream>>>(pa, ps, pt, pr, py, n_vec, C)
-  if (r.has_value()) {
-    if (relu) FR_LAUNCH(true, true); else FR_LAUNCH(true, false);
-  } else {
-    if (relu) FR_LAUNCH(false, true); else FR_LAUNCH(false, false);
-  }
-#undef FR_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T>
-void launch_best(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& r,
-                 at::Tensor& y, bool relu) {
-  constexpr int VEC = 16 / sizeof(T);
-  const bool vec_ok = a.size(1) % VEC == 0 && aligned16(a.const_data_ptr()) && aligned16(y.const_data_ptr()) &&
-                      (!r.has_value() || aligned16(r->const_data_ptr()));
-  if (vec_ok) {
-    launch<T, VEC>(a, s, t, r, y, relu);
-  } else {
-    launch<T, 1>(a, s, t, r, y, relu);
+void run_mode(const BnActOp<T, 1, kNone, false>& args, int res, bool relu, int64_t n, bool cuda) {
+  switch (res) {
+    case kNone: relu ? run<T, VEC, kNone, true>(args, n, cuda) : run<T, VEC, kNone, false>(args, n, cuda); break;
+    case kTensor: relu ? run<T, VEC, kTensor, true>(args, n, cuda) : run<T, VEC, kTensor, false>(args, n, cuda); break;
+    case kAffine: relu ? run<T, VEC, kAffine, true>(args, n, cuda) : run<T, VEC, kAffine, false>(args, n, cuda); break;
+    default: relu ? run<T, VEC, kPad, true>(args, n, cuda) : run<T, VEC, kPad, false>(args, n, cuda); break;
   }
 }
 
 }  // namespace
 
-void bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
-                   const std::optional<at::Tensor>& residual, at::Tensor& y, bool relu) {
-  const c10::cuda::CUDAGuard guard(a.device());
-  switch (a.scalar_type()) {
-    case at::kFloat: launch_best<float>(a, scale, shift, residual, y, relu); break;
-    case at::kHalf: launch_best<at::Half>(a, scale, shift, residual, y, relu); break;
-    case at::kBFloat16: launch_best<at::BFloat16>(a, scale, shift, residual, y, relu); break;
-    default: break;  // rejected by the op's checks
-  }
+at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
+                         const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
+                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef pad_stride, bool relu) {
+  const c10::OptionalDeviceGuard guard(a.device());
+  at::Tensor y = at::empty_like(a);  // keeps channels_last
+  const int64_t C = a.size(1);
+  const bool pad = !pad_stride.empty();
+  const int res = !residual.has_value() ? kNone : pad ? kPad : residual_scale.has_value() ? kAffine : kTensor;
+  FR_DISPATCH_FLOATING(a.scalar_type(), "bn_act", [&] {
+    using T = scalar_t;
+    BnActOp<T, 1, kNone, false> args{static_cast<const T*>(a.const_data_ptr()), scale.const_data_ptr<float>(),
+                                     shift.const_data_ptr<float>(), nullptr, nullptr, nullptr,
+                                     static_cast<T*>(y.mutable_data_ptr()), C, 1, 1, 1, 1, 0, 1, 1};
+    int64_t c_in = C;
+    if (residual.has_value()) {
+      args.r = static_cast<const T*>(residual->const_data_ptr());
+      if (res == kAffine) {
+        args.rs = residual_scale->const_data_ptr<float>();
+        args.rt = residual_shift->const_data_ptr<float>();
+      }
+      if (pad) {  // a: [N, C, P, Q], residual: [N, C_in, H, W], both channels_last
+        args.P = a.size(2);
+        args.Q = a.size(3);
+        args.H = residual->size(2);
+        args.W = residual->size(3);
+        args.C_in = c_in = residual->size(1);
+        args.stride_h = pad_stride[0];
+        args.stride_w = pad_stride[1];
+      }
+    }
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vec = vector_width<T>(C, {args.a, args.y, args.r}) == VEC && c_in % VEC == 0;
+    if (vec) run_mode<T, VEC>(args, res, relu, a.numel(), a.is_cuda());
+    else run_mode<T, 1>(args, res, relu, a.numel(), a.is_cuda());
+  });
+  return y;
 }
 
 }  // namespace fused_resnet

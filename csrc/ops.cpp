@@ -1,21 +1,18 @@
 // Every op of the extension: schemas (namespace fused_resnet_C), argument checks and dispatcher registration.
 // Checks live here, compiled by the host compiler; the .cu files hold kernels and their launchers only.
-// Also the Python module object (fused_resnet._C): importing it loads this library and registers the ops.
-#include <ATen/ATen.h>
+// Every op is registered for CUDA (the kernels) and CPU (the same kernel bodies in host loops, so the CPU test
+// suite runs the op logic; not a fast path). Also the Python module object (fused_resnet._C): importing it
+// loads this library and registers the ops.
+#include "ops.h"
+
 #include <torch/library.h>
 
 #include <Python.h>
 
-#include <optional>
-#include <string>
-
-#include "bn_act.h"
+#include "kernels.h"
 
 namespace fused_resnet {
-namespace {
 
-// Shapes are formatted by hand: streaming an IntArrayRef into a TORCH_CHECK message crashed (SIGSEGV while
-// raising) with torch 2.11 headers and g++ 13.3 on the H100 machine, while dtype/device/plain messages raised fine.
 std::string shape_str(at::IntArrayRef v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
@@ -26,41 +23,213 @@ bool channels_innermost(const at::Tensor& x) {
   return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) || (x.dim() == 2 && x.is_contiguous());
 }
 
+namespace {
+
+void check_act(const char* op, const char* what, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda() || x.is_cpu(), op, ": expected ", what, " on a CUDA (or CPU) device, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, ": expected ", what, " in float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(channels_innermost(x), op, ": expected ", what,
+              " as a channels_last (NHWC) 4-D or contiguous [M, C] tensor, got sizes ", shape_str(x.sizes()),
+              " strides ", shape_str(x.strides()));
+}
+
+void check_like(const char* op, const char* what, const at::Tensor& x, const at::Tensor& ref) {
+  check_act(op, what, x);
+  TORCH_CHECK(x.sizes() == ref.sizes() && x.scalar_type() == ref.scalar_type() && x.device() == ref.device(), op,
+              ": expected ", what, " with sizes ", shape_str(ref.sizes()), ", dtype ", ref.scalar_type(), " on ",
+              ref.device(), ", got ", shape_str(x.sizes()), ", ", x.scalar_type(), " on ", x.device());
+}
+
+void check_vec(const char* op, const char* what, const at::Tensor& v, int64_t C, const at::Device& device) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == C && v.is_contiguous() &&
+                  v.device() == device,
+              op, ": expected ", what, " as a contiguous float32 [", C, "] tensor on ", device, ", got ",
+              v.scalar_type(), " ", shape_str(v.sizes()), " on ", v.device());
+}
+
+void check_pad_stride(const char* op, at::IntArrayRef pad_stride) {
+  TORCH_CHECK(pad_stride.size() == 2 && pad_stride[0] > 0 && pad_stride[1] > 0, op,
+              ": expected pad_stride as two positive strides (option A) or empty, got ", shape_str(pad_stride));
+}
+
+// Option A maps x [N, C_in, H, W] onto y [N, C, P, Q]: P = ceil(H / s_h), Q = ceil(W / s_w), C_in <= C.
+void check_option_a(const char* op, const at::Tensor& x, const at::Tensor& y, at::IntArrayRef pad_stride) {
+  check_pad_stride(op, pad_stride);
+  TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && x.size(0) == y.size(0) && x.size(1) <= y.size(1) &&
+                  (x.size(2) - 1) / pad_stride[0] + 1 == y.size(2) && (x.size(3) - 1) / pad_stride[1] + 1 == y.size(3),
+              op, ": option A maps the block input ", shape_str(x.sizes()), " with stride ", shape_str(pad_stride),
+              " onto ", shape_str(y.sizes()), ": expected equal batch, spatial sizes ceil(H / s) and C_in <= C");
+}
+
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats(const at::Tensor& a, const at::Tensor& gamma,
+                                                                    const at::Tensor& beta, double eps) {
+  check_act("bn_stats", "the activations a", a);
+  check_vec("bn_stats", "gamma", gamma, a.size(1), a.device());
+  check_vec("bn_stats", "beta", beta, a.size(1), a.device());
+  auto out = bn_stats_launch(a, gamma, beta, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
+                                                              const at::Tensor& mean, const at::Tensor& var,
+                                                              double eps) {
+  TORCH_CHECK(mean.dim() == 1, "bn_scale_shift: expected mean as a 1-D [C] tensor, got ", shape_str(mean.sizes()));
+  const int64_t C = mean.size(0);
+  for (auto [what, v] : {std::pair{"gamma", &gamma}, {"beta", &beta}, {"mean", &mean}, {"var", &var}}) {
+    check_vec("bn_scale_shift", what, *v, C, mean.device());
+  }
+  auto out = bn_scale_shift_launch(gamma, beta, mean, var, eps);
+  return {out[0], out[1], out[2]};
+}
+
+void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                       const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                       const at::Tensor& var, int64_t count, std::optional<double> momentum) {
+  const char* op = "bn_running_update";
+  TORCH_CHECK(mean.dim() == 1, op, ": expected mean as a 1-D [C] tensor, got ", shape_str(mean.sizes()));
+  const int64_t C = mean.size(0);
+  check_vec(op, "mean", mean, C, mean.device());
+  check_vec(op, "var", var, C, mean.device());
+  for (auto [what, r] : {std::pair{"running_mean", &running_mean}, {"running_var", &running_var}}) {
+    TORCH_CHECK(r->dim() == 1 && r->size(0) == C && r->is_contiguous() && r->device() == mean.device() &&
+                    (r->scalar_type() == at::kFloat || r->scalar_type() == at::kHalf ||
+                     r->scalar_type() == at::kBFloat16),
+                op, ": expected ", what, " as a contiguous floating [", C, "] tensor on ", mean.device(), ", got ",
+                r->scalar_type(), " ", shape_str(r->sizes()), " on ", r->device());
+  }
+  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), op,
+              ": expected running_mean and running_var of one dtype");
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == mean.device(),
+                op, ": expected num_batches_tracked as a one-element int64 tensor on ", mean.device());
+  }
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(), op,
+              ": momentum=None (cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(count > 1, op, ": expected more than 1 value per channel, got count ", count);
+  bn_running_update_launch(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
+}
+
 at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
-                  const std::optional<at::Tensor>& residual, bool relu) {
-  TORCH_CHECK(a.is_cuda(), "bn_act: expected a CUDA tensor, got one on ", a.device());
-  TORCH_CHECK(channels_innermost(a), "bn_act: expected a channels_last (NHWC) 4-D or contiguous [M, C] tensor, ",
-              "got sizes ", shape_str(a.sizes()), " strides ", shape_str(a.strides()));
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
-              "bn_act: expected float32, float16 or bfloat16 activations, got ", a.scalar_type());
-  const int64_t C = a.size(1);  // [N, C, H, W] or [M, C]
-  for (const at::Tensor* v : {&scale, &shift}) {
-    TORCH_CHECK(v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == C && v->is_contiguous() &&
-                    v->device() == a.device(),
-                "bn_act: expected scale and shift as contiguous float32 [", C, "] tensors on ", a.device(),
-                ", got ", v->scalar_type(), " ", shape_str(v->sizes()), " on ", v->device());
+                  const std::optional<at::Tensor>& residual, bool relu,
+                  const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
+                  at::IntArrayRef pad_stride) {
+  const char* op = "bn_act";
+  check_act(op, "the activations a", a);
+  check_vec(op, "scale", scale, a.size(1), a.device());
+  check_vec(op, "shift", shift, a.size(1), a.device());
+  TORCH_CHECK(residual_scale.has_value() == residual_shift.has_value(), op,
+              ": expected residual_scale and residual_shift together (a projection's BN) or neither");
+  if (residual_scale.has_value() || !pad_stride.empty()) {
+    TORCH_CHECK(residual.has_value(), op, ": residual_scale / pad_stride need a residual");
   }
+  TORCH_CHECK(!(residual_scale.has_value() && !pad_stride.empty()), op,
+              ": expected either residual_scale/residual_shift (projection) or pad_stride (option A), not both");
   if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == a.sizes() && residual->scalar_type() == a.scalar_type() &&
-                    residual->device() == a.device() && channels_innermost(*residual),
-                "bn_act: expected the residual with the activations' sizes, dtype, device and layout");
+    if (pad_stride.empty()) {
+      check_like(op, "the residual", *residual, a);
+    } else {
+      check_act(op, "the residual (option A's block input)", *residual);
+      TORCH_CHECK(residual->scalar_type() == a.scalar_type() && residual->device() == a.device(), op,
+                  ": expected the residual in the activations' dtype and device");
+      check_option_a(op, *residual, a, pad_stride);
+    }
+    if (residual_scale.has_value()) {
+      check_vec(op, "residual_scale", *residual_scale, a.size(1), a.device());
+      check_vec(op, "residual_shift", *residual_shift, a.size(1), a.device());
+    }
   }
-  at::Tensor y = at::empty_like(a);  // keeps channels_last
-  bn_act_launch(a, scale, shift, residual, y, relu);
-  return y;
+  return bn_act_launch(a, scale, shift, residual, residual_scale, residual_shift, pad_stride, relu);
+}
+
+namespace {
+void check_dbn_args(const char* op, const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
+                    std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors) {
+  check_act(op, "the pre-BN activations a", a);
+  check_like(op, "the gradient g", g, a);
+  if (y.has_value()) check_like(op, "the ReLU output y", *y, a);
+  for (auto [what, v] : vectors) check_vec(op, what, *v, a.size(1), a.device());
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const std::optional<at::Tensor>& y,
+                                                    const at::Tensor& a, const at::Tensor& mean,
+                                                    const at::Tensor& rstd, const at::Tensor& scale,
+                                                    const at::Tensor& shift) {
+  check_dbn_args("drelu_dbn_reduce", g, y, a,
+                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}});
+  auto out = drelu_dbn_reduce_launch(g, y, a, mean, rstd, scale, shift);
+  return {out[0], out[1]};
+}
+
+at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
+                     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
+                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats) {
+  check_dbn_args("dbn_apply", g, y, a,
+                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}, {"sum_dz", &sum_dz},
+                  {"sum_dz_xhat", &sum_dz_xhat}});
+  return dbn_apply_launch(g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats);
+}
+
+at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
+                         const at::Tensor& like, at::IntArrayRef pad_stride) {
+  const char* op = "residual_grad";
+  check_act(op, "dy", dy);
+  check_like(op, "the block output y", y, dy);
+  check_act(op, "the input-shaped tensor `like`", like);
+  TORCH_CHECK(like.scalar_type() == dy.scalar_type() && like.device() == dy.device(), op,
+              ": expected `like` in dy's dtype and device");
+  if (pad_stride.empty()) {
+    TORCH_CHECK(like.sizes() == dy.sizes(), op, ": an identity shortcut needs the input's sizes ",
+                shape_str(like.sizes()), " to equal the output's ", shape_str(dy.sizes()));
+  } else {
+    check_option_a(op, like, dy, pad_stride);
+  }
+  if (d_main.has_value()) check_like(op, "d_main", *d_main, like);
+  return residual_grad_launch(d_main, dy, y, like, pad_stride);
 }
 
 TORCH_LIBRARY(fused_resnet_C, m) {
-  m.def("bn_act(Tensor a, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def("bn_stats(Tensor a, Tensor gamma, Tensor beta, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_scale_shift(Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor mean, Tensor var, int count, float? momentum) -> ()");
+  m.def("bn_act(Tensor a, Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor? residual_scale=None, "
+        "Tensor? residual_shift=None, int[] pad_stride=[]) -> Tensor");
+  m.def("drelu_dbn_reduce(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift) "
+        "-> (Tensor, Tensor)");
+  m.def("dbn_apply(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
+        "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats) -> Tensor");
+  m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] pad_stride) -> Tensor");
+  m.def("block_forward(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
+        "Tensor?[] running_vars, Tensor? residual, int[] strides, int[] paddings, int[] dilations, int[] groups, "
+        "float[] eps, bool[] batch_stats, int shortcut, int[] shortcut_stride) -> Tensor[]");
+  m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
+        "Tensor[] running_vars, Tensor? residual, int[] strides, int[] paddings, int[] dilations, int[] groups, "
+        "float[] eps, int shortcut, int[] shortcut_stride) -> Tensor");
+  m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
+        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] strides, int[] paddings, int[] dilations, "
+        "int[] groups, float[] eps, bool[] batch_stats, int shortcut, int[] shortcut_stride, bool need_input_grad) "
+        "-> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) { m.impl("bn_act", &bn_act); }
+#define FR_IMPL_ALL(m)                                    \
+  m.impl("bn_stats", &bn_stats);                          \
+  m.impl("bn_scale_shift", &bn_scale_shift);              \
+  m.impl("bn_running_update", &bn_running_update);        \
+  m.impl("bn_act", &bn_act);                              \
+  m.impl("drelu_dbn_reduce", &drelu_dbn_reduce);          \
+  m.impl("dbn_apply", &dbn_apply);                        \
+  m.impl("residual_grad", &residual_grad);                \
+  m.impl("block_forward", &block_forward);                \
+  m.impl("block_inference", &block_inference);            \
+  m.impl("block_backward", &block_backward)
 
-// CPU tensors get a clear error from the first check instead of the dispatcher's "not implemented" (and CI
-// exercises the extension's error path without a GPU).
-TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) { m.impl("bn_act", &bn_act); }
+TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) { FR_IMPL_ALL(m); }
+TORCH_LIBRARY_IMPL(fused_resnet_C, CPU, m) { FR_IMPL_ALL(m); }
 
 }  // namespace fused_resnet
 

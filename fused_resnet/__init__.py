@@ -4,6 +4,7 @@ Public API: ``FusedBasicBlock``, ``FusedBottleneck`` (drop-in for torchvision's 
 ``available_backends``, ``models`` (resnet18..152, cifar_resnet) and ``reference`` (the pure-PyTorch backend).
 """
 from . import ops  # registers the torch.library ops  # noqa: F401
+from . import cuda_backend  # registers backend "cuda" (the C++/CUDA extension, when it was built)  # noqa: F401
 from . import triton_backend  # registers backend "triton" (Triton itself is imported on first use)  # noqa: F401
 from . import models, reference
 from .backends import available_backends

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-SOURCES = ["csrc/ops.cpp", "csrc/bn_act.cu"]  # relative to the repository root
+SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu", "csrc/dbn.cu"]  # relative to the repository root
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -57,12 +57,17 @@ def include_dirs() -> List[str]:
     return dirs
 
 
+# c10's bfloat16 -> float conversion type-puns through a pointer cast; host code built with strict aliasing
+# (g++ -O3's default) turned every bfloat16 load of the CPU path into 0. PyTorch builds itself without it, too.
+NO_STRICT_ALIASING = "-fno-strict-aliasing"
+
+
 def cxx_flags() -> List[str]:
-    return ["-O0", "-g"] if debug() else ["-O3"]
+    return [NO_STRICT_ALIASING] + (["-O0", "-g"] if debug() else ["-O3"])
 
 
 def nvcc_flags() -> List[str]:
-    flags = ["--expt-relaxed-constexpr"]  # the C++ standard is chosen by torch.utils.cpp_extension
+    flags = ["--expt-relaxed-constexpr", "-Xcompiler", NO_STRICT_ALIASING]  # the C++ standard: cpp_extension's
     return flags + (["-O0", "-g", "-G"] if debug() else ["-O3", "-lineinfo"])
 
 

@@ -43,9 +43,6 @@ class ReferenceBackend(Backend):
 
 
 _REGISTRY: Dict[str, Backend] = {"reference": ReferenceBackend()}
-_WHY_MISSING = {
-    "cuda": "no CUDA block implementation is registered in this build (the extension provides kernels only)",
-}
 # Order in which `auto` tries backends on a CUDA tensor (until per-layer measurement replaces it).
 _AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
 _warned: set = set()
@@ -63,7 +60,7 @@ def backend_status() -> Dict[str, Optional[str]]:
     status: Dict[str, Optional[str]] = {}
     for name in KNOWN_BACKENDS:
         impl = _REGISTRY.get(name)
-        status[name] = _WHY_MISSING.get(name, "not registered") if impl is None else impl.unavailable_reason()
+        status[name] = "not registered" if impl is None else impl.unavailable_reason()
     return status
 
 

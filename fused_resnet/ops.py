@@ -68,39 +68,50 @@ def _block_forward_fake(x, weights, gammas, betas, running_means, running_vars, 
     return [_empty_act(x, shapes[n_main - 1])] + acts + means + variances
 
 
-def _setup_block_forward(ctx, inputs, output):
-    (x, weights, gammas, betas, _, _, residual, strides, paddings, dilations, groups, eps, batch_stats, shortcut,
-     shortcut_stride, backend) = inputs
-    n = len(weights)
-    ctx.n = n
-    ctx.config = (strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride)
-    ctx.backend = backend
-    ctx.residual_dtype = None if residual is None else residual.dtype
-    ctx.save_for_backward(x, output[0], *weights, *gammas, *betas, *output[1:])
+_BLOCK_FORWARD_CONFIG = 15  # block_forward's inputs up to shortcut_stride; a `backend` name may follow
 
 
-def _block_forward_backward(ctx, grads):
-    n = ctx.n
-    dy = grads[0]
-    x, y, *rest = ctx.saved_tensors
-    weights, gammas, betas = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
-    acts, means, variances = rest[3 * n:4 * n], rest[4 * n:5 * n], rest[5 * n:6 * n]
-    nones = [None] * n
-    none_tail = (None,) * 9  # strides .. backend: not differentiable
-    if dy is None:
-        return (None, nones, nones, nones, nones, nones, None) + none_tail
-    need_dx = bool(ctx.needs_input_grad[0])
-    strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride = ctx.config
-    out = torch.ops.fused_resnet.block_backward(
-        dy, x, y, list(weights), list(gammas), list(betas), list(acts), list(means), list(variances),
-        strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride, need_dx, ctx.backend,
-    )
-    dx = out[0] if need_dx else None
-    d_res = out[1].to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
-    dws, dgs, dbs = out[2:2 + n], out[2 + n:2 + 2 * n], out[2 + 2 * n:2 + 3 * n]
-    return (dx, list(dws), list(dgs), list(dbs), nones, nones, d_res) + none_tail
+def block_autograd(backward_op):
+    """(backward, setup_context) of a whole-block forward op whose inputs are block_forward's, optionally followed
+    by a backend name; ``backward_op`` is the matching whole-block backward op (same inputs, same name suffix).
+    Used for ``fused_resnet::block_forward`` and for the extension's ``fused_resnet_C::block_forward``."""
+
+    def setup_context(ctx, inputs, output):
+        (x, weights, gammas, betas, _, _, residual, strides, paddings, dilations, groups, eps, batch_stats,
+         shortcut, shortcut_stride) = inputs[:_BLOCK_FORWARD_CONFIG]
+        n = len(weights)
+        ctx.n = n
+        ctx.config = (strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride)
+        ctx.extra = tuple(inputs[_BLOCK_FORWARD_CONFIG:])
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(x, output[0], *weights, *gammas, *betas, *output[1:])
+
+    def backward(ctx, grads):
+        n = ctx.n
+        dy = grads[0]
+        x, y, *rest = ctx.saved_tensors
+        weights, gammas, betas = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
+        acts, means, variances = rest[3 * n:4 * n], rest[4 * n:5 * n], rest[5 * n:6 * n]
+        nones = [None] * n
+        none_tail = (None,) * (8 + len(ctx.extra))  # strides .. shortcut_stride (, backend): not differentiable
+        if dy is None:
+            return (None, nones, nones, nones, nones, nones, None) + none_tail
+        need_dx = bool(ctx.needs_input_grad[0])
+        strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride = ctx.config
+        out = backward_op(
+            dy, x, y, list(weights), list(gammas), list(betas), list(acts), list(means), list(variances),
+            strides, paddings, dilations, groups, eps, batch_stats, shortcut, shortcut_stride, need_dx, *ctx.extra,
+        )
+        dx = out[0] if need_dx else None
+        d_res = out[1].to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
+        dws, dgs, dbs = out[2:2 + n], out[2 + n:2 + 2 * n], out[2 + 2 * n:2 + 3 * n]
+        return (dx, list(dws), list(dgs), list(dbs), nones, nones, d_res) + none_tail
+
+    return backward, setup_context
 
 
+_block_forward_backward, _setup_block_forward = block_autograd(
+    lambda *args: torch.ops.fused_resnet.block_backward(*args))
 block_forward.register_autograd(_block_forward_backward, setup_context=_setup_block_forward)
 
 
@@ -164,7 +175,13 @@ def bn_running_update(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
     count: int, momentum: Optional[float],
 ) -> None:
-    reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    from . import cuda_backend  # imports this module
+
+    if mean.dtype == torch.float32 and cuda_backend.runs_on(mean):  # one kernel instead of ~8 small torch ops
+        torch.ops.fused_resnet_C.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                                   momentum)
+    else:
+        reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 
 @bn_running_update.register_fake

@@ -1,0 +1,216 @@
+// BN statistics, finalize and running-statistics update (twin of fused_resnet.reference.bn_stats /
+// scale_shift / bn_running_update). fp32 math throughout; see common.cuh for how a kernel runs on GPU and CPU.
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace fused_resnet {
+namespace {
+
+// Welford accumulator of VEC channels that see the same rows (one count).
+template <int VEC>
+struct WelfordAcc {
+  float n = 0.f;
+  float mean[VEC] = {};
+  float m2[VEC] = {};
+
+  C10_HOST_DEVICE void add(const float (&x)[VEC]) {
+    n += 1.f;
+    const float inv = 1.f / n;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d = x[k] - mean[k];
+      mean[k] += d * inv;
+      m2[k] += d * (x[k] - mean[k]);
+    }
+  }
+
+  C10_HOST_DEVICE void merge(const WelfordAcc& o) {
+    float total = n;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      total = n;
+      chan_merge(total, mean[k], m2[k], o.n, o.mean[k], o.m2[k]);
+    }
+    n = total;
+  }
+};
+
+// Partial pass: per (part, channel) count / mean / M2 into [parts, C] fp32 buffers.
+template <typename T, int VEC>
+struct StatsPartialOp {
+  using Acc = WelfordAcc<VEC>;
+  const T* a;
+  int64_t C;
+  float* p_count;
+  float* p_mean;
+  float* p_m2;
+
+  C10_HOST_DEVICE void accumulate(Acc& acc, int64_t row, int64_t group) const {
+    float x[VEC];
+    load_floats<T, VEC>(a, row * C + group * VEC, x);
+    acc.add(x);
+  }
+  C10_HOST_DEVICE void store(const Acc& acc, int64_t part, int64_t group) const {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t idx = part * C + group * VEC + k;
+      p_count[idx] = acc.n;
+      p_mean[idx] = acc.mean[k];
+      p_m2[idx] = acc.m2[k];
+    }
+  }
+};
+
+// Finalize, one channel per index: merge the parts in order, then mean, biased var, s, t.
+struct StatsFinalizeOp {
+  const float* p_count;
+  const float* p_mean;
+  const float* p_m2;
+  const float* gamma;
+  const float* beta;
+  int64_t parts;
+  int64_t C;
+  float eps;
+  float* mean;
+  float* var;
+  float* scale;
+  float* shift;
+
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    float n = 0.f, m = 0.f, m2 = 0.f;
+    for (int64_t p = 0; p < parts; ++p) chan_merge(n, m, m2, p_count[p * C + c], p_mean[p * C + c], p_m2[p * C + c]);
+    const float v = n > 0.f ? m2 / n : std::numeric_limits<float>::quiet_NaN();
+    if (n == 0.f) m = std::numeric_limits<float>::quiet_NaN();
+    float s, t, rstd;
+    scale_shift(gamma[c], beta[c], m, v, eps, s, t, rstd);
+    mean[c] = m;
+    var[c] = v;
+    scale[c] = s;
+    shift[c] = t;
+  }
+};
+
+struct ScaleShiftOp {
+  const float* gamma;
+  const float* beta;
+  const float* mean;
+  const float* var;
+  float eps;
+  float* scale;
+  float* shift;
+  float* rstd;
+
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    scale_shift(gamma[c], beta[c], mean[c], var[c], eps, scale[c], shift[c], rstd[c]);
+  }
+};
+
+// Products and sums rounded one at a time (no fused multiply-add), as torch's separate ops round them.
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+template <typename RT>
+struct RunningUpdateOp {
+  RT* running_mean;
+  RT* running_var;
+  const int64_t* num_batches_tracked;  // read when cumulative (already incremented); else nullptr
+  const float* mean;
+  const float* var;
+  float keep;      // 1 − momentum
+  float take;      // momentum
+  float unbiased;  // count / (count − 1)
+
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    float k = keep, f = take;
+    if (num_batches_tracked != nullptr) {  // momentum=None: factor 1/num_batches_tracked, in fp32 as torch
+      f = 1.f / static_cast<float>(*num_batches_tracked);
+      k = 1.f - f;
+    }
+    const float rm = static_cast<float>(running_mean[c]);
+    const float rv = static_cast<float>(running_var[c]);
+    running_mean[c] = static_cast<RT>(add_rn(mul_rn(rm, k), mul_rn(mean[c], f)));
+    running_var[c] = static_cast<RT>(add_rn(mul_rn(rv, k), mul_rn(mul_rn(var[c], unbiased), f)));
+  }
+};
+
+template <int V>
+using Vec = std::integral_constant<int, V>;
+
+}  // namespace
+
+std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta,
+                                        double eps) {
+  const bool cuda = a.is_cuda();
+  const c10::OptionalDeviceGuard guard(a.device());
+  const int64_t C = a.size(1);
+  const int64_t M = C == 0 ? 0 : a.numel() / C;
+  const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32);
+  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
+  FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats", [&] {
+    auto run = [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int64_t groups = C / V;
+      const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
+      at::Tensor partials = at::empty({3, geo.parts, C}, f32);
+      float* pc = partials[0].data_ptr<float>();
+      float* pm = partials[1].data_ptr<float>();
+      float* p2 = partials[2].data_ptr<float>();
+      reduce_partials(StatsPartialOp<scalar_t, V>{static_cast<const scalar_t*>(a.const_data_ptr()), C, pc, pm, p2},
+                      M, groups, cuda, geo);
+      for_each_index(StatsFinalizeOp{pc, pm, p2, gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(),
+                                     geo.parts, C, static_cast<float>(eps), mean.data_ptr<float>(),
+                                     var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>()},
+                     C, cuda);
+    };
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
+  });
+  return {mean, var, scale, shift};
+}
+
+std::vector<at::Tensor> bn_scale_shift_launch(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                              const at::Tensor& var, double eps) {
+  const c10::OptionalDeviceGuard guard(mean.device());
+  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean), rstd = at::empty_like(mean);
+  for_each_index(ScaleShiftOp{gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                              var.const_data_ptr<float>(), static_cast<float>(eps), scale.data_ptr<float>(),
+                              shift.data_ptr<float>(), rstd.data_ptr<float>()},
+                 mean.numel(), mean.is_cuda());
+  return {scale, shift, rstd};
+}
+
+void bn_running_update_launch(const at::Tensor& running_mean, const at::Tensor& running_var,
+                              const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                              const at::Tensor& var, int64_t count, std::optional<double> momentum) {
+  const c10::OptionalDeviceGuard guard(mean.device());
+  if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+  const int64_t* nbt = momentum.has_value() ? nullptr : num_batches_tracked->const_data_ptr<int64_t>();
+  const double m = momentum.value_or(0.0);
+  const float unbiased = static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1));
+  FR_DISPATCH_FLOATING(running_mean.scalar_type(), "bn_running_update", [&] {
+    for_each_index(RunningUpdateOp<scalar_t>{running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), nbt,
+                                             mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
+                                             static_cast<float>(1.0 - m), static_cast<float>(m), unbiased},
+                   mean.numel(), mean.is_cuda());
+  });
+}
+
+}  // namespace fused_resnet

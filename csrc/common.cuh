@@ -1,0 +1,206 @@
+// Shared machinery of the memory-bound kernels (included by the .cu files only).
+//
+// Every kernel is written once, as a functor whose body is __host__ __device__:
+//   * elementwise work is op(i) for i in [0, n) — on a CUDA tensor a grid-stride kernel over a grid sized from the
+//     SM count, launched on the current stream; on a CPU tensor a parallel host loop running the same body;
+//   * per-channel reductions are an accumulator per (row slice, channel vector): on the GPU a 2-D block of
+//     (channel-vector lanes × row lanes), each thread accumulating its rows in registers, the block merging its
+//     row lanes in shared memory and writing one fp32 partial per block row; on the CPU a loop over the same row
+//     slices. A per-channel finalize functor then merges the partials (same code on both).
+// The CPU path exists so that the op logic and every kernel body are exercised by the CPU test suite; it is a
+// correctness path, not a fast one.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fused_resnet {
+
+// 16 bytes of T (VEC = 16 / sizeof(T)), or one element when VEC = 1.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+C10_HOST_DEVICE inline Pack<T, VEC> load_pack(const T* base, int64_t offset) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(base + offset);
+}
+
+template <typename T, int VEC>
+C10_HOST_DEVICE inline void store_pack(T* base, int64_t offset, const Pack<T, VEC>& p) {
+  *reinterpret_cast<Pack<T, VEC>*>(base + offset) = p;
+}
+
+template <typename T, int VEC>
+C10_HOST_DEVICE inline void load_floats(const T* base, int64_t offset, float (&out)[VEC]) {
+  const Pack<T, VEC> p = load_pack<T, VEC>(base, offset);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<float>(p.v[k]);
+}
+
+template <typename T, int VEC>
+C10_HOST_DEVICE inline void store_floats(T* base, int64_t offset, const float (&in)[VEC]) {
+  Pack<T, VEC> p;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) p.v[k] = static_cast<T>(in[k]);
+  store_pack<T, VEC>(base, offset, p);
+}
+
+// Chan's merge of two (count, mean, M2) partials into the first: exact for any split, no cancellation.
+C10_HOST_DEVICE inline void chan_merge(float& n, float& mean, float& m2, float n_b, float mean_b, float m2_b) {
+  const float total = n + n_b;
+  if (n_b == 0.f || total == 0.f) return;
+  const float delta = mean_b - mean;
+  const float frac_b = n_b / total;
+  mean += delta * frac_b;
+  m2 += m2_b + delta * delta * n * frac_b;
+  n = total;
+}
+
+// BN as a per-channel affine map: s = γ·rstd, t = β − mean·s (fused_resnet.reference.scale_shift).
+C10_HOST_DEVICE inline void scale_shift(float gamma, float beta, float mean, float var, float eps, float& s, float& t,
+                                        float& rstd) {
+#ifdef __CUDA_ARCH__
+  rstd = rsqrtf(var + eps);
+#else
+  rstd = 1.f / std::sqrt(var + eps);
+#endif
+  s = gamma * rstd;
+  t = beta - mean * s;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// ------------------------------------------------------------------------------------------------ elementwise
+template <typename Op>
+__global__ void elementwise_kernel(Op op, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) op(i);
+}
+
+// op(i) for every i in [0, n): on the current CUDA stream when `cuda`, else a parallel host loop.
+template <typename Op>
+void for_each_index(const Op& op, int64_t n, bool cuda) {
+  if (n <= 0) return;
+  if (!cuda) {
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) op(i);
+    });
+    return;
+  }
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, static_cast<int64_t>(sm_count()) * 8);
+  elementwise_kernel<Op><<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(op, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------------------------ reductions
+// Geometry of a per-channel reduction over an [M, C] channels-innermost tensor read as `groups` = C / VEC channel
+// vectors: blocks of (lanes × rows) threads; grid (ceil(groups / lanes), parts). Part p covers the row slices
+// [(p + k·parts)·rows, … + rows) for k = 0, 1, …; it writes one partial per channel.
+struct ReduceGeometry {
+  int lanes = 1;
+  int rows = 1;
+  int64_t lane_blocks = 1;
+  int64_t parts = 1;
+};
+
+inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, bool cuda) {
+  ReduceGeometry g;
+  g.lanes = static_cast<int>(std::min<int64_t>(groups, 32));
+  g.rows = std::max(1, 256 / g.lanes);
+  g.lane_blocks = (groups + g.lanes - 1) / g.lanes;
+  const int64_t target_blocks = cuda ? static_cast<int64_t>(sm_count()) * 4 : 16;
+  const int64_t by_rows = (M + g.rows - 1) / g.rows;
+  g.parts = std::max<int64_t>(1, std::min<int64_t>({by_rows, std::max<int64_t>(1, target_blocks / g.lane_blocks),
+                                                    65535}));
+  return g;
+}
+
+// Op provides: `using Acc` (default-constructible: the empty accumulator; C10_HOST_DEVICE add and merge),
+// `void accumulate(Acc&, int64_t row, int64_t group) const` and `void store(const Acc&, int64_t part,
+// int64_t group) const` (both C10_HOST_DEVICE).
+template <typename Op>
+__global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
+  using Acc = typename Op::Acc;
+  extern __shared__ unsigned char shared_raw[];
+  Acc* shared = reinterpret_cast<Acc*>(shared_raw);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + tx;
+  Acc acc;
+  if (group < groups) {
+    const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+    for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + ty; row < M; row += step) {
+      op.accumulate(acc, row, group);
+    }
+  }
+  shared[ty * blockDim.x + tx] = acc;
+  __syncthreads();
+  int half = 1;
+  while (half * 2 < static_cast<int>(blockDim.y)) half *= 2;
+  for (; half > 0; half /= 2) {  // tree over the row lanes (any blockDim.y)
+    if (ty < half && ty + half < static_cast<int>(blockDim.y)) {
+      shared[ty * blockDim.x + tx].merge(shared[(ty + half) * blockDim.x + tx]);
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && group < groups) op.store(shared[tx], blockIdx.y, group);
+}
+
+// Runs the partial pass; returns the geometry (the caller's finalize needs `parts`).
+template <typename Op>
+ReduceGeometry reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
+  if (!cuda) {
+    at::parallel_for(0, g.parts * groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t part = job / groups, group = job % groups;
+        typename Op::Acc acc;
+        for (int64_t base = part * g.rows; base < M; base += g.parts * g.rows) {
+          for (int64_t row = base; row < std::min<int64_t>(base + g.rows, M); ++row) op.accumulate(acc, row, group);
+        }
+        op.store(acc, part, group);
+      }
+    });
+    return g;
+  }
+  const dim3 block(g.lanes, g.rows);
+  const dim3 grid(static_cast<unsigned>(g.lane_blocks), static_cast<unsigned>(g.parts));
+  const size_t shared = sizeof(typename Op::Acc) * g.lanes * g.rows;
+  reduce_kernel<Op><<<grid, block, shared, at::cuda::getCurrentCUDAStream()>>>(op, M, groups);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g;
+}
+
+// The channel-vector width for an [M, C] pass over `tensors` (data pointers): 16-byte vectors when C and every
+// pointer allow it, else 1.
+template <typename T>
+int vector_width(int64_t C, std::initializer_list<const void*> pointers) {
+  constexpr int VEC = 16 / sizeof(T);
+  if (C % VEC != 0) return 1;
+  for (const void* p : pointers) {
+    if (p != nullptr && !aligned16(p)) return 1;
+  }
+  return VEC;
+}
+
+}  // namespace fused_resnet
+
+// FR_DISPATCH_FLOATING(dtype, name, ...): runs the body with `scalar_t` = float, at::Half or at::BFloat16.
+#define FR_DISPATCH_FLOATING(DTYPE, NAME, ...)                                                   \
+  [&] {                                                                                          \
+    switch (DTYPE) {                                                                             \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                         \
+      case at::kHalf: { using scalar_t = at::Half; return __VA_ARGS__(); }                       \
+      case at::kBFloat16: { using scalar_t = at::BFloat16; return __VA_ARGS__(); }               \
+      default: TORCH_CHECK(false, NAME, ": expected float32, float16 or bfloat16, got ", DTYPE); \
+    }                                                                                            \
+  }()

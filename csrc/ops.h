@@ -1,0 +1,62 @@
+// The extension's ops (schemas in ops.cpp, namespace fused_resnet_C): argument checks, then the launchers of
+// kernels.h. The block ops (block.cpp) call these, so a block is checked piece by piece as well.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fused_resnet {
+
+// Formats sizes by hand: streaming an IntArrayRef into a TORCH_CHECK message crashed (SIGSEGV while raising)
+// with torch 2.11 headers and g++ 13.3 on the H100 machine.
+std::string shape_str(at::IntArrayRef v);
+// [N, C, H, W] channels_last or contiguous [M, C].
+bool channels_innermost(const at::Tensor& x);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats(const at::Tensor& a, const at::Tensor& gamma,
+                                                                    const at::Tensor& beta, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
+                                                              const at::Tensor& mean, const at::Tensor& var,
+                                                              double eps);
+void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                       const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                       const at::Tensor& var, int64_t count, std::optional<double> momentum);
+at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
+                  const std::optional<at::Tensor>& residual, bool relu,
+                  const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
+                  at::IntArrayRef pad_stride);
+std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const std::optional<at::Tensor>& y,
+                                                    const at::Tensor& a, const at::Tensor& mean,
+                                                    const at::Tensor& rstd, const at::Tensor& scale,
+                                                    const at::Tensor& shift);
+at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
+                     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
+                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats);
+at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
+                         const at::Tensor& like, at::IntArrayRef pad_stride);
+
+// block.cpp
+std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
+                                      at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
+                                      const c10::List<std::optional<at::Tensor>>& running_vars,
+                                      const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
+                                      at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
+                                      at::ArrayRef<double> eps, const c10::List<bool>& batch_stats, int64_t shortcut,
+                                      at::IntArrayRef shortcut_stride);
+at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
+                           at::TensorList running_means, at::TensorList running_vars,
+                           const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
+                           at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
+                           at::ArrayRef<double> eps, int64_t shortcut, at::IntArrayRef shortcut_stride);
+std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                       at::TensorList weights, at::TensorList gammas, at::TensorList betas,
+                                       at::TensorList acts, at::TensorList means, at::TensorList variances,
+                                       at::IntArrayRef strides, at::IntArrayRef paddings, at::IntArrayRef dilations,
+                                       at::IntArrayRef groups, at::ArrayRef<double> eps,
+                                       const c10::List<bool>& batch_stats, int64_t shortcut,
+                                       at::IntArrayRef shortcut_stride, bool need_input_grad);
+
+}  // namespace fused_resnet
