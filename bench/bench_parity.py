@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=None, help="input image size (default: the model's)")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--providers", default="triton", help="fused backends compared with eager")
+    parser.add_argument("--providers", default="cuda,triton", help="fused backends compared with eager")
     parser.add_argument("--tolerance", type=float, default=0.01, help="allowed relative final-loss difference")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

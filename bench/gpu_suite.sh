@@ -2,7 +2,8 @@
 # The GPU suite on a GPU machine, from the repository root:  bench/gpu_suite.sh [STAGE...]
 #   tests   build the CUDA extension for this GPU, run every test (GPU tests included)
 #   verify  `fused-resnet verify` on CUDA in several dtypes and layouts
-#   bench   bn_act kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN) and
+#   bench   the extension's kernels (GB/s vs the copy ceiling; BN+ReLU units vs eager / torch.compile), bn_act
+#           kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN) and
 #           ResNet-50 inference, each beside eager PyTorch / torch.compile / cuDNN measured in the same run
 #   models  `fused-resnet bench`: resnet18 and resnet50 training and inference, every provider, with the
 #           per-block chart (its folder comes back as bench_models.tar.gz)
@@ -10,7 +11,7 @@
 #   parity  bench/bench_parity.py: resnet50 bf16, 200 SGD steps, backend triton's loss against eager's
 # No STAGE: tests, verify and bench. The device tool allows 10 minutes per command: run the stages in separate calls there
 # (the extension build is redone when the machine is fresh). Writes env.json, suite.log, junit.xml,
-# verify.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
+# verify.json, bench_bn_kernels.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
 # bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
 set -uo pipefail
 STAGES=${*:-tests verify bench}  # models, micro and parity run only when named
@@ -59,7 +60,7 @@ if want tests; then
 fi
 if want verify; then
   tmp=$(mktemp -d)
-  for backend in auto triton; do
+  for backend in auto triton cuda; do
     for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
       tag=$backend-$(echo "$cfg" | tr -d ' -')
       # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
@@ -74,6 +75,8 @@ print(json.dumps({"runs": runs}, indent=1))
 PY
 fi
 if want bench; then
+  step "bench bn_kernels" python3 bench/bench_bn_kernels.py --model resnet50 --batch 256 --dtype bfloat16 \
+    --out "$OUT/bench_bn_kernels.json"
   step "bench bn_act" python3 bench/bench_bn_act.py --model resnet50 --batch 256 --dtype bfloat16 \
     --out "$OUT/bench_bn_act.json"
   step "bench conv" python3 bench/bench_conv.py --model resnet50 --batch 256 --dtype bfloat16 \

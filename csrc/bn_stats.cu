@@ -10,21 +10,24 @@
 namespace fused_resnet {
 namespace {
 
-// Welford accumulator of VEC channels that see the same rows (one count).
+// Welford accumulator of VEC channels that see the same rows (one count), on shifted data: every value has the
+// channel's first value (row 0) subtracted first, so the running mean stays near zero and keeps its precision
+// when |mean| >> std (the shift is one per channel, shared by every thread, so partials merge as they are).
 template <int VEC>
 struct WelfordAcc {
   float n = 0.f;
   float mean[VEC] = {};
   float m2[VEC] = {};
+  float shift[VEC] = {};
 
   C10_HOST_DEVICE void add(const float (&x)[VEC]) {
     n += 1.f;
     const float inv = 1.f / n;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float d = x[k] - mean[k];
+      const float d = (x[k] - shift[k]) - mean[k];
       mean[k] += d * inv;
-      m2[k] += d * (x[k] - mean[k]);
+      m2[k] += d * ((x[k] - shift[k]) - mean[k]);
     }
   }
 
@@ -49,6 +52,7 @@ struct StatsPartialOp {
   float* p_mean;
   float* p_m2;
 
+  C10_HOST_DEVICE void init(Acc& acc, int64_t group) const { load_floats<T, VEC>(a, group * VEC, acc.shift); }
   C10_HOST_DEVICE void accumulate(Acc& acc, int64_t row, int64_t group) const {
     float x[VEC];
     load_floats<T, VEC>(a, row * C + group * VEC, x);
@@ -65,8 +69,10 @@ struct StatsPartialOp {
   }
 };
 
-// Finalize, one channel per index: merge the parts in order, then mean, biased var, s, t.
+// Finalize, one channel per index: merge the parts in order, undo the shift, then mean, biased var, s, t.
+template <typename T>
 struct StatsFinalizeOp {
+  const T* a;  // row 0 holds the shift
   const float* p_count;
   const float* p_mean;
   const float* p_m2;
@@ -84,7 +90,7 @@ struct StatsFinalizeOp {
     float n = 0.f, m = 0.f, m2 = 0.f;
     for (int64_t p = 0; p < parts; ++p) chan_merge(n, m, m2, p_count[p * C + c], p_mean[p * C + c], p_m2[p * C + c]);
     const float v = n > 0.f ? m2 / n : std::numeric_limits<float>::quiet_NaN();
-    if (n == 0.f) m = std::numeric_limits<float>::quiet_NaN();
+    m = n > 0.f ? m + static_cast<float>(a[c]) : std::numeric_limits<float>::quiet_NaN();
     float s, t, rstd;
     scale_shift(gamma[c], beta[c], m, v, eps, s, t, rstd);
     mean[c] = m;
@@ -175,7 +181,7 @@ std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& g
       float* p2 = partials[2].data_ptr<float>();
       reduce_partials(StatsPartialOp<scalar_t, V>{static_cast<const scalar_t*>(a.const_data_ptr()), C, pc, pm, p2},
                       M, groups, cuda, geo);
-      for_each_index(StatsFinalizeOp{pc, pm, p2, gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(),
+      for_each_index(StatsFinalizeOp<scalar_t>{static_cast<const scalar_t*>(a.const_data_ptr()), pc, pm, p2, gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(),
                                      geo.parts, C, static_cast<float>(eps), mean.data_ptr<float>(),
                                      var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>()},
                      C, cuda);

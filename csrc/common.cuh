@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace fused_resnet {
 
@@ -126,9 +127,9 @@ inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, bool cuda) {
   return g;
 }
 
-// Op provides: `using Acc` (default-constructible: the empty accumulator; C10_HOST_DEVICE add and merge),
-// `void accumulate(Acc&, int64_t row, int64_t group) const` and `void store(const Acc&, int64_t part,
-// int64_t group) const` (both C10_HOST_DEVICE).
+// Op provides: `using Acc` (default-constructible: the empty accumulator; C10_HOST_DEVICE merge), and, all
+// C10_HOST_DEVICE and const: `void init(Acc&, int64_t group)` (once per thread before its rows),
+// `void accumulate(Acc&, int64_t row, int64_t group)` and `void store(const Acc&, int64_t part, int64_t group)`.
 template <typename Op>
 __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
   using Acc = typename Op::Acc;
@@ -138,6 +139,7 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + tx;
   Acc acc;
   if (group < groups) {
+    op.init(acc, group);
     const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + ty; row < M; row += step) {
       op.accumulate(acc, row, group);
@@ -159,15 +161,22 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
 // Runs the partial pass; returns the geometry (the caller's finalize needs `parts`).
 template <typename Op>
 ReduceGeometry reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
-  if (!cuda) {
+  if (!cuda) {  // the kernel's algorithm, thread by thread: per row lane an accumulator, then the same tree
     at::parallel_for(0, g.parts * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<typename Op::Acc> lanes(g.rows);
       for (int64_t job = begin; job < end; ++job) {
         const int64_t part = job / groups, group = job % groups;
-        typename Op::Acc acc;
-        for (int64_t base = part * g.rows; base < M; base += g.parts * g.rows) {
-          for (int64_t row = base; row < std::min<int64_t>(base + g.rows, M); ++row) op.accumulate(acc, row, group);
+        for (int ty = 0; ty < g.rows; ++ty) {
+          lanes[ty] = typename Op::Acc();
+          op.init(lanes[ty], group);
+          for (int64_t row = part * g.rows + ty; row < M; row += g.parts * g.rows) op.accumulate(lanes[ty], row, group);
         }
-        op.store(acc, part, group);
+        int half = 1;
+        while (half * 2 < g.rows) half *= 2;
+        for (; half > 0; half /= 2) {
+          for (int ty = 0; ty < half && ty + half < g.rows; ++ty) lanes[ty].merge(lanes[ty + half]);
+        }
+        op.store(lanes[0], part, group);
       }
     });
     return g;

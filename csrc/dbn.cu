@@ -59,6 +59,7 @@ struct DreluReduceOp {
   float* p_dz;
   float* p_dz_centered;
 
+  C10_HOST_DEVICE void init(Acc&, int64_t) const {}
   C10_HOST_DEVICE void accumulate(Acc& acc, int64_t row, int64_t group) const {
     const int64_t c0 = group * VEC, e = row * C + c0;
     float av[VEC], dz[VEC];

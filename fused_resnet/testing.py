@@ -457,6 +457,43 @@ def compare_models(
     return results
 
 
+def saved_bytes_vs_design(block: nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
+    """(bytes autograd saves for a fused block's backward, the design's minimum, bytes eager PyTorch saves), with
+    parameters left out. The design (DESIGN §1): x, every conv's pre-BN output, y and two fp32 vectors per BN."""
+    x = x.detach().requires_grad_(True)
+
+    def saved(model) -> Tuple[int, torch.Tensor]:
+        params = {p.data_ptr() for p in model.parameters()}
+        sizes: Dict[int, int] = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                sizes[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        return sum(sizes.values()), out
+
+    from .convert import revert
+
+    total, y = saved(block)
+    eager_total, _ = saved(revert(copy.deepcopy(block)))
+    shortcut_convs = list(getattr(block, "downsample", None) or [])
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    acts, h = 0, x
+    with torch.no_grad():
+        for conv in convs:  # pre-BN outputs: every conv's output (the projection reads x)
+            src = x if conv in shortcut_convs else h
+            out = F.conv2d(src, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            acts += out.numel() * out.element_size()
+            if conv not in shortcut_convs:
+                h = out
+    vectors = sum(2 * c.out_channels * 4 for c in convs)
+    design = x.numel() * x.element_size() + acts + y.numel() * y.element_size() + vectors
+    return total, design, eager_total
+
+
 def print_table(title: str, checks: List[Check], out: Optional[Callable[[str], None]] = print) -> None:
     out(title)
     out(TABLE_HEADER)

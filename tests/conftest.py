@@ -1,11 +1,13 @@
-"""Test setup. Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
-Triton kernel is defined, so it is set here, before fused_resnet.kernels can be imported."""
+"""Test setup. Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET must be set before any
+Triton kernel is defined, so it is set here, before fused_resnet.kernels can be imported), and backend "cuda"
+runs the extension's CPU registrations of its ops (FUSED_RESNET_EXT_ON_CPU)."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FUSED_RESNET_EXT_ON_CPU", "1")
 
 import pytest  # noqa: E402
 import torchvision  # noqa: E402

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke run
 
 def _run(script, *args, tmp_path):
     out = tmp_path / "out.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_EXT_ON_CPU="1")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -40,6 +40,20 @@ def test_bench_inference_smoke_and_schema(tmp_path):
     assert [r["provider"] for r in runs] == ["eager", "triton"]
     for r in runs:
         assert SCHEMA <= set(r) and r["mode"] == "infer" and r["ok"] and r["img_per_s"] > 0
+
+
+def test_bench_bn_kernels_smoke(tmp_path):
+    """The extension-kernel benchmark on its CPU registrations: every kernel row, both units, all checks pass."""
+    from fused_resnet import _ext
+
+    if _ext.load() is None:
+        pytest.skip(f"extension not built: {_ext.status()['reason']}")
+    result = _run("bench_bn_kernels.py", "--model", "resnet18", "--batch", "1", "--size", "32", "--dtype", "float16",
+                  "--limit", "1", tmp_path=tmp_path)
+    assert len({r["kernel"] for r in result["kernels"]}) == 10 and all(r["ms"] > 0 for r in result["kernels"])
+    assert {(r["unit"], r["provider"]) for r in result["units"]} == {
+        (u, p) for u in ("bn+relu forward (train)", "bn+relu backward") for p in ("eager", "compile", "cuda")}
+    assert all(r["ok"] for r in result["units"]) and result["copy_ceiling_gbps"] > 0
 
 
 def test_measure_on_cpu_reports_median_and_first_call():

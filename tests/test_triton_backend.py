@@ -200,33 +200,7 @@ def test_saved_for_backward_is_the_design_minimum(case):
     n, h, w = case[5]
     block = fused_resnet.convert(make_block(case, fused=False), backend="triton").train()
     x = torch.randn(n, case[1], h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    def saved_bytes(model):
-        params = {p.data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                saved[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
-        return sum(saved.values()), out
-
-    total, y = saved_bytes(block)
-    eager_total, _ = saved_bytes(fused_resnet.revert(copy.deepcopy(block)))
-    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
-    acts = 0
-    hin = x
-    for conv in convs:  # pre-BN outputs: every conv's output size (the projection reads x)
-        src = x if conv in list(getattr(block, "downsample", None) or []) else hin
-        out = torch.nn.functional.conv2d(src.detach(), conv.weight.detach(), None, conv.stride, conv.padding)
-        acts += out.numel() * out.element_size()
-        if conv not in list(getattr(block, "downsample", None) or []):
-            hin = out
-    vectors = sum(2 * c.out_channels * 4 for c in convs)  # mean and var per BN
-    design = x.numel() * x.element_size() + acts + y.numel() * y.element_size() + vectors
+    total, design, eager_total = testing.saved_bytes_vs_design(block, x)
     assert total <= design < eager_total, (total, design, eager_total)  # eager keeps BN and ReLU outputs too
 
 

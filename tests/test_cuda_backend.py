@@ -1,0 +1,510 @@
+"""Backend "cuda": the C++/CUDA extension (csrc/).
+
+* Every kernel op against fused_resnet.reference with the float64 rule, in float32 / float16 / bfloat16, over
+  channel counts 24, 40, 13 and 64 (C not a multiple of 8, so the one-element path runs too), N·H·W not a
+  multiple of any block size, 4-D channels_last and 2-D [M, C] tensors.
+* The whole-block ops through fused modules and converted models, train and eval mode, every shortcut kind.
+* The ops' fakes, autograd, opcheck and torch.compile; clear errors for bad arguments.
+
+Without a GPU the ops run their CPU registrations — the same kernel bodies in host loops (conftest sets
+FUSED_RESNET_EXT_ON_CPU=1) — so the op logic and the per-element math are checked in CI; the CUDA launch
+geometry, the block reductions and the 16-byte vector paths on device are checked by the GPU runs only
+(bench/gpu_suite.sh tests).
+"""
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet
+from fused_resnet import _ext, backends, cuda_backend, models, reference, testing
+
+from conftest import GPU, assert_checks, case_id, make_block, requires_gpu
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.status()['reason']}")
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(2, 24, 5, 7), (3, 40, 3, 3), (1, 13, 4, 5), (4, 64, 6, 6), (37, 16)]
+EPS = 1e-5
+
+
+def _ops():
+    return torch.ops.fused_resnet_C
+
+
+def _act(shape, dtype, seed, offset=0.0, scale=1.0):
+    """A channels-innermost activation on DEVICE (4-D channels_last or 2-D contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(DEVICE, dtype)
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
+
+
+def _vec(c, seed, low=None):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(c, generator=g) + 0.5 if low is None else torch.randn(c, generator=g)
+    return v.to(DEVICE)
+
+
+def _nchw(t):
+    """2-D [M, C] as [M, C, 1, 1] for the reference (which reduces over dims 0, 2, 3)."""
+    return t.view(*t.shape, 1, 1) if t.dim() == 2 else t
+
+
+def _check(name, fused, fused_ref, same, same_ref, dtype):
+    c = testing.check(name, fused, fused_ref, same, same_ref, dtype)
+    assert c.ok, c.row()
+
+
+def _stats(a):
+    mean, var = reference.bn_stats(_nchw(a))
+    return mean, var
+
+
+# --------------------------------------------------------------------------------------------- kernel ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bn_stats_and_finalize(shape, dtype):
+    """Mean / biased var / s / t against float64, with |mean| ≫ std (Welford + Chan keep the variance)."""
+    a = _act(shape, dtype, 1, offset=50.0, scale=0.5)
+    gamma, beta = _vec(shape[1], 2), _vec(shape[1], 3, low=True)
+    mean, var, s, t = _ops().bn_stats(a, gamma, beta, EPS)
+    m64, v64 = _stats(a.double())
+    m32, v32 = _stats(a)  # torch's same-dtype statistics (fp32 accumulation)
+    s64, t64, _ = reference.scale_shift(gamma.double(), beta.double(), m64, v64, EPS)
+    s32, t32, _ = reference.scale_shift(gamma, beta, m32, v32, EPS)
+    for name, got, ref, same in (("mean", mean, m64, m32), ("var", var, v64, v32), ("s", s, s64, s32),
+                                 ("t", t, t64, t32)):
+        assert got.dtype == torch.float32 and got.shape == (shape[1],)
+        _check(name, got, ref, same, ref, torch.float32)
+
+
+def test_bn_scale_shift():
+    mean, var = _vec(24, 1, low=True), _vec(24, 2)
+    gamma, beta = _vec(24, 3), _vec(24, 4, low=True)
+    s, t, rstd = _ops().bn_scale_shift(gamma, beta, mean, var, EPS)
+    for got, want in zip((s, t, rstd), reference.scale_shift(gamma, beta, mean, var, EPS), strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_bn_running_update_matches_torch(momentum, buffer_dtype):
+    """Against nn.BatchNorm2d's own update (momentum, momentum=None cumulative average, unbiased running_var,
+    num_batches_tracked) over three batches."""
+    bn = torch.nn.BatchNorm2d(24, momentum=momentum).to(DEVICE, buffer_dtype).train()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    nbt = bn.num_batches_tracked.clone()
+    for step in range(3):
+        x = _act((4, 24, 3, 5), buffer_dtype, 10 + step, offset=2.0)
+        mean, var = _stats(x)
+        bn(x)
+        _ops().bn_running_update(rm, rv, nbt, mean, var, 4 * 3 * 5, momentum)
+        assert nbt.item() == bn.num_batches_tracked.item() == step + 1
+        tol = {"rtol": 1e-6, "atol": 1e-6} if buffer_dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
+        torch.testing.assert_close(rm, bn.running_mean, **tol)
+        torch.testing.assert_close(rv, bn.running_var, **tol)
+
+
+def test_bn_running_update_matches_the_reference_exactly():
+    rm, rv, nbt = _vec(40, 1, low=True), _vec(40, 2), torch.tensor(3, device=DEVICE)
+    mean, var = _vec(40, 3, low=True), _vec(40, 4)
+    for momentum in (0.1, None):
+        mine = (rm.clone(), rv.clone(), nbt.clone())
+        ref = (rm.clone(), rv.clone(), nbt.clone())
+        _ops().bn_running_update(*mine, mean, var, 77, momentum)
+        reference.bn_running_update(*ref, mean, var, 77, momentum)
+        for got, want in zip(mine, ref, strict=True):
+            assert torch.equal(got, want), (momentum, got, want)
+
+
+def _bn_act_case(shape, dtype, mode):
+    """(kernel output, float64 reference, eager same-dtype) for one closing-kernel mode."""
+    a = _act(shape, dtype, 1)
+    C = shape[1]
+    s, t = _vec(C, 2), _vec(C, 3, low=True)
+    kwargs, ref_sc = {}, None
+    if mode == "tensor":
+        r = _act(shape, dtype, 4)
+        kwargs, ref_sc = {"residual": r}, lambda d: r.to(d)
+    elif mode == "projection":
+        r, rs, rt = _act(shape, dtype, 4), _vec(C, 5), _vec(C, 6, low=True)
+        kwargs = {"residual": r, "residual_scale": rs, "residual_shift": rt}
+        ref_sc = lambda d: reference.bn_act(r.to(d), rs.to(d), rt.to(d), None, relu=False)  # noqa: E731
+    elif mode == "option A":  # x has C/2 channels (rounded down to even) and 2× the spatial size (+1 for odd)
+        c_in = C // 2
+        x = _act((shape[0], c_in, 2 * shape[2] - 1, 2 * shape[3]), dtype, 7)
+        kwargs = {"residual": x, "pad_stride": [2, 2]}
+        ref_sc = lambda d: reference.shortcut_pad(x.to(d), (2, 2), C, torch.channels_last)  # noqa: E731
+    y = _ops().bn_act(a, s, t, kwargs.pop("residual", None), True, **kwargs)
+
+    def ref(d):
+        return reference.bn_act(a.to(d), s.to(torch.promote_types(d, torch.float32)),
+                                t.to(torch.promote_types(d, torch.float32)),
+                                None if ref_sc is None else ref_sc(d).to(d))
+    return y, ref(torch.float64), ref(dtype)
+
+
+@pytest.mark.parametrize("mode", ["none", "tensor", "projection", "option A"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) == 4], ids=str)
+def test_bn_act_modes(shape, dtype, mode):
+    y, ref64, same = _bn_act_case(shape, dtype, mode)
+    assert y.dtype == dtype and y.shape == shape and y.is_contiguous(memory_format=torch.channels_last)
+    _check(f"bn_act {mode}", y, ref64, same, ref64, dtype)
+
+
+def test_bn_act_two_dimensional():
+    a = _act((37, 16), torch.float16, 1)
+    s, t = _vec(16, 2), _vec(16, 3, low=True)
+    y = _ops().bn_act(a, s, t, None, False)
+    torch.testing.assert_close(y, reference.bn_act(_nchw(a), s, t, None, relu=False).view(37, 16))
+
+
+def _dbn_inputs(shape, dtype, mask):
+    a = _act(shape, dtype, 1, offset=3.0)
+    g = _act(shape, dtype, 2)
+    C = shape[1]
+    mean, var = _stats(a)
+    gamma, beta = _vec(C, 3), _vec(C, 4, low=True)
+    s, t, rstd = reference.scale_shift(gamma, beta, mean, var, EPS)
+    y = _act(shape, dtype, 5) if mask == "y" else None
+    return g, y, a, mean, rstd, s, t
+
+
+def _masked(g, y, a, s, t, d):
+    """dz = g·mask in dtype d (fp32 for low precision, as the reference computes it)."""
+    acc = torch.promote_types(d, torch.float32)
+    view = (lambda v: v.view(1, -1, 1, 1)) if a.dim() == 4 else (lambda v: v.view(1, -1))
+    if y is not None:
+        return g.to(acc) * (y > 0)
+    return g.to(acc) * ((a.to(acc) * view(s.to(acc)) + view(t.to(acc))) > 0)
+
+
+@pytest.mark.parametrize("mask", ["y", "own relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_drelu_dbn_reduce_and_apply(shape, dtype, mask):
+    """Σdz, Σdz·x̂ and da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) (and s·dz with fixed statistics), the dReLU recomputed
+    from y or from the BN's own input, against float64."""
+    g, y, a, mean, rstd, s, t = _dbn_inputs(shape, dtype, mask)
+    sum_dz, sum_dz_xhat = _ops().drelu_dbn_reduce(g, y, a, mean, rstd, s, t)
+
+    def ref(d):
+        acc = torch.promote_types(d, torch.float32)
+        dz = _nchw(_masked(g, y, a, s, t, acc))
+        vecs = [v.to(acc) for v in (mean, rstd, s)]
+        sums = reference.drelu_dbn_reduce(dz, _nchw(a).to(d), vecs[0], vecs[1])
+        das = [reference.dbn_apply(dz, _nchw(a).to(d), vecs[0], vecs[1], vecs[2], *sums, batch).view(a.shape)
+               for batch in (True, False)]
+        return sums, das
+
+    (r_sum, r_sumx), r_da = ref(torch.float64)
+    (s_sum, s_sumx), s_da = ref(dtype)
+    _check("Σdz", sum_dz, r_sum, s_sum, r_sum, torch.float32)
+    _check("Σdz·x̂", sum_dz_xhat, r_sumx, s_sumx, r_sumx, torch.float32)
+    for batch, want, same in zip((True, False), r_da, s_da, strict=True):
+        da = _ops().dbn_apply(g, y, a, mean, rstd, s, t, sum_dz, sum_dz_xhat, batch)
+        assert da.dtype == dtype and da.shape == a.shape and da.stride() == a.stride()
+        _check(f"da (batch statistics {batch})", da, want, same, want, dtype)
+
+
+@pytest.mark.parametrize("kind", ["identity", "tensor", "option A"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_grad(kind, dtype):
+    shape = (2, 24, 5, 4)
+    dy, y = _act(shape, dtype, 1), _act(shape, dtype, 2)
+    if kind == "option A":
+        like = _act((2, 8, 9, 8), dtype, 3)  # ceil(9/2) = 5, 8/2 = 4
+        d_main, pad = _act(like.shape, dtype, 4), [2, 2]
+    else:
+        like, pad = _act(shape, dtype, 3), []
+        d_main = None if kind == "tensor" else _act(shape, dtype, 4)
+    out = _ops().residual_grad(d_main, dy, y, like, pad)
+
+    def ref(d):
+        dz = dy.to(torch.float64) * (y > 0)
+        sc = reference.shortcut_pad_backward(dz, like, (2, 2)) if pad else dz
+        total = sc if d_main is None else sc + d_main.to(torch.float64)
+        return total.to(d)
+
+    assert out.dtype == dtype and out.shape == like.shape and out.is_contiguous(memory_format=torch.channels_last)
+    _check(f"residual_grad {kind}", out, ref(torch.float64), ref(dtype), ref(torch.float64), dtype)
+
+
+def test_kernel_ops_reject_bad_arguments_clearly():
+    a = _act((2, 24, 3, 3), torch.float16, 1)
+    s, t = _vec(24, 2), _vec(24, 3)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        _ops().bn_act(a.contiguous(), s, t, None, True)
+    with pytest.raises(RuntimeError, match="contiguous float32 \\[24\\]"):
+        _ops().bn_act(a, s.half(), t, None, True)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        _ops().bn_stats(a.double(), s, t, EPS)
+    with pytest.raises(RuntimeError, match="with sizes \\[2, 24, 3, 3\\]"):
+        _ops().bn_act(a, s, t, _act((2, 24, 3, 4), torch.float16, 2), True)
+    with pytest.raises(RuntimeError, match="option A maps"):
+        _ops().bn_act(a, s, t, _act((2, 8, 9, 9), torch.float16, 2), True, pad_stride=[2, 2])
+    with pytest.raises(RuntimeError, match="residual_scale and residual_shift together"):
+        _ops().bn_act(a, s, t, a, True, residual_scale=s)
+    with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
+        _ops().bn_running_update(s.clone(), t.clone(), None, s, t, 10, None)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        _ops().bn_running_update(s.clone(), t.clone(), torch.tensor(0, device=DEVICE), s, t, 1, 0.1)
+    with pytest.raises(RuntimeError, match="unknown shortcut kind 7"):
+        w = torch.randn(24, 24, 3, 3, device=DEVICE, dtype=torch.float16)
+        _ops().block_inference(a, [w], [s], [t], [s], [t], None, [1, 1], [1, 1], [1, 1], [1], [EPS], 7, [1, 1])
+
+
+# --------------------------------------------------------------------------------------------- block ops
+def _cuda(m):
+    return fused_resnet.convert(m, backend="cuda", inplace=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", testing.BLOCK_CASES, ids=case_id)
+def test_train_block(case, dtype):
+    """Every block kind, training forward + backward over two passes then eval: outputs, input grad, every
+    parameter grad, running statistics, num_batches_tracked and branch flips against float64 with the rule
+    (bottlenecks in channels_last, basic blocks in NCHW)."""
+    n, h, w = case[5]
+    block = testing.randomize_batchnorm(make_block(case, fused=False), torch.Generator().manual_seed(7))
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(7))
+    checks = testing.compare_models(block, _cuda, x, testing.DTYPES[dtype], DEVICE,
+                                    channels_last=case[0] == "bottleneck", train_steps=2)
+    assert_checks(checks, f"{case_id(case)} {dtype}")
+
+
+@pytest.mark.parametrize("name,build,shape", [
+    ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 64, 64)),
+    ("resnet50", lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 64, 64)),
+    ("cifar20-A", lambda: models.cifar_resnet(20, "A", backend=None), (4, 3, 16, 16)),
+    ("cifar20-B-1d", lambda: models.cifar_resnet(20, "B", dim=1, in_channels=1, backend=None), (4, 1, 40)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_converted_models_over_sgd_steps(name, build, shape):
+    """Whole converted models: three train passes with SGD steps between them, then eval, against float64."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    model = testing.randomize_batchnorm(build(), torch.Generator().manual_seed(3))
+    checks = testing.compare_models(model, _cuda, x, torch.float32, DEVICE, channels_last=len(shape) == 4,
+                                    train_steps=3, lr=0.01)
+    assert_checks(checks, name)
+
+
+def test_train_under_autocast_and_with_a_frozen_bn():
+    case = testing.BLOCK_CASES[7]
+    n, h, w = case[5]
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(8))
+    block = testing.randomize_batchnorm(make_block(case, fused=False), torch.Generator().manual_seed(1))
+    checks = testing.compare_models(block, _cuda, x, torch.bfloat16, DEVICE, channels_last=True, train_steps=2,
+                                    autocast=True)
+    assert_checks(checks, "autocast bf16")
+
+    tv = testing.randomize_batchnorm(torchvision.models.resnet.Bottleneck(16, 4), torch.Generator().manual_seed(2))
+    tv = tv.to(DEVICE)
+    fused = fused_resnet.convert(tv, backend="cuda")
+    oracle = copy.deepcopy(tv).double()
+    for m in (tv, fused, oracle):
+        m.train()
+        m.bn2.eval()
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    for m, inp in ((fused, x.clone().requires_grad_(True)), (tv, x.clone().requires_grad_(True)),
+                   (oracle, x.double())):
+        m(inp).square().sum().backward()
+    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters(), strict=True):
+        _check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
+    assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
+    fused.zero_grad()
+    fused(x).sum().backward()  # x needs no gradient: the first dgrad is skipped
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", testing.BLOCK_CASES, ids=case_id)
+def test_eval_block(case, dtype):
+    n, h, w = case[5]
+    dt = testing.DTYPES[dtype]
+    block = testing.randomize_batchnorm(make_block(case, fused=False), torch.Generator().manual_seed(4)).eval()
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(3))
+    fmt = torch.channels_last if case[0] == "bottleneck" else torch.contiguous_format
+    same = copy.deepcopy(block).to(DEVICE, dt)
+    fused = fused_resnet.convert(copy.deepcopy(same), backend="cuda")
+    oracle = copy.deepcopy(block).to(DEVICE, torch.float64)
+    with torch.no_grad():
+        xl = x.to(DEVICE, dt).contiguous(memory_format=fmt)
+        y = fused(xl)
+        ref = oracle(x.to(DEVICE, torch.float64))
+        assert y.dtype == dt and y.is_contiguous(memory_format=fmt)
+        _check("eval output", y, ref, same(xl), ref, dt)
+
+
+@pytest.mark.parametrize("case", [testing.BLOCK_CASES[i] for i in (0, 1, 6, 7)], ids=case_id)
+def test_saved_for_backward_is_the_design_minimum(case):
+    """Autograd keeps x, the pre-BN conv outputs, y and per-channel vectors only (DESIGN §1), less than eager."""
+    n, h, w = case[5]
+    block = fused_resnet.convert(make_block(case, fused=False), backend="cuda").train().to(DEVICE)
+    x = torch.randn(n, case[1], h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    total, design, eager = testing.saved_bytes_vs_design(block, x)
+    assert total <= design < eager, (total, design, eager)
+
+
+# --------------------------------------------------------------------------------------------- op registration
+def _block_args(case=testing.BLOCK_CASES[7], dtype=torch.float32, grad=False):
+    """Arguments of fused_resnet_C::block_forward for one block case, from a converted block."""
+    n, h, w = case[5]
+    block = testing.randomize_batchnorm(make_block(case, fused=False), torch.Generator().manual_seed(1))
+    fused = fused_resnet.convert(block, backend="cuda").to(DEVICE, dtype).train()
+    captured = {}
+    real = torch.ops.fused_resnet.block_forward
+
+    def spy(*args):
+        captured["args"] = args
+        return real(*args)
+
+    from fused_resnet import ops
+
+    original, ops.block_forward = ops.block_forward, spy
+    try:
+        with torch.no_grad():
+            fused(torch.randn(n, case[1], h, w, device=DEVICE, dtype=dtype).contiguous(
+                memory_format=torch.channels_last))
+    finally:
+        ops.block_forward = original
+    args = [[t.detach() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, (list, tuple))
+            else a.detach() if isinstance(a, torch.Tensor) else a for a in captured["args"][:-1]]  # no backend
+    if grad:
+        args[0] = args[0].detach().requires_grad_(True)
+        for k in (1, 2, 3):
+            args[k] = [t.detach().requires_grad_(True) for t in args[k]]
+    return args
+
+
+def test_cpp_block_forward_autograd_matches_the_reference():
+    """fused_resnet_C::block_forward is differentiable on its own (register_autograd → block_backward)."""
+    args = _block_args(grad=True)
+    ref_args = [args[0].detach().double().requires_grad_(True)] + [
+        [t.detach().double().requires_grad_(True) for t in args[k]] for k in (1, 2, 3)] + args[4:]
+    out = _ops().block_forward(*args)
+    ref = reference.block_forward(*ref_args)
+    gy = torch.randn_like(ref[0])
+    out[0].backward(gy.to(out[0].dtype))
+    ref[0].backward(gy)
+    _check("y", out[0], ref[0], out[0], ref[0], torch.float32)
+    for got, want in zip([args[0]] + args[1] + args[2] + args[3],
+                         [ref_args[0]] + ref_args[1] + ref_args[2] + ref_args[3], strict=True):
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_on_the_extension_ops():
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the block and kernel ops."""
+    args = _block_args(grad=True)
+    torch.library.opcheck(_ops().block_forward, tuple(args))
+    no_grad = _block_args()
+    torch.library.opcheck(_ops().block_inference, tuple(no_grad[:12] + no_grad[13:]))  # no batch_stats
+    g, y, a, mean, rstd, s, t = _dbn_inputs((2, 24, 5, 7), torch.float32, "y")
+    torch.library.opcheck(_ops().drelu_dbn_reduce, (g, y, a, mean, rstd, s, t))
+    torch.library.opcheck(_ops().dbn_apply, (g, None, a, mean, rstd, s, t, mean, rstd, True))
+    torch.library.opcheck(_ops().bn_stats, (a, s, t, EPS))
+    torch.library.opcheck(_ops().bn_act, (a, s, t, y, True), {"residual_scale": s, "residual_shift": t})
+    torch.library.opcheck(_ops().residual_grad, (a, g, y, a, []))
+
+
+def test_compile_fullgraph_traces_the_cpp_ops():
+    torch._dynamo.reset()
+    model = testing.randomize_batchnorm(models.cifar_resnet(20, "A", backend="cuda"),
+                                        torch.Generator().manual_seed(0)).to(DEVICE)
+    x = torch.randn(2, 3, 16, 16, device=DEVICE)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    args = _block_args()
+    fn = torch.compile(lambda *a: _ops().block_forward(*a)[0], backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(*args), _ops().block_forward(*args)[0])
+
+
+def test_backend_status_and_fallbacks():
+    assert backends.backend_status()["cuda"] is None
+    assert "cuda" in backends.available_backends()
+    reason = cuda_backend.CudaBackend().unsupported_reason(torch.randn(1, 4, 2, 2, dtype=torch.float64), [1], [1, 1])
+    assert "float64" in reason
+    assert cuda_backend.CudaBackend().unsupported_reason(torch.randn(1, 4, 2, 2, device=DEVICE), [2], [2, 2]) is None
+    backends._warned.clear()
+    tv = torchvision.models.resnet.BasicBlock(4, 4).double()
+    fused = fused_resnet.convert(tv, backend="cuda")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="dtype torch.float64"):
+        torch.testing.assert_close(fused(x), tv(x), rtol=1e-12, atol=1e-12)
+    backends._warned.clear()
+
+
+def test_grouped_and_dilated_convs_in_the_block_ops():
+    """The convs are ATen's, so the C++ block ops take groups > 1 and dilation > 1 (a ResNeXt-style chain): forward
+    and backward against the reference block ops in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 7, 7, generator=g).to(DEVICE)
+    weights = [torch.randn(8, 4, 3, 3, generator=g).to(DEVICE), torch.randn(8, 2, 3, 3, generator=g).to(DEVICE)]
+    gammas = [torch.rand(8, generator=g).to(DEVICE) + 0.5 for _ in range(2)]
+    betas = [torch.randn(8, generator=g).to(DEVICE) for _ in range(2)]
+    config = ([1, 1, 1, 1], [2, 2, 1, 1], [2, 2, 1, 1], [2, 4], [EPS, EPS], [True, True],
+              reference.SHORTCUT_IDENTITY, [1, 1])
+    nones = [None, None]
+    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, *config)
+    d64 = [t.double() for t in (x,)] + [[t.double() for t in ts] for ts in (weights, gammas, betas)]
+    ref = reference.block_forward(*d64, nones, nones, None, *config)
+    same = reference.block_forward(x, weights, gammas, betas, nones, nones, None, *config)  # torch in fp32
+    for name, got, want, fp32 in zip(["y", "a0", "a1", "mean0", "mean1", "var0", "var1"], out, ref, same,
+                                     strict=True):
+        _check(name, got, want, fp32, want, torch.float32)
+    dy = torch.randn(out[0].shape, generator=g).to(DEVICE)
+    grads = _ops().block_backward(dy, x, out[0], weights, gammas, betas, out[1:3], out[3:5], out[5:7], *config[:-2],
+                                  config[-2], config[-1], True)
+    ref_grads = reference.block_backward(dy.double(), *d64[:1], ref[0], *d64[1:], ref[1:3], ref[3:5], ref[5:7],
+                                         *config[:-2], config[-2], config[-1], True)
+    same_grads = reference.block_backward(dy, x, same[0], weights, gammas, betas, same[1:3], same[3:5], same[5:7],
+                                          *config[:-2], config[-2], config[-1], True)
+
+    def flat(g):
+        return [g[0]] + g[2] + g[3] + g[4]
+
+    for got, want, fp32 in zip([grads[0]] + list(grads[2:]), flat(ref_grads), flat(same_grads), strict=True):
+        _check("grad", got, want, fp32, want, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- GPU only
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_kernels_on_a_resnet50_sized_tensor(dtype):
+    """The 16-byte vector path and the block reductions at scale (256·56·56 rows)."""
+    shape = (256, 64, 56, 56)
+    a = _act(shape, dtype, 1, offset=2.0)
+    gamma, beta = _vec(64, 2), _vec(64, 3, low=True)
+    mean, var, s, t = _ops().bn_stats(a, gamma, beta, EPS)
+    m64, v64 = _stats(a.double())
+    m32, v32 = _stats(a)
+    _check("mean", mean, m64, m32, m64, torch.float32)
+    _check("var", var, v64, v32, v64, torch.float32)
+    y = _ops().bn_act(a, s, t, a, True)
+    ref = reference.bn_act(a.double(), s.double(), t.double(), a.double())
+    _check("bn_act", y, ref, reference.bn_act(a, s, t, a), ref, dtype)
+
+
+@requires_gpu
+def test_gpu_outputs_fully_written_and_current_stream():
+    """Outputs come from the caching allocator poisoned with NaN; the kernels run on a side stream correctly."""
+    poison = torch.full((4 * 24 * 9 * 9 * 8,), float("nan"), device="cuda")
+    del poison
+    a = _act((4, 24, 9, 9), torch.float16, 1)
+    s, t = _vec(24, 2), _vec(24, 3, low=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = _ops().bn_act(a, s, t, a, True)
+        mean, var, _, _ = _ops().bn_stats(a, s, t, EPS)
+    torch.cuda.current_stream().wait_stream(side)
+    assert not torch.isnan(y).any() and not torch.isnan(mean).any()
+    torch.testing.assert_close(y, reference.bn_act(a, s, t, a))
+    torch.testing.assert_close(var, _stats(a)[1], rtol=1e-5, atol=1e-6)
