@@ -170,6 +170,10 @@ std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& g
   const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32);
   at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
+  if (M == 0) {  // no values: NaN statistics, as torch.var_mean of an empty tensor (and nothing to read)
+    for (at::Tensor* v : {&mean, &var, &scale, &shift}) v->fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var, scale, shift};
+  }
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats", [&] {
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;

@@ -133,7 +133,7 @@ inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, bool cuda) {
 template <typename Op>
 __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
   using Acc = typename Op::Acc;
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   Acc* shared = reinterpret_cast<Acc*>(shared_raw);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + tx;
@@ -141,6 +141,7 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
   if (group < groups) {
     op.init(acc, group);
     const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4  // several independent 16-byte loads in flight per thread
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + ty; row < M; row += step) {
       op.accumulate(acc, row, group);
     }
