@@ -27,6 +27,15 @@ def _seeded():
     torch.manual_seed(0)
 
 
+# Small models for whole-model tests: name → an unconverted model (torch's own for the ImageNet ResNets).
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "cifar20-A": lambda: fused_resnet.models.cifar_resnet(20, "A", backend=None),
+    "cifar20-B-1d": lambda: fused_resnet.models.cifar_resnet(20, "B", dim=1, in_channels=1, backend=None),
+}
+
+
 def make_block(case, fused: bool, backend: str = "reference"):
     """A block for one row of testing.BLOCK_CASES: torchvision's class where torchvision has the configuration,
     fused_resnet's eager twin otherwise (option A, plain), or the fused block."""

@@ -14,7 +14,7 @@ import torchvision
 import fused_resnet
 from fused_resnet import backends, models, reference, testing, triton_backend
 
-from conftest import GPU, assert_checks, case_id, make_block
+from conftest import GPU, MODELS, assert_checks, case_id, make_block
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPES = ["float32", "float16"] + (["bfloat16"] if GPU else [])
@@ -51,17 +51,15 @@ def test_eval_block_matches_torch(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,build,shape", [
-    ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32)),
-    ("resnet50", lambda: torchvision.models.resnet50(num_classes=10), (1, 3, 32, 32)),
-    ("cifar20-A", lambda: models.cifar_resnet(20, "A", backend=None), (2, 3, 16, 16)),
-    ("cifar20-B-1d", lambda: models.cifar_resnet(20, "B", dim=1, in_channels=1, backend=None), (2, 1, 40)),
+@pytest.mark.parametrize("name,shape", [
+    ("resnet18", (2, 3, 32, 32)), ("resnet50", (1, 3, 32, 32)), ("cifar20-A", (2, 3, 16, 16)),
+    ("cifar20-B-1d", (2, 1, 40)),
 ], ids=lambda v: v if isinstance(v, str) else "")
-def test_eval_converted_models_match_torch(name, build, shape, dtype):
+def test_eval_converted_models_match_torch(name, shape, dtype):
     if name == "resnet50" and dtype != "float32" and not GPU:
         pytest.skip("resnet50 runs once on the CPU interpreter (float32); every dtype on the GPU")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
-    c = _eval_check(_randomized(build()), x, dtype, name, channels_last=len(shape) == 4)
+    c = _eval_check(_randomized(MODELS[name]()), x, dtype, name, channels_last=len(shape) == 4)
     assert c.ok, c.row()
 
 
@@ -176,18 +174,16 @@ def test_train_block_fused(case, dtype):
     assert_checks(checks, f"{case_id(case)} {dtype}")
 
 
-@pytest.mark.parametrize("name,build,shape", [
-    ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 64, 64)),
-    ("cifar20-A", lambda: models.cifar_resnet(20, "A", backend=None), (4, 3, 16, 16)),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_train_converted_models_over_sgd_steps(name, build, shape):
+@pytest.mark.parametrize("name,shape", [("resnet18", (4, 3, 64, 64)), ("cifar20-A", (4, 3, 16, 16))],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_train_converted_models_over_sgd_steps(name, shape):
     """Whole converted models on the fused training path: three train passes with SGD steps between them (lr
     0.01), then eval — outputs, input grad, every parameter grad, running statistics and eval output against
     float64 with the rule. (resnet18 at 64 px, batch 4: at 32 px, batch 2 its last stage normalises 2 values
     per channel and torch's own float32 error is O(1), which makes the rule meaningless.)"""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
     checks = testing.compare_models(
-        _randomized(build()), lambda m: fused_resnet.convert(m, backend="triton", inplace=True), x,
+        _randomized(MODELS[name]()), lambda m: fused_resnet.convert(m, backend="triton", inplace=True), x,
         torch.float32, DEVICE, channels_last=True, train_steps=3, lr=0.01,
     )
     assert_checks(checks, name)
