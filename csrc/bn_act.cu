@@ -34,12 +34,12 @@ struct BnActOp {
     float z[VEC];
     load_floats<T, VEC>(a, e, z);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = z[k] * s[c0 + k] + t[c0 + k];
+    for (int k = 0; k < VEC; ++k) z[k] = affine(z[k], s[c0 + k], t[c0 + k]);
     if constexpr (RES == kTensor || RES == kAffine) {
       float res[VEC];
       load_floats<T, VEC>(r, e, res);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] += RES == kAffine ? res[k] * rs[c0 + k] + rt[c0 + k] : res[k];
+      for (int k = 0; k < VEC; ++k) z[k] += RES == kAffine ? affine(res[k], rs[c0 + k], rt[c0 + k]) : res[k];
     }
     if constexpr (RES == kPad) {
       if (c0 < C_in) {  // C_in is a multiple of VEC: the vector is wholly inside or wholly outside

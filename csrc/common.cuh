@@ -18,6 +18,7 @@
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -63,6 +64,16 @@ C10_HOST_DEVICE inline void chan_merge(float& n, float& mean, float& m2, float n
   mean += delta * frac_b;
   m2 += m2_b + delta * delta * n * frac_b;
   n = total;
+}
+
+// a·s + t as one fused multiply-add on host and device alike, so the forward ReLU (bn_act) and the mask the
+// backward recomputes from the same a, s, t (dbn.cu) agree bit for bit, whatever the compiler contracts.
+C10_HOST_DEVICE inline float affine(float a, float s, float t) {
+#ifdef __CUDA_ARCH__
+  return fmaf(a, s, t);
+#else
+  return std::fma(a, s, t);
+#endif
 }
 
 // BN as a per-channel affine map: s = γ·rstd, t = β − mean·s (fused_resnet.reference.scale_shift).
@@ -117,9 +128,9 @@ struct ReduceGeometry {
 
 inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, bool cuda) {
   ReduceGeometry g;
-  g.lanes = static_cast<int>(std::min<int64_t>(groups, 32));
+  g.lanes = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(groups, 32)));
   g.rows = std::max(1, 256 / g.lanes);
-  g.lane_blocks = (groups + g.lanes - 1) / g.lanes;
+  g.lane_blocks = std::max<int64_t>(1, (groups + g.lanes - 1) / g.lanes);
   const int64_t target_blocks = cuda ? static_cast<int64_t>(sm_count()) * 4 : 16;
   const int64_t by_rows = (M + g.rows - 1) / g.rows;
   g.parts = std::max<int64_t>(1, std::min<int64_t>({by_rows, std::max<int64_t>(1, target_blocks / g.lane_blocks),
@@ -162,6 +173,7 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
 // Runs the partial pass; returns the geometry (the caller's finalize needs `parts`).
 template <typename Op>
 ReduceGeometry reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
+  if (groups == 0) return g;  // no channels: nothing to reduce (the finalize has no channel to write either)
   if (!cuda) {  // the kernel's algorithm, thread by thread: per row lane an accumulator, then the same tree
     at::parallel_for(0, g.parts * groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<typename Op::Acc> lanes(g.rows);

@@ -41,7 +41,7 @@ C10_HOST_DEVICE inline void masked_grad(const T* g, const T* y, const float* s, 
   if constexpr (MASK_Y) load_floats<T, VEC>(y, e, yv);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const bool on = MASK_Y ? yv[k] > 0.f : a[k] * s[c0 + k] + t[c0 + k] > 0.f;
+    const bool on = MASK_Y ? yv[k] > 0.f : affine(a[k], s[c0 + k], t[c0 + k]) > 0.f;
     dz[k] = on ? dz[k] : 0.f;
   }
 }

@@ -108,4 +108,4 @@ def test_bench_parity_smoke(tmp_path):
     result = _run("bench_parity.py", "--model", "cifar_resnet20", "--dtype", "float32", "--batch", "4", "--size", "8",
                   "--steps", "2", tmp_path=tmp_path)
     rows = {r["provider"]: r for r in result["rows"]}
-    assert set(rows) == {"eager", "triton"} and all(len(r["losses"]) == 2 and r["ok"] for r in rows.values())
+    assert set(rows) == {"eager", "cuda", "triton"} and all(len(r["losses"]) == 2 and r["ok"] for r in rows.values())

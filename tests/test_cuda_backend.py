@@ -233,6 +233,19 @@ def test_residual_grad(kind, dtype):
     _check(f"residual_grad {kind}", out, ref(torch.float64), ref(dtype), ref(torch.float64), dtype)
 
 
+def test_degenerate_sizes():
+    """No channels, or no rows: empty sums, NaN statistics (as torch.var_mean of nothing), no crash."""
+    a0 = _act((5, 0), torch.float32, 1)
+    empty = torch.empty(0, device=DEVICE)
+    sums = _ops().drelu_dbn_reduce(a0, None, a0, empty, empty, empty, empty)
+    assert all(s.shape == (0,) for s in sums)
+    assert _ops().bn_act(a0, empty, empty, None, True).shape == (5, 0)
+    rows0 = _act((0, 8), torch.float16, 1)
+    ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    assert torch.isnan(_ops().bn_stats(rows0, ones, zeros, EPS)[0]).all()
+    assert torch.equal(_ops().drelu_dbn_reduce(rows0, None, rows0, zeros, ones, ones, zeros)[0], zeros)
+
+
 def test_kernel_ops_reject_bad_arguments_clearly():
     a = _act((2, 24, 3, 3), torch.float16, 1)
     s, t = _vec(24, 2), _vec(24, 3)
@@ -427,13 +440,16 @@ def test_compile_fullgraph_traces_the_cpp_ops():
 def test_backend_status_and_fallbacks():
     assert backends.backend_status()["cuda"] is None
     assert "cuda" in backends.available_backends()
-    reason = cuda_backend.CudaBackend().unsupported_reason(torch.randn(1, 4, 2, 2, dtype=torch.float64), [1], [1, 1])
-    assert "float64" in reason
-    assert cuda_backend.CudaBackend().unsupported_reason(torch.randn(1, 4, 2, 2, device=DEVICE), [2], [2, 2]) is None
+    backend = cuda_backend.CudaBackend()
+    assert "float64" in backend.unsupported_reason(torch.randn(1, 4, 2, 2, dtype=torch.float64, device=DEVICE), [1],
+                                                   [1, 1])
+    assert backend.unsupported_reason(torch.randn(1, 4, 2, 2, device=DEVICE), [2], [2, 2]) is None
+    if GPU:
+        assert "needs CUDA tensors" in backend.unsupported_reason(torch.randn(1, 4, 2, 2), [1], [1, 1])
     backends._warned.clear()
-    tv = torchvision.models.resnet.BasicBlock(4, 4).double()
+    tv = torchvision.models.resnet.BasicBlock(4, 4).double().to(DEVICE)
     fused = fused_resnet.convert(tv, backend="cuda")
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=DEVICE)
     with pytest.warns(RuntimeWarning, match="dtype torch.float64"):
         torch.testing.assert_close(fused(x), tv(x), rtol=1e-12, atol=1e-12)
     backends._warned.clear()
