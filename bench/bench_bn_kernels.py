@@ -35,7 +35,8 @@ def copy_ceiling_gbps(device: torch.device, warmup_ms: float, rep_ms: float) -> 
     return 2 * n * 2 / (ms * 1e-3) / 1e9
 
 
-def _problem(shape, dtype, device):
+def problem(shape, dtype, device):
+    """Activations (channels_last), gradient, residual and BN vectors for one BN shape."""
     g = torch.Generator().manual_seed(0)
 
     def act(offset=0.0):
@@ -51,8 +52,13 @@ def _problem(shape, dtype, device):
     return p
 
 
+KERNELS = ("bn_stats", "bn_act relu", "bn_act + residual + relu", "bn_act dual affine (projection)",
+           "drelu_dbn_reduce (mask from y)", "drelu_dbn_reduce (own relu)", "dbn_apply (mask from y)",
+           "dbn_apply (own relu)", "residual_grad (identity)", "bn_running_update")
+
+
 def kernel_rows(p):
-    """(name, bytes, fn) for each extension kernel alone."""
+    """(name, bytes, fn) for each extension kernel alone, in the order of KERNELS."""
     ops = torch.ops.fused_resnet_C
     a, dy, y, r = p["a"], p["dy"], p["y"], p["r"]
     mean, rstd, s, t, gamma, beta = (p[k] for k in ("mean", "rstd", "s", "t", "gamma", "beta"))
@@ -60,7 +66,7 @@ def kernel_rows(p):
     sums = ops.drelu_dbn_reduce(dy, y, a, mean, rstd, s, t)
     rm, rv, nbt = torch.zeros_like(mean), torch.ones_like(mean), torch.zeros((), dtype=torch.long, device=a.device)
     count = a.numel() // a.shape[1]
-    return [
+    rows = [
         ("bn_stats", size, lambda: ops.bn_stats(a, gamma, beta, EPS)),
         ("bn_act relu", 2 * size, lambda: ops.bn_act(a, s, t, None, True)),
         ("bn_act + residual + relu", 3 * size, lambda: ops.bn_act(a, s, t, r, True)),
@@ -73,6 +79,8 @@ def kernel_rows(p):
         ("residual_grad (identity)", 4 * size, lambda: ops.residual_grad(r, dy, y, a, [])),
         ("bn_running_update", 0, lambda: ops.bn_running_update(rm, rv, nbt, mean, p["var"], count, MOMENTUM)),
     ]
+    assert tuple(r[0] for r in rows) == KERNELS
+    return rows
 
 
 def unit_providers(p, compile_fns):
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
 
     kernels, units = [], []
     for shape in shapes:
-        p = _problem(shape, dtype, device)
+        p = problem(shape, dtype, device)
         for name, nbytes, fn in kernel_rows(p):
             ms = benchmark.median_ms(fn, device, warmup_ms, rep_ms)
             gbps = nbytes / (ms * 1e-3) / 1e9

@@ -8,14 +8,17 @@ Op families and providers, on the shape tables shared with the tests (``testing.
 
 * conv fprop / dgrad / wgrad — eager (cuDNN), compile (torch.compile of the conv), triton (kernels/conv.py);
 * bn_act (BN-apply + residual + ReLU) — eager (F.batch_norm, add, relu), compile (that sequence compiled), triton
-  (kernels/bn_act.py), cuda (the extension's kernel).
+  (kernels/bn_act.py), cuda (the extension's kernel);
+* extension — every kernel of the C++/CUDA extension alone (bench_bn_kernels.KERNELS), GB/s against the copy
+  ceiling (bench/bench_bn_kernels.py also times BN + ReLU units beside eager and compile).
 
 Each call is synchronised, so pytest-benchmark's median is the device time per call; warm-up rounds (compilation
 and autotuning included) are excluded. Every result is first checked against float64 with the rule of
 fused_resnet.testing. At the end a table gives ms, TFLOP/s (convs) or GB/s (bn_act), % of the bf16 GEMM and
 device-copy ceilings measured in the same session, and the speedup against eager and compile; with
 ``FUSED_RESNET_MICRO_JSON=path`` it is also written as JSON. Without a GPU (under TRITON_INTERPRET=1) the two
-smallest shapes of each family run at batch 2 as a smoke test of this file: the numbers mean nothing there.
+smallest shapes of each family run at batch 2 as a smoke test of this file (the extension's kernels on their CPU
+registrations with FUSED_RESNET_EXT_ON_CPU=1): the numbers mean nothing there.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import _ext, benchmark, reference, testing
+import bench_bn_kernels  # bench/ is on sys.path: pytest prepends a test file's folder
+from fused_resnet import _ext, benchmark, cuda_backend, reference, testing
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -97,6 +101,13 @@ def _report(gemm, copy):
                        **benchmark.environment(), "rows": RESULTS}, f, indent=1)
 
 
+def _need_extension():
+    if _ext.load(jit=True) is None:
+        pytest.skip(f"the extension is not available: {_ext.status()['reason']}")
+    if not GPU and not cuda_backend.on_cpu_for_testing():
+        pytest.skip(f"the extension's kernels run on a GPU ({cuda_backend.ENV_ON_CPU}=1: their CPU registrations)")
+
+
 def _conv_fns(shape, x, w, dy, which):
     """{provider: fn} and the float64 reference for one conv pass."""
     compiled = torch.compile(lambda x, w, dy: shape.torch_pass(which, x, w, dy), dynamic=False)
@@ -123,8 +134,8 @@ def test_conv(benchmark, ceilings, shape, which, provider):
 @pytest.mark.parametrize("with_res", [True, False], ids=["residual", "no-residual"])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
 def test_bn_act(benchmark, ceilings, shape, with_res, provider):
-    if provider == "cuda" and (not GPU or _ext.load(jit=True) is None):
-        pytest.skip("the CUDA extension runs on a GPU only")
+    if provider == "cuda":
+        _need_extension()
     from fused_resnet.kernels import bn_act as triton_bn_act
 
     torch._dynamo.reset()
@@ -152,3 +163,13 @@ def test_bn_act(benchmark, ceilings, shape, with_res, provider):
     nbytes = (3 if with_res else 2) * a.numel() * a.element_size()
     RESULTS.append({"family": "bn_act", "shape": f"{tuple(shape)}{'+res' if with_res else ''}",
                     "provider": provider, "ms": 1e3 * seconds, "gbps": nbytes / seconds / 1e9})
+
+
+@pytest.mark.parametrize("kernel", range(len(bench_bn_kernels.KERNELS)), ids=bench_bn_kernels.KERNELS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_extension(benchmark, ceilings, shape, kernel):
+    _need_extension()
+    name, nbytes, fn = bench_bn_kernels.kernel_rows(bench_bn_kernels.problem(shape, DTYPE, DEV))[kernel]
+    seconds = _run(benchmark, fn)
+    RESULTS.append({"family": "ext", "shape": f"{tuple(shape)} {name}", "provider": "cuda", "ms": 1e3 * seconds,
+                    "gbps": nbytes / seconds / 1e9})

@@ -94,14 +94,16 @@ def test_bench_command_rejects_bad_options():
 def test_microbenchmarks_smoke(tmp_path):
     """bench/test_microbench.py (pytest-benchmark) runs, checks numerics and writes its report JSON."""
     out = tmp_path / "micro.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_MICRO_JSON=str(out))
+    env = dict(os.environ, TRITON_INTERPRET="1", FUSED_RESNET_EXT_ON_CPU="1", FUSED_RESNET_MICRO_JSON=str(out))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                           "(conv and fprop) or (bn_act and residual)", str(ROOT / "bench" / "test_microbench.py")],
+                           "(conv and fprop) or (bn_act and residual) or (extension and bn_stats)",
+                           str(ROOT / "bench" / "test_microbench.py")],
                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"eager", "compile", "triton"}
-    assert all(r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0 for r in rows)
+    assert {r["provider"] for r in rows} == {"eager", "compile", "triton", "cuda"}
+    assert all(r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0 for r in rows if r["family"] != "ext")
+    assert {r["family"] for r in rows if r["provider"] == "cuda"} == {"ext", "bn_act"}
 
 
 def test_bench_parity_smoke(tmp_path):

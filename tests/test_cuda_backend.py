@@ -233,6 +233,26 @@ def test_residual_grad(kind, dtype):
     _check(f"residual_grad {kind}", out, ref(torch.float64), ref(dtype), ref(torch.float64), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_unaligned_tensors_take_the_one_element_path(dtype):
+    """A view starting one element into its storage is not 16-byte aligned: every kernel must notice and fall back
+    to one element per thread (same results as the aligned copy: bitwise for elementwise kernels, to rounding for
+    reductions, whose summation order follows the vector width)."""
+    rows, C = 37, 24
+    flat = _act((rows * C + 1,), dtype, 1, offset=1.0)
+    a = flat[1:].view(rows, C)
+    assert a.data_ptr() % 16 != 0
+    g = _act((rows, C), dtype, 2)
+    s, t = _vec(C, 3), _vec(C, 4, low=True)
+    aligned = a.clone()
+    for fn, tol in ((lambda x: _ops().bn_act(x, s, t, g, True), 0),
+                    (lambda x: _ops().bn_stats(x, s, t, EPS)[1], 1e-6),
+                    (lambda x: _ops().drelu_dbn_reduce(g, None, x, s, s, s, t)[1], 1e-6),
+                    (lambda x: _ops().dbn_apply(g, None, x, s, s, s, t, s, t, True), 0),
+                    (lambda x: _ops().residual_grad(x, g, g, x, []), 0)):
+        torch.testing.assert_close(fn(a), fn(aligned), rtol=tol, atol=tol)
+
+
 def test_degenerate_sizes():
     """No channels, or no rows: empty sums, NaN statistics (as torch.var_mean of nothing), no crash."""
     a0 = _act((5, 0), torch.float32, 1)
