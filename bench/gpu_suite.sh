@@ -60,7 +60,7 @@ if want tests; then
 fi
 if want verify; then
   tmp=$(mktemp -d)
-  for backend in auto triton cuda; do
+  for backend in auto triton; do  # auto: backend cuda where the extension loads (the first in auto's order)
     for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
       tag=$backend-$(echo "$cfg" | tr -d ' -')
       # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
