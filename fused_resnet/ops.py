@@ -8,6 +8,7 @@ Ops (namespace ``fused_resnet``):
 * ``block_inference`` — eval-mode block forward that saves nothing.
 * ``bn_running_update`` — torch's running-statistics update (mutates running_mean / running_var /
   num_batches_tracked); kept out of the differentiable op because torch.library autograd needs functional ops.
+  One kernel of the C++/CUDA extension for CUDA tensors when the extension is loaded, torch ops otherwise.
 
 The block ops take a ``backend`` name and resolve it at run time (see :mod:`fused_resnet.backends`), so the same
 traced graph runs on whichever backend the module asks for. The layout contract, shared by every backend: every
