@@ -27,17 +27,30 @@ from . import _ext, backends, reference
 
 ENV_ON_CPU = "FUSED_RESNET_EXT_ON_CPU"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_registered = False
 
 
 def on_cpu_for_testing() -> bool:
     return os.environ.get(ENV_ON_CPU, "0") == "1"
 
 
+def _loaded() -> bool:
+    """The extension is loaded (prebuilt, or built just in time earlier in this process) and its fakes and
+    autograd formula are registered."""
+    global _registered
+    if _ext.load() is None:
+        return False
+    if not _registered:
+        _register()
+        _registered = True
+    return True
+
+
 def runs_on(t: Tensor) -> bool:
     """Whether the extension's kernels take tensors on t's device here (extension loaded; CUDA, or CPU in the
     tests' mode)."""
     if t.device.type == "cuda" or (t.device.type == "cpu" and on_cpu_for_testing()):
-        return _ext.load() is not None
+        return _loaded()
     return False
 
 
@@ -45,7 +58,7 @@ class CudaBackend(backends.Backend):
     name = "cuda"
 
     def unavailable_reason(self) -> Optional[str]:
-        if _ext.load() is None:
+        if not _loaded():
             return f"the C++/CUDA extension is not loaded: {_ext.status()['reason']}"
         if not torch.cuda.is_available() and not on_cpu_for_testing():
             return (f"no CUDA device: the extension's ops run on CUDA tensors ({ENV_ON_CPU}=1 runs their CPU "
@@ -105,6 +118,5 @@ def _register(lib: str = "fused_resnet_C") -> None:
     torch.library.register_autograd(f"{lib}::block_forward", backward, setup_context=setup_context)
 
 
-if _ext.load() is not None:
-    _register()
+_loaded()  # registers the fakes and autograd now when the extension is prebuilt
 backends.register(CudaBackend())
