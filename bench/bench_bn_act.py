@@ -23,14 +23,6 @@ import torch.nn.functional as F
 from fused_resnet import _ext, benchmark, reference, testing
 
 
-def copy_ceiling_gbps(do_bench) -> float:
-    n = 1 << 29  # 1 GiB of bf16
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * n * 2 / (ms * 1e-3) / 1e9
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -48,7 +40,7 @@ def main(argv=None) -> int:
 
     dtype = testing.DTYPES[args.dtype]
     ext = _ext.load(jit=True)
-    ceiling = copy_ceiling_gbps(do_bench)
+    ceiling = benchmark.copy_ceiling_gbps(torch.device("cuda"), 1 << 29, warmup_ms=25, rep_ms=200)  # 1 GiB
     eps = 1e-5
 
     def eager(a, rm, rv, w, b, r):

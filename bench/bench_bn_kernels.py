@@ -27,14 +27,6 @@ from fused_resnet import _ext, benchmark, cuda_backend, reference, testing
 EPS, MOMENTUM = 1e-5, 0.1
 
 
-def copy_ceiling_gbps(device: torch.device, warmup_ms: float, rep_ms: float) -> float:
-    n = (1 << 29) if device.type == "cuda" else (1 << 22)
-    src = torch.randn(n, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = benchmark.median_ms(lambda: dst.copy_(src), device, warmup_ms, rep_ms)
-    return 2 * n * 2 / (ms * 1e-3) / 1e9
-
-
 def problem(shape, dtype, device):
     """Activations (channels_last), gradient, residual and BN vectors for one BN shape."""
     g = torch.Generator().manual_seed(0)
@@ -149,7 +141,8 @@ def main(argv=None) -> int:
         print(f"the extension is not available: {_ext.status()['reason']}")
         return 2
     dtype = testing.DTYPES[args.dtype]
-    ceiling = copy_ceiling_gbps(device, warmup_ms, rep_ms)
+    ceiling = benchmark.copy_ceiling_gbps(device, (1 << 29) if device.type == "cuda" else (1 << 22), warmup_ms,
+                                          rep_ms)
     shapes = testing.bn_input_shapes(args.model, args.batch, args.size)
     shapes = shapes[:args.limit] if args.limit else shapes
 

@@ -170,10 +170,10 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
   if (ty == 0 && group < groups) op.store(shared[tx], blockIdx.y, group);
 }
 
-// Runs the partial pass; returns the geometry (the caller's finalize needs `parts`).
+// Runs the partial pass over the geometry `g` (from reduce_geometry; the caller's finalize reads g.parts).
 template <typename Op>
-ReduceGeometry reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
-  if (groups == 0) return g;  // no channels: nothing to reduce (the finalize has no channel to write either)
+void reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
+  if (groups == 0) return;  // no channels: nothing to reduce (the finalize has no channel to write either)
   if (!cuda) {  // the kernel's algorithm, thread by thread: per row lane an accumulator, then the same tree
     at::parallel_for(0, g.parts * groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<typename Op::Acc> lanes(g.rows);
@@ -192,14 +192,13 @@ ReduceGeometry reduce_partials(const Op& op, int64_t M, int64_t groups, bool cud
         op.store(lanes[0], part, group);
       }
     });
-    return g;
+    return;
   }
   const dim3 block(g.lanes, g.rows);
   const dim3 grid(static_cast<unsigned>(g.lane_blocks), static_cast<unsigned>(g.parts));
   const size_t shared = sizeof(typename Op::Acc) * g.lanes * g.rows;
   reduce_kernel<Op><<<grid, block, shared, at::cuda::getCurrentCUDAStream()>>>(op, M, groups);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return g;
 }
 
 // The channel-vector width for an [M, C] pass over `tensors` (data pointers): 16-byte vectors when C and every

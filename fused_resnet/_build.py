@@ -14,7 +14,8 @@ import os
 import sys
 from typing import List, Optional
 
-SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu", "csrc/dbn.cu"]  # relative to the repository root
+# relative to the repository root
+SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu", "csrc/dbn.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 

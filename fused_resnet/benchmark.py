@@ -85,6 +85,15 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float =
     return 1e3 * statistics.median(times)
 
 
+def copy_ceiling_gbps(device: torch.device, numel: int, warmup_ms: float = 100, rep_ms: float = 500) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second, GB/s) of a ``numel``-element bf16 buffer:
+    the ceiling memory-bound kernels are measured against, in the same run."""
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup_ms, rep_ms)
+    return 2 * numel * src.element_size() / (ms * 1e-3) / 1e9
+
+
 def measure(fn: Callable[[], object], device: torch.device, batch: int, warmup_ms: float = 100,
             rep_ms: float = 500, steps: Optional[int] = None) -> Dict[str, float]:
     """img/s at the median step time, peak memory of a step (GiB, GPU only), and the first call's time
