@@ -1,6 +1,7 @@
 """Test setup. Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET must be set before any
 Triton kernel is defined, so it is set here, before fused_resnet.kernels can be imported), and backend "cuda"
 runs the extension's CPU registrations of its ops (FUSED_RESNET_EXT_ON_CPU)."""
+import copy
 import os
 
 import torch
@@ -58,6 +59,29 @@ def make_block(case, fused: bool, backend: str = "reference"):
         return cls(inplanes, planes, stride, downsample, plain=plain)
     cls = torchvision.models.resnet.BasicBlock if kind == "basic" else torchvision.models.resnet.Bottleneck
     return cls(inplanes, planes, stride, downsample)
+
+
+def check_frozen_bn_and_no_input_grad(tv: nn.Module, backend: str, device) -> None:
+    """A BN frozen in eval inside a training block (torchvision Bottleneck ``tv``, 16 channels, its bn2 frozen) uses
+    running statistics (da = s·dz) and still gets γ/β gradients, checked against float64 with the rule; an input
+    that needs no gradient skips the first dgrad."""
+    tv = tv.to(device)
+    fused = fused_resnet.convert(tv, backend=backend)
+    oracle = copy.deepcopy(tv).double()
+    for m in (tv, fused, oracle):
+        m.train()
+        m.bn2.eval()
+    x = torch.randn(2, 16, 5, 5).to(device)
+    for m, inp in ((fused, x.clone().requires_grad_(True)), (tv, x.clone().requires_grad_(True)),
+                   (oracle, x.double())):
+        m(inp).square().sum().backward()
+    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters(), strict=True):
+        c = testing.check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
+        assert c.ok, c.row()
+    assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
+    fused.zero_grad()
+    fused(x).sum().backward()  # x needs no gradient: the first dgrad is skipped
+    assert all(p.grad is not None for p in fused.parameters())
 
 
 def case_id(case) -> str:

@@ -20,7 +20,8 @@ import torchvision
 import fused_resnet
 from fused_resnet import _ext, backends, cuda_backend, models, reference, testing
 
-from conftest import GPU, MODELS, assert_checks, case_id, make_block, requires_gpu
+from conftest import (GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block,
+                      requires_gpu)
 
 pytestmark = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.status()['reason']}")
 
@@ -332,22 +333,7 @@ def test_train_under_autocast_and_with_a_frozen_bn():
     assert_checks(checks, "autocast bf16")
 
     tv = testing.randomize_batchnorm(torchvision.models.resnet.Bottleneck(16, 4), torch.Generator().manual_seed(2))
-    tv = tv.to(DEVICE)
-    fused = fused_resnet.convert(tv, backend="cuda")
-    oracle = copy.deepcopy(tv).double()
-    for m in (tv, fused, oracle):
-        m.train()
-        m.bn2.eval()
-    x = torch.randn(2, 16, 5, 5, device=DEVICE)
-    for m, inp in ((fused, x.clone().requires_grad_(True)), (tv, x.clone().requires_grad_(True)),
-                   (oracle, x.double())):
-        m(inp).square().sum().backward()
-    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters(), strict=True):
-        _check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
-    assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
-    fused.zero_grad()
-    fused(x).sum().backward()  # x needs no gradient: the first dgrad is skipped
-    assert all(p.grad is not None for p in fused.parameters())
+    check_frozen_bn_and_no_input_grad(tv, "cuda", DEVICE)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

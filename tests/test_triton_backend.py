@@ -14,7 +14,7 @@ import torchvision
 import fused_resnet
 from fused_resnet import backends, models, reference, testing, triton_backend
 
-from conftest import GPU, MODELS, assert_checks, case_id, make_block
+from conftest import GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPES = ["float32", "float16"] + (["bfloat16"] if GPU else [])
@@ -217,24 +217,7 @@ def test_train_block_under_autocast(dtype):
 def test_train_with_a_frozen_bn_and_no_input_grad():
     """A BN frozen in eval inside a training block uses running statistics (da = s·dz) and still gets γ/β
     gradients; an input that needs no gradient skips the first dgrad."""
-    tv = _randomized(torchvision.models.resnet.Bottleneck(16, 4))
-    fused = fused_resnet.convert(tv, backend="triton")
-    oracle = copy.deepcopy(tv).double()
-    for m in (tv, fused, oracle):
-        m.train()
-        m.bn2.eval()
-    x = torch.randn(2, 16, 5, 5)
-    xg = x.clone().requires_grad_(True)
-    outs = [m(inp) for m, inp in ((fused, xg), (tv, x.clone().requires_grad_(True)), (oracle, x.double()))]
-    for out in outs:
-        out.square().sum().backward()
-    for (name, p_f), p_t, p_o in zip(fused.named_parameters(), tv.parameters(), oracle.parameters(), strict=True):
-        c = testing.check(name, p_f.grad, p_o.grad, p_t.grad, p_o.grad, torch.float32)
-        assert c.ok, c.row()
-    assert fused.bn2.num_batches_tracked.item() == 0 and fused.bn1.num_batches_tracked.item() == 1
-    fused.zero_grad()
-    fused(x).sum().backward()  # x needs no gradient
-    assert all(p.grad is not None for p in fused.parameters())
+    check_frozen_bn_and_no_input_grad(_randomized(torchvision.models.resnet.Bottleneck(16, 4)), "triton", DEVICE)
 
 
 def test_float64_and_groups_fall_back_to_reference_with_a_warning():
