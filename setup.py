@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _build_settings():
-    spec = importlib.util.spec_from_file_location("_fr_build", os.path.join(ROOT, "fused_resnet", "_build.py"))
+    spec = importlib.util.spec_from_file_location("_fr_build", os.path.join(ROOT, "fused_resnet", "backends", "build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,7 +43,8 @@ setup(
     name="fused_resnet",
     version="0.1.0",
     description="Fused conv-BatchNorm-ReLU(+residual) ResNet blocks for PyTorch, with Triton and CUDA kernels",
-    packages=["fused_resnet", "fused_resnet.kernels"],
+    packages=["fused_resnet", "fused_resnet.backends", "fused_resnet.testing", "fused_resnet.tools",
+              "fused_resnet.kernels"],
     package_dir={"fused_resnet": "fused_resnet", "fused_resnet.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "torchvision>=0.20"],
@@ -53,7 +54,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "mnist1d", "matplotlib", "tqdm"],
         "build": ["ninja", "pybind11"],
     },
-    entry_points={"console_scripts": ["fused-resnet=fused_resnet.cli:main"]},
+    entry_points={"console_scripts": ["fused-resnet=fused_resnet.tools.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

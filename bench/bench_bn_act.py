@@ -20,7 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import _ext, benchmark, reference, testing
+from fused_resnet import testing
+from fused_resnet.backends import extension, reference
+from fused_resnet.tools import benchmark
 
 
 def main(argv=None) -> int:
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     from fused_resnet.kernels import bn_act as triton_bn_act
 
     dtype = testing.DTYPES[args.dtype]
-    ext = _ext.load(jit=True)
+    ext = extension.load(jit=True)
     ceiling = benchmark.copy_ceiling_gbps(torch.device("cuda"), 1 << 29, warmup_ms=25, rep_ms=200)  # 1 GiB
     eps = 1e-5
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bn_act", "model": args.model, "batch": args.batch, "dtype": args.dtype,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(), "cuda_extension": _ext.status()["how"],
+        "cudnn": torch.backends.cudnn.version(), "cuda_extension": extension.status()["how"],
         "date": datetime.date.today().isoformat(), "copy_ceiling_gbps": ceiling, "rows": rows,
     }
     print(f"\nbn_act, {args.model} BN shapes, batch {args.batch}, {args.dtype}, channels_last, "

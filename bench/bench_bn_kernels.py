@@ -22,7 +22,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import _ext, benchmark, cuda_backend, reference, testing
+from fused_resnet import testing
+from fused_resnet.backends import extension, cuda as cuda_backend, reference
+from fused_resnet.tools import benchmark
 
 EPS, MOMENTUM = 1e-5, 0.1
 
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
         print(f"bench_bn_kernels needs a CUDA GPU (or {cuda_backend.ENV_ON_CPU}=1 for a CPU smoke run); "
               "nothing measured")
         return 2
-    if _ext.load(jit=True) is None:
-        print(f"the extension is not available: {_ext.status()['reason']}")
+    if extension.load(jit=True) is None:
+        print(f"the extension is not available: {extension.status()['reason']}")
         return 2
     dtype = testing.DTYPES[args.dtype]
     ceiling = benchmark.copy_ceiling_gbps(device, (1 << 29) if device.type == "cuda" else (1 << 22), warmup_ms,
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
                 row["speedup_vs_eager"] = times["eager"] / row["ms"]
                 row["speedup_vs_compile"] = times["compile"] / row["ms"]
     result = {"benchmark": "bn_kernels", "model": args.model, "batch": args.batch, "dtype": args.dtype,
-              **benchmark.environment(), "cuda_extension": _ext.status()["how"], "copy_ceiling_gbps": ceiling,
+              **benchmark.environment(), "cuda_extension": extension.status()["how"], "copy_ceiling_gbps": ceiling,
               "compile": device.type == "cuda", "kernels": kernels, "units": units}
     print(f"\nextension kernels, {args.model} BN shapes, batch {args.batch}, {args.dtype}, channels_last, "
           f"{result['gpu']}; copy ceiling {ceiling:.0f} GB/s (read + write)")

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from fused_resnet import benchmark, testing
+from fused_resnet import testing
+from fused_resnet.tools import benchmark
 
 
 def gemm_ceiling_tflops(dtype: torch.dtype, dev: torch.device) -> float:

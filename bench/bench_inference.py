@@ -18,7 +18,8 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet import backends, benchmark, testing
+from fused_resnet import backends, testing
+from fused_resnet.tools import benchmark
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     del oracle
     eager = copy.deepcopy(base).to(dev, dtype).to(memory_format=torch.channels_last)
     providers = {name: m for name, m in (("eager", eager), ("compile", torch.compile(eager))) if name in wanted}
-    for name in [w for w in wanted if w in backends.KNOWN_BACKENDS]:
+    for name in [w for w in wanted if w in backends.names()]:
         if backends.backend_status()[name] is None:
             providers[name] = fused_resnet.convert(eager, backend=name)
         else:

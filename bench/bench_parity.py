@@ -15,7 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fused_resnet import benchmark, testing
+from fused_resnet import testing
+from fused_resnet.tools import benchmark
 
 
 def train_losses(base, provider: str, x, y, steps: int) -> list:

@@ -54,7 +54,7 @@ fi
 cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
 export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
 step build python3 -m pip install --no-deps --no-build-isolation -e .
-step info python3 -m fused_resnet.cli info
+step info python3 -m fused_resnet.tools.cli info
 if want tests; then
   step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
 fi
@@ -64,7 +64,7 @@ if want verify; then
     for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
       tag=$backend-$(echo "$cfg" | tr -d ' -')
       # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
-      step "verify $backend $cfg" python3 -m fused_resnet.cli verify --device cuda --backend $backend --batch 8 \
+      step "verify $backend $cfg" python3 -m fused_resnet.tools.cli verify --device cuda --backend $backend --batch 8 \
         --size 96 --dtype $cfg --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
     done
   done
@@ -86,7 +86,7 @@ if want bench; then
 fi
 if want models; then
   models_dir=$(mktemp -d)/bench_models
-  step "bench models" python3 -m fused_resnet.cli bench --quiet --out "$models_dir"
+  step "bench models" python3 -m fused_resnet.tools.cli bench --quiet --out "$models_dir"
   tar czf "$OUT/bench_models.tar.gz" -C "$(dirname "$models_dir")" bench_models
 fi
 if want micro; then

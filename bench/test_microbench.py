@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import bench_bn_kernels  # bench/ is on sys.path: pytest prepends a test file's folder
-from fused_resnet import _ext, benchmark, cuda_backend, reference, testing
+from fused_resnet import testing
+from fused_resnet.backends import extension, cuda as cuda_backend, reference
+from fused_resnet.tools import benchmark
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
@@ -100,8 +102,8 @@ def _report(gemm, copy):
 
 
 def _need_extension():
-    if _ext.load(jit=True) is None:
-        pytest.skip(f"the extension is not available: {_ext.status()['reason']}")
+    if extension.load(jit=True) is None:
+        pytest.skip(f"the extension is not available: {extension.status()['reason']}")
     if not GPU and not cuda_backend.on_cpu_for_testing():
         pytest.skip(f"the extension's kernels run on a GPU ({cuda_backend.ENV_ON_CPU}=1: their CPU registrations)")
 

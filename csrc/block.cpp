@@ -8,16 +8,15 @@
 //   backward  Σdz, Σdz·x̂ = drelu_dbn_reduce;  da = dbn_apply (the ReLU mask recomputed inside both);
 //             dgrad / wgrad through ATen (r_{i-1} recomputed for wgrad);  the shortcut's gradient in one kernel
 //
-// Work runs in NHWC: an NCHW input is converted on entry and the outputs are returned in the input's layout.
+// Work runs in NHWC: an NCHW input is converted on entry; y and dx are returned in the input's layout, the saved
+// pre-BN outputs stay NHWC (the layout backward reads them in).
 #include <array>
 
 #include "ops.h"
+#include "spec.h"
 
 namespace fused_resnet {
 namespace {
-
-constexpr int64_t kShortcutNone = 0, kShortcutIdentity = 1, kShortcutProjection = 2, kShortcutPad = 3,
-                  kShortcutTensor = 4;
 
 constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 
@@ -29,73 +28,52 @@ at::MemoryFormat format_of(const at::Tensor& x) {
   return x.dim() == 4 && x.is_contiguous(kNHWC) && !x.is_contiguous() ? kNHWC : at::MemoryFormat::Contiguous;
 }
 
-struct ConvArgs {
-  at::IntArrayRef strides, paddings, dilations, groups;
+at::Tensor conv_fprop(const UnitSpec& u, const at::Tensor& input, const at::Tensor& w) {
+  return nhwc(at::convolution(input, w, std::nullopt, u.stride, u.padding, u.dilation, false, {0, 0}, u.groups));
+}
 
-  at::IntArrayRef stride(size_t i) const { return strides.slice(2 * i, 2); }
-  at::IntArrayRef padding(size_t i) const { return paddings.slice(2 * i, 2); }
-  at::IntArrayRef dilation(size_t i) const { return dilations.slice(2 * i, 2); }
-
-  at::Tensor fprop(size_t i, const at::Tensor& input, const at::Tensor& w) const {
-    return nhwc(at::convolution(input, w, std::nullopt, stride(i), padding(i), dilation(i), false, {0, 0},
-                                groups[i]));
-  }
-};
-
-void check_block(const char* op, const at::Tensor& x, size_t n, std::initializer_list<size_t> per_unit,
-                 const ConvArgs& conv, int64_t shortcut, at::IntArrayRef shortcut_stride, bool has_residual) {
+void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
+                 std::initializer_list<size_t> per_unit, bool has_residual) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D [N, C, H, W] input, got ", shape_str(x.sizes()));
   TORCH_CHECK(x.is_cuda() || x.is_cpu(), op, ": expected a CUDA (or CPU) tensor, got one on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, ": expected float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(n >= 1, op, ": expected at least one conv");
   for (size_t len : per_unit) {
-    TORCH_CHECK(len == n, op, ": expected one gamma, beta, eps, statistic per conv (", n, "), got a list of ", len);
+    TORCH_CHECK(len == spec.units.size(), op, ": expected one tensor per unit of the spec (", spec.units.size(),
+                ") in every list, got a list of ", len);
   }
-  TORCH_CHECK(conv.strides.size() == 2 * n && conv.paddings.size() == 2 * n && conv.dilations.size() == 2 * n &&
-                  conv.groups.size() == n,
-              op, ": expected strides, paddings and dilations as 2 values per conv and groups as 1");
-  TORCH_CHECK(shortcut >= kShortcutNone && shortcut <= kShortcutTensor, op, ": unknown shortcut kind ", shortcut,
-              " (0 none, 1 identity, 2 projection, 3 option A, 4 tensor)");
-  TORCH_CHECK(shortcut != kShortcutProjection || n >= 2, op,
-              ": a projection shortcut needs its conv last in the lists, after the main path's");
-  TORCH_CHECK(shortcut != kShortcutPad || shortcut_stride.size() == 2, op,
-              ": option A needs shortcut_stride as two values");
-  TORCH_CHECK(has_residual == (shortcut == kShortcutTensor), op,
-              ": a residual tensor is given exactly when shortcut is 4 (tensor)");
+  TORCH_CHECK(has_residual == (spec.shortcut == Shortcut::kTensor), op,
+              ": a residual tensor is given exactly when the shortcut is a tensor");
 }
-
-size_t main_units(size_t n, int64_t shortcut) { return shortcut == kShortcutProjection ? n - 1 : n; }
 
 struct Forward {
   std::vector<at::Tensor> acts, means, variances;
   at::Tensor y;
 };
 
-// batch_stats[i] false: unit i normalises with running statistics (copied to fp32, never aliased).
-Forward forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
-                const std::vector<std::optional<at::Tensor>>& running_means,
-                const std::vector<std::optional<at::Tensor>>& running_vars, const std::optional<at::Tensor>& residual,
-                const ConvArgs& conv, at::ArrayRef<double> eps, const std::vector<bool>& batch_stats,
-                int64_t shortcut, at::IntArrayRef shortcut_stride) {
-  const size_t n = weights.size(), n_main = main_units(n, shortcut);
+// A unit without batch_stats normalises with its running statistics (copied to fp32, never aliased).
+Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
+                at::TensorList betas, const std::vector<std::optional<at::Tensor>>& running_means,
+                const std::vector<std::optional<at::Tensor>>& running_vars, const std::optional<at::Tensor>& residual) {
+  const size_t n = spec.units.size(), n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
   Forward out;
   std::vector<at::Tensor> scales, shifts;
   at::Tensor input = xc;
   for (size_t i = 0; i < n; ++i) {
     if (i == n_main) input = xc;  // the projection shortcut reads the block input
-    at::Tensor a = conv.fprop(i, input, weights[i]);
+    const UnitSpec& u = spec.units[i];
+    at::Tensor a = conv_fprop(u, input, weights[i]);
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
     at::Tensor mean, var, s, t, rstd;
-    if (batch_stats[i]) {
-      std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, eps[i]);
+    if (u.batch_stats) {
+      std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, u.eps);
     } else {
       TORCH_CHECK(running_means[i].has_value() && running_vars[i].has_value(),
                   "block_forward: unit ", i, " uses running statistics (eval mode) but has none");
       mean = running_means[i]->to(at::kFloat, false, /*copy=*/true).contiguous();
       var = running_vars[i]->to(at::kFloat, false, /*copy=*/true).contiguous();
-      std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, eps[i]);
+      std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
     }
     if (i + 1 < n_main) input = bn_act(a, s, t, std::nullopt, true, std::nullopt, std::nullopt, {});
     out.acts.push_back(a);
@@ -105,18 +83,21 @@ Forward forward(const at::Tensor& x, at::TensorList weights, at::TensorList gamm
     shifts.push_back(t);
   }
   std::optional<at::Tensor> res, res_scale, res_shift;
-  std::vector<int64_t> pad;
-  if (shortcut == kShortcutIdentity || shortcut == kShortcutPad) {
+  std::vector<int64_t> option_a_stride;
+  if (spec.shortcut == Shortcut::kIdentity || spec.shortcut == Shortcut::kOptionA) {
     res = xc;
-    if (shortcut == kShortcutPad) pad = shortcut_stride.vec();
-  } else if (shortcut == kShortcutProjection) {
+    if (spec.shortcut == Shortcut::kOptionA) {
+      option_a_stride.assign(spec.option_a_stride.begin(), spec.option_a_stride.end());
+    }
+  } else if (spec.shortcut == Shortcut::kProjection) {
     res = out.acts[n_main];
     res_scale = scales[n_main];
     res_shift = shifts[n_main];
-  } else if (shortcut == kShortcutTensor) {
+  } else if (spec.shortcut == Shortcut::kTensor) {
     res = nhwc(residual->to(x.scalar_type()));
   }
-  out.y = bn_act(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], res, true, res_scale, res_shift, pad);
+  out.y = bn_act(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], res, true, res_scale, res_shift,
+                 option_a_stride);
   return out;
 }
 
@@ -135,21 +116,15 @@ std::vector<std::optional<at::Tensor>> optionals(at::TensorList list) {
 std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
-                                      const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
-                                      at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
-                                      at::ArrayRef<double> eps, const c10::List<bool>& batch_stats, int64_t shortcut,
-                                      at::IntArrayRef shortcut_stride) {
-  const ConvArgs conv{strides, paddings, dilations, groups};
-  const size_t n = weights.size();
-  check_block("block_forward", x, n,
-              {gammas.size(), betas.size(), eps.size(), batch_stats.size(), running_means.size(), running_vars.size()},
-              conv, shortcut, shortcut_stride, residual.has_value());
-  const std::vector<bool> batch(batch_stats.begin(), batch_stats.end());
-  Forward f = forward(x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual, conv,
-                      eps, batch, shortcut, shortcut_stride);
-  const auto fmt = format_of(x);
-  std::vector<at::Tensor> out{f.y.contiguous(fmt)};
-  for (const auto& a : f.acts) out.push_back(a.contiguous(fmt));
+                                      const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                                      at::ArrayRef<double> spec_floats) {
+  const BlockSpec spec = BlockSpec::parse("block_forward", spec_ints, spec_floats);
+  check_block("block_forward", x, spec,
+              {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
+              residual.has_value());
+  Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual);
+  std::vector<at::Tensor> out{f.y.contiguous(format_of(x))};
+  out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
   out.insert(out.end(), f.variances.begin(), f.variances.end());
   return out;
@@ -157,50 +132,46 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
 
 at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                            at::TensorList running_means, at::TensorList running_vars,
-                           const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
-                           at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
-                           at::ArrayRef<double> eps, int64_t shortcut, at::IntArrayRef shortcut_stride) {
-  const ConvArgs conv{strides, paddings, dilations, groups};
-  const size_t n = weights.size();
-  check_block("block_inference", x, n,
-              {gammas.size(), betas.size(), eps.size(), running_means.size(), running_vars.size()}, conv, shortcut,
-              shortcut_stride, residual.has_value());
-  Forward f = forward(x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual, conv,
-                      eps, std::vector<bool>(n, false), shortcut, shortcut_stride);
+                           const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                           at::ArrayRef<double> spec_floats) {
+  BlockSpec spec = BlockSpec::parse("block_inference", spec_ints, spec_floats);
+  check_block("block_inference", x, spec,
+              {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
+              residual.has_value());
+  for (auto& u : spec.units) u.batch_stats = false;  // eval: running statistics
+  Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual);
   return f.y.contiguous(format_of(x));
 }
 
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
-                                       at::IntArrayRef strides, at::IntArrayRef paddings, at::IntArrayRef dilations,
-                                       at::IntArrayRef groups, at::ArrayRef<double> eps,
-                                       const c10::List<bool>& batch_stats, int64_t shortcut,
-                                       at::IntArrayRef shortcut_stride, bool need_input_grad) {
-  const ConvArgs conv{strides, paddings, dilations, groups};
-  const size_t n = weights.size(), n_main = main_units(n, shortcut);
-  check_block("block_backward", x, n,
-              {gammas.size(), betas.size(), eps.size(), batch_stats.size(), acts.size(), means.size(),
-               variances.size()},
-              conv, shortcut, shortcut_stride, shortcut == kShortcutTensor);
+                                       at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
+                                       bool need_input_grad) {
+  const BlockSpec spec = BlockSpec::parse("block_backward", spec_ints, spec_floats);
+  const size_t n = spec.units.size(), n_main = spec.n_main();
+  check_block("block_backward", x, spec,
+              {weights.size(), gammas.size(), betas.size(), acts.size(), means.size(), variances.size()},
+              spec.shortcut == Shortcut::kTensor);
   const at::Tensor xc = nhwc(x), yc = nhwc(y), dyc = nhwc(dy.to(y.scalar_type()));
   std::vector<at::Tensor> a(n), mean(n), s(n), t(n), rstd(n), dws(n), dgammas(n), dbetas(n);
   for (size_t i = 0; i < n; ++i) {
     a[i] = nhwc(acts[i]);
     mean[i] = f32(means[i]);
-    std::tie(s[i], t[i], rstd[i]) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean[i], f32(variances[i]), eps[i]);
+    std::tie(s[i], t[i], rstd[i]) =
+        bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
   }
   // Unit i's BN + ReLU backward and its conv's dgrad / wgrad: g is the gradient at the unit's ReLU output, the
   // mask [y > 0] when `mask_y` is given, else [a_i·s_i + t_i > 0].
   auto unit_backward = [&](size_t i, const at::Tensor& g, const std::optional<at::Tensor>& mask_y,
                            const at::Tensor& input, bool need_inp) {
+    const UnitSpec& u = spec.units[i];
     auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i]);
     dgammas[i] = sum_dz_xhat.to(gammas[i].scalar_type());
     dbetas[i] = sum_dz.to(betas[i].scalar_type());
-    const at::Tensor da = dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, batch_stats[i]);
-    auto [d_inp, dw, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, conv.stride(i),
-                                                        conv.padding(i), conv.dilation(i), false, {0, 0},
-                                                        conv.groups[i], {need_inp, true, false});
+    const at::Tensor da = dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
+    auto [d_inp, dw, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
+                                                        u.dilation, false, {0, 0}, u.groups, {need_inp, true, false});
     dws[i] = dw.contiguous(weights[i].suggest_memory_format());
     return d_inp.defined() ? nhwc(d_inp) : d_inp;
   };
@@ -219,13 +190,14 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     }
   }
   at::Tensor d_residual;
-  if (shortcut == kShortcutIdentity && need_input_grad) {
+  const std::vector<int64_t> option_a_stride(spec.option_a_stride.begin(), spec.option_a_stride.end());
+  if (spec.shortcut == Shortcut::kIdentity && need_input_grad) {
     dx = residual_grad(dx, dyc, yc, xc, {});
-  } else if (shortcut == kShortcutPad && need_input_grad) {
-    dx = residual_grad(dx, dyc, yc, xc, shortcut_stride);
-  } else if (shortcut == kShortcutTensor) {
+  } else if (spec.shortcut == Shortcut::kOptionA && need_input_grad) {
+    dx = residual_grad(dx, dyc, yc, xc, option_a_stride);
+  } else if (spec.shortcut == Shortcut::kTensor) {
     d_residual = residual_grad(std::nullopt, dyc, yc, yc, {});
-  } else if (shortcut == kShortcutProjection) {
+  } else if (spec.shortcut == Shortcut::kProjection) {
     at::Tensor d_sc = unit_backward(n_main, dyc, yc, xc, need_input_grad);
     if (need_input_grad) dx = at::add(dx, d_sc);
   }

@@ -9,11 +9,10 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "spec.h"
 
 namespace fused_resnet {
 namespace {
-
-enum ResMode : int { kNone = 0, kTensor = 1, kAffine = 2, kPad = 3 };
 
 template <typename T, int VEC, int RES, bool RELU>
 struct BnActOp {
@@ -35,13 +34,15 @@ struct BnActOp {
     load_floats<T, VEC>(a, e, z);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) z[k] = affine(z[k], s[c0 + k], t[c0 + k]);
-    if constexpr (RES == kTensor || RES == kAffine) {
+    if constexpr (RES == kResidualTensor || RES == kResidualAffine) {
       float res[VEC];
       load_floats<T, VEC>(r, e, res);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] += RES == kAffine ? affine(res[k], rs[c0 + k], rt[c0 + k]) : res[k];
+      for (int k = 0; k < VEC; ++k) {
+        z[k] += RES == kResidualAffine ? affine(res[k], rs[c0 + k], rt[c0 + k]) : res[k];
+      }
     }
-    if constexpr (RES == kPad) {
+    if constexpr (RES == kResidualOptionA) {
       if (c0 < C_in) {  // C_in is a multiple of VEC: the vector is wholly inside or wholly outside
         const int64_t m = e / C;
         const int64_t q = m % Q, p = (m / Q) % P, n = m / (P * Q);
@@ -60,19 +61,24 @@ struct BnActOp {
 };
 
 template <typename T, int VEC, int RES, bool RELU>
-void run(const BnActOp<T, 1, kNone, false>& args, int64_t n, bool cuda) {
+void run(const BnActOp<T, 1, kResidualNone, false>& args, int64_t n, bool cuda) {
   BnActOp<T, VEC, RES, RELU> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
                                 args.P, args.Q, args.H, args.W, args.C_in, args.stride_h, args.stride_w};
   for_each_index(op, n / VEC, cuda);
 }
 
+template <typename T, int VEC, int RES>
+void run_relu(const BnActOp<T, 1, kResidualNone, false>& args, bool relu, int64_t n, bool cuda) {
+  relu ? run<T, VEC, RES, true>(args, n, cuda) : run<T, VEC, RES, false>(args, n, cuda);
+}
+
 template <typename T, int VEC>
-void run_mode(const BnActOp<T, 1, kNone, false>& args, int res, bool relu, int64_t n, bool cuda) {
+void run_mode(const BnActOp<T, 1, kResidualNone, false>& args, int res, bool relu, int64_t n, bool cuda) {
   switch (res) {
-    case kNone: relu ? run<T, VEC, kNone, true>(args, n, cuda) : run<T, VEC, kNone, false>(args, n, cuda); break;
-    case kTensor: relu ? run<T, VEC, kTensor, true>(args, n, cuda) : run<T, VEC, kTensor, false>(args, n, cuda); break;
-    case kAffine: relu ? run<T, VEC, kAffine, true>(args, n, cuda) : run<T, VEC, kAffine, false>(args, n, cuda); break;
-    default: relu ? run<T, VEC, kPad, true>(args, n, cuda) : run<T, VEC, kPad, false>(args, n, cuda); break;
+    case kResidualNone: run_relu<T, VEC, kResidualNone>(args, relu, n, cuda); break;
+    case kResidualTensor: run_relu<T, VEC, kResidualTensor>(args, relu, n, cuda); break;
+    case kResidualAffine: run_relu<T, VEC, kResidualAffine>(args, relu, n, cuda); break;
+    default: run_relu<T, VEC, kResidualOptionA>(args, relu, n, cuda); break;
   }
 }
 
@@ -80,32 +86,37 @@ void run_mode(const BnActOp<T, 1, kNone, false>& args, int res, bool relu, int64
 
 at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
-                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef pad_stride, bool relu) {
+                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef option_a_stride,
+                         bool relu) {
   const c10::OptionalDeviceGuard guard(a.device());
   at::Tensor y = at::empty_like(a);  // keeps channels_last
   const int64_t C = a.size(1);
-  const bool pad = !pad_stride.empty();
-  const int res = !residual.has_value() ? kNone : pad ? kPad : residual_scale.has_value() ? kAffine : kTensor;
+  const bool option_a = !option_a_stride.empty();
+  const int res = !residual.has_value()       ? kResidualNone
+                  : option_a                  ? kResidualOptionA
+                  : residual_scale.has_value() ? kResidualAffine
+                                              : kResidualTensor;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_act", [&] {
     using T = scalar_t;
-    BnActOp<T, 1, kNone, false> args{static_cast<const T*>(a.const_data_ptr()), scale.const_data_ptr<float>(),
-                                     shift.const_data_ptr<float>(), nullptr, nullptr, nullptr,
-                                     static_cast<T*>(y.mutable_data_ptr()), C, 1, 1, 1, 1, 0, 1, 1};
+    BnActOp<T, 1, kResidualNone, false> args{static_cast<const T*>(a.const_data_ptr()),
+                                             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
+                                             nullptr, nullptr, nullptr, static_cast<T*>(y.mutable_data_ptr()),
+                                             C, 1, 1, 1, 1, 0, 1, 1};
     int64_t c_in = C;
     if (residual.has_value()) {
       args.r = static_cast<const T*>(residual->const_data_ptr());
-      if (res == kAffine) {
+      if (res == kResidualAffine) {
         args.rs = residual_scale->const_data_ptr<float>();
         args.rt = residual_shift->const_data_ptr<float>();
       }
-      if (pad) {  // a: [N, C, P, Q], residual: [N, C_in, H, W], both channels_last
+      if (option_a) {  // a: [N, C, P, Q], residual: [N, C_in, H, W], both channels_last
         args.P = a.size(2);
         args.Q = a.size(3);
         args.H = residual->size(2);
         args.W = residual->size(3);
         args.C_in = c_in = residual->size(1);
-        args.stride_h = pad_stride[0];
-        args.stride_w = pad_stride[1];
+        args.stride_h = option_a_stride[0];
+        args.stride_w = option_a_stride[1];
       }
     }
     constexpr int VEC = 16 / sizeof(T);

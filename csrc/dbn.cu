@@ -134,7 +134,7 @@ struct DbnApplyOp {
   }
 };
 
-template <typename T, int VEC, bool HAS_MAIN, bool PAD>
+template <typename T, int VEC, bool HAS_MAIN, bool OPTION_A>
 struct ResidualGradOp {
   const T* d_main;  // like out
   const T* dy;      // [N, P, Q, C_y]
@@ -153,7 +153,7 @@ struct ResidualGradOp {
     }
     int64_t src = e;
     bool hit = true;
-    if constexpr (PAD) {
+    if constexpr (OPTION_A) {
       const int64_t m = e / C_x;
       const int64_t w = m % W, h = (m / W) % H, n = m / (H * W);
       hit = h % stride_h == 0 && w % stride_w == 0;
@@ -248,36 +248,36 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
 }
 
 at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
-                                const at::Tensor& like, at::IntArrayRef pad_stride) {
+                                const at::Tensor& like, at::IntArrayRef option_a_stride) {
   const c10::OptionalDeviceGuard guard(dy.device());
   at::Tensor out = at::empty_like(like);
-  const bool pad = !pad_stride.empty();
+  const bool option_a = !option_a_stride.empty();
   FR_DISPATCH_FLOATING(dy.scalar_type(), "residual_grad", [&] {
     using T = scalar_t;
     ResidualGradOp<T, 1, false, false> args{
         d_main.has_value() ? static_cast<const T*>(d_main->const_data_ptr()) : nullptr,
         static_cast<const T*>(dy.const_data_ptr()), static_cast<const T*>(y.const_data_ptr()),
         static_cast<T*>(out.mutable_data_ptr()), like.size(1), dy.size(1), 1, 1, 1, 1, 1, 1};
-    if (pad) {
+    if (option_a) {
       args.H = like.size(2);
       args.W = like.size(3);
       args.P = dy.size(2);
       args.Q = dy.size(3);
-      args.stride_h = pad_stride[0];
-      args.stride_w = pad_stride[1];
+      args.stride_h = option_a_stride[0];
+      args.stride_w = option_a_stride[1];
     }
-    auto run = [&](auto vec, auto has_main, auto is_pad) {
+    auto run = [&](auto vec, auto has_main, auto is_option_a) {
       constexpr int V = decltype(vec)::value;
-      ResidualGradOp<T, V, decltype(has_main)::value, decltype(is_pad)::value> op{
+      ResidualGradOp<T, V, decltype(has_main)::value, decltype(is_option_a)::value> op{
           args.d_main, args.dy, args.y, args.out, args.C_x, args.C_y, args.H, args.W, args.P, args.Q,
           args.stride_h, args.stride_w};
       for_each_index(op, out.numel() / V, out.is_cuda());
     };
     auto with_vec = [&](auto vec) {
       if (args.d_main != nullptr) {
-        pad ? run(vec, std::true_type{}, std::true_type{}) : run(vec, std::true_type{}, std::false_type{});
+        option_a ? run(vec, std::true_type{}, std::true_type{}) : run(vec, std::true_type{}, std::false_type{});
       } else {
-        pad ? run(vec, std::false_type{}, std::true_type{}) : run(vec, std::false_type{}, std::false_type{});
+        option_a ? run(vec, std::false_type{}, std::true_type{}) : run(vec, std::false_type{}, std::false_type{});
       }
     };
     constexpr int VEC = 16 / sizeof(T);

@@ -27,11 +27,11 @@ void bn_running_update_launch(const at::Tensor& running_mean, const at::Tensor& 
 
 // bn_act.cu -----------------------------------------------------------------------------------------------
 // y = [relu](a·s + t + shortcut), the shortcut being none, `residual` (same shape), residual·rs + rt (a
-// projection's pre-BN output through its BN) or, with `pad_stride` = {s_h, s_w}, option A read in place from the
+// projection's pre-BN output through its BN) or, with `option_a_stride` = {s_h, s_w}, option A read in place from the
 // block input `residual` [N, C_in, H, W]: residual[n, c, p·s_h, q·s_w] for c < C_in, zero above.
 at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
-                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef pad_stride, bool relu);
+                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef option_a_stride, bool relu);
 
 // dbn.cu --------------------------------------------------------------------------------------------------
 // dz = g·mask with mask = [y > 0] when y is given, else [a·s + t > 0] (the BN's own ReLU, recomputed);
@@ -45,9 +45,9 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
                             const at::Tensor& shift, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
                             bool batch_stats);
 // The shortcut's gradient, shaped like `like` (the block input, or the residual): d_main + dz (identity, tensor
-// shortcut without d_main) or, with pad_stride, d_main + option A's gradient (dz[n, c, h/s_h, w/s_w] where both
+// shortcut without d_main) or, with option_a_stride, d_main + option A's gradient (dz[n, c, h/s_h, w/s_w] where both
 // divide, c < C_in). dz = dy·[y > 0]; out in like's dtype.
 at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
-                                const at::Tensor& like, at::IntArrayRef pad_stride);
+                                const at::Tensor& like, at::IntArrayRef option_a_stride);
 
 }  // namespace fused_resnet

@@ -48,17 +48,20 @@ void check_vec(const char* op, const char* what, const at::Tensor& v, int64_t C,
               v.scalar_type(), " ", shape_str(v.sizes()), " on ", v.device());
 }
 
-void check_pad_stride(const char* op, at::IntArrayRef pad_stride) {
-  TORCH_CHECK(pad_stride.size() == 2 && pad_stride[0] > 0 && pad_stride[1] > 0, op,
-              ": expected pad_stride as two positive strides (option A) or empty, got ", shape_str(pad_stride));
+void check_option_a_stride(const char* op, at::IntArrayRef option_a_stride) {
+  TORCH_CHECK(option_a_stride.size() == 2 && option_a_stride[0] > 0 && option_a_stride[1] > 0, op,
+              ": expected option_a_stride as two positive strides (option A) or empty, got ",
+              shape_str(option_a_stride));
 }
 
 // Option A maps x [N, C_in, H, W] onto y [N, C, P, Q]: P = ceil(H / s_h), Q = ceil(W / s_w), C_in <= C.
-void check_option_a(const char* op, const at::Tensor& x, const at::Tensor& y, at::IntArrayRef pad_stride) {
-  check_pad_stride(op, pad_stride);
+void check_option_a(const char* op, const at::Tensor& x, const at::Tensor& y, at::IntArrayRef option_a_stride) {
+  check_option_a_stride(op, option_a_stride);
   TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && x.size(0) == y.size(0) && x.size(1) <= y.size(1) &&
-                  (x.size(2) - 1) / pad_stride[0] + 1 == y.size(2) && (x.size(3) - 1) / pad_stride[1] + 1 == y.size(3),
-              op, ": option A maps the block input ", shape_str(x.sizes()), " with stride ", shape_str(pad_stride),
+                  (x.size(2) - 1) / option_a_stride[0] + 1 == y.size(2) &&
+                  (x.size(3) - 1) / option_a_stride[1] + 1 == y.size(3),
+              op, ": option A maps the block input ", shape_str(x.sizes()), " with stride ",
+              shape_str(option_a_stride),
               " onto ", shape_str(y.sizes()), ": expected equal batch, spatial sizes ceil(H / s) and C_in <= C");
 }
 
@@ -116,33 +119,34 @@ void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running
 at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,
                   const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
-                  at::IntArrayRef pad_stride) {
+                  at::IntArrayRef option_a_stride) {
   const char* op = "bn_act";
   check_act(op, "the activations a", a);
   check_vec(op, "scale", scale, a.size(1), a.device());
   check_vec(op, "shift", shift, a.size(1), a.device());
   TORCH_CHECK(residual_scale.has_value() == residual_shift.has_value(), op,
               ": expected residual_scale and residual_shift together (a projection's BN) or neither");
-  if (residual_scale.has_value() || !pad_stride.empty()) {
-    TORCH_CHECK(residual.has_value(), op, ": residual_scale / pad_stride need a residual");
+  if (residual_scale.has_value() || !option_a_stride.empty()) {
+    TORCH_CHECK(residual.has_value(), op, ": residual_scale / option_a_stride need a residual");
   }
-  TORCH_CHECK(!(residual_scale.has_value() && !pad_stride.empty()), op,
-              ": expected either residual_scale/residual_shift (projection) or pad_stride (option A), not both");
+  TORCH_CHECK(!(residual_scale.has_value() && !option_a_stride.empty()), op,
+              ": expected either residual_scale/residual_shift (projection) or option_a_stride (option A), "
+              "not both");
   if (residual.has_value()) {
-    if (pad_stride.empty()) {
+    if (option_a_stride.empty()) {
       check_like(op, "the residual", *residual, a);
     } else {
       check_act(op, "the residual (option A's block input)", *residual);
       TORCH_CHECK(residual->scalar_type() == a.scalar_type() && residual->device() == a.device(), op,
                   ": expected the residual in the activations' dtype and device");
-      check_option_a(op, *residual, a, pad_stride);
+      check_option_a(op, *residual, a, option_a_stride);
     }
     if (residual_scale.has_value()) {
       check_vec(op, "residual_scale", *residual_scale, a.size(1), a.device());
       check_vec(op, "residual_shift", *residual_shift, a.size(1), a.device());
     }
   }
-  return bn_act_launch(a, scale, shift, residual, residual_scale, residual_shift, pad_stride, relu);
+  return bn_act_launch(a, scale, shift, residual, residual_scale, residual_shift, option_a_stride, relu);
 }
 
 namespace {
@@ -175,21 +179,21 @@ at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, co
 }
 
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
-                         const at::Tensor& like, at::IntArrayRef pad_stride) {
+                         const at::Tensor& like, at::IntArrayRef option_a_stride) {
   const char* op = "residual_grad";
   check_act(op, "dy", dy);
   check_like(op, "the block output y", y, dy);
   check_act(op, "the input-shaped tensor `like`", like);
   TORCH_CHECK(like.scalar_type() == dy.scalar_type() && like.device() == dy.device(), op,
               ": expected `like` in dy's dtype and device");
-  if (pad_stride.empty()) {
+  if (option_a_stride.empty()) {
     TORCH_CHECK(like.sizes() == dy.sizes(), op, ": an identity shortcut needs the input's sizes ",
                 shape_str(like.sizes()), " to equal the output's ", shape_str(dy.sizes()));
   } else {
-    check_option_a(op, like, dy, pad_stride);
+    check_option_a(op, like, dy, option_a_stride);
   }
   if (d_main.has_value()) check_like(op, "d_main", *d_main, like);
-  return residual_grad_launch(d_main, dy, y, like, pad_stride);
+  return residual_grad_launch(d_main, dy, y, like, option_a_stride);
 }
 
 TORCH_LIBRARY(fused_resnet_C, m) {
@@ -198,21 +202,19 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor mean, Tensor var, int count, float? momentum) -> ()");
   m.def("bn_act(Tensor a, Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor? residual_scale=None, "
-        "Tensor? residual_shift=None, int[] pad_stride=[]) -> Tensor");
+        "Tensor? residual_shift=None, int[] option_a_stride=[]) -> Tensor");
   m.def("drelu_dbn_reduce(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift) "
         "-> (Tensor, Tensor)");
   m.def("dbn_apply(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
         "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats) -> Tensor");
-  m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] pad_stride) -> Tensor");
+  m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] option_a_stride) -> Tensor");
+  // The block ops' inputs are fused_resnet.tensors.FORWARD_INPUTS / BACKWARD_INPUTS (tests check the names).
   m.def("block_forward(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
-        "Tensor?[] running_vars, Tensor? residual, int[] strides, int[] paddings, int[] dilations, int[] groups, "
-        "float[] eps, bool[] batch_stats, int shortcut, int[] shortcut_stride) -> Tensor[]");
+        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor[]");
   m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
-        "Tensor[] running_vars, Tensor? residual, int[] strides, int[] paddings, int[] dilations, int[] groups, "
-        "float[] eps, int shortcut, int[] shortcut_stride) -> Tensor");
+        "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor");
   m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
-        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] strides, int[] paddings, int[] dilations, "
-        "int[] groups, float[] eps, bool[] batch_stats, int shortcut, int[] shortcut_stride, bool need_input_grad) "
+        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad) "
         "-> Tensor[]");
 }
 

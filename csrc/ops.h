@@ -27,7 +27,7 @@ void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running
 at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,
                   const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
-                  at::IntArrayRef pad_stride);
+                  at::IntArrayRef option_a_stride);
 std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                     const at::Tensor& a, const at::Tensor& mean,
                                                     const at::Tensor& rstd, const at::Tensor& scale,
@@ -36,27 +36,22 @@ at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, co
                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
                      const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats);
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
-                         const at::Tensor& like, at::IntArrayRef pad_stride);
+                         const at::Tensor& like, at::IntArrayRef option_a_stride);
 
-// block.cpp
+// block.cpp: the block ops take the spec as flat lists (spec.h)
 std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
-                                      const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
-                                      at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
-                                      at::ArrayRef<double> eps, const c10::List<bool>& batch_stats, int64_t shortcut,
-                                      at::IntArrayRef shortcut_stride);
+                                      const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                                      at::ArrayRef<double> spec_floats);
 at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                            at::TensorList running_means, at::TensorList running_vars,
-                           const std::optional<at::Tensor>& residual, at::IntArrayRef strides,
-                           at::IntArrayRef paddings, at::IntArrayRef dilations, at::IntArrayRef groups,
-                           at::ArrayRef<double> eps, int64_t shortcut, at::IntArrayRef shortcut_stride);
+                           const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                           at::ArrayRef<double> spec_floats);
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
-                                       at::IntArrayRef strides, at::IntArrayRef paddings, at::IntArrayRef dilations,
-                                       at::IntArrayRef groups, at::ArrayRef<double> eps,
-                                       const c10::List<bool>& batch_stats, int64_t shortcut,
-                                       at::IntArrayRef shortcut_stride, bool need_input_grad);
+                                       at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
+                                       bool need_input_grad);
 
 }  // namespace fused_resnet

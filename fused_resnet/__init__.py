@@ -1,15 +1,18 @@
 """fused_resnet: fused conv → BatchNorm → ReLU (+ residual add) ResNet blocks with matching backward passes.
 
 Public API: ``FusedBasicBlock``, ``FusedBottleneck`` (drop-in for torchvision's blocks), ``convert`` / ``revert``,
-``available_backends``, ``models`` (resnet18..152, cifar_resnet) and ``reference`` (the pure-PyTorch backend).
+``available_backends``, ``models`` (resnet18..152, cifar_resnet), ``BlockSpec`` / ``Shortcut`` (what a block is,
+apart from its tensors) and ``backends`` (the registry; ``backends.reference`` is the pure-PyTorch backend).
+
+Layers: spec → ops (torch.library) → functional → blocks → convert → models; ``backends/`` runs the ops,
+``testing/`` checks them, ``tools/`` holds the command line (never imported by the library).
 """
+from . import backends, models
 from . import ops  # registers the torch.library ops  # noqa: F401
-from . import cuda_backend  # registers backend "cuda" (the C++/CUDA extension, when it was built)  # noqa: F401
-from . import triton_backend  # registers backend "triton" (Triton itself is imported on first use)  # noqa: F401
-from . import models, reference
 from .backends import available_backends
+from .blocks import EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, ShortcutA
 from .convert import convert, revert
-from .modules import EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, ShortcutA
+from .spec import BlockSpec, Shortcut
 
 __version__ = "0.1.0"
 
@@ -19,10 +22,12 @@ __all__ = [
     "EagerBasicBlock",
     "EagerBottleneck",
     "ShortcutA",
+    "BlockSpec",
+    "Shortcut",
     "convert",
     "revert",
     "available_backends",
+    "backends",
     "models",
-    "reference",
     "__version__",
 ]

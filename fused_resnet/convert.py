@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 
 from . import backends
-from .functional import unit_unsupported_reason
-from .modules import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin,
-                      ShortcutA)
+from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
+                     ShortcutA)
+from .functional import forget_spec, unit_unsupported_reason
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -45,16 +45,11 @@ def _tv_units(block: nn.Module):
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
-def _fused_resnet_class():
-    from .models import ResNet  # models imports this module
-
-    return ResNet
-
-
 def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
     t = type(m)
     if t in (FusedBasicBlock, FusedBottleneck):
         m.backend = backend
+        m.block_spec()
     elif t in _TO_FUSED:
         reason = _unfusable_reason(m)
         if reason is not None:
@@ -64,9 +59,10 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
             m.plain, m.dim = False, 2
         m.__class__ = _TO_FUSED[t]
         m.backend = backend
+        m.block_spec()
         return
     elif t is _TV.ResNet:
-        m.__class__ = _fused_resnet_class()
+        m.__class__ = ResNet
         m.backend = backend
     elif isinstance(m, FusedStemMixin):
         m.backend = backend
@@ -100,15 +96,17 @@ def _revert(m: nn.Module) -> None:
         tv_cls, eager_cls = _TO_EAGER[t]
         torchvision_like = not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
         del m.backend
+        forget_spec(m)
         if torchvision_like:
             del m.plain, m.dim
         m.__class__ = tv_cls if torchvision_like else eager_cls
         return
-    if t is _fused_resnet_class():
+    if t is ResNet:
         del m.backend
         m.__class__ = _TV.ResNet
     elif isinstance(m, FusedStemMixin):
         m.backend = None
+    forget_spec(m)
     for child in m.children():
         _revert(child)
 

@@ -1,21 +1,26 @@
 """Functional entry point of every fused module: a chain of (conv, BN) units with ReLUs, a shortcut, a final ReLU.
 
-``run_units`` validates the input (torch's error types and messages, raised before any state changes), applies
-autocast, maps 1-D convs onto the 2-D ops (a Conv1d is a Conv2d with H = 1), calls the op layer, then updates the
-BN running statistics exactly as torch's BatchNorm does. Layout: the ops accept NCHW and channels_last and return
-the input's layout; no copy is made here.
+``block_spec`` gives a block's :class:`~fused_resnet.spec.BlockSpec`, built once and kept while the settings it
+reads stay the same (a BN switched to eval, a new momentum or a changed conv stride make a new one). ``run_block``
+validates the input (torch's error types and messages, raised before any state changes), applies autocast, maps
+1-D convs onto the 2-D ops (a Conv1d is a Conv2d with H = 1), calls the op layer, then updates the BN running
+statistics exactly as torch's BatchNorm does. Layout: the ops accept NCHW and channels_last and return y in the
+input's layout; no copy is made here.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import ops
+from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
+from .tensors import Params
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SPEC_ATTR = "_fused_resnet_spec"  # (key, spec) in the owning module's __dict__
 
 
 def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
@@ -33,17 +38,30 @@ def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _conv_params(conv: nn.Module, is1d: bool) -> Tuple[List[int], List[int], List[int]]:
-    if is1d:
-        return [1, conv.stride[0]], [0, conv.padding[0]], [1, conv.dilation[0]]
-    return list(conv.stride), list(conv.padding), list(conv.dilation)
+def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
+               option_a_stride: int = 1) -> BlockSpec:
+    """The spec of ``owner``'s units, cached on ``owner`` and rebuilt only when a setting it reads changed."""
+    key = (shortcut, option_a_stride) + tuple(
+        (c.stride, c.padding, c.dilation, c.groups, b.training, b.track_running_stats, b.momentum, b.eps,
+         b.running_mean is None) for c, b in zip(convs, bns))
+    cached = owner.__dict__.get(_SPEC_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    spec = from_modules(convs, bns, shortcut, option_a_stride)
+    owner.__dict__[_SPEC_ATTR] = (key, spec)
+    return spec
 
 
-def _input_checks(x: Tensor, w: Tensor, groups: int, is1d: bool) -> None:
-    expected = 3 if is1d else 4
+def forget_spec(owner: nn.Module) -> None:
+    """Drop the spec cached on ``owner`` (when it stops being fused)."""
+    owner.__dict__.pop(_SPEC_ATTR, None)
+
+
+def _input_checks(x: Tensor, w: Tensor, groups: int, dim: int) -> None:
+    expected = dim + 2
     if x.dim() > expected:  # torch's conv error
         raise RuntimeError(f"Expected {expected - 1}D (unbatched) or {expected}D (batched) input to "
-                           f"conv{expected - 2}d, but got input of size: {list(x.shape)}")
+                           f"conv{dim}d, but got input of size: {list(x.shape)}")
     if x.dim() < expected:  # torch's BatchNorm error (the conv would accept an unbatched input)
         raise ValueError(f"expected {expected}D input (got {x.dim()}D input)")
     if not x.is_floating_point():
@@ -59,25 +77,42 @@ def _input_checks(x: Tensor, w: Tensor, groups: int, is1d: bool) -> None:
         )
 
 
-def run_units(
-    x: Tensor,
-    convs: Sequence[nn.Module],
-    bns: Sequence[nn.Module],
-    *,
-    shortcut: int,
-    shortcut_stride: Sequence[int] = (1, 1),
-    residual: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
-    """y = relu(bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the fused op layer.
+def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]) -> None:
+    for unit, shape in zip(spec.units, shapes):
+        if unit.batch_stats and shape[0] * shape[2] * shape[3] == 1:
+            size = torch.Size([shape[0], shape[1], shape[3]] if spec.dim == 1 else shape)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    out_shape = shapes[spec.n_main - 1]
+    kind = spec.shortcut
+    if kind == Shortcut.IDENTITY and list(x.shape) != out_shape:
+        raise RuntimeError(
+            f"identity shortcut needs the block to keep the input's shape {list(x.shape)}, but the main path "
+            f"produces {out_shape}: give the block a downsample"
+        )
+    if kind == Shortcut.PROJECTION and shapes[-1] != out_shape:
+        raise RuntimeError(f"projection shortcut produces {shapes[-1]}, main path produces {out_shape}")
+    if kind == Shortcut.OPTION_A:
+        sub = [conv_out_size(x.shape[k], 1, spec.option_a_stride[k - 2], 0, 1) for k in (2, 3)]
+        if sub != out_shape[2:] or x.shape[1] > out_shape[1]:
+            stride = list(spec.option_a_stride[1:] if spec.dim == 1 else spec.option_a_stride)
+            raise RuntimeError(
+                f"option-A shortcut maps {list(x.shape)} with stride {stride} onto {out_shape}: spatial sizes "
+                f"must agree and channels may only grow"
+            )
+    if kind == Shortcut.TENSOR and (residual is None or list(residual.shape) != out_shape):
+        got = None if residual is None else list(residual.shape)
+        raise RuntimeError(f"the shortcut tensor has shape {got}, the main path produces {out_shape}")
 
-    ``convs``/``bns`` list the main path, then the projection shortcut's conv/BN when ``shortcut`` is
-    ``reference.SHORTCUT_PROJECTION``. ``residual`` is the shortcut tensor for ``SHORTCUT_TENSOR``.
-    """
-    is1d = type(convs[0]) is nn.Conv1d
-    _input_checks(x, convs[0].weight, convs[0].groups, is1d)
+
+def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
+              residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """y = relu(bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
+
+    ``convs``/``bns`` list the spec's units (the projection shortcut's last); ``residual`` is the shortcut tensor
+    of ``Shortcut.TENSOR``."""
+    one_d = spec.dim == 1
+    _input_checks(x, convs[0].weight, spec.units[0].groups, spec.dim)
     weights = [c.weight for c in convs]
-
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weights = x.to(dt), [w.to(dt) for w in weights]
@@ -85,77 +120,34 @@ def run_units(
     for w in weights:
         if w.dtype != x.dtype:
             raise RuntimeError(f"expected the input's dtype to match the conv weights' {w.dtype}, got {x.dtype}")
-
-    strides, paddings, dilations = [], [], []
-    for c in convs:
-        s, p, d = _conv_params(c, is1d)
-        strides += s
-        paddings += p
-        dilations += d
-    groups = [c.groups for c in convs]
-    sc_stride = [1, shortcut_stride[0]] if is1d else list(shortcut_stride)
-    if is1d:
+    if one_d:
         x = x.unsqueeze(2)
         weights = [w.unsqueeze(2) for w in weights]
         residual = None if residual is None else residual.unsqueeze(2)
 
-    shapes = ops.conv_output_shapes(x, weights, strides, paddings, dilations, shortcut)
-    batch_stats = [bool(bn.training or not bn.track_running_stats) for bn in bns]
-    for bn, shape, use_batch in zip(bns, shapes, batch_stats):
-        if use_batch and shape[0] * shape[2] * shape[3] == 1:
-            size = torch.Size([shape[0], shape[1], shape[3]] if is1d else shape)
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-    n_main = reference.num_main_units(convs, shortcut)
-    out_shape = shapes[n_main - 1]
-    if shortcut == reference.SHORTCUT_IDENTITY and list(x.shape) != out_shape:
-        raise RuntimeError(
-            f"identity shortcut needs the block to keep the input's shape {list(x.shape)}, but the main path "
-            f"produces {out_shape}: give the block a downsample"
-        )
-    if shortcut == reference.SHORTCUT_PROJECTION and shapes[-1] != out_shape:
-        raise RuntimeError(f"projection shortcut produces {shapes[-1]}, main path produces {out_shape}")
-    if shortcut == reference.SHORTCUT_PAD:
-        sub = [reference.conv_out_size(x.shape[k], 1, sc_stride[k - 2], 0, 1) for k in (2, 3)]
-        if sub != out_shape[2:] or x.shape[1] > out_shape[1]:
-            raise RuntimeError(
-                f"option-A shortcut maps {list(x.shape)} with stride {sc_stride} onto {out_shape}: spatial sizes "
-                f"must agree and channels may only grow"
-            )
-    if shortcut == reference.SHORTCUT_TENSOR and (residual is None or list(residual.shape) != out_shape):
-        got = None if residual is None else list(residual.shape)
-        raise RuntimeError(f"the shortcut tensor has shape {got}, the main path produces {out_shape}")
-
+    shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
+    _shape_checks(spec, x, shapes, residual)
     gammas = [bn.weight if bn.affine else torch.ones(bn.num_features, device=x.device) for bn in bns]
     betas = [bn.bias if bn.affine else torch.zeros(bn.num_features, device=x.device) for bn in bns]
-    eps = [float(bn.eps) for bn in bns]
+    params = Params(weights, gammas, betas, [bn.running_mean for bn in bns], [bn.running_var for bn in bns])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or any(w.requires_grad for w in weights)
         or any(t.requires_grad for t in gammas + betas)
         or (residual is not None and residual.requires_grad)
     )
-    if not needs_grad and not any(batch_stats):
-        y = ops.block_inference(
-            x, weights, gammas, betas, [bn.running_mean for bn in bns], [bn.running_var for bn in bns], residual,
-            strides, paddings, dilations, groups, eps, shortcut, sc_stride, backend,
-        )
+    if not needs_grad and not any(u.batch_stats for u in spec.units):
+        y = ops.inference(spec, x, params, residual, backend)
     else:
-        n = len(convs)
-        out = ops.block_forward(
-            x, weights, gammas, betas, [bn.running_mean for bn in bns], [bn.running_var for bn in bns], residual,
-            strides, paddings, dilations, groups, eps, batch_stats, shortcut, sc_stride, backend,
-        )
-        y, means, variances = out[0], out[1 + n:1 + 2 * n], out[1 + 2 * n:1 + 3 * n]
+        out = ops.forward(spec, x, params, residual, backend)
+        y = out.y
         with torch.no_grad():
-            for bn, shape, mean, var in zip(bns, shapes, means, variances):
-                if bn.training and bn.track_running_stats:
-                    ops.bn_running_update(
-                        bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
-                        shape[0] * shape[2] * shape[3], bn.momentum,
-                    )
-    return y.squeeze(2) if is1d else y
+            for unit, bn, shape, mean, var in zip(spec.units, bns, shapes, out.means, out.variances):
+                if unit.update_running:
+                    ops.running_update(bn, mean, var, shape[0] * shape[2] * shape[3], unit.momentum, backend)
+    return y.squeeze(2) if one_d else y
 
 
-def conv_bn_relu(x: Tensor, conv: nn.Module, bn: nn.Module, backend: str = "auto") -> Tensor:
-    """relu(bn(conv(x))) as one fused unit (the ResNet stem)."""
-    return run_units(x, [conv], [bn], shortcut=reference.SHORTCUT_NONE, backend=backend)
+def conv_bn_relu(owner: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module, backend: str = "auto") -> Tensor:
+    """relu(bn(conv(x))) as one fused unit (the ResNet stem); the spec is cached on ``owner``."""
+    return run_block(x, block_spec(owner, [conv], [bn], Shortcut.NONE), [conv], [bn], backend=backend)

@@ -16,8 +16,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .blocks import EagerBasicBlock, FusedBasicBlock, FusedStemMixin, ResNet, ShortcutA, _conv
 from .convert import convert
-from .modules import EagerBasicBlock, FusedBasicBlock, FusedStemMixin, ShortcutA, _conv
 
 __all__ = ["ResNet", "CifarResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "cifar_resnet"]
 IMAGENET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -27,16 +27,6 @@ def cifar_depth(name: str) -> Optional[int]:
     """The depth of a ``cifar_resnet<depth>`` model name, or None for any other name (depth not validated)."""
     match = re.fullmatch(r"cifar_resnet(\d+)", name)
     return int(match.group(1)) if match else None
-
-
-class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):
-    """torchvision's ResNet with the stem conv-BN-ReLU fused; ``convert`` turns a torchvision ResNet into this
-    class in place (no new parameters or buffers, so the state_dict is unchanged)."""
-
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self._stem(x))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _torchvision_twin(name: str, weights, progress: bool, backend: Optional[str], kwargs) -> nn.Module:

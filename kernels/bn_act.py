@@ -9,7 +9,7 @@ r·s_r + t_r, the "dual affine"), or the option-A shortcut read from the block i
 c < C_in and 0 above (never materialised).
 
 computed in fp32, stored in a's dtype. Its backward (dz = dy·[y > 0], then the dBN reduction) belongs to the
-drelu_dbn_reduce family; this kernel has none of its own. Reference twin: ``fused_resnet.reference.bn_act``.
+drelu_dbn_reduce family; this kernel has none of its own. Reference twin: ``fused_resnet.backends.reference.bn_act``.
 """
 from __future__ import annotations
 
@@ -19,21 +19,27 @@ import torch
 import triton
 import triton.language as tl
 
+from ..spec import Residual
+
+# What the kernel adds (RES_MODE): the shared table of fused_resnet.spec.Residual.
+RES_TENSOR = tl.constexpr(int(Residual.TENSOR))
+RES_AFFINE = tl.constexpr(int(Residual.AFFINE))
+RES_OPTION_A = tl.constexpr(int(Residual.OPTION_A))
+
 
 @triton.jit
 def bn_act_kernel(
     a_ptr,  # [M, C] activations (channels innermost), any float dtype
     scale_ptr,  # [C] fp32 per-channel scale s = γ·rstd
     shift_ptr,  # [C] fp32 per-channel shift t = β − mean·s
-    res_ptr,  # RES_MODE 1: [M, C] residual in a's dtype; 2: the block input [N, RH, RW, RC] (option A)
-    res_scale_ptr,  # RES_AFFINE: [C] fp32 scale / shift of the residual's own BN
+    res_ptr,  # RES_MODE TENSOR / AFFINE: [M, C] residual in a's dtype; OPTION_A: the block input [N, RH, RW, RC]
+    res_scale_ptr,  # RES_MODE AFFINE: [C] fp32 scale / shift of the residual's own BN
     res_shift_ptr,
     y_ptr,  # [M, C] output in a's dtype
     M,
     C,
     P, Q, RH, RW, RC, rs_h, rs_w,  # option A: a's spatial size P x Q, the block input's size and the stride
     RES_MODE: tl.constexpr,
-    RES_AFFINE: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -47,13 +53,13 @@ def bn_act_kernel(
     s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     t = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     z = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s[None, :] + t[None, :]
-    if RES_MODE == 1:
+    if RES_MODE == RES_TENSOR or RES_MODE == RES_AFFINE:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if RES_AFFINE:
+        if RES_MODE == RES_AFFINE:
             r = r * tl.load(res_scale_ptr + cols, mask=col_ok, other=0.0)[None, :] + tl.load(
                 res_shift_ptr + cols, mask=col_ok, other=0.0)[None, :]
         z += r
-    if RES_MODE == 2:
+    if RES_MODE == RES_OPTION_A:
         q = rows % Q
         p = (rows // Q) % P
         img = rows // (P * Q)
@@ -81,11 +87,11 @@ def bn_act(
     a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor] = None,
     relu: bool = True, out: Optional[torch.Tensor] = None,
     residual_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    pad_shortcut_stride: Optional[Sequence[int]] = None,
+    option_a_stride: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """relu(a·scale + shift [+ residual]) per channel; a channels_last (or [M, C]), scale/shift fp32 [C].
     ``residual_affine`` = (s_r, t_r): the residual enters as residual·s_r + t_r (a projection shortcut's BN).
-    ``pad_shortcut_stride``: the residual is the option-A block input [N, C_in, H, W] (channels_last),
+    ``option_a_stride``: the residual is the option-A block input [N, C_in, H, W] (channels_last),
     subsampled by the stride with channels C_in.. zero, read in place. ``out`` (optional) receives the result:
     same shape, dtype and layout as a."""
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -100,20 +106,21 @@ def bn_act(
                 f"bn_act expects {name} as a contiguous float32 tensor of shape ({c},) on {a.device}, got "
                 f"{v.dtype} {tuple(v.shape)} on {v.device}"
             )
-    dims = (1, 1, 1, 1, 1, 1, 1)
-    res_mode = 0 if residual is None else 1
+    dims = dict(P=1, Q=1, RH=1, RW=1, RC=1, rs_h=1, rs_w=1)
+    res_mode = Residual.NONE if residual is None else Residual.AFFINE if residual_affine else Residual.TENSOR
     if residual is not None and residual.dtype != a.dtype:
         raise ValueError(f"bn_act expects the residual in the activations' dtype {a.dtype}, got {residual.dtype}")
-    if residual is not None and pad_shortcut_stride is not None:
-        ss = pad_shortcut_stride
+    if residual is not None and option_a_stride is not None:
+        ss = option_a_stride
         if (a.dim() != 4 or residual.dim() != 4 or residual.shape[0] != a.shape[0] or residual.shape[1] > c
                 or (residual.shape[2] - 1) // ss[0] + 1 != a.shape[2]
                 or (residual.shape[3] - 1) // ss[1] + 1 != a.shape[3]):
             raise ValueError(f"bn_act: option-A shortcut of {tuple(residual.shape)} with stride {tuple(ss)} does not "
                              f"map onto {tuple(a.shape)}")
         r2 = _rows_by_channels(residual, "the residual")
-        res_mode = 2
-        dims = (a.shape[2], a.shape[3], residual.shape[2], residual.shape[3], residual.shape[1], ss[0], ss[1])
+        res_mode = Residual.OPTION_A
+        dims = dict(P=a.shape[2], Q=a.shape[3], RH=residual.shape[2], RW=residual.shape[3], RC=residual.shape[1],
+                    rs_h=ss[0], rs_w=ss[1])
     elif residual is not None:
         if residual.shape != a.shape:
             raise ValueError(
@@ -131,6 +138,7 @@ def bn_act(
     block_c = min(64, triton.next_power_of_2(c))
     block_m = max(1, 4096 // block_c)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    bn_act_kernel[grid](a2, scale, shift, r2, rs, rt, y2, m, c, *dims, RES_MODE=res_mode,
-                        RES_AFFINE=residual_affine is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
+    bn_act_kernel[grid](a_ptr=a2, scale_ptr=scale, shift_ptr=shift, res_ptr=r2, res_scale_ptr=rs, res_shift_ptr=rt,
+                        y_ptr=y2, M=m, C=c, **dims, RES_MODE=int(res_mode), RELU=relu, BLOCK_M=block_m,
+                        BLOCK_C=block_c)
     return y

@@ -6,7 +6,8 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
 * fprop: GEMM with M = N·P·Q (output pixels), N = K, reduction over (r, s, c). The reduction loops over the R·S
   filter taps and over C in BLOCK_K chunks (16-byte loads along C); for small C (the stem's 3 input channels)
   the flattened r·s·c axis is tiled instead (``FLAT``), so a tile is not mostly padding. Epilogue as constexpr:
-  + bias (per K, fp32), + residual (``RES_MODE`` 1: an [N, P, Q, K] tensor; 2: the option-A shortcut read from the
+  + bias (per K, fp32), + residual (``RES_MODE``, fused_resnet.spec.Residual: TENSOR an [N, P, Q, K] tensor;
+  OPTION_A the option-A shortcut read from the
   block input x[n, p·s, q·s, k] for k < C_in and 0 above, never materialised), ReLU.
 * dgrad: dx[n, h, w, c] = Σ_{r, s, k} dy[n, p, q, k]·w[k, r, s, c] with p = (h + pad − r)/stride where that is an
   integer in range (gather form: stride 2 is handled by masking the taps that do not land on an output pixel).
@@ -18,7 +19,7 @@ Shapes are runtime arguments (batch and spatial sizes are not specialised on), o
 tiles are constexpr; autotuning is keyed on channel counts, kernel size and stride, so a new batch size reuses the
 tuned configuration and the compiled kernel.
 
-Reference twins: ``fused_resnet.reference.conv`` (fprop) and ``fused_resnet.reference.conv_backward``.
+Reference twins: ``fused_resnet.backends.reference.conv`` (fprop) and ``...reference.conv_backward``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ..spec import Residual
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_SUMS = tl.constexpr(INTERPRET)
@@ -47,6 +50,10 @@ def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
 _GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
 _WGRAD_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
 _KEY = ["C", "K", "R", "S", "stride_h", "stride_w"]
+# What an epilogue adds (RES_MODE): the shared table of fused_resnet.spec.Residual.
+RES_NONE = tl.constexpr(int(Residual.NONE))
+RES_TENSOR = tl.constexpr(int(Residual.TENSOR))
+RES_OPTION_A = tl.constexpr(int(Residual.OPTION_A))
 
 
 @triton.jit
@@ -182,9 +189,9 @@ def conv_fprop_kernel(
     out_off = offs_m[:, None].to(tl.int64) * K + offs_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if RES_MODE == 1:
+    if RES_MODE == RES_TENSOR:
         acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
-    if RES_MODE == 2:
+    if RES_MODE == RES_OPTION_A:
         pix = (img.to(tl.int64) * RES_H + p * res_stride_h) * RES_W + q * res_stride_w
         r_ok = m_ok[:, None] & (offs_n < RES_C)[None, :]
         acc += tl.load(res_ptr + pix[:, None] * RES_C + offs_n[None, :], mask=r_ok, other=0.0).to(tl.float32)
@@ -209,7 +216,7 @@ def conv_dgrad_kernel(
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: operand α·dy + β·(a − mean) + γ per channel
     prev_ptr, prev_s_ptr, prev_t_ptr, prev_mean_ptr, prev_rstd_ptr,  # MASK: ReLU mask of relu(prev·s + t); STATS
     sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
-    res_ptr,  # RES_MODE 1: + an [N, H, W, C] tensor; 2: + the option-A shortcut's gradient from [N, RP, RQ, RK]
+    res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w,
     R: tl.constexpr, S: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
@@ -244,9 +251,9 @@ def conv_dgrad_kernel(
                 acc = _mma(acc, a, b, UPCAST, PRECISION)
     out_ok = m_ok[:, None] & c_ok[None, :]
     out_off = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-    if RES_MODE == 1:
+    if RES_MODE == RES_TENSOR:
         acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
-    if RES_MODE == 2:  # option A: dx[n, h, w, c] += dz[n, h / s, w / s, c] where the stride divides h and w
+    if RES_MODE == RES_OPTION_A:  # dx[n, h, w, c] += dz[n, h / s, w / s, c] where the stride divides h and w
         sub = m_ok & (h_in % res_stride_h == 0) & (w_in % res_stride_w == 0)
         pix = (img.to(tl.int64) * RP + h_in // res_stride_h) * RQ + w_in // res_stride_w
         acc += tl.load(res_ptr + pix[:, None] * RK + offs_c[None, :], mask=sub[:, None] & c_ok[None, :],
@@ -337,16 +344,16 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
 
-def _launch(kernel, grid, args, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int]):
+def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int]):
     """Autotuned launch on the GPU. Under the interpreter, whose cost is per program and per loop step rather
     than per element, one tile fitted to the problem (capped by ``interpret_caps``) is launched directly:
     measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64."""
     if not INTERPRET:
-        _TUNED[kernel][grid](*args, **kwargs)
+        _TUNED[kernel][grid](**kwargs)
         return
     meta = {name: _pow2(v, 16, cap) for name, v, cap in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), gemm_mnk,
                                                             interpret_caps, strict=True)}
-    kernel[grid(meta)](*args, **kwargs, **meta)
+    kernel[grid(meta)](**kwargs, **meta)
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 convs follow torch's setting for cuDNN (TF32 products when torch.backends.cudnn.allow_tf32, else exact
@@ -434,7 +441,7 @@ def _tile_partials(m: int, channels: int, device: torch.device):
 def conv_fprop(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
-    pad_shortcut_stride: Optional[Sequence[int]] = None,
+    option_a_stride: Optional[Sequence[int]] = None,
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False,
 ):
     """y = [relu](conv2d(x', w, stride, padding) [+ bias] [+ residual]), returned channels_last, where
@@ -442,7 +449,7 @@ def conv_fprop(
     while loading, zero padding staying zero) and x' = x otherwise.
 
     x [N, C, H, W], w [K, C, R, S] in one dtype; bias fp32 [K]. ``residual``: an [N, K, P, Q] tensor, or, with
-    ``pad_shortcut_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
+    ``option_a_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
     appended up to K), read inside the kernel. With ``stats`` returns (y, mean, var): the per-channel fp32 mean
     and biased variance of y as stored, from per-tile partials written by the epilogue."""
     _check(x, w, "conv_fprop")
@@ -457,23 +464,25 @@ def conv_fprop(
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (k,)):
         raise ValueError(f"conv_fprop expects the bias as float32 of shape ({k},), got {bias.dtype} "
                          f"{tuple(bias.shape)}")
-    res_mode, res_st, res_dims = 0, x_st, (1, 1, 1, 1, 1)
+    res_mode, res_st = Residual.NONE, x_st
+    res_dims = dict(RES_H=1, RES_W=1, RES_C=1, res_stride_h=1, res_stride_w=1)
     if residual is not None:
         if residual.dtype != x.dtype:
             raise TypeError(f"conv_fprop expects the residual in {x.dtype}, got {residual.dtype}")
         res_st = _nhwc(residual)
-        if pad_shortcut_stride is None:
+        if option_a_stride is None:
             if residual.shape != (n, k, p, q):
                 raise ValueError(f"conv_fprop expects a residual of shape {(n, k, p, q)}, got "
                                  f"{tuple(residual.shape)}")
-            res_mode = 1
+            res_mode = Residual.TENSOR
         else:
             rn, rc, rh, rw = residual.shape
-            ss = pad_shortcut_stride
+            ss = option_a_stride
             if rn != n or rc > k or (rh - 1) // ss[0] + 1 != p or (rw - 1) // ss[1] + 1 != q:
                 raise ValueError(f"conv_fprop: option-A shortcut of {tuple(residual.shape)} with stride "
                                  f"{tuple(ss)} does not map onto the output {(n, k, p, q)}")
-            res_mode, res_dims = 2, (rh, rw, rc, ss[0], ss[1])
+            res_mode = Residual.OPTION_A
+            res_dims = dict(RES_H=rh, RES_W=rw, RES_C=rc, res_stride_h=ss[0], res_stride_w=ss[1])
 
     if in_affine is not None:
         _vectors("conv_fprop's in_affine", c, *in_affine)
@@ -490,10 +499,12 @@ def conv_fprop(
     flat = c < FLAT_BELOW
     _launch(
         conv_fprop_kernel, grid,
-        (x_st, w_st, bias if bias is not None else y_st, res_st, y_st, scale, shift, means, m2s, tile,
-         n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims),
-        dict(R=r, S=s, FLAT=flat, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
-             RES_MODE=res_mode, RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
+        dict(x_ptr=x_st, w_ptr=w_st, bias_ptr=bias if bias is not None else y_st, res_ptr=res_st, y_ptr=y_st,
+             in_scale_ptr=scale, in_shift_ptr=shift, mean_ptr=means, m2_ptr=m2s, tile_ptr=tile,
+             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+             pad_w=padding[1], **res_dims,
+             R=r, S=s, FLAT=flat, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (m, k, r * s * c if flat else c), (1024, 256, 256),
     )
     if stats:
@@ -517,14 +528,14 @@ def conv_dgrad(
     dy: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
-    pad_shortcut_stride: Optional[Sequence[int]] = None,
+    option_a_stride: Optional[Sequence[int]] = None,
 ):
     """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
     implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ): the gradient operand is α·dy + β·(a − mean) + γ per
     output channel (the BN backward applied while loading; a has dy's shape). ``residual``: added to dx (an [N, C, H, W]
-    tensor, or with ``pad_shortcut_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
+    tensor, or with ``option_a_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
     tensor). ``relu_of`` = (prev, s, t[, mean, rstd]): dx is multiplied by the ReLU mask [prev·s + t > 0] of
     the previous unit (prev: its pre-BN output, x's shape); with mean and rstd also returns that BN's Σdz and
     Σdz·x̂ per channel: (dz, Σdz, Σdz·x̂)."""
@@ -554,30 +565,35 @@ def conv_dgrad(
         if stats:
             pmean, prstd = moments
             sums, sumx, tile = _tile_partials(m, c, dy.device)
-    res_mode, res, res_dims = 0, dummy, (1, 1, 1, 1, 1)
+    res_mode, res = Residual.NONE, dummy
+    res_dims = dict(RP=1, RQ=1, RK=1, res_stride_h=1, res_stride_w=1)
     if residual is not None:
         if residual.dtype != dy.dtype:
             raise TypeError(f"conv_dgrad expects the residual in {dy.dtype}, got {residual.dtype}")
         res = _nhwc(residual)
-        if pad_shortcut_stride is None:
+        if option_a_stride is None:
             _same_shape("conv_dgrad: residual", residual, dx)
-            res_mode = 1
+            res_mode = Residual.TENSOR
         else:
             rn, rk, rp, rq = residual.shape
-            ss = pad_shortcut_stride
+            ss = option_a_stride
             if rn != n or rk < c or (h - 1) // ss[0] + 1 != rp or (wd - 1) // ss[1] + 1 != rq:
                 raise ValueError(f"conv_dgrad: option-A shortcut gradient {tuple(residual.shape)} with stride "
                                  f"{tuple(ss)} does not map onto dx {(n, c, h, wd)}")
-            res_mode, res_dims = 2, (rp, rq, rk, ss[0], ss[1])
+            res_mode = Residual.OPTION_A
+            res_dims = dict(RP=rp, RQ=rq, RK=rk, res_stride_h=ss[0], res_stride_w=ss[1])
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)
 
     _launch(
         conv_dgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(w), dx_st, a, amean, alpha, beta, gamma, prev, ps, pt, pmean, prstd, sums, sumx, tile, res,
-         n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], *res_dims),
-        dict(R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=res_mode,
+        dict(dy_ptr=_nhwc(dy), w_ptr=_nhwc(w), dx_ptr=dx_st, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha,
+             beta_ptr=beta, gamma_ptr=gamma, prev_ptr=prev, prev_s_ptr=ps, prev_t_ptr=pt, prev_mean_ptr=pmean,
+             prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, res_ptr=res,
+             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+             pad_w=padding[1], **res_dims,
+             R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
         (m, c, k), (1024, 256, 256),
     )
@@ -638,9 +654,11 @@ def conv_wgrad(
 
     _launch(
         conv_wgrad_kernel, grid,
-        (_nhwc(dy), _nhwc(x), ws, a, amean, alpha, beta, gamma, scale, shift,
-         n, h, wd, c, k, p, q, stride[0], stride[1], padding[0], padding[1], chunk),
-        dict(R=r, S=s, FLAT=flat, DBN=dbn is not None, PROLOGUE=in_affine is not None, UPCAST=_upcast(x.dtype),
+        dict(dy_ptr=_nhwc(dy), x_ptr=_nhwc(x), ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
+             gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
+             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+             pad_w=padding[1], chunk=chunk,
+             R=r, S=s, FLAT=flat, DBN=dbn is not None, PROLOGUE=in_affine is not None, UPCAST=_upcast(x.dtype),
              PRECISION=_precision(x.dtype)),
         (k, r * s * c if flat else c, chunk), (256, 256, 256),
     )

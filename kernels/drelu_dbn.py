@@ -6,7 +6,7 @@ Per element, with dy the gradient of the block output y, a the pre-BN output of 
     Σdz[c], Σdz·x̂[c]                 x̂ = (a − mean)·rstd, sums in fp32 (per row tile, then over tiles)
 
 Without ``y`` the incoming gradient is already dz (a projection shortcut's BN reads the same dz). Reference twin:
-``fused_resnet.reference.drelu_dbn_reduce`` (after the mask).
+``fused_resnet.backends.reference.drelu_dbn_reduce`` (after the mask).
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def drelu_dbn_reduce(
     sums = torch.empty((tiles, c), dtype=torch.float32, device=g.device)
     sumx = torch.empty_like(sums)
     drelu_dbn_reduce_kernel[(tiles, triton.cdiv(c, block_c))](
-        g2, _rows_by_channels(y, "y") if y is not None else g2, _rows_by_channels(a, "a"), mean, rstd,
-        _rows_by_channels(dz, "dz"), sums, sumx, m, c, MASK=y is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        g_ptr=g2, y_ptr=_rows_by_channels(y, "y") if y is not None else g2, a_ptr=_rows_by_channels(a, "a"),
+        mean_ptr=mean, rstd_ptr=rstd, dz_ptr=_rows_by_channels(dz, "dz"), sum_ptr=sums, sumx_ptr=sumx, M=m, C=c,
+        MASK=y is not None, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return dz, sums.sum(0), sumx.sum(0)

@@ -1,6 +1,7 @@
 """Test setup. Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET must be set before any
 Triton kernel is defined, so it is set here, before fused_resnet.kernels can be imported), and backend "cuda"
 runs the extension's CPU registrations of its ops (FUSED_RESNET_EXT_ON_CPU)."""
+import contextlib
 import copy
 import os
 
@@ -16,6 +17,8 @@ from torch import nn  # noqa: E402
 
 import fused_resnet  # noqa: E402
 from fused_resnet import testing  # noqa: E402
+from fused_resnet.backends import registry  # noqa: E402
+from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec  # noqa: E402
 
 GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (run bench/gpu_suite.sh on the device machine)")
@@ -35,6 +38,85 @@ MODELS = {
     "cifar20-A": lambda: fused_resnet.models.cifar_resnet(20, "A", backend=None),
     "cifar20-B-1d": lambda: fused_resnet.models.cifar_resnet(20, "B", dim=1, in_channels=1, backend=None),
 }
+
+
+@contextlib.contextmanager
+def registered(backend):
+    """Register a test backend for the duration of a ``with`` block (replacing one of the same name), with fresh
+    resolutions and one-time warnings before and after."""
+    saved = dict(registry._REGISTRY)
+    registry._warned.clear()
+    registry.register(backend)
+    try:
+        yield backend
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+        registry._warned.clear()
+        registry.refresh()
+
+
+def block_problem(shortcut: Shortcut, n_units: int, batch_stats: bool, groups: int = 1, dilation: int = 1,
+                  seed: int = 0) -> dict:
+    """Random float64 inputs of the block ops and their spec: n_units main convs (3x3 for 1-2 units, 1x1-3x3-1x1
+    for 3) plus a 1x1 projection for Shortcut.PROJECTION. Shape-changing shortcuts (projection, option A) use
+    stride 2 and 4 → 6 channels; the others keep 6 channels and stride 1. groups/dilation apply to the 3x3 of a
+    3-unit chain."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    changes = shortcut in (Shortcut.PROJECTION, Shortcut.OPTION_A)
+    cin, cmid, cout, stride = (4, 6, 6, 2) if changes else (6, 6, 6, 1)
+    if n_units == 3:  # (out, in, k, groups, dilation, stride)
+        convs = [(cmid, cin, 1, 1, 1, 1), (cmid, cmid, 3, groups, dilation, stride), (cout, cmid, 1, 1, 1, 1)]
+    elif n_units == 2:
+        convs = [(cmid, cin, 3, 1, 1, stride), (cout, cmid, 3, 1, 1, 1)]
+    else:
+        convs = [(cout, cin, 3, 1, 1, stride)]
+    if shortcut == Shortcut.PROJECTION:
+        convs.append((cout, cin, 1, 1, 1, stride))
+    units = tuple(UnitSpec((st, st), (d * (k // 2),) * 2, (d, d), gr, 1e-5, 0.1, batch_stats, batch_stats)
+                  for _, _, k, gr, d, st in convs)
+    spec = BlockSpec(units, shortcut, (stride, stride) if shortcut == Shortcut.OPTION_A else (1, 1))
+    out_hw = ((5 - 1) // stride + 1, (4 - 1) // stride + 1)
+    return dict(
+        x=rnd(2, cin, 5, 4).requires_grad_(),
+        weights=[rnd(o, i // gr, k, k).requires_grad_() for o, i, k, gr, _, _ in convs],
+        gammas=[(rnd(c[0]) * 0.3 + 1).requires_grad_() for c in convs],
+        betas=[(rnd(c[0]) * 0.3).requires_grad_() for c in convs],
+        running_means=[rnd(c[0]) * 0.1 for c in convs],
+        running_vars=[rnd(c[0]).abs() + 0.5 for c in convs],
+        residual=rnd(2, cout, *out_hw).requires_grad_() if shortcut == Shortcut.TENSOR else None,
+        spec=spec,
+    )
+
+
+def op_args(problem: dict, backend: str = "reference") -> tuple:
+    """The flat arguments of fused_resnet::block_forward for a block_problem."""
+    p = problem
+    return (p["x"], p["weights"], p["gammas"], p["betas"], p["running_means"], p["running_vars"], p["residual"],
+            p["spec"].ints, p["spec"].floats, backend)
+
+
+GRADCHECK_CASES = [
+    # (shortcut, units, batch_stats, groups, dilation)
+    (Shortcut.IDENTITY, 2, True, 1, 1),
+    (Shortcut.IDENTITY, 3, True, 1, 1),
+    (Shortcut.PROJECTION, 2, True, 1, 1),
+    (Shortcut.PROJECTION, 3, True, 1, 1),
+    (Shortcut.OPTION_A, 2, True, 1, 1),
+    (Shortcut.TENSOR, 2, True, 1, 1),
+    (Shortcut.NONE, 1, True, 1, 1),
+    (Shortcut.NONE, 2, False, 1, 1),
+    (Shortcut.PROJECTION, 3, False, 1, 1),
+    (Shortcut.IDENTITY, 3, True, 2, 2),
+]
+
+
+def gradcheck_id(case) -> str:
+    return f"{case[0].name.lower()}-u{case[1]}-bs{int(case[2])}-g{case[3]}-d{case[4]}"
 
 
 def make_block(case, fused: bool, backend: str = "reference"):

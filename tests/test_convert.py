@@ -9,7 +9,7 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet import models, testing
-from fused_resnet.modules import FusedBasicBlock, FusedBottleneck
+from fused_resnet.blocks import FusedBasicBlock, FusedBottleneck
 
 from conftest import assert_checks
 

@@ -9,7 +9,10 @@ import torchvision
 from torch import nn
 
 import fused_resnet
-from fused_resnet import backends, reference
+from fused_resnet import backends
+from fused_resnet.backends import reference
+
+from conftest import registered
 
 TV = torchvision.models.resnet
 
@@ -63,16 +66,15 @@ def test_unsupported_modules_rejected_at_construction():
         fused_resnet.convert("resnet18")
 
 
-class _DecliningBackend(backends.Backend):
+class _DecliningBackend(reference.ReferenceBackend):
     """A test backend that declines float64 and must never compute anything itself."""
 
     name = "triton"
 
-    def unsupported_reason(self, x, groups, dilations):
-        return "float64 on a GPU backend" if x.dtype == torch.float64 else None
+    def unsupported_reason(self, device_type, dtype, spec):
+        return "float64 on a GPU backend" if dtype == torch.float64 else None
 
-    @staticmethod
-    def block_forward(*args):
+    def block_forward(self, *args):
         raise AssertionError("the declining backend must not run")
 
     block_backward = block_inference = block_forward
@@ -80,13 +82,8 @@ class _DecliningBackend(backends.Backend):
 
 @pytest.fixture
 def declining_backend():
-    saved = dict(backends._REGISTRY)
-    backends.register(_DecliningBackend())
-    backends._warned.clear()
-    yield
-    backends._REGISTRY.clear()
-    backends._REGISTRY.update(saved)
-    backends._warned.clear()
+    with registered(_DecliningBackend()):
+        yield
 
 
 def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_backend):
@@ -99,7 +96,7 @@ def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_b
         for _ in range(3):
             y = fused(x)
             y.sum().backward()
-    fallback = [w for w in caught if "running it on the 'reference' backend" in str(w.message)]
+    fallback = [w for w in caught if "running it on backend 'reference' instead" in str(w.message)]
     assert len(fallback) == 1 and "float64 on a GPU backend" in str(fallback[0].message)
     torch.testing.assert_close(y, tv(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(AssertionError, match="must not run"):
@@ -108,9 +105,4 @@ def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_b
 
 def test_auto_on_cpu_is_reference_even_when_triton_exists(declining_backend):
     x = torch.randn(2, 4, 5, 5)
-    assert backends.resolve("auto", x, [1], [1, 1]).name == "reference"
-
-
-def test_unknown_shortcut_kind_in_reference():
-    with pytest.raises(ValueError, match="unknown shortcut kind"):
-        reference._shortcut_value(None, [], [], None, 9, [1, 1], 1, torch.contiguous_format, torch.float32)
+    assert backends.resolve("auto", x, None).name == "reference"

@@ -4,15 +4,15 @@ import copy
 import pytest
 import torch
 
-from fused_resnet import models, ops, reference
+from fused_resnet import models, ops
+from fused_resnet.spec import Shortcut
 
-from conftest import DEVICES
-from test_reference import GRADCHECK_CASES, _block_args
+from conftest import DEVICES, GRADCHECK_CASES, block_problem, op_args
 
 
 def _forward_samples(device, dtype):
     for shortcut, units, batch_stats, groups, dilation in GRADCHECK_CASES:
-        a = _block_args(shortcut, units, batch_stats, groups, dilation)
+        a = block_problem(shortcut, units, batch_stats, groups, dilation)
         for k in ("x", "residual"):
             if a[k] is not None:
                 a[k] = a[k].detach().to(device, dtype).requires_grad_()
@@ -27,7 +27,7 @@ def _forward_samples(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_block_forward_and_backward(device, dtype):
     for a in _forward_samples(device, dtype):
-        args = tuple(a.values())
+        args = op_args(a)
         torch.library.opcheck(ops.block_forward, args)
         out = ops.block_forward(*args)
         n = len(a["weights"])
@@ -35,8 +35,7 @@ def test_opcheck_block_forward_and_backward(device, dtype):
                     [w.detach() for w in a["weights"]], [g.detach() for g in a["gammas"]],
                     [b.detach() for b in a["betas"]], [t.detach() for t in out[1:1 + n]],
                     [t.detach() for t in out[1 + n:1 + 2 * n]], [t.detach() for t in out[1 + 2 * n:]],
-                    a["strides"], a["paddings"], a["dilations"], a["groups"], a["eps"], a["batch_stats"],
-                    a["shortcut"], a["shortcut_stride"], True, "reference")
+                    a["spec"].ints, a["spec"].floats, True, "reference")
         torch.library.opcheck(ops.block_backward, bwd_args)
         torch.library.opcheck(ops.block_backward, bwd_args[:-2] + (False, "reference"))
 
@@ -44,17 +43,16 @@ def test_opcheck_block_forward_and_backward(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_block_inference_and_running_update(device):
     for a in _forward_samples(device, torch.float32):
-        if a["shortcut"] == reference.SHORTCUT_TENSOR:
+        if a["spec"].shortcut == Shortcut.TENSOR:
             a["residual"] = a["residual"].detach()
-        args = (a["x"].detach(), [w.detach() for w in a["weights"]], [g.detach() for g in a["gammas"]],
-                [b.detach() for b in a["betas"]], a["running_means"], a["running_vars"], a["residual"],
-                a["strides"], a["paddings"], a["dilations"], a["groups"], a["eps"], a["shortcut"],
-                a["shortcut_stride"], "reference")
-        torch.library.opcheck(ops.block_inference, args)
+        a["spec"] = a["spec"].with_batch_stats([False] * len(a["spec"].units))
+        for k in ("x", "weights", "gammas", "betas"):
+            a[k] = a[k].detach() if k == "x" else [t.detach() for t in a[k]]
+        torch.library.opcheck(ops.block_inference, op_args(a))
     for momentum in (0.1, None):
         args = (torch.randn(5, device=device), torch.rand(5, device=device) + 0.5,
                 torch.tensor(3, device=device), torch.randn(5, device=device), torch.rand(5, device=device), 12,
-                momentum)
+                momentum, "reference")
         torch.library.opcheck(ops.bn_running_update, args)
 
 

@@ -35,46 +35,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Shortcut kinds (the ``shortcut`` argument of the block ops).
-SHORTCUT_NONE = 0  # plain network: y = relu(bn(a_last))
-SHORTCUT_IDENTITY = 1  # y = relu(bn(a_last) + x)
-SHORTCUT_PROJECTION = 2  # y = relu(bn(a_last) + bn_sc(conv_sc(x))); the projection is the last conv in the lists
-SHORTCUT_PAD = 3  # option A: y = relu(bn(a_last) + pad_channels(x[:, :, ::s, ::s]))
-SHORTCUT_TENSOR = 4  # y = relu(bn(a_last) + residual), residual computed by any module outside the op
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator / statistics dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The layout every output of a block op follows: channels_last when x is, else contiguous (NCHW)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+from ..spec import BlockSpec, Shortcut, UnitSpec, acc_dtype, memory_format_of
+from ..tensors import Forward, Grads, Params
+from .registry import Backend, register
 
 
 def _channel_view(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 # --------------------------------------------------------------------------------------------- primitives
-def conv(x: Tensor, w: Tensor, stride, padding, dilation, groups: int, fmt: torch.memory_format) -> Tensor:
-    """conv fprop (no bias), output in the block's memory format."""
-    return F.conv2d(x, w, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
+def conv(x: Tensor, w: Tensor, unit: UnitSpec, fmt: torch.memory_format) -> Tensor:
+    """conv fprop (no bias) with the unit's geometry, output in ``fmt``."""
+    return F.conv2d(x, w, None, unit.stride, unit.padding, unit.dilation, unit.groups).contiguous(memory_format=fmt)
 
 
-def conv_backward(
-    dout: Tensor, inp: Tensor, w: Tensor, stride, padding, dilation, groups: int, need_input_grad: bool
-) -> Tuple[Optional[Tensor], Tensor]:
+def conv_backward(dout: Tensor, inp: Tensor, w: Tensor, unit: UnitSpec,
+                  need_input_grad: bool) -> Tuple[Optional[Tensor], Tensor]:
     """conv dgrad and wgrad: (d_inp or None, dW)."""
     d_inp, dw, _ = torch.ops.aten.convolution_backward(
-        dout, inp, w, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        dout, inp, w, None, list(unit.stride), list(unit.padding), list(unit.dilation), False, [0, 0], unit.groups,
         [need_input_grad, True, False],
     )
     return d_inp, dw
@@ -123,13 +103,13 @@ def dbn_apply(
     return da.to(a.dtype)
 
 
-def shortcut_pad(x: Tensor, stride: Sequence[int], channels: int, fmt: torch.memory_format) -> Tensor:
+def option_a(x: Tensor, stride: Sequence[int], channels: int, fmt: torch.memory_format) -> Tensor:
     """Option A: x[:, :, ::s, ::s] with channels [C_in, channels) zero-filled."""
     sub = x[:, :, :: stride[0], :: stride[1]]
     return F.pad(sub, (0, 0, 0, 0, 0, channels - x.shape[1])).contiguous(memory_format=fmt)
 
 
-def shortcut_pad_backward(dz: Tensor, x: Tensor, stride: Sequence[int]) -> Tensor:
+def option_a_backward(dz: Tensor, x: Tensor, stride: Sequence[int]) -> Tensor:
     """Gradient of option A w.r.t. x: dz's first C_in channels scattered back to the subsampled positions."""
     dx = torch.zeros(x.shape, dtype=dz.dtype, device=dz.device)
     dx[:, :, :: stride[0], :: stride[1]] = dz[:, : x.shape[1]]
@@ -154,38 +134,24 @@ def bn_running_update(
 
 
 # --------------------------------------------------------------------------------------------- block ops
-def _pairs(values: Sequence[int], i: int) -> Tuple[int, int]:
-    return values[2 * i], values[2 * i + 1]
-
-
-def num_main_units(weights: Sequence, shortcut: int) -> int:
-    """Units on the main path: every conv but the projection shortcut's, which the lists hold last."""
-    return len(weights) - (1 if shortcut == SHORTCUT_PROJECTION else 0)
-
-
-def block_forward(
-    x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]], residual: Optional[Tensor],
-    strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
-    batch_stats: List[bool], shortcut: int, shortcut_stride: List[int],
-) -> List[Tensor]:
-    """Training-capable block forward. Returns [y, a_0 .. a_{n-1}, mean_0 .. mean_{n-1}, var_0 .. var_{n-1}]:
-    y, the pre-BN conv outputs (saved for backward) and the per-channel statistics each BN used (batch
-    statistics — biased variance — where ``batch_stats[i]``, else the running statistics)."""
+def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+    """Training-capable block forward: y, the pre-BN conv outputs (saved for backward, in x's layout) and the
+    per-channel statistics each BN used (batch statistics — biased variance — where the unit's ``batch_stats``,
+    else its running statistics)."""
     fmt = memory_format_of(x)
-    n_main = num_main_units(weights, shortcut)
+    n_main = spec.n_main
     acts, means, variances, affine = [], [], [], []
     inp = x
-    for i in range(len(weights)):
+    for i, unit in enumerate(spec.units):
         if i == n_main:  # the projection shortcut reads the block input
             inp = x
-        a = conv(inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i], fmt)
-        if batch_stats[i]:
+        a = conv(inp, params.weights[i], unit, fmt)
+        if unit.batch_stats:
             mean, var = bn_stats(a)
         else:
-            mean = running_means[i].to(acc_dtype(a.dtype)).clone()
-            var = running_vars[i].to(acc_dtype(a.dtype)).clone()
-        s, t, _ = scale_shift(gammas[i], betas[i], mean, var, eps[i])
+            mean = params.running_means[i].to(acc_dtype(a.dtype)).clone()
+            var = params.running_vars[i].to(acc_dtype(a.dtype)).clone()
+        s, t, _ = scale_shift(params.gammas[i], params.betas[i], mean, var, unit.eps)
         acts.append(a)
         means.append(mean)
         variances.append(var)
@@ -193,68 +159,52 @@ def block_forward(
         if i < n_main - 1:
             inp = bn_act(a, s, t)
     s_last, t_last = affine[n_main - 1]
-    sc = _shortcut_value(x, acts, affine, residual, shortcut, shortcut_stride, n_main, fmt, s_last.dtype)
-    y = bn_act(acts[n_main - 1], s_last, t_last, sc)
-    return [y] + acts + means + variances
+    sc = _shortcut_value(spec, x, acts, affine, residual, fmt, s_last.dtype)
+    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc), acts, means, variances)
 
 
-def _shortcut_value(x, acts, affine, residual, shortcut, shortcut_stride, n_main, fmt, dtype) -> Optional[Tensor]:
-    if shortcut == SHORTCUT_NONE:
+def _shortcut_value(spec: BlockSpec, x, acts, affine, residual, fmt, dtype) -> Optional[Tensor]:
+    kind, n_main = spec.shortcut, spec.n_main
+    if kind == Shortcut.NONE:
         return None
-    if shortcut == SHORTCUT_IDENTITY:
+    if kind == Shortcut.IDENTITY:
         return x
-    if shortcut == SHORTCUT_PROJECTION:
+    if kind == Shortcut.PROJECTION:
         s_sc, t_sc = affine[n_main]
         return acts[n_main].to(dtype) * _channel_view(s_sc) + _channel_view(t_sc)
-    if shortcut == SHORTCUT_PAD:
-        return shortcut_pad(x, shortcut_stride, acts[n_main - 1].shape[1], fmt)
-    if shortcut == SHORTCUT_TENSOR:
-        return residual
-    raise ValueError(f"unknown shortcut kind {shortcut}")
+    if kind == Shortcut.OPTION_A:
+        return option_a(x, spec.option_a_stride, acts[n_main - 1].shape[1], fmt)
+    return residual
 
 
-def block_inference(
-    x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    running_means: List[Tensor], running_vars: List[Tensor], residual: Optional[Tensor],
-    strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
-    shortcut: int, shortcut_stride: List[int],
-) -> Tensor:
+def block_inference(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
     """Eval-mode block forward with running statistics and nothing saved: returns y only."""
-    n = len(weights)
-    return block_forward(
-        x, weights, gammas, betas, list(running_means), list(running_vars), residual, strides, paddings,
-        dilations, groups, eps, [False] * n, shortcut, shortcut_stride,
-    )[0]
+    if any(u.batch_stats for u in spec.units):
+        spec = spec.with_batch_stats([False] * len(spec.units))
+    return block_forward(spec, x, params, residual).y
 
 
-def block_backward(
-    dy: Tensor, x: Tensor, y: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    acts: List[Tensor], means: List[Tensor], variances: List[Tensor],
-    strides: List[int], paddings: List[int], dilations: List[int], groups: List[int], eps: List[float],
-    batch_stats: List[bool], shortcut: int, shortcut_stride: List[int], need_input_grad: bool,
-) -> Tuple[Optional[Tensor], Optional[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
-    """Hand-derived block backward. Returns (dx or None, d_residual or None, dW list, dγ list, dβ list);
-    d_residual (shortcut given as a tensor) is in x's dtype."""
-    n = len(weights)
-    n_main = num_main_units(weights, shortcut)
+def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
+                   need_input_grad: bool) -> Grads:
+    """Hand-derived block backward; d_residual (shortcut given as a tensor) is in x's dtype."""
+    n, n_main = len(spec.units), spec.n_main
     acc = acc_dtype(x.dtype)
-    affine = [scale_shift(gammas[i], betas[i], means[i], variances[i], eps[i]) for i in range(n)]
+    weights, gammas, acts, means = params.weights, params.gammas, saved.acts, saved.means
+    affine = [scale_shift(gammas[i], params.betas[i], means[i], saved.variances[i], spec.units[i].eps)
+              for i in range(n)]
     dws: List[Optional[Tensor]] = [None] * n
     dgammas: List[Optional[Tensor]] = [None] * n
     dbetas: List[Optional[Tensor]] = [None] * n
 
-    dz_out = dy.to(acc) * (y > 0)  # dz of the block output, shared by the last main unit and the shortcut
+    dz_out = dy.to(acc) * (saved.y > 0)  # dz of the block output, shared by the last main unit and the shortcut
 
     def unit_backward(i: int, dz: Tensor, inp: Tensor, need_inp_grad: bool) -> Optional[Tensor]:
         s, _, rstd = affine[i]
         sum_dz, sum_dz_xhat = drelu_dbn_reduce(dz, acts[i], means[i], rstd)
         dgammas[i] = sum_dz_xhat.to(gammas[i].dtype)
-        dbetas[i] = sum_dz.to(betas[i].dtype)
-        da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, batch_stats[i])
-        d_inp, dws[i] = conv_backward(
-            da, inp, weights[i], _pairs(strides, i), _pairs(paddings, i), _pairs(dilations, i), groups[i],
-            need_inp_grad,
-        )
+        dbetas[i] = sum_dz.to(params.betas[i].dtype)
+        da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, spec.units[i].batch_stats)
+        d_inp, dws[i] = conv_backward(da, inp, weights[i], spec.units[i], need_inp_grad)
         return d_inp
 
     dz = dz_out
@@ -270,16 +220,40 @@ def block_backward(
 
     d_residual = None
     d_sc = None
-    if shortcut == SHORTCUT_IDENTITY:
+    if spec.shortcut == Shortcut.IDENTITY:
         d_sc = dz_out
-    elif shortcut == SHORTCUT_PROJECTION:
+    elif spec.shortcut == Shortcut.PROJECTION:
         d_sc = unit_backward(n_main, dz_out, x, need_input_grad)
-    elif shortcut == SHORTCUT_PAD and need_input_grad:
-        d_sc = shortcut_pad_backward(dz_out, x, shortcut_stride)
-    elif shortcut == SHORTCUT_TENSOR:
+    elif spec.shortcut == Shortcut.OPTION_A and need_input_grad:
+        d_sc = option_a_backward(dz_out, x, spec.option_a_stride)
+    elif spec.shortcut == Shortcut.TENSOR:
         d_residual = dz_out.to(x.dtype).contiguous(memory_format=memory_format_of(x))
     if need_input_grad and d_sc is not None:
         dx = (dx.to(acc) + d_sc.to(acc)).to(x.dtype)
     if dx is not None:
         dx = dx.contiguous(memory_format=memory_format_of(x))
-    return dx, d_residual, dws, dgammas, dbetas
+    return Grads(dx, d_residual, dws, dgammas, dbetas)
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch, any device and dtype: the semantics every backend matches, and the oracle's twin."""
+
+    name = "reference"
+
+    def saved_format(self, x: Tensor) -> torch.memory_format:
+        return memory_format_of(x)
+
+    def block_forward(self, spec, x, params, residual):
+        return block_forward(spec, x, params, residual)
+
+    def block_inference(self, spec, x, params, residual):
+        return block_inference(spec, x, params, residual)
+
+    def block_backward(self, spec, dy, x, params, saved, need_input_grad):
+        return block_backward(spec, dy, x, params, saved, need_input_grad)
+
+    def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+
+
+register(ReferenceBackend())

@@ -18,12 +18,15 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet import _ext, backends, cuda_backend, models, reference, testing
+from fused_resnet import backends, models, ops, testing
+from fused_resnet.backends import cuda as cuda_backend, extension, reference, registry
+from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec
+from fused_resnet.tensors import Params, pack_forward
 
 from conftest import (GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block,
                       requires_gpu)
 
-pytestmark = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.status()['reason']}")
+pytestmark = pytest.mark.skipif(extension.load() is None, reason=f"extension not built: {extension.status()['reason']}")
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -136,8 +139,8 @@ def _bn_act_case(shape, dtype, mode):
     elif mode == "option A":  # x has C/2 channels (rounded down to even) and 2× the spatial size (+1 for odd)
         c_in = C // 2
         x = _act((shape[0], c_in, 2 * shape[2] - 1, 2 * shape[3]), dtype, 7)
-        kwargs = {"residual": x, "pad_stride": [2, 2]}
-        ref_sc = lambda d: reference.shortcut_pad(x.to(d), (2, 2), C, torch.channels_last)  # noqa: E731
+        kwargs = {"residual": x, "option_a_stride": [2, 2]}
+        ref_sc = lambda d: reference.option_a(x.to(d), (2, 2), C, torch.channels_last)  # noqa: E731
     y = _ops().bn_act(a, s, t, kwargs.pop("residual", None), True, **kwargs)
 
     def ref(d):
@@ -226,7 +229,7 @@ def test_residual_grad(kind, dtype):
 
     def ref(d):
         dz = dy.to(torch.float64) * (y > 0)
-        sc = reference.shortcut_pad_backward(dz, like, (2, 2)) if pad else dz
+        sc = reference.option_a_backward(dz, like, (2, 2)) if pad else dz
         total = sc if d_main is None else sc + d_main.to(torch.float64)
         return total.to(d)
 
@@ -279,16 +282,23 @@ def test_kernel_ops_reject_bad_arguments_clearly():
     with pytest.raises(RuntimeError, match="with sizes \\[2, 24, 3, 3\\]"):
         _ops().bn_act(a, s, t, _act((2, 24, 3, 4), torch.float16, 2), True)
     with pytest.raises(RuntimeError, match="option A maps"):
-        _ops().bn_act(a, s, t, _act((2, 8, 9, 9), torch.float16, 2), True, pad_stride=[2, 2])
+        _ops().bn_act(a, s, t, _act((2, 8, 9, 9), torch.float16, 2), True, option_a_stride=[2, 2])
     with pytest.raises(RuntimeError, match="residual_scale and residual_shift together"):
         _ops().bn_act(a, s, t, a, True, residual_scale=s)
     with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
         _ops().bn_running_update(s.clone(), t.clone(), None, s, t, 10, None)
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
         _ops().bn_running_update(s.clone(), t.clone(), torch.tensor(0, device=DEVICE), s, t, 1, 0.1)
+    w = torch.randn(24, 24, 3, 3, device=DEVICE, dtype=torch.float16)
+    spec = BlockSpec((UnitSpec(padding=(1, 1), eps=EPS),), Shortcut.NONE)
+    bad_kind = spec.ints
+    bad_kind[1] = 7
     with pytest.raises(RuntimeError, match="unknown shortcut kind 7"):
-        w = torch.randn(24, 24, 3, 3, device=DEVICE, dtype=torch.float16)
-        _ops().block_inference(a, [w], [s], [t], [s], [t], None, [1, 1], [1, 1], [1, 1], [1], [EPS], 7, [1, 1])
+        _ops().block_inference(a, [w], [s], [t], [s], [t], None, bad_kind, spec.floats)
+    with pytest.raises(RuntimeError, match="malformed block spec: 13 ints and 2 floats for 1 unit"):
+        _ops().block_inference(a, [w], [s], [t], [s], [t], None, spec.ints[:-1], spec.floats)
+    with pytest.raises(RuntimeError, match="one tensor per unit"):
+        _ops().block_inference(a, [w, w], [s], [t], [s], [t], None, spec.ints, spec.floats)
 
 
 # --------------------------------------------------------------------------------------------- block ops
@@ -367,46 +377,44 @@ def test_saved_for_backward_is_the_design_minimum(case):
 
 # --------------------------------------------------------------------------------------------- op registration
 def _block_args(case=testing.BLOCK_CASES[7], dtype=torch.float32, grad=False):
-    """Arguments of fused_resnet_C::block_forward for one block case, from a converted block."""
+    """(flat arguments of fused_resnet_C::block_forward, the spec) for one block case, from a converted block."""
     n, h, w = case[5]
     block = testing.randomize_batchnorm(make_block(case, fused=False), torch.Generator().manual_seed(1))
     fused = fused_resnet.convert(block, backend="cuda").to(DEVICE, dtype).train()
     captured = {}
-    real = torch.ops.fused_resnet.block_forward
+    real = ops.forward
 
-    def spy(*args):
-        captured["args"] = args
-        return real(*args)
+    def spy(spec, x, params, residual, backend):
+        captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats])
+        return real(spec, x, params, residual, backend)
 
-    from fused_resnet import ops
-
-    original, ops.block_forward = ops.block_forward, spy
+    original, ops.forward = ops.forward, spy
     try:
         with torch.no_grad():
             fused(torch.randn(n, case[1], h, w, device=DEVICE, dtype=dtype).contiguous(
                 memory_format=torch.channels_last))
     finally:
-        ops.block_forward = original
+        ops.forward = original
     args = [[t.detach() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, (list, tuple))
-            else a.detach() if isinstance(a, torch.Tensor) else a for a in captured["args"][:-1]]  # no backend
+            else a.detach() if isinstance(a, torch.Tensor) else a for a in captured["args"]]
     if grad:
         args[0] = args[0].detach().requires_grad_(True)
         for k in (1, 2, 3):
             args[k] = [t.detach().requires_grad_(True) for t in args[k]]
-    return args
+    return args, captured["spec"]
 
 
 def test_cpp_block_forward_autograd_matches_the_reference():
     """fused_resnet_C::block_forward is differentiable on its own (register_autograd → block_backward)."""
-    args = _block_args(grad=True)
+    args, spec = _block_args(grad=True)
     ref_args = [args[0].detach().double().requires_grad_(True)] + [
-        [t.detach().double().requires_grad_(True) for t in args[k]] for k in (1, 2, 3)] + args[4:]
+        [t.detach().double().requires_grad_(True) for t in args[k]] for k in (1, 2, 3)] + args[4:7]
     out = _ops().block_forward(*args)
-    ref = reference.block_forward(*ref_args)
-    gy = torch.randn_like(ref[0])
+    ref = reference.block_forward(spec, ref_args[0], Params(*ref_args[1:6]), ref_args[6])
+    gy = torch.randn_like(ref.y)
     out[0].backward(gy.to(out[0].dtype))
-    ref[0].backward(gy)
-    _check("y", out[0], ref[0], out[0], ref[0], torch.float32)
+    ref.y.backward(gy)
+    _check("y", out[0], ref.y, out[0], ref.y, torch.float32)
     for got, want in zip([args[0]] + args[1] + args[2] + args[3],
                          [ref_args[0]] + ref_args[1] + ref_args[2] + ref_args[3], strict=True):
         assert got.grad is not None
@@ -415,10 +423,11 @@ def test_cpp_block_forward_autograd_matches_the_reference():
 
 def test_opcheck_on_the_extension_ops():
     """Schema, fake (meta) kernels, autograd registration and AOT dispatch of the block and kernel ops."""
-    args = _block_args(grad=True)
+    args, _ = _block_args(grad=True)
     torch.library.opcheck(_ops().block_forward, tuple(args))
-    no_grad = _block_args()
-    torch.library.opcheck(_ops().block_inference, tuple(no_grad[:12] + no_grad[13:]))  # no batch_stats
+    no_grad, spec = _block_args()
+    eval_spec = spec.with_batch_stats([False] * len(spec.units))
+    torch.library.opcheck(_ops().block_inference, tuple(no_grad[:7] + [eval_spec.ints, eval_spec.floats]))
     g, y, a, mean, rstd, s, t = _dbn_inputs((2, 24, 5, 7), torch.float32, "y")
     torch.library.opcheck(_ops().drelu_dbn_reduce, (g, y, a, mean, rstd, s, t))
     torch.library.opcheck(_ops().dbn_apply, (g, None, a, mean, rstd, s, t, mean, rstd, True))
@@ -438,7 +447,7 @@ def test_compile_fullgraph_traces_the_cpp_ops():
     twin(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
-    args = _block_args()
+    args, _ = _block_args()
     fn = torch.compile(lambda *a: _ops().block_forward(*a)[0], backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(*args), _ops().block_forward(*args)[0])
 
@@ -447,18 +456,19 @@ def test_backend_status_and_fallbacks():
     assert backends.backend_status()["cuda"] is None
     assert "cuda" in backends.available_backends()
     backend = cuda_backend.CudaBackend()
-    assert "float64" in backend.unsupported_reason(torch.randn(1, 4, 2, 2, dtype=torch.float64, device=DEVICE), [1],
-                                                   [1, 1])
-    assert backend.unsupported_reason(torch.randn(1, 4, 2, 2, device=DEVICE), [2], [2, 2]) is None
+    plain, grouped = BlockSpec((UnitSpec(),)), BlockSpec((UnitSpec(dilation=(2, 2), groups=2),))
+    assert "float64" in backend.unsupported_reason(DEVICE.type, torch.float64, plain)
+    assert backend.unsupported_reason(DEVICE.type, torch.float32, grouped) is None
     if GPU:
-        assert "needs CUDA tensors" in backend.unsupported_reason(torch.randn(1, 4, 2, 2), [1], [1, 1])
-    backends._warned.clear()
+        assert "needs CUDA tensors" in backend.unsupported_reason("cpu", torch.float32, plain)
+    registry._warned.clear()
+    backends.refresh()
     tv = torchvision.models.resnet.BasicBlock(4, 4).double().to(DEVICE)
     fused = fused_resnet.convert(tv, backend="cuda")
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=DEVICE)
     with pytest.warns(RuntimeWarning, match="dtype torch.float64"):
         torch.testing.assert_close(fused(x), tv(x), rtol=1e-12, atol=1e-12)
-    backends._warned.clear()
+    registry._warned.clear()
 
 
 def test_grouped_and_dilated_convs_in_the_block_ops():
@@ -469,26 +479,23 @@ def test_grouped_and_dilated_convs_in_the_block_ops():
     weights = [torch.randn(8, 4, 3, 3, generator=g).to(DEVICE), torch.randn(8, 2, 3, 3, generator=g).to(DEVICE)]
     gammas = [torch.rand(8, generator=g).to(DEVICE) + 0.5 for _ in range(2)]
     betas = [torch.randn(8, generator=g).to(DEVICE) for _ in range(2)]
-    config = ([1, 1, 1, 1], [2, 2, 1, 1], [2, 2, 1, 1], [2, 4], [EPS, EPS], [True, True],
-              reference.SHORTCUT_IDENTITY, [1, 1])
+    spec = BlockSpec((UnitSpec((1, 1), (2, 2), (2, 2), 2, EPS), UnitSpec((1, 1), (1, 1), (1, 1), 4, EPS)))
     nones = [None, None]
-    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, *config)
-    d64 = [t.double() for t in (x,)] + [[t.double() for t in ts] for ts in (weights, gammas, betas)]
-    ref = reference.block_forward(*d64, nones, nones, None, *config)
-    same = reference.block_forward(x, weights, gammas, betas, nones, nones, None, *config)  # torch in fp32
-    for name, got, want, fp32 in zip(["y", "a0", "a1", "mean0", "mean1", "var0", "var1"], out, ref, same,
-                                     strict=True):
+    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats)
+    p64 = Params(*[[t.double() for t in ts] for ts in (weights, gammas, betas)], nones, nones)
+    ref = reference.block_forward(spec, x.double(), p64, None)
+    same = reference.block_forward(spec, x, Params(weights, gammas, betas, nones, nones), None)  # torch in fp32
+    for name, got, want, fp32 in zip(["y", "a0", "a1", "mean0", "mean1", "var0", "var1"], out, pack_forward(ref),
+                                     pack_forward(same), strict=True):
         _check(name, got, want, fp32, want, torch.float32)
     dy = torch.randn(out[0].shape, generator=g).to(DEVICE)
-    grads = _ops().block_backward(dy, x, out[0], weights, gammas, betas, out[1:3], out[3:5], out[5:7], *config[:-2],
-                                  config[-2], config[-1], True)
-    ref_grads = reference.block_backward(dy.double(), *d64[:1], ref[0], *d64[1:], ref[1:3], ref[3:5], ref[5:7],
-                                         *config[:-2], config[-2], config[-1], True)
-    same_grads = reference.block_backward(dy, x, same[0], weights, gammas, betas, same[1:3], same[3:5], same[5:7],
-                                          *config[:-2], config[-2], config[-1], True)
+    grads = _ops().block_backward(dy, x, out[0], weights, gammas, betas, out[1:3], out[3:5], out[5:7], spec.ints,
+                                  spec.floats, True)
+    ref_grads = reference.block_backward(spec, dy.double(), x.double(), p64, ref, True)
+    same_grads = reference.block_backward(spec, dy, x, Params(weights, gammas, betas, nones, nones), same, True)
 
     def flat(g):
-        return [g[0]] + g[2] + g[3] + g[4]
+        return [g.dx] + g.dws + g.dgammas + g.dbetas
 
     for got, want, fp32 in zip([grads[0]] + list(grads[2:]), flat(ref_grads), flat(same_grads), strict=True):
         _check("grad", got, want, fp32, want, torch.float32)

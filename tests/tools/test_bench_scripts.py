@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from fused_resnet import benchmark, cli
+from fused_resnet.tools import benchmark, cli
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCHEMA = {"model", "mode", "provider", "dtype", "batch", "img_per_s", "peak_mem_gib", "first_step_s", "gpu", "torch",
           "triton", "cudnn", "date"}
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke runs; the GPU suite runs them for real")
@@ -44,10 +44,10 @@ def test_bench_inference_smoke_and_schema(tmp_path):
 
 def test_bench_bn_kernels_smoke(tmp_path):
     """The extension-kernel benchmark on its CPU registrations: every kernel row, both units, all checks pass."""
-    from fused_resnet import _ext
+    from fused_resnet.backends import extension
 
-    if _ext.load() is None:
-        pytest.skip(f"extension not built: {_ext.status()['reason']}")
+    if extension.load() is None:
+        pytest.skip(f"extension not built: {extension.status()['reason']}")
     result = _run("bench_bn_kernels.py", "--model", "resnet18", "--batch", "1", "--size", "32", "--dtype", "float16",
                   "--limit", "1", tmp_path=tmp_path)
     assert len({r["kernel"] for r in result["kernels"]}) == 10 and all(r["ms"] > 0 for r in result["kernels"])

@@ -1,4 +1,4 @@
-"""The ResNet paper's argument, reproduced on fused blocks: ``fused-resnet experiment depth | gradients``.
+"""``fused-resnet experiment depth | gradients``: the ResNet paper's argument, reproduced on fused blocks.
 
 * ``depth``: plain and residual CIFAR networks of several depths trained with the same seed, data and schedule;
   training error per epoch (solid: residual, dashed: plain) and a table of final train and test error.
@@ -6,11 +6,12 @@
   shortcuts are left out so plain and residual twins list the same layers) on a fixed batch, at initialisation
   and after some SGD steps, for plain and residual networks of increasing depth.
 
-Every run uses :mod:`fused_resnet.train` (fused blocks, SGD with momentum, warm-up, cosine schedule). Results go
+Every run uses :mod:`fused_resnet.tools.train` (fused blocks, SGD with momentum, warm-up, cosine schedule). Results go
 to ``results.json``, a PNG and ``table.txt`` in the output folder; the table is also printed.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import time
@@ -23,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import data as datasets
-from .train import TrainConfig, Trainer, figure, train, write_json
+from .train import TrainConfig, Trainer, add_training_options, config_from_args, figure, train, write_json
 
+DEPTH_EPOCHS = 10  # experiment depth's default budget: about 4 minutes on a 2-core CPU (docs/EXPERIMENTS.md)
 VARIANTS = (False, True)  # plain=False (residual), plain=True: every depth trains both, with the same seed
 
 
@@ -167,3 +169,40 @@ def gradients(base: TrainConfig, depths: Sequence[int], steps: int, out: Path) -
         ax.legend(fontsize="small")
     fig.savefig(out / "gradients.png", dpi=120)
     return results
+
+
+# --------------------------------------------------------------------------------------------- the command
+def run(args: argparse.Namespace) -> int:
+    try:
+        depths = parse_depths(args.depths)
+        out = args.out or Path("runs") / f"experiment-{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.experiment == "depth":
+            depth(config_from_args(args), depths, out)
+        else:
+            gradients(config_from_args(args), depths, args.steps, out)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"fused-resnet experiment {args.experiment}: {e}") from e
+    print(f"wrote {out}/results.json, table.txt, {args.experiment}.png")
+    return 0
+
+
+def add_command(sub) -> None:
+    experiment = sub.add_parser("experiment", help="the ResNet paper's experiments on fused blocks: depth, gradients")
+    kinds = experiment.add_subparsers(dest="experiment", required=True)
+    depth_cmd = kinds.add_parser(
+        "depth", help="plain vs residual networks at several depths: training error per epoch, final errors",
+        description="Trains plain and residual CIFAR networks (dim=1 on mnist1d) of each depth with the same seed "
+        "and data; writes results.json, depth.png (training error per epoch) and table.txt.",
+    )
+    depth_cmd.add_argument("--depths", default="20,32,56", help="comma-separated 6n+2 depths")
+    add_training_options(depth_cmd, epochs=DEPTH_EPOCHS)
+    depth_cmd.set_defaults(func=run)
+    gradients_cmd = kinds.add_parser(
+        "gradients", help="per-layer conv gradient norms of plain vs residual networks, at init and after N steps",
+        description="For each depth, plain and residual: the gradient norm of every main-path conv weight on a "
+        "fixed batch, at initialisation and after --steps SGD steps; writes results.json, gradients.png, table.txt.",
+    )
+    gradients_cmd.add_argument("--depths", default="20,56,110", help="comma-separated 6n+2 depths")
+    gradients_cmd.add_argument("--steps", type=int, default=50, help="SGD steps between the two measurements")
+    add_training_options(gradients_cmd, epochs=None)
+    gradients_cmd.set_defaults(func=run)

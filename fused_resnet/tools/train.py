@@ -1,4 +1,4 @@
-"""Training with fused blocks: ``fused-resnet train`` and the runs of ``fused-resnet experiment``.
+"""``fused-resnet train``: training with fused blocks, also the runs of ``fused-resnet experiment``.
 
 Optimiser: SGD with momentum 0.9 and weight decay 1e-4 (the ResNet paper's), learning rate 0.1 on images (the
 paper's) and 0.05 on MNIST-1D, warmed up linearly over the first epoch, then cosine-annealed to 0, stepped every
@@ -12,6 +12,7 @@ continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import backends, models
+from .. import backends, models
 from . import data as datasets
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -266,3 +267,65 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------- the command
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = dataclasses.fields(TrainConfig)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)})
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        out = args.out or (args.resume.parent if args.resume else default_out(cfg))
+        print(f"training {cfg.model}{' (plain)' if cfg.plain else ''} on {cfg.data}, {cfg.epochs} epochs, "
+              f"lr {cfg.lr} -> {out}")
+        history = train(cfg, out=out, resume=args.resume, quiet=args.quiet)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"fused-resnet train: {e}") from e
+    last = history[-1]
+    print(f"final: train loss {last['train_loss']:.4f}, train error {1 - last['train_acc']:.2%}, "
+          f"test error {1 - last['test_acc']:.2%}; wrote {out}/checkpoint.pt, history.json, curves.png")
+    return 0
+
+
+def add_training_options(p: argparse.ArgumentParser, epochs: int | None) -> None:
+    """Options shared by ``train`` and the experiments (``epochs``: the default, None for no --epochs option)."""
+    p.add_argument("--data", default="mnist1d", help=f"one of {', '.join(datasets.DATA_SPECS)} (default mnist1d; see "
+                   "docs/EXPERIMENTS.md for the folder layouts; nothing is downloaded)")
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate (default 0.05 on mnist1d, else 0.1), warmed up linearly, then cosine to 0")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--shortcut", default="A", choices=("A", "B", "C"), help="CIFAR models' shortcut option")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=backends.choices())
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N examples of each split")
+    p.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder data")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>-<timestamp>)")
+
+
+def add_command(sub) -> None:
+    train_cmd = sub.add_parser(
+        "train", help="train a fused ResNet (progress, per-epoch metrics, checkpoint/resume, JSON + PNG curves)",
+        description="Trains with fused blocks (the reference backend on a CPU): SGD with momentum 0.9 and weight "
+        "decay, linear warm-up, then cosine schedule. Writes checkpoint.pt, history.json and curves.png to --out "
+        "after every epoch; --resume continues a run exactly.",
+    )
+    train_cmd.add_argument("--model", default="cifar_resnet20",
+                           help="cifar_resnet<depth> (6n+2: 20, 32, 44, 56, 110, ...) or resnet18/34/50/101/152")
+    add_training_options(train_cmd, epochs=10)
+    train_cmd.add_argument("--plain", action="store_true", help="CIFAR models without shortcuts (the plain twin)")
+    train_cmd.add_argument("--resume", type=Path, default=None,
+                           help="continue from this checkpoint.pt (same options; output goes to its folder by default)")
+    train_cmd.add_argument("--channels-last", action="store_true",
+                           help="2-D models: channels_last weights and inputs")
+    train_cmd.add_argument("--amp", default=None, choices=("bfloat16", "float16"), help="train under torch.autocast")
+    train_cmd.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    train_cmd.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    train_cmd.set_defaults(func=run)

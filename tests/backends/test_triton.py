@@ -1,4 +1,4 @@
-"""Backend "triton" (fused_resnet/triton_backend.py on kernels/conv.py).
+"""Backend "triton" (fused_resnet/backends/triton.py on kernels/conv.py).
 
 Eval mode: blocks and converted models against torch with the float64 rule; one conv kernel per conv and nothing
 else (no BN, ReLU or add kernels); the folded-BN cache never serves stale weights (load_state_dict, optimizer
@@ -12,7 +12,9 @@ import torch
 import torchvision
 
 import fused_resnet
-from fused_resnet import backends, models, reference, testing, triton_backend
+from fused_resnet import backends, models, testing
+from fused_resnet.backends import folding, reference, registry, triton as triton_backend
+from fused_resnet.spec import BlockSpec, UnitSpec
 
 from conftest import GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block
 
@@ -71,8 +73,8 @@ def test_eval_runs_one_conv_kernel_per_conv_and_nothing_else(monkeypatch):
     calls = []
     real = kernels.conv_fprop
     monkeypatch.setattr(kernels, "conv_fprop", lambda *a, **k: calls.append(k) or real(*a, **k))
-    triton_backend._conv_kernels.cache_clear()
-    for fn in ("bn_act", "conv", "shortcut_pad", "bn_stats", "block_forward"):
+    triton_backend._kernels.cache_clear()
+    for fn in ("bn_act", "conv", "option_a", "bn_stats", "block_forward"):
         monkeypatch.setattr(reference, fn, lambda *a, _fn=fn, **k: pytest.fail(f"reference.{_fn} called in eval"))
     model = _randomized(models.cifar_resnet(20, "B", backend="triton")).eval()
     for case in testing.BLOCK_CASES:  # every shortcut kind, plus a bottleneck
@@ -90,7 +92,7 @@ def test_eval_runs_one_conv_kernel_per_conv_and_nothing_else(monkeypatch):
     with torch.no_grad():
         model(torch.randn(2, 3, 16, 16))
     assert len(calls) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    triton_backend._conv_kernels.cache_clear()
+    triton_backend._kernels.cache_clear()
 
 
 def _eval_pair(seed=0):
@@ -116,7 +118,7 @@ def test_folded_weights_follow_load_state_dict_optimizer_steps_and_running_stats
     tv, fused = _eval_pair()
     x = torch.randn(2, 8, 6, 6)
     _assert_same_eval(fused, tv, x)  # fills the cache
-    assert len(triton_backend._FOLD_CACHE) >= 2
+    assert len(folding._FOLD_CACHE) >= 2
 
     other, _ = _eval_pair(seed=1)  # new weights, γ, β and running statistics, copied in place
     fused.load_state_dict(other.state_dict())
@@ -147,13 +149,13 @@ def test_folded_weights_follow_load_state_dict_optimizer_steps_and_running_stats
 def test_fold_cache_entries_die_with_their_tensors():
     tv, fused = _eval_pair()
     _assert_same_eval(fused, tv, torch.randn(2, 8, 6, 6))
-    keys = [k for k in triton_backend._FOLD_CACHE if id(fused.conv1.weight) in k]
+    keys = [k for k in folding._FOLD_CACHE if id(fused.conv1.weight) in k]
     assert keys
     del fused, tv
     import gc
 
     gc.collect()
-    assert not any(k in triton_backend._FOLD_CACHE for k in keys)
+    assert not any(k in folding._FOLD_CACHE for k in keys)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -221,16 +223,18 @@ def test_train_with_a_frozen_bn_and_no_input_grad():
 
 
 def test_float64_and_groups_fall_back_to_reference_with_a_warning():
-    backends._warned.clear()
+    registry._warned.clear()
+    backends.refresh()
     tv = torchvision.models.resnet.BasicBlock(4, 4).double()
     fused = fused_resnet.convert(tv, backend="triton")
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="dtype torch.float64"):
         y = fused(x)
     torch.testing.assert_close(y, tv(x), rtol=1e-12, atol=1e-12)
-    reason = triton_backend.TritonBackend().unsupported_reason(torch.randn(1, 4, 2, 2), [2], [1, 1])
+    grouped = BlockSpec((UnitSpec(groups=2),))
+    reason = triton_backend.TritonBackend().unsupported_reason("cpu", torch.float32, grouped)
     assert "groups" in reason
-    backends._warned.clear()
+    registry._warned.clear()
 
 
 def test_compile_fullgraph_eval_on_triton():

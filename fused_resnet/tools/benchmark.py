@@ -24,9 +24,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import fused_resnet
-
-from . import backends, models, modules, testing
+from .. import backends, blocks, models, testing
+from ..convert import convert
 
 
 def environment() -> Dict[str, Optional[str]]:
@@ -142,7 +141,7 @@ def provider_model(base: nn.Module, provider: str) -> nn.Module:
     if provider == "compile":
         return torch.compile(model)
     backends.check_requested(provider)
-    return fused_resnet.convert(model, backend=provider, inplace=True)
+    return convert(model, backend=provider, inplace=True)
 
 
 def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
@@ -196,7 +195,7 @@ def model_inputs(name: str, batch: int, device: torch.device, dtype: torch.dtype
 
 
 def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequence[str], dtype: str, batch: int,
-               device: torch.device, channels_last: bool = True, size: Optional[int] = None,
+               device: torch.device, *, channels_last: bool = True, size: Optional[int] = None,
                warmup_ms: float = 100, rep_ms: float = 500, steps: Optional[int] = None,
                progress: bool = True) -> List[dict]:
     """Every (model, mode, provider) measured in this one run: img/s at the median step, peak memory, first-step
@@ -291,7 +290,7 @@ def can_plot() -> bool:
     return True
 
 
-_BLOCK_TYPES = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, modules._BlockLayout)
+_BLOCK_TYPES = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck, blocks._BlockLayout)
 
 
 def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:

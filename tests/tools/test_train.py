@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fused_resnet import cli, data, train
+from fused_resnet.tools import cli, data, train
 
 TINY = {"data": "mnist1d", "model": "cifar_resnet8", "epochs": 3, "batch_size": 64, "subset": 256}
 

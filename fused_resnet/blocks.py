@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
-from . import backends, reference
-from .functional import conv_bn_relu, run_units, unit_unsupported_reason
+from . import backends
+from .functional import block_spec, conv_bn_relu, run_block, unit_unsupported_reason
+from .spec import Shortcut
 
 
 def _conv(dim: int, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1):
@@ -140,7 +143,7 @@ def _is_projection(module: nn.Module) -> bool:
 
 
 class _FusedForward:
-    """Forward through the fused op layer (see :func:`fused_resnet.functional.run_units`)."""
+    """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`)."""
 
     def _init_fused(self, backend: str) -> None:
         backends.check_requested(backend)
@@ -149,25 +152,33 @@ class _FusedForward:
             if reason is not None:
                 raise ValueError(f"{type(self).__name__} cannot fuse this block: {reason}")
         self.backend = backend
+        self.block_spec()
+
+    def _structure(self):
+        """(convs, bns, shortcut kind, option A's stride) of the block as its submodules are now."""
+        units = self._units()
+        convs, bns = [c for c, _ in units], [b for _, b in units]
+        ds = self.downsample
+        if self.plain:
+            return convs, bns, Shortcut.NONE, 1
+        if ds is None:
+            return convs, bns, Shortcut.IDENTITY, 1
+        if type(ds) is ShortcutA:
+            return convs, bns, Shortcut.OPTION_A, ds.stride
+        if _is_projection(ds):
+            return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1
+        return convs, bns, Shortcut.TENSOR, 1
+
+    def block_spec(self):
+        """This block's :class:`~fused_resnet.spec.BlockSpec` (built once, rebuilt when a setting changes)."""
+        convs, bns, kind, stride = self._structure()
+        return block_spec(self, convs, bns, kind, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        convs, bns = [list(t) for t in zip(*self._units())]
-        ds = self.downsample
-        residual, sc_stride = None, (1, 1)
-        if self.plain:
-            kind = reference.SHORTCUT_NONE
-        elif ds is None:
-            kind = reference.SHORTCUT_IDENTITY
-        elif type(ds) is ShortcutA:
-            kind, sc_stride = reference.SHORTCUT_PAD, (ds.stride, ds.stride)
-        elif _is_projection(ds):
-            kind = reference.SHORTCUT_PROJECTION
-            convs.append(ds[0])
-            bns.append(ds[1])
-        else:
-            kind, residual = reference.SHORTCUT_TENSOR, ds(x)
-        return run_units(x, convs, bns, shortcut=kind, shortcut_stride=sc_stride, residual=residual,
-                         backend=self.backend)
+        convs, bns, kind, stride = self._structure()
+        spec = block_spec(self, convs, bns, kind, stride)
+        residual = self.downsample(x) if kind == Shortcut.TENSOR else None
+        return run_block(x, spec, convs, bns, residual, self.backend)
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
@@ -214,4 +225,14 @@ class FusedStemMixin:
     def _stem(self, x: Tensor) -> Tensor:
         if self.backend is None or unit_unsupported_reason(self.conv1, self.bn1) is not None:
             return self.relu(self.bn1(self.conv1(x)))
-        return conv_bn_relu(x, self.conv1, self.bn1, self.backend)
+        return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
+
+
+class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):
+    """torchvision's ResNet with the stem conv-BN-ReLU fused; ``convert`` turns a torchvision ResNet into this
+    class in place (no new parameters or buffers, so the state_dict is unchanged)."""
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self._stem(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -1,4 +1,5 @@
-"""Build settings of the CUDA extension, shared by setup.py (ahead of time) and fused_resnet._ext (just in time).
+"""Build settings of the CUDA extension, shared by setup.py (ahead of time) and
+fused_resnet.backends.extension (just in time).
 
 Environment flags:
   FUSED_RESNET_SKIP_CUDA_BUILD=1   setup.py builds no extension

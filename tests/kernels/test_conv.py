@@ -101,7 +101,7 @@ def test_fprop_option_a_shortcut(K, block_in, stride, dtype):
     a = torch.randn(n, k, p, q, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     wt = (torch.randn(k, k, 3, 3, generator=g) / (9 * k) ** 0.5).to(DEVICE, dtype)
     bias = torch.randn(k, device=DEVICE)
-    y = K.conv_fprop(a, wt, (1, 1), (1, 1), bias=bias, residual=blk, relu=True, pad_shortcut_stride=(stride, stride))
+    y = K.conv_fprop(a, wt, (1, 1), (1, 1), bias=bias, residual=blk, relu=True, option_a_stride=(stride, stride))
     sc = F.pad(blk[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, k - c_in))
     ref64 = _epilogue_ref(a.double(), wt.double(), bias.double(), sc.double(), (1, 1), (1, 1), True, torch.float64)
     _assert_rule("fprop+optionA", y, ref64, _epilogue_ref(a, wt, bias, sc, (1, 1), (1, 1), True, dtype), dtype)
@@ -184,7 +184,7 @@ def test_dgrad_option_a_shortcut_gradient(K):
     shape = testing.ConvShape(2, 8, 7, 6, 8, 3, 3, 1, (1, 1))
     x, w, dy = shape.problem(torch.float32, DEVICE, seed=7)
     dz_out = torch.randn(2, 16, 4, 3).contiguous(memory_format=torch.channels_last).to(DEVICE)
-    dx = K.conv_dgrad(dy, w, (7, 6), (1, 1), (1, 1), residual=dz_out, pad_shortcut_stride=(2, 2))
+    dx = K.conv_dgrad(dy, w, (7, 6), (1, 1), (1, 1), residual=dz_out, option_a_stride=(2, 2))
     expected = shape.backward(dy, x, w)[0]
     expected[:, :, ::2, ::2] += dz_out[:, :8]
     torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fused_resnet import cli, experiments, train
+from fused_resnet.tools import cli, experiment, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -46,6 +46,6 @@ def test_residual_56_trains_to_lower_loss_than_its_plain_twin(tmp_path):
     """The ResNet paper's claim on MNIST-1D: at depth 56 the plain network's training loss stays far above its
     residual twin's. Budget: 2 epochs, the smallest checked; over seeds 0-4 the gap was 0.93 to 1.28 (seed 0:
     0.99; docs/EXPERIMENTS.md)."""
-    results = experiments.depth(train.TrainConfig(epochs=2, seed=0), [56], tmp_path)
+    results = experiment.depth(train.TrainConfig(epochs=2, seed=0), [56], tmp_path)
     loss = {r["plain"]: r["history"][-1]["train_loss"] for r in results["runs"]}
     assert loss[True] - loss[False] > 0.5, loss

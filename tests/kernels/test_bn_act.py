@@ -3,7 +3,8 @@ the float64 rule: error ≤ 2 × (torch's same-dtype eager error) + floor. Outpu
 import pytest
 import torch
 
-from fused_resnet import _ext, reference, testing
+from fused_resnet import testing
+from fused_resnet.backends import extension, reference
 
 from conftest import GPU, requires_gpu
 
@@ -70,14 +71,14 @@ def test_triton_bn_act_writes_every_element_and_rejects_bad_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(8, 256, 56, 56)], ids=str)
 def test_cuda_bn_act(shape, dtype, with_res, relu):
-    assert _ext.load(jit=True) is not None, _ext.status()["reason"]
+    assert extension.load(jit=True) is not None, extension.status()["reason"]
 
     _check_kernel(torch.ops.fused_resnet_C.bn_act, shape, dtype, "cuda", with_res, relu)
 
 
 @requires_gpu
 def test_cuda_bn_act_poisoned_output_fully_written():
-    assert _ext.load(jit=True) is not None, _ext.status()["reason"]
+    assert extension.load(jit=True) is not None, extension.status()["reason"]
     a, s, t, r = _inputs((3, 24, 9, 9), torch.float16, "cuda", 2)
     poison = torch.full_like(a, float("nan"))  # freed, then handed back by the caching allocator as the output
     del poison
@@ -87,7 +88,7 @@ def test_cuda_bn_act_poisoned_output_fully_written():
 
 @requires_gpu
 def test_cuda_bn_act_bad_arguments_raise():
-    assert _ext.load(jit=True) is not None, _ext.status()["reason"]
+    assert extension.load(jit=True) is not None, extension.status()["reason"]
     a, s, t, _ = _inputs((3, 24, 9, 9), torch.float16, "cuda", 2)
     with pytest.raises(RuntimeError, match="channels_last"):
         torch.ops.fused_resnet_C.bn_act(a.contiguous(), s, t, None, True)
@@ -100,7 +101,7 @@ def test_cuda_bn_act_bad_arguments_raise():
 def test_extension_status_is_reported():
     """Where the extension was built (CI builds it), it loads and registers its ops, and its argument checks raise
     from inside the extension; elsewhere status says why it is missing."""
-    status = _ext.status()
+    status = extension.status()
     if status["loaded"]:
         for op in ("bn_act", "bn_stats", "drelu_dbn_reduce", "dbn_apply", "block_forward", "block_backward"):
             assert f"fused_resnet_C::{op}" in status["ops"]

@@ -1,7 +1,10 @@
 """The fused-resnet command line."""
 import pytest
 
-from fused_resnet import backends, cli, reference
+from fused_resnet.backends import reference
+from fused_resnet.tools import cli
+
+from conftest import registered
 
 
 def test_info_runs(capsys):
@@ -20,28 +23,21 @@ def test_verify_passes(args, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
-class _SlightlyWrongBackend(backends.Backend):
+class _SlightlyWrongBackend(reference.ReferenceBackend):
     """Reference math with the BN shift of every unit off by 1e-3: verify must catch it."""
 
     name = "cuda"
 
-    @staticmethod
-    def block_forward(x, weights, gammas, betas, *rest):
-        return reference.block_forward(x, weights, gammas, [b + 1e-3 for b in betas], *rest)
+    def block_forward(self, spec, x, params, residual):
+        return reference.block_forward(spec, x, params._replace(betas=[b + 1e-3 for b in params.betas]), residual)
 
-    @staticmethod
-    def block_inference(x, weights, gammas, betas, *rest):
-        return reference.block_inference(x, weights, gammas, [b + 1e-3 for b in betas], *rest)
+    def block_inference(self, spec, x, params, residual):
+        return reference.block_inference(spec, x, params._replace(betas=[b + 1e-3 for b in params.betas]), residual)
 
 
 def test_verify_fails_on_a_wrong_backend(capsys):
-    saved = dict(backends._REGISTRY)
-    backends.register(_SlightlyWrongBackend())
-    try:
+    with registered(_SlightlyWrongBackend()):
         assert cli.main(["verify", "--device", "cpu", "--model", "cifar_resnet20", "--backend", "cuda"]) == 1
-    finally:
-        backends._REGISTRY.clear()
-        backends._REGISTRY.update(saved)
     assert "FAILED" in capsys.readouterr().out
 
 

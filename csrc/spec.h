@@ -1,0 +1,71 @@
+// A residual block's configuration apart from its tensors: the C++ twin of fused_resnet/spec.py.
+//
+// The block ops take the spec as two flat schema lists written by fused_resnet.spec.BlockSpec (`ints`, `floats`):
+//   ints   = [dim, shortcut, option_a_stride_h, option_a_stride_w, units,
+//             per unit: stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups, batch_stats,
+//                       update_running]
+//   floats = [per unit: eps, momentum (NaN: None)]
+// `BlockSpec::parse` reads them once per op call into one struct. tests/test_spec.py checks that the tables below
+// (enum values, list layout) are the Python ones.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace fused_resnet {
+
+// What the block adds before its final ReLU (fused_resnet.spec.Shortcut).
+enum class Shortcut : int64_t { kNone = 0, kIdentity = 1, kProjection = 2, kOptionA = 3, kTensor = 4 };
+
+// What a closing epilogue adds to its result (fused_resnet.spec.Residual; the Triton kernels' RES_MODE).
+enum Residual : int { kResidualNone = 0, kResidualTensor = 1, kResidualAffine = 2, kResidualOptionA = 3 };
+
+constexpr int64_t kSpecHeaderInts = 5;
+constexpr int64_t kSpecUnitInts = 9;
+constexpr int64_t kSpecUnitFloats = 2;
+
+struct UnitSpec {
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+  bool batch_stats;
+  double eps;
+};
+
+struct BlockSpec {
+  std::vector<UnitSpec> units;
+  Shortcut shortcut;
+  std::array<int64_t, 2> option_a_stride;
+
+  size_t n_main() const { return shortcut == Shortcut::kProjection ? units.size() - 1 : units.size(); }
+
+  // Checks the lists' layout and values; `op` names the caller in error messages.
+  static BlockSpec parse(const char* op, at::IntArrayRef ints, at::ArrayRef<double> floats) {
+    TORCH_CHECK(ints.size() >= static_cast<size_t>(kSpecHeaderInts), op, ": malformed block spec (", ints.size(),
+                " ints)");
+    const int64_t n = ints[4];
+    TORCH_CHECK(n >= 1 && ints.size() == static_cast<size_t>(kSpecHeaderInts + kSpecUnitInts * n) &&
+                    floats.size() == static_cast<size_t>(kSpecUnitFloats * n),
+                op, ": malformed block spec: ", ints.size(), " ints and ", floats.size(), " floats for ", n,
+                " unit(s)");
+    TORCH_CHECK(ints[1] >= 0 && ints[1] <= static_cast<int64_t>(Shortcut::kTensor), op,
+                ": unknown shortcut kind ", ints[1], " (0 none, 1 identity, 2 projection, 3 option A, 4 tensor)");
+    BlockSpec spec;
+    spec.shortcut = static_cast<Shortcut>(ints[1]);
+    spec.option_a_stride = {ints[2], ints[3]};
+    TORCH_CHECK(spec.shortcut != Shortcut::kProjection || n >= 2, op,
+                ": a projection shortcut needs its unit after the main path's");
+    TORCH_CHECK(spec.shortcut != Shortcut::kOptionA || (ints[2] > 0 && ints[3] > 0), op,
+                ": option A needs two positive strides");
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* v = ints.data() + kSpecHeaderInts + kSpecUnitInts * i;
+      UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i]};
+      TORCH_CHECK(u.groups >= 1, op, ": unit ", i, " has groups ", u.groups);
+      spec.units.push_back(u);
+    }
+    return spec;
+  }
+};
+
+}  // namespace fused_resnet

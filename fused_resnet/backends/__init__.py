@@ -1,0 +1,20 @@
+"""What runs the block ops: the registry and every backend, one module each.
+
+Importing this package imports every module in this folder; a backend module registers itself, so a new backend
+is one new file here. Support modules live beside them: ``registry`` (selection and dispatch), ``folding`` (BN
+folded into conv weights, shared by the backends' eval paths), ``build`` and ``extension`` (compiling and loading
+the C++/CUDA extension).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .registry import (Backend, available_backends, backend_status, check_requested, choices, get, names, refresh,
+                       register, resolve)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Backend", "available_backends", "backend_status", "check_requested", "choices", "get", "names", "refresh",
+           "register", "resolve"]

@@ -1,0 +1,188 @@
+"""What a residual block is, apart from its tensors: the ``BlockSpec``, and the conventions every layer shares.
+
+One block is a chain of conv → BN units joined by ReLUs, closed by a shortcut and a final ReLU (DESIGN §1). Its
+``BlockSpec`` holds, per unit, the conv geometry (stride, padding, dilation, groups) and the BN settings (eps,
+momentum, whether it normalises with batch statistics, whether it updates running statistics), and for the block
+the shortcut kind, option A's stride and the user's dimensionality. A 1-D block is stored as the 2-D block with
+H = 1 (stride (1, s), padding (0, p)); ``dim`` says which one the user holds.
+
+A spec is frozen and hashable: blocks build it once (``from_modules``) and keep it while their submodules'
+settings stay the same, backends take it with the tensors, and it doubles as a cache key. Only the torch.library
+layer (fused_resnet.ops) flattens it into schema arguments, ``spec.ints`` and ``spec.floats``; ``from_schema``
+reads them back, and csrc/spec.h parses the same lists into one C++ struct (tests/test_spec.py holds the two
+tables against each other).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class Shortcut(enum.IntEnum):
+    """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``)."""
+
+    NONE = 0  # plain network: y = relu(bn(a_last))
+    IDENTITY = 1  # y = relu(bn(a_last) + x)
+    PROJECTION = 2  # y = relu(bn(a_last) + bn_sc(conv_sc(x))); the projection is the last unit of the spec
+    OPTION_A = 3  # y = relu(bn(a_last) + x[:, :, ::s, ::s] with channels zero-filled up to the output's)
+    TENSOR = 4  # y = relu(bn(a_last) + residual), the residual computed by any module outside the op
+
+
+class Residual(enum.IntEnum):
+    """What a closing epilogue (a conv's, or the BN-apply kernel's) adds to its result: one table for the Triton
+    kernels (``RES_MODE``) and the C++ kernels (csrc/spec.h ``Residual``)."""
+
+    NONE = 0
+    TENSOR = 1  # a tensor of the output's shape
+    AFFINE = 2  # a tensor of the output's shape through its own per-channel scale and shift (a projection's BN)
+    OPTION_A = 3  # the block input, subsampled by option A's stride, channels past its own zero; read in place
+
+
+# Layout of the schema lists (csrc/spec.h has the same, checked by tests/test_spec.py).
+HEADER_INTS = ("dim", "shortcut", "option_a_stride_h", "option_a_stride_w", "units")
+UNIT_INTS = ("stride_h", "stride_w", "padding_h", "padding_w", "dilation_h", "dilation_w", "groups", "batch_stats",
+             "update_running")
+UNIT_FLOATS = ("eps", "momentum")  # momentum None travels as NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+    """One conv → BN unit. ``batch_stats``: the BN normalises with this batch's statistics (else its running
+    ones); ``update_running``: the call updates its running statistics (torch's rule: training and tracking)."""
+
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+    groups: int = 1
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1
+    batch_stats: bool = True
+    update_running: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """A block's units (the main path in order, then the projection shortcut's unit for ``Shortcut.PROJECTION``),
+    its shortcut, option A's stride and the user's dimensionality (1 or 2)."""
+
+    units: Tuple[UnitSpec, ...]
+    shortcut: Shortcut = Shortcut.IDENTITY
+    option_a_stride: Tuple[int, int] = (1, 1)
+    dim: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            raise ValueError("a block needs at least one unit")
+        if self.shortcut == Shortcut.PROJECTION and len(self.units) < 2:
+            raise ValueError("a projection shortcut needs its unit after the main path's")
+        object.__setattr__(self, "shortcut", Shortcut(self.shortcut))
+        ints = [self.dim, int(self.shortcut), *self.option_a_stride, len(self.units)]
+        floats: List[float] = []
+        for u in self.units:
+            ints += [*u.stride, *u.padding, *u.dilation, u.groups, int(u.batch_stats), int(u.update_running)]
+            floats += [float(u.eps), math.nan if u.momentum is None else float(u.momentum)]
+        # the schema form, computed once (not a cached_property: torch.compile cannot trace its lock)
+        object.__setattr__(self, "_schema", (tuple(ints), tuple(floats)))
+        # the spec is a cache key on every op call: hash it once (the schema form determines the fields)
+        object.__setattr__(self, "_hash", hash(self._schema[0]) ^ hash(tuple(u.eps for u in self.units)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def n_main(self) -> int:
+        """Units on the main path: every unit but the projection shortcut's."""
+        return len(self.units) - (1 if self.shortcut == Shortcut.PROJECTION else 0)
+
+    @property
+    def eps(self) -> Tuple[float, ...]:
+        return tuple(u.eps for u in self.units)
+
+    def with_batch_stats(self, batch_stats: Sequence[bool]) -> "BlockSpec":
+        """The same block with these normalisation modes and no running-statistics update (eval: all False)."""
+        units = tuple(dataclasses.replace(u, batch_stats=bool(b), update_running=False)
+                      for u, b in zip(self.units, batch_stats, strict=True))
+        return dataclasses.replace(self, units=units)
+
+    # ------------------------------------------------------------------ the schema form (torch.library layer only)
+    @property
+    def ints(self) -> List[int]:
+        return list(self._schema[0])
+
+    @property
+    def floats(self) -> List[float]:
+        return list(self._schema[1])
+
+    @staticmethod
+    def from_schema(ints: Sequence[int], floats: Sequence[float]) -> "BlockSpec":
+        return _from_schema(tuple(ints), tuple(floats))
+
+    # ------------------------------------------------------------------ shapes
+    def output_shapes(self, x_shape: Sequence[int], weight_shapes: Sequence[Sequence[int]]) -> List[List[int]]:
+        """[N, K, P, Q] of every unit's conv output (2-D form), for an input of ``x_shape``."""
+        shapes, h, w = [], x_shape[2], x_shape[3]
+        for i, (u, ws) in enumerate(zip(self.units, weight_shapes, strict=True)):
+            if i == self.n_main:  # the projection reads the block input
+                h, w = x_shape[2], x_shape[3]
+            h = conv_out_size(h, ws[2], u.stride[0], u.padding[0], u.dilation[0])
+            w = conv_out_size(w, ws[3], u.stride[1], u.padding[1], u.dilation[1])
+            shapes.append([x_shape[0], ws[0], h, w])
+        return shapes
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_schema(ints: Tuple[int, ...], floats: Tuple[float, ...]) -> BlockSpec:
+    head, per = len(HEADER_INTS), len(UNIT_INTS)
+    n = ints[4] if len(ints) >= head else -1
+    if n < 1 or len(ints) != head + per * n or len(floats) != len(UNIT_FLOATS) * n:
+        raise ValueError(f"malformed block spec: {len(ints)} ints and {len(floats)} floats for {n} unit(s)")
+    units = []
+    for i in range(n):
+        v = ints[head + per * i: head + per * (i + 1)]
+        eps, momentum = floats[2 * i: 2 * i + 2]
+        units.append(UnitSpec((v[0], v[1]), (v[2], v[3]), (v[4], v[5]), v[6], eps,
+                              None if math.isnan(momentum) else momentum, bool(v[7]), bool(v[8])))
+    return BlockSpec(tuple(units), Shortcut(ints[1]), (ints[2], ints[3]), ints[0])
+
+
+def unit_from_modules(conv, bn) -> UnitSpec:
+    """A unit's spec from its torch conv (Conv1d or Conv2d) and BatchNorm, with torch's BN rules: batch statistics
+    in training or when there are no running buffers; running statistics updated in training when tracked."""
+    one_d = conv.weight.dim() == 3
+    stride, padding, dilation = (((1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])) if one_d
+                                 else (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)))
+    no_buffers = bn.running_mean is None and bn.running_var is None
+    return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), bn.momentum,
+                    batch_stats=bool(bn.training or no_buffers),
+                    update_running=bool(bn.training and bn.track_running_stats and not no_buffers))
+
+
+def from_modules(convs: Sequence, bns: Sequence, shortcut: Shortcut, option_a_stride: int = 1) -> BlockSpec:
+    """The spec of a block whose units are these (conv, bn) modules (the projection's last)."""
+    dim = 1 if convs[0].weight.dim() == 3 else 2
+    stride = (1, option_a_stride) if dim == 1 else (option_a_stride, option_a_stride)
+    return BlockSpec(tuple(unit_from_modules(c, b) for c, b in zip(convs, bns, strict=True)), shortcut,
+                     stride if shortcut == Shortcut.OPTION_A else (1, 1), dim)
+
+
+# --------------------------------------------------------------------------------------------- conventions
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / statistics dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The user's layout, which y and dx follow: channels_last when x is, else contiguous (NCHW)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
