@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite on a GPU machine, from the repository root:  bench/gpu_suite.sh [STAGE...]
+# The GPU suite on a GPU machine, from the repository root:  bench/gpu_suite.sh [STAGE...] [--dry-run]
+#   quick   the bring-up run, everything below bounded to 9 minutes in all (docs/GPU_SUITE.md has the budget):
+#           build for this GPU, GPU-only tests + a slice of the rest (junit.xml), verify on CUDA for backends cuda
+#           and triton, the model benchmark (ResNet-50 and ResNet-18, train and infer, bf16 autocast,
+#           channels_last, batch 256, eager / cuda / compile / triton in one process per model), then
+#           results.json and summary.md. Triton convs use the heuristic autotune mode (no benchmarking).
+#           --dry-run rehearses it on a CPU: tiny sizes, the Triton interpreter, the extension's CPU path.
 #   tests   build the CUDA extension for this GPU, run every test (GPU tests included)
 #   verify  `fused-resnet verify` on CUDA in several dtypes and layouts
 #   bench   the extension's kernels (GB/s vs the copy ceiling; BN+ReLU units vs eager / torch.compile), bn_act
@@ -9,39 +15,68 @@
 #           per-block chart (its folder comes back as bench_models.tar.gz)
 #   micro   bench/test_microbench.py (pytest-benchmark) on ResNet-50's shapes, report in micro.json
 #   parity  bench/bench_parity.py: resnet50 bf16, 200 SGD steps, backend triton's loss against eager's
-# No STAGE: tests, verify and bench. The device tool allows 10 minutes per command: run the stages in separate calls there
-# (the extension build is redone when the machine is fresh). Writes env.json, suite.log, junit.xml,
-# verify.json, bench_bn_kernels.json, bench_bn_act.json, bench_conv.json and bench_inference.json to $OUT (default
-# bench/results/latest). Exit status: non-zero if any step failed; every step runs regardless.
+# No STAGE: tests, verify and bench. The device tool allows 10 minutes per command: run the stages in separate calls
+# there (the extension build is redone when the machine is fresh). Writes to $OUT (default bench/results/latest):
+# env.json, suite.log, and per stage junit.xml, verify.json, bench_*.json (quick: results.json, summary.md).
+# Exit status: non-zero if any step failed; every step runs regardless, each under its own time limit in quick.
 set -uo pipefail
-STAGES=${*:-tests verify bench}  # models, micro and parity run only when named
+DRY_RUN=0
+STAGES=""
+for arg in "$@"; do
+  if [ "$arg" = --dry-run ]; then DRY_RUN=1; else STAGES="$STAGES $arg"; fi
+done
+STAGES=${STAGES:-tests verify bench}  # quick, models, micro and parity run only when named
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-bench/results/latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/suite.log"
 status=0
+STAGE_TIMES="$OUT/stages.tsv"  # name, exit status, seconds, limit (quick's summary reads it)
+: > "$STAGE_TIMES"
 step() {  # step NAME COMMAND...: run, log, remember failure
-  local name=$1; shift
+  limited "$1" 0 "${@:2}"
+}
+limited() {  # limited NAME SECONDS COMMAND...: step under a time limit (0: none); SIGINT first, so pytest and
+             # the benchmarks still write what they have
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
+  local t0=$SECONDS rc
+  if [ "$limit" -gt 0 ]; then
+    timeout -k 15 -s INT "$limit" "$@" 2>&1 | tee -a "$LOG"
+  else
+    "$@" 2>&1 | tee -a "$LOG"
+  fi
+  rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
   [ "$rc" -eq 0 ] || status=1
-  SUMMARY+=("$(printf '%-28s exit %-3s %5s s' "$name" "$rc" "$((SECONDS - t0))")")
+  SUMMARY+=("$(printf '%-34s exit %-3s %5s s' "$name" "$rc" "$((SECONDS - t0))")")
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >> "$STAGE_TIMES"
 }
 SUMMARY=()
 
-python3 - > "$OUT/env.json" <<'PY'
-import json, platform, subprocess, torch, triton
-p = torch.cuda.get_device_properties(0)
-smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
-                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-print(json.dumps({"gpu": p.name, "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                  "memory_gib": round(p.total_memory / 2**30, 1), "nvidia_smi": smi,
-                  "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "cudnn": torch.backends.cudnn.version(), "triton": triton.__version__}, indent=1))
+if [ "$DRY_RUN" = 1 ]; then  # the CPU rehearsal: Triton's interpreter and the extension's CPU registrations
+  export TRITON_INTERPRET=1 FUSED_RESNET_EXT_ON_CPU=1
+  DEVICE=cpu
+else
+  DEVICE=cuda
+fi
+export FUSED_RESNET_AUTOTUNE=${FUSED_RESNET_AUTOTUNE:-$(want quick && echo heuristic || echo full)}
+
+python3 - "$DRY_RUN" > "$OUT/env.json" <<'PY'
+import json, os, platform, subprocess, sys, torch, triton
+env = {"dry_run": sys.argv[1] == "1", "python": platform.python_version(), "torch": torch.__version__,
+       "cuda": torch.version.cuda, "triton": triton.__version__,
+       "autotune": os.environ.get("FUSED_RESNET_AUTOTUNE", "full")}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    env.update(gpu=p.name, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+               memory_gib=round(p.total_memory / 2**30, 1), nvidia_smi=smi, cudnn=torch.backends.cudnn.version())
+else:
+    env.update(gpu=f"none (CPU rehearsal: {platform.processor() or platform.machine()})")
+print(json.dumps(env, indent=1))
 PY
 cat "$OUT/env.json" | tee -a "$LOG"
 
@@ -51,10 +86,59 @@ if [ -x /usr/bin/g++ ] && [ "${CXX:-/usr/bin/g++}" != /usr/bin/g++ ]; then
   echo "using the system compiler /usr/bin/g++ instead of CXX=$CXX" | tee -a "$LOG"
   export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 fi
-cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
-export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc}
-step build python3 -m pip install --no-deps --no-build-isolation -e .
+if [ "$DRY_RUN" = 1 ]; then  # the rehearsal keeps the extension the install built
+  limited build 60 python3 -c "from fused_resnet.backends import extension; s = extension.status(); print(s);
+assert s['loaded'], 'dry run: the extension is not built'"
+else
+  cc=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+  export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  limited build "$(want quick && echo 150 || echo 0)" python3 -m pip install --no-deps --no-build-isolation -e .
+fi
 step info python3 -m fused_resnet.tools.cli info
+
+if want quick; then
+  # Time limits (seconds) sum to 540 with the build's 150: docs/GPU_SUITE.md has the budget and why.
+  if [ "$DRY_RUN" = 1 ]; then
+    sel=(-k "(gpu or test_block_matches_reference or test_train_block or test_eval_block) and basic-16x16")
+    vargs=(--device cpu --model cifar_resnet20 --batch 2 --steps 1)
+    vcfgs=("float32")
+    vlimit=90  # the interpreter is slow; on the GPU each verify run has 16 s
+    margs=(--batch 4 --dtype float32 --size 16 --steps 2)
+    models=(cifar_resnet8)
+  else
+    sel=(-k "gpu or test_block_matches_reference or test_train_block or test_eval_block or test_bn_act or drelu")
+    vargs=(--device cuda --model resnet18 --batch 4 --size 64)
+    vcfgs=("float32" "bfloat16" "bfloat16 --channels-last")
+    vlimit=16
+    margs=(--batch 256 --dtype bfloat16 --amp --channels-last --steps 10)
+    models=(resnet50 resnet18)
+  fi
+  per_test=()  # a hung test is stopped alone where pytest-timeout is installed (it is on the GPU machine)
+  python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
+  limited "tests (GPU-only + slice)" 110 python3 -m pytest -q -p no:cacheprovider tests "${sel[@]}" \
+    "${per_test[@]}" --junitxml="$OUT/junit.xml"
+  vtmp=$(mktemp -d)
+  for backend in cuda triton; do
+    for cfg in "${vcfgs[@]}"; do
+      tag=$backend-$(echo "$cfg" | tr -d ' -')
+      # shellcheck disable=SC2086  # $cfg is "dtype [flags]" on purpose
+      limited "verify $backend $cfg" "$vlimit" python3 -m fused_resnet.tools.cli verify --backend $backend \
+        --dtype $cfg "${vargs[@]}" --json "$vtmp/$tag.json"
+    done
+  done
+  cat "$vtmp"/*.json > /dev/null 2>&1 && python3 -c "
+import glob, json, sys
+runs = [r for p in sorted(glob.glob(sys.argv[1] + '/*.json')) for r in json.load(open(p))['runs']]
+json.dump({'runs': runs}, open(sys.argv[2], 'w'), indent=1)" "$vtmp" "$OUT/verify.json"
+  rows=$(mktemp -d)
+  for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton measured side by side
+    limited "models $model" "$([ "$model" = resnet18 ] && echo 60 || echo 110)" python3 -m fused_resnet.tools.cli \
+      bench --quiet --no-layers --mode train,infer --providers eager,cuda,compile,triton "${margs[@]}" \
+      --model "$model" --out "$rows/$model"
+  done
+  cat "$rows"/*/rows.jsonl > "$OUT/rows.jsonl" 2>/dev/null
+  limited summary 15 python3 bench/gpu_summary.py "$OUT"
+fi
 if want tests; then
   step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
 fi

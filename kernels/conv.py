@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..spec import Residual
+from . import autotune_mode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_SUMS = tl.constexpr(INTERPRET)
@@ -333,11 +334,20 @@ def conv_wgrad_kernel(
 
 
 # --------------------------------------------------------------------------------------------- host side
-_TUNED = {
-    conv_fprop_kernel: triton.autotune(configs=_configs(_GEMM_TILES), key=_KEY)(conv_fprop_kernel),
-    conv_dgrad_kernel: triton.autotune(configs=_configs(_GEMM_TILES), key=_KEY)(conv_dgrad_kernel),
-    conv_wgrad_kernel: triton.autotune(configs=_configs(_WGRAD_TILES), key=_KEY)(conv_wgrad_kernel),
-}
+_TILES = {conv_fprop_kernel: _GEMM_TILES, conv_dgrad_kernel: _GEMM_TILES, conv_wgrad_kernel: _WGRAD_TILES}
+_TUNED = {kernel: triton.autotune(configs=_configs(tiles), key=_KEY)(kernel) for kernel, tiles in _TILES.items()}
+
+
+def heuristic_tile(tiles: Sequence[Tuple[int, int, int, int, int]], gemm_mnk: Tuple[int, int, int]):
+    """The configuration launched without benchmarking (FUSED_RESNET_AUTOTUNE=heuristic): the largest tile the
+    GEMM's rows and columns fill (the smallest one for a GEMM smaller than every tile), at most 128 columns wide
+    (the 256-wide tiles spill registers on sm_90)."""
+    m, n, _ = gemm_mnk
+    narrow = [t for t in tiles if t[1] <= 128]
+    fits = [t for t in narrow if t[0] <= max(m, 64) and t[1] <= max(n, 64)]
+    if not fits:
+        return min(narrow, key=lambda t: (t[0] * t[1], t[2]))
+    return max(fits, key=lambda t: (t[0] * t[1], t[2]))
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
@@ -345,15 +355,22 @@ def _pow2(v: int, lo: int, hi: int) -> int:
 
 
 def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int]):
-    """Autotuned launch on the GPU. Under the interpreter, whose cost is per program and per loop step rather
+    """Autotuned launch on the GPU (or one configuration from ``heuristic_tile``, see fused_resnet.kernels'
+    autotune modes). Under the interpreter, whose cost is per program and per loop step rather
     than per element, one tile fitted to the problem (capped by ``interpret_caps``) is launched directly:
     measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64."""
     if not INTERPRET:
-        _TUNED[kernel][grid](**kwargs)
+        if autotune_mode() == "full":
+            _TUNED[kernel][grid](**kwargs)
+            return
+        bm, bn, bk, warps, stages = heuristic_tile(_TILES[kernel], gemm_mnk)
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        kernel[grid(meta)](**kwargs, **meta, num_warps=warps, num_stages=stages)
         return
     meta = {name: _pow2(v, 16, cap) for name, v, cap in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), gemm_mnk,
                                                             interpret_caps, strict=True)}
     kernel[grid(meta)](**kwargs, **meta)
+
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 convs follow torch's setting for cuDNN (TF32 products when torch.backends.cudnn.allow_tf32, else exact

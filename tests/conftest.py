@@ -21,7 +21,16 @@ from fused_resnet.backends import registry  # noqa: E402
 from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec  # noqa: E402
 
 GPU = torch.cuda.is_available()
-requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (run bench/gpu_suite.sh on the device machine)")
+_NEEDS_GPU = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (run bench/gpu_suite.sh on the device machine)")
+
+
+def requires_gpu(test):
+    """Skip without a GPU; marked ``gpu`` so that ``pytest -m gpu`` (bench/gpu_suite.sh quick) selects it."""
+    return pytest.mark.gpu(_NEEDS_GPU(test))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs only on a CUDA GPU (selected by bench/gpu_suite.sh quick)")
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 
 

@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"fused-resnet bench: {e}") from e
     out = args.out or str(Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    Path(out).mkdir(parents=True, exist_ok=True)
     runs = benchmark.run_models(model_names, modes, providers, dtype, batch, device, channels_last=channels_last,
-                                size=args.size, steps=args.steps, progress=not args.quiet)
+                                size=args.size, steps=args.steps, progress=not args.quiet, amp=args.amp,
+                                rows_path=str(Path(out) / "rows.jsonl"))
     print(benchmark.table(runs))
     paths = benchmark.write_results(runs, out)
     fused = [p for p in providers if p not in ("eager", "compile")]
@@ -86,7 +88,8 @@ def add_command(sub) -> None:
         help="model throughput, peak memory and first-step time: fused backends beside eager and torch.compile",
         description="Measures training-step and inference img/s (median step, warm-up excluded), peak memory and "
         "first-step time (compilation / autotuning) for each model, mode and provider in one run, prints a table "
-        "and writes results.json, results.md, throughput.png and a per-layer speedup chart. Without a GPU it says "
+        "and writes results.json, results.md, rows.jsonl (each row as soon as it is measured), throughput.png "
+        "and a per-layer speedup chart. Without a GPU it says "
         "so and runs a tiny CPU comparison of the reference backend against eager.",
     )
     bench.add_argument("--model", default=None, help="comma-separated: resnet18/34/50/101/152, cifar_resnet<6n+2> "
@@ -97,6 +100,8 @@ def add_command(sub) -> None:
                        "and every available kernel backend; on a CPU: eager,reference)")
     bench.add_argument("--batch", type=int, default=None, help="default 256 on a GPU, 8 on a CPU")
     bench.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on a CPU")
+    bench.add_argument("--amp", action="store_true",
+                       help="float32 models under torch.autocast(--dtype) instead of models cast to --dtype")
     bench.add_argument("--size", type=int, default=None, help="input image size (default: the model's)")
     bench.add_argument("--steps", type=int, default=None,
                        help="time about this many steps per run (default: 0.5 s of steps after 0.1 s warm-up)")

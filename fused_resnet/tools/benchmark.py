@@ -95,9 +95,10 @@ def copy_ceiling_gbps(device: torch.device, numel: int, warmup_ms: float = 100, 
 
 def measure(fn: Callable[[], object], device: torch.device, batch: int, warmup_ms: float = 100,
             rep_ms: float = 500, steps: Optional[int] = None) -> Dict[str, float]:
-    """img/s at the median step time, peak memory of a step (GiB, GPU only), and the first call's time
-    (compilation / autotuning included). ``steps``: time about that many steps (after a fifth as many warm-up
-    steps) instead of ``warmup_ms`` / ``rep_ms``."""
+    """img/s at the median step time, peak memory of a step (GiB, GPU only), the first call's time
+    (compilation / autotuning included) and the host time of a step (until the call returns, the device idle
+    before it: what Python and the launches cost; below step_ms the device is the bottleneck). ``steps``: time
+    about that many steps (after a fifth as many warm-up steps) instead of ``warmup_ms`` / ``rep_ms``."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -115,7 +116,15 @@ def measure(fn: Callable[[], object], device: torch.device, batch: int, warmup_m
         warmup_ms, rep_ms = once_ms * max(1, steps // 5), once_ms * steps
     ms = median_ms(fn, device, warmup_ms, rep_ms)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"img_per_s": batch / (ms * 1e-3), "step_ms": ms, "peak_mem_gib": peak, "first_step_s": first}
+    host = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host.append(1e3 * (time.perf_counter() - start))
+    return {"img_per_s": batch / (ms * 1e-3), "step_ms": ms, "peak_mem_gib": peak, "first_step_s": first,
+            "host_ms": statistics.median(host)}
 
 
 # --------------------------------------------------------------------------------------------- model level
@@ -144,13 +153,18 @@ def provider_model(base: nn.Module, provider: str) -> nn.Module:
     return convert(model, backend=provider, inplace=True)
 
 
-def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
-    """One training step (forward, cross-entropy, backward, SGD update) or one eval forward under no_grad."""
+def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor,
+            amp: Optional[torch.dtype] = None) -> Callable[[], object]:
+    """One training step (forward, cross-entropy, backward, SGD update) or one eval forward under no_grad; with
+    ``amp`` the forward runs under torch.autocast(amp)."""
+    def autocast():
+        return torch.autocast(x.device.type, dtype=amp, enabled=amp is not None)
+
     if mode == "infer":
         model.eval()
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return model(x)
 
         return infer
@@ -159,7 +173,8 @@ def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Ca
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x).float(), y)
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
         return loss
@@ -197,9 +212,14 @@ def model_inputs(name: str, batch: int, device: torch.device, dtype: torch.dtype
 def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequence[str], dtype: str, batch: int,
                device: torch.device, *, channels_last: bool = True, size: Optional[int] = None,
                warmup_ms: float = 100, rep_ms: float = 500, steps: Optional[int] = None,
-               progress: bool = True) -> List[dict]:
+               progress: bool = True, amp: bool = False, rows_path: Optional[str] = None) -> List[dict]:
     """Every (model, mode, provider) measured in this one run: img/s at the median step, peak memory, first-step
-    time; rows in the results schema (plus step_ms and layout)."""
+    time, host time per step; rows in the results schema (plus step_ms, host_ms, layout, amp and the Triton
+    autotune mode). ``amp``: float32 models under torch.autocast(dtype) instead of models in dtype.
+    ``rows_path``: also append each row to this JSON-lines file as soon as it is measured (a run cut short keeps
+    the rows it finished)."""
+    from ..kernels import autotune_mode
+
     dt = testing.DTYPES[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     env = environment()
@@ -208,13 +228,17 @@ def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequ
     bar = _progress(jobs, progress)
     for name, mode, provider in bar:
         bar.set_description(f"{name} {mode} {provider}")
-        base, x, y = model_inputs(name, batch, device, dt, fmt, size)
-        fn = step_fn(provider_model(base, provider), mode, x, y)
+        base, x, y = model_inputs(name, batch, device, torch.float32 if amp else dt, fmt, size)
+        fn = step_fn(provider_model(base, provider), mode, x, y, dt if amp else None)
         r = measure(fn, device, batch, warmup_ms, rep_ms, steps)
         runs.append({"model": name, "mode": mode, "provider": provider, "dtype": dtype, "batch": batch,
                      "img_per_s": r["img_per_s"], "peak_mem_gib": r["peak_mem_gib"],
-                     "first_step_s": r["first_step_s"], **env, "step_ms": r["step_ms"],
-                     "layout": "channels_last" if channels_last else "NCHW"})
+                     "first_step_s": r["first_step_s"], **env, "step_ms": r["step_ms"], "host_ms": r["host_ms"],
+                     "layout": "channels_last" if channels_last else "NCHW", "amp": amp,
+                     "autotune": autotune_mode()})
+        if rows_path:
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(runs[-1]) + "\n")
         del fn, base, x
         if device.type == "cuda":
             torch.cuda.empty_cache()

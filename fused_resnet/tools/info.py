@@ -11,6 +11,7 @@ import torchvision
 
 from .. import __version__, backends
 from ..backends import extension
+from ..kernels import AUTOTUNE_ENV, autotune_mode
 
 
 def _triton_version() -> str:
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"torchvision    {torchvision.__version__}",
         f"triton         {_triton_version()}",
+        f"autotune       {autotune_mode()} (Triton conv kernels; {AUTOTUNE_ENV}=full|heuristic)",
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -230,3 +230,16 @@ def test_new_batch_size_does_not_recompile(K):
     for n in (1, 3, 17, 64):
         K.conv_fprop(x[:1].expand(n, -1, -1, -1).contiguous(memory_format=torch.channels_last), w, (1, 1), (1, 1))
     assert sum(len(c[0]) for c in caches.values()) == count
+
+
+def test_heuristic_tile_fits_the_problem_and_never_picks_a_spilling_width(K):
+    """FUSED_RESNET_AUTOTUNE=heuristic: the largest tile the GEMM fills, never the 256-wide one (it spills on
+    sm_90); a wgrad with 64 output channels takes a 64-row tile."""
+    assert K.heuristic_tile(K._GEMM_TILES, (256 * 56 * 56, 64, 576)) == (128, 64, 64, 4, 4)
+    assert K.heuristic_tile(K._GEMM_TILES, (256 * 14 * 14, 1024, 256)) == (128, 128, 64, 8, 3)
+    assert K.heuristic_tile(K._GEMM_TILES, (32, 16, 8)) == (128, 64, 64, 4, 4)  # smaller than every tile
+    assert K.heuristic_tile(K._WGRAD_TILES, (64, 576, 4096)) == (64, 128, 64, 4, 4)
+    assert K.heuristic_tile(K._WGRAD_TILES, (64, 48, 4096)) == (64, 64, 128, 4, 3)
+    for tiles in (K._GEMM_TILES, K._WGRAD_TILES):
+        for mnk in [(1, 1, 1), (10**6, 4096, 64), (64, 64, 64), (100, 3000, 7)]:
+            assert K.heuristic_tile(tiles, mnk)[1] <= 128

@@ -111,3 +111,31 @@ def test_bench_parity_smoke(tmp_path):
                   "--steps", "2", tmp_path=tmp_path)
     rows = {r["provider"]: r for r in result["rows"]}
     assert set(rows) == {"eager", "cuda", "triton"} and all(len(r["losses"]) == 2 and r["ok"] for r in rows.values())
+
+
+def test_bringup_rehearsal_produces_every_stage_and_file(tmp_path):
+    """`bench/gpu_suite.sh quick --dry-run`: the bring-up run on the CPU (interpreter, the extension's CPU path,
+    tiny sizes) goes through every stage and writes every file the GPU run returns, so the script cannot rot."""
+    from fused_resnet.backends import extension
+
+    if extension.load() is None:
+        pytest.skip(f"extension not built: {extension.status()['reason']}")
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "quick", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"env.json", "suite.log", "stages.tsv", "junit.xml", "verify.json", "rows.jsonl", "results.json",
+                     "summary.md"}  # at most 8 files come back from the device machine
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["dry_run"] is True and res["autotune"] == "heuristic"
+    names = [s["name"] for s in res["stages"]]
+    assert names[:3] == ["build", "info", "tests (GPU-only + slice)"] and all(s["exit"] == 0 for s in res["stages"])
+    assert {"verify cuda float32", "verify triton float32", "models cifar_resnet8"} <= set(names)
+    assert res["tests"]["tests"] > 0 and res["tests"]["failures"] == 0
+    assert {(v["backend"], v["ok"]) for v in res["verify"]} == {("cuda", True), ("triton", True)}
+    assert {(r["mode"], r["provider"]) for r in res["runs"]} == {
+        (m, p) for m in ("train", "infer") for p in ("eager", "cuda", "compile", "triton")}
+    assert not res["not_measured"] and all(SCHEMA <= set(r) and r["host_ms"] > 0 for r in res["runs"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "CPU rehearsal" in summary and "| cifar_resnet8 | train | compile |" in summary
