@@ -11,16 +11,18 @@ downsample.0, downsample.1), so state_dicts load both ways with strict=True.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, guard
 from .functional import block_spec, conv_bn_relu, run_block, unit_unsupported_reason
 from .spec import Shortcut
+
+_GUARD_ATTR = "_fused_resnet_guard"  # (signature, blocker) in the module's __dict__
 
 
 def _conv(dim: int, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1):
@@ -142,8 +144,38 @@ def _is_projection(module: nn.Module) -> bool:
     )
 
 
+def fused_away(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Dict[str, nn.Module]:
+    """name → module of every submodule of a residual block whose forward the fused op replaces: the units, the
+    activation, and a projection or option-A shortcut (any other downsample module runs as itself)."""
+    mods: Dict[str, nn.Module] = {}
+    for i, (conv, bn) in enumerate(units, start=1):
+        mods[f"conv{i}"], mods[f"bn{i}"] = conv, bn
+    mods["relu"] = block.relu
+    ds = block.downsample
+    if not getattr(block, "plain", False) and ds is not None and (type(ds) is ShortcutA or _is_projection(ds)):
+        mods["downsample"] = ds
+        mods.update({f"downsample.{k}": m for k, m in ds._modules.items()})
+    return mods
+
+
+def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
+    """Why this residual block (fused or torchvision's) cannot run fused now, or None."""
+    return guard.blocker(units, block.relu, fused_away(block, units))
+
+
+def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
+    """``find_blocker()``'s answer, kept on ``owner`` while ``key`` (a guard.signature) stays the same."""
+    cached = owner.__dict__.get(_GUARD_ATTR)
+    if cached is None or cached[0] != key:
+        cached = (key, find_blocker())
+        owner.__dict__[_GUARD_ATTR] = cached
+    return cached[1]
+
+
 class _FusedForward:
-    """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`)."""
+    """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`), or, for a call the
+    kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
+    an empty batch), the exact eager computation of the submodules."""
 
     def _init_fused(self, backend: str) -> None:
         backends.check_requested(backend)
@@ -153,6 +185,15 @@ class _FusedForward:
                 raise ValueError(f"{type(self).__name__} cannot fuse this block: {reason}")
         self.backend = backend
         self.block_spec()
+
+    def _eager_reason(self) -> Optional[str]:
+        ds = self.downsample
+        watched = [*self._modules.values(), *(ds._modules.values() if ds is not None else ())]
+        key = (self.plain,) + guard.signature(watched)
+        reason = _guarded(self, key, lambda: block_blocker(self, self._units()))
+        if reason is not None:
+            guard.warn_eager(self, reason)
+        return reason
 
     def _structure(self):
         """(convs, bns, shortcut kind, option A's stride) of the block as its submodules are now."""
@@ -175,6 +216,9 @@ class _FusedForward:
         return block_spec(self, convs, bns, kind, stride)
 
     def forward(self, x: Tensor) -> Tensor:
+        # An empty batch runs eagerly too: torch leaves the running statistics as they are (and counts the batch).
+        if self._eager_reason() is not None or x.numel() == 0:
+            return _EagerForward.forward(self, x)
         convs, bns, kind, stride = self._structure()
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
@@ -223,9 +267,15 @@ class FusedStemMixin:
     backend: Optional[str] = None
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is None or unit_unsupported_reason(self.conv1, self.bn1) is not None:
-            return self.relu(self.bn1(self.conv1(x)))
-        return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
+        if self.backend is not None and x.numel() > 0:
+            units = [(self.conv1, self.bn1)]
+            key = guard.signature([self.conv1, self.bn1, self.relu])
+            reason = _guarded(self, key, lambda: guard.blocker(
+                units, self.relu, {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}))
+            if reason is None:
+                return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
+            guard.warn_eager(self, f"stem: {reason}")
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):

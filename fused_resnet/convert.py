@@ -14,9 +14,9 @@ import torchvision
 from torch import nn
 
 from . import backends
+from . import guard
 from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
-                     ShortcutA)
-from .functional import forget_spec, unit_unsupported_reason
+                     ShortcutA, block_blocker)
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -29,15 +29,13 @@ _TO_EAGER = {FusedBasicBlock: (_TV.BasicBlock, EagerBasicBlock), FusedBottleneck
 
 
 def _unfusable_reason(block: nn.Module) -> Optional[str]:
-    for conv, bn in block._units() if hasattr(block, "_units") else _tv_units(block):
+    units = block._units() if hasattr(block, "_units") else _tv_units(block)
+    for conv, _ in units:
         if conv.groups != 1:
             return f"groups={conv.groups}"
         if any(d != 1 for d in conv.dilation):
             return f"dilation={tuple(conv.dilation)}"
-        reason = unit_unsupported_reason(conv, bn)
-        if reason is not None:
-            return reason
-    return None
+    return block_blocker(block, units)
 
 
 def _tv_units(block: nn.Module):
@@ -50,6 +48,7 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
     if t in (FusedBasicBlock, FusedBottleneck):
         m.backend = backend
         m.block_spec()
+        guard.set_name(m, path or "<root>")
     elif t in _TO_FUSED:
         reason = _unfusable_reason(m)
         if reason is not None:
@@ -60,12 +59,15 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
         m.__class__ = _TO_FUSED[t]
         m.backend = backend
         m.block_spec()
+        guard.set_name(m, path or "<root>")
         return
     elif t is _TV.ResNet:
         m.__class__ = ResNet
         m.backend = backend
+        guard.set_name(m, path or type(m).__name__)
     elif isinstance(m, FusedStemMixin):
         m.backend = backend
+        guard.set_name(m, path or type(m).__name__)
     for name, child in m.named_children():
         _convert(child, backend, skipped, f"{path}.{name}" if path else name)
 
@@ -73,8 +75,9 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
     """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
     the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
-    ``backend``. Blocks that cannot be fused (groups > 1, dilation > 1, a norm layer other than BatchNorm)
-    stay as they are, with one warning listing them."""
+    ``backend``. Blocks that cannot be fused (groups > 1, dilation > 1, a norm layer other than BatchNorm, another
+    activation than nn.ReLU, hooks on their submodules) stay as they are, with one warning listing them and why;
+    a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning saying so."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     backends.check_requested(backend)
@@ -87,7 +90,18 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             f"fused_resnet.convert left {len(skipped)} block(s) unfused: {', '.join(skipped)}", RuntimeWarning,
             stacklevel=2,
         )
+    if not any(isinstance(m, (FusedBasicBlock, FusedBottleneck, FusedStemMixin)) for m in model.modules()):
+        warnings.warn(
+            f"fused_resnet.convert fused nothing in this {type(model).__name__}: it fuses torchvision's and "
+            f"fused_resnet's BasicBlock / Bottleneck and their ResNets' stems, and found none it could fuse",
+            RuntimeWarning, stacklevel=2)
     return model
+
+
+def _forget(m: nn.Module) -> None:
+    """Drop what a fused module keeps in its __dict__ (spec, guard and name caches) when it stops being fused."""
+    for key in [k for k in vars(m) if k.startswith("_fused_resnet")]:
+        del m.__dict__[key]
 
 
 def _revert(m: nn.Module) -> None:
@@ -96,7 +110,7 @@ def _revert(m: nn.Module) -> None:
         tv_cls, eager_cls = _TO_EAGER[t]
         torchvision_like = not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
         del m.backend
-        forget_spec(m)
+        _forget(m)
         if torchvision_like:
             del m.plain, m.dim
         m.__class__ = tv_cls if torchvision_like else eager_cls
@@ -106,7 +120,7 @@ def _revert(m: nn.Module) -> None:
         m.__class__ = _TV.ResNet
     elif isinstance(m, FusedStemMixin):
         m.backend = None
-    forget_spec(m)
+    _forget(m)
     for child in m.children():
         _revert(child)
 

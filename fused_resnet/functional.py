@@ -52,11 +52,6 @@ def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Mo
     return spec
 
 
-def forget_spec(owner: nn.Module) -> None:
-    """Drop the spec cached on ``owner`` (when it stops being fused)."""
-    owner.__dict__.pop(_SPEC_ATTR, None)
-
-
 def _input_checks(x: Tensor, w: Tensor, groups: int, dim: int) -> None:
     expected = dim + 2
     if x.dim() > expected:  # torch's conv error

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..backends.reference import scale_shift
+from ..blocks import FusedStemMixin, _FusedForward
 from ..convert import revert
 from ..spec import BlockSpec
 from ..tensors import Forward
@@ -189,10 +190,21 @@ class _TapeMaxPool(nn.Module):
         return self.tape.max_pool(self.pool, x)
 
 
+def _fused_units(model: nn.Module) -> int:
+    """How many fused ops one forward of ``model`` calls: its fused blocks and fused stems."""
+    return sum(isinstance(m, _FusedForward) or (isinstance(m, FusedStemMixin) and m.backend is not None)
+               for m in model.modules())
+
+
 def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
+    """Every torch ReLU and max-pool through ``tape``, except the activations of fused modules: those are computed
+    inside the op (its masks are recorded from its outputs), and a swapped activation would make them run their
+    eager computation instead."""
     for parent in list(model.modules()):
+        if isinstance(parent, _FusedForward):
+            continue
         for name, child in list(parent.named_children()):
-            if type(child) is nn.ReLU:
+            if type(child) is nn.ReLU and not (isinstance(parent, FusedStemMixin) and parent.backend is not None):
                 setattr(parent, name, _TapeReLU(tape))
             elif type(child) is nn.MaxPool2d:
                 setattr(parent, name, _TapeMaxPool(child, tape))
@@ -201,17 +213,20 @@ def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
 
 @contextlib.contextmanager
 def _recording_fused_blocks(tape: BranchTape):
-    """Route fused block forwards through ``tape.record_block`` (the op is opaque: its masks are recomputed)."""
+    """Route fused block forwards through ``tape.record_block`` (the op is opaque: its masks are recomputed);
+    yields the list of calls made, so that a run that fused nothing is noticed."""
     original = ops.forward
+    calls: list = []
 
     def recording(spec, x, params, residual, backend):
         out = original(spec, x, params, residual, backend)
         tape.record_block(spec, params.gammas, params.betas, out)
+        calls.append(backend)
         return out
 
     ops.forward = recording
     try:
-        yield
+        yield calls
     finally:
         ops.forward = original
 
@@ -260,9 +275,13 @@ def compare_models(
             model.train()
             model.zero_grad(set_to_none=True)
             xin = _input(x, device, param_dtype if low else torch.float64, fmt).requires_grad_(True)
-            recording = _recording_fused_blocks(tape) if key == "fused" else contextlib.nullcontext()
-            with recording, torch.autocast(device.type, dtype=dtype, enabled=autocast and low):
+            recording = _recording_fused_blocks(tape) if key == "fused" else contextlib.nullcontext([])
+            with recording as calls, torch.autocast(device.type, dtype=dtype, enabled=autocast and low):
                 out = model(xin)
+            if key == "fused" and (len(calls) != _fused_units(model) or not calls):
+                raise RuntimeError(f"the converted model called the fused op {len(calls)} times for its "
+                                   f"{_fused_units(model)} fused modules: where it ran its eager computation, "
+                                   f"comparing it with torch would compare torch with itself")
             if grad_out is None:
                 grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
             out.backward(grad_out.to(out.dtype))

@@ -32,7 +32,7 @@ def _reference_model(name: str, args: argparse.Namespace):
                                     num_classes=args.num_classes, in_channels=in_ch, dim=args.dim, backend=None)
         shape = (args.batch, in_ch, 32, 32) if args.dim == 2 else (args.batch, in_ch, 40)
         return randomize_batchnorm(model, gen), torch.randn(*shape, generator=gen)
-    raise SystemExit(f"unknown model {name!r}; expected one of {models.IMAGENET_NAMES} or "
+    raise SystemExit(f"fused-resnet verify: unknown model {name!r}; expected one of {models.IMAGENET_NAMES} or "
                      f"cifar_resnet{{{CIFAR_DEPTHS}}}")
 
 
@@ -40,10 +40,30 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
+def _checked(args: argparse.Namespace) -> torch.device:
+    """The device to verify on, after the options a user can get wrong (one line and exit status 2 each)."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"fused-resnet verify: --device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fused-resnet verify: --device cuda, but torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"fused-resnet verify: --device {device}: expected cpu or cuda")
+    if args.steps < 1:
+        raise SystemExit(f"fused-resnet verify: --steps must be at least 1 (train passes checked), got {args.steps}")
+    if args.batch < 2:
+        raise SystemExit(f"fused-resnet verify: --batch must be at least 2 (training BN), got {args.batch}")
+    try:
+        backends.check_requested(args.backend)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"fused-resnet verify: {e}") from None
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _checked(args)
     dtype = DTYPES[args.dtype]
-    backends.check_requested(args.backend)
     failed: List[str] = []
     records = []
     for name in args.model.split(","):
@@ -55,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         )
         layout = "channels_last" if args.channels_last else "NCHW"
         title = (f"\n{name}: backend={args.backend}, {'autocast ' if args.autocast else ''}{args.dtype}, {device}, "
-                 f"{layout}, input {tuple(x.shape)}, {args.steps} train pass(es), lr {args.lr} ({time.perf_counter() - start:.1f} s)")
+                 f"{layout}, input {tuple(x.shape)}, {args.steps} train pass(es), lr {args.lr} "
+                 f"({time.perf_counter() - start:.1f} s)")
         print_table(title, checks)
         failed += [f"{name}: {c.name}" for c in checks if not c.ok]
         records.append({"model": name, "backend": args.backend, "dtype": args.dtype, "autocast": args.autocast,

@@ -1,6 +1,8 @@
 """The fused-resnet command line."""
 import pytest
+import torch
 
+from fused_resnet import backends
 from fused_resnet.backends import reference
 from fused_resnet.tools import cli
 
@@ -44,3 +46,20 @@ def test_verify_fails_on_a_wrong_backend(capsys):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown model"):
         cli.main(["verify", "--model", "vgg16"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch", "1"], "--batch must be at least 2"),
+    (["--device", "cuda"], "torch sees no CUDA device"),
+    (["--device", "tpu9"], "--device"),
+    (["--backend", "triton"], "backend 'triton' is not available here"),
+])
+def test_verify_user_errors_are_one_line(args, message, monkeypatch):
+    """A user error is one line naming the command and exit status 2 (SystemExit with a message), no traceback."""
+    monkeypatch.setattr(backends.registry, "_AVAILABILITY", {**backends.backend_status(), "triton": "no GPU"})
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit, match=message) as exc:
+        cli.main(["verify", "--model", "cifar_resnet20"] + args)
+    assert str(exc.value).startswith("fused-resnet verify: ") and "\n" not in str(exc.value)

@@ -1,0 +1,70 @@
+"""Never silently different: what a fused module checks before each call runs fused.
+
+A fused block computes its submodules' work inside one op, so their own ``forward`` never runs. That is exact only
+while the submodules are the ones the kernels implement: convs of the plain types with zero padding and no bias,
+BatchNorms of the plain types, ``nn.ReLU`` as the activation, and no hooks (a module hook, a pruning or other
+forward pre-hook, a global module hook) that would expect those forwards to run. ``blocker`` says what breaks
+that; a fused module keeps its answer until a cheap ``signature`` of its submodules (identity, type, hook counts)
+changes, and for a call that cannot run fused it runs the exact eager computation of its submodules instead,
+after one warning naming the module and the reason (``warn_eager``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+from .functional import unit_unsupported_reason
+
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+                 _module._global_backward_pre_hooks)
+_NAME_ATTR = "_fused_resnet_name"  # the module's path in its model, set by convert
+_warned: set = set()
+
+
+def _hook_counts(m: nn.Module) -> Tuple[int, int, int, int]:
+    return len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(m._backward_pre_hooks)
+
+
+def signature(modules: Iterable[Optional[nn.Module]]) -> tuple:
+    """Identity, type and hook counts of ``modules`` and the count of global module hooks: equal signatures mean
+    an unchanged structure."""
+    return tuple(len(h) for h in _GLOBAL_HOOKS) + tuple(
+        (id(m), type(m)) + _hook_counts(m) for m in modules if m is not None)
+
+
+def blocker(units: Sequence[Tuple[nn.Module, nn.Module]], activation: nn.Module,
+            fused_away: Dict[str, nn.Module]) -> Optional[str]:
+    """None when the units, the activation and the modules whose forward the fused op replaces (``fused_away``:
+    name → module, the units and the activation included) can run fused; else why not."""
+    for conv, bn in units:
+        reason = unit_unsupported_reason(conv, bn)
+        if reason is not None:
+            return reason
+    if type(activation) is not nn.ReLU:
+        return f"activation is {type(activation).__name__}, the kernels apply nn.ReLU"
+    for name, m in fused_away.items():
+        if any(_hook_counts(m)):
+            return f"hooks on {name} (forward, pre-forward or backward hooks run only in its eager forward)"
+    if any(_GLOBAL_HOOKS):
+        return "global module hooks are registered (nn.modules.module.register_module_forward_hook and kin)"
+    return None
+
+
+def name_of(owner: nn.Module) -> str:
+    return owner.__dict__.get(_NAME_ATTR) or type(owner).__name__
+
+
+def set_name(owner: nn.Module, name: str) -> None:
+    owner.__dict__[_NAME_ATTR] = name
+
+
+def warn_eager(owner: nn.Module, reason: str) -> None:
+    """One warning per module and reason: this call runs the module's exact eager computation."""
+    key = (id(owner), reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fused_resnet: {name_of(owner)} runs its eager torch computation, not the fused op: {reason}",
+                      RuntimeWarning, stacklevel=3)
