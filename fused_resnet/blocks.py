@@ -163,6 +163,12 @@ def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) ->
     return guard.blocker(units, block.relu, fused_away(block, units))
 
 
+# Under torch.fx.symbolic_trace, not torch.export or torch.compile (they trace the fused op itself). Older torch
+# has only is_fx_tracing, which symbolic_trace alone set there.
+_is_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or \
+    torch.fx._symbolic_trace.is_fx_tracing
+
+
 def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
     """``find_blocker()``'s answer, kept on ``owner`` while ``key`` (a guard.signature) stays the same."""
     cached = owner.__dict__.get(_GUARD_ATTR)
@@ -216,8 +222,9 @@ class _FusedForward:
         return block_spec(self, convs, bns, kind, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        # An empty batch runs eagerly too: torch leaves the running statistics as they are (and counts the batch).
-        if self._eager_reason() is not None or x.numel() == 0:
+        # Eager for an empty batch too (torch leaves the running statistics as they are, and counts the batch),
+        # and under torch.fx symbolic tracing, so that FX feature extraction sees the submodules.
+        if _is_fx_tracing() or self._eager_reason() is not None or x.numel() == 0:
             return _EagerForward.forward(self, x)
         convs, bns, kind, stride = self._structure()
         spec = block_spec(self, convs, bns, kind, stride)
@@ -267,7 +274,7 @@ class FusedStemMixin:
     backend: Optional[str] = None
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and x.numel() > 0:
+        if self.backend is not None and not _is_fx_tracing() and x.numel() > 0:
             units = [(self.conv1, self.bn1)]
             key = guard.signature([self.conv1, self.bn1, self.relu])
             reason = _guarded(self, key, lambda: guard.blocker(

@@ -13,13 +13,14 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
 from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
 from .tensors import Params
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d)  # a frozen BN: running statistics, no update
 _SPEC_ATTR = "_fused_resnet_spec"  # (key, spec) in the owning module's __dict__
 
 
@@ -32,7 +33,7 @@ def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (need explicit zero padding)"
     if type(bn) not in _BN_TYPES:
-        return f"norm layer is {type(bn).__name__}, expected nn.BatchNorm1d or nn.BatchNorm2d"
+        return f"norm layer is {type(bn).__name__}, expected nn.BatchNorm1d, nn.BatchNorm2d or FrozenBatchNorm2d"
     if (type(conv) is nn.Conv1d) != (type(bn) is nn.BatchNorm1d):
         return f"{type(conv).__name__} followed by {type(bn).__name__}"
     return None
@@ -42,8 +43,8 @@ def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Mo
                option_a_stride: int = 1) -> BlockSpec:
     """The spec of ``owner``'s units, cached on ``owner`` and rebuilt only when a setting it reads changed."""
     key = (shortcut, option_a_stride) + tuple(
-        (c.stride, c.padding, c.dilation, c.groups, b.training, b.track_running_stats, b.momentum, b.eps,
-         b.running_mean is None) for c, b in zip(convs, bns))
+        (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, b.training, getattr(b, "track_running_stats", None),
+         getattr(b, "momentum", None), b.eps, b.running_mean is None) for c, b in zip(convs, bns))
     cached = owner.__dict__.get(_SPEC_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -122,8 +123,9 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
 
     shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
     _shape_checks(spec, x, shapes, residual)
-    gammas = [bn.weight if bn.affine else torch.ones(bn.num_features, device=x.device) for bn in bns]
-    betas = [bn.bias if bn.affine else torch.zeros(bn.num_features, device=x.device) for bn in bns]
+    affine = [getattr(bn, "affine", True) for bn in bns]  # FrozenBatchNorm2d: weight and bias are buffers
+    gammas = [bn.weight if a else torch.ones(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
+    betas = [bn.bias if a else torch.zeros(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
     params = Params(weights, gammas, betas, [bn.running_mean for bn in bns], [bn.running_var for bn in bns])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad

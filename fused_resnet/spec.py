@@ -153,10 +153,13 @@ def _from_schema(ints: Tuple[int, ...], floats: Tuple[float, ...]) -> BlockSpec:
 
 def unit_from_modules(conv, bn) -> UnitSpec:
     """A unit's spec from its torch conv (Conv1d or Conv2d) and BatchNorm, with torch's BN rules: batch statistics
-    in training or when there are no running buffers; running statistics updated in training when tracked."""
+    in training or when there are no running buffers; running statistics updated in training when tracked. A
+    frozen BN (torchvision's FrozenBatchNorm2d: no ``track_running_stats``) always normalises with its buffers."""
     one_d = conv.weight.dim() == 3
     stride, padding, dilation = (((1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])) if one_d
                                  else (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)))
+    if not hasattr(bn, "track_running_stats"):
+        return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), None, False, False)
     no_buffers = bn.running_mean is None and bn.running_var is None
     return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), bn.momentum,
                     batch_stats=bool(bn.training or no_buffers),
