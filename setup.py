@@ -51,7 +51,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["mnist1d", "matplotlib", "tqdm"],  # fused-resnet train / experiment (imported only there)
-        "test": ["pytest", "pytest-benchmark", "mnist1d", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "mnist1d", "matplotlib", "tqdm", "timm"],  # timm: its ResNets convert
         "build": ["ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["fused-resnet=fused_resnet.tools.cli:main"]},

@@ -144,29 +144,35 @@ def _is_projection(module: nn.Module) -> bool:
     )
 
 
-def fused_away(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Dict[str, nn.Module]:
+def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, nn.Module],
+               downsample: Optional[nn.Module]) -> Dict[str, nn.Module]:
     """name → module of every submodule of a residual block whose forward the fused op replaces: the units, the
-    activation, and a projection or option-A shortcut (any other downsample module runs as itself)."""
+    activations, and a projection or option-A shortcut (any other downsample module runs as itself)."""
     mods: Dict[str, nn.Module] = {}
     for i, (conv, bn) in enumerate(units, start=1):
         mods[f"conv{i}"], mods[f"bn{i}"] = conv, bn
-    mods["relu"] = block.relu
-    ds = block.downsample
-    if not getattr(block, "plain", False) and ds is not None and (type(ds) is ShortcutA or _is_projection(ds)):
-        mods["downsample"] = ds
-        mods.update({f"downsample.{k}": m for k, m in ds._modules.items()})
+    mods.update(activations)
+    if downsample is not None and (type(downsample) is ShortcutA or _is_projection(downsample)):
+        mods["downsample"] = downsample
+        mods.update({f"downsample.{k}": m for k, m in downsample._modules.items()})
     return mods
 
 
 def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
     """Why this residual block (fused or torchvision's) cannot run fused now, or None."""
-    return guard.blocker(units, block.relu, fused_away(block, units))
+    activations = {"relu": block.relu}
+    downsample = None if getattr(block, "plain", False) else block.downsample
+    return guard.blocker(units, activations, fused_away(units, activations, downsample))
 
 
 # Under torch.fx.symbolic_trace, not torch.export or torch.compile (they trace the fused op itself). Older torch
 # has only is_fx_tracing, which symbolic_trace alone set there.
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or \
     torch.fx._symbolic_trace.is_fx_tracing
+
+
+def _runs_eagerly(backend: str, x: Tensor) -> bool:
+    return backend == "auto" and backends.auto_runs_eager(x.device.type)
 
 
 def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
@@ -181,7 +187,14 @@ def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
 class _FusedForward:
     """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`), or, for a call the
     kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
-    an empty batch), the exact eager computation of the submodules."""
+    an empty batch), the exact eager computation of the submodules. A block layout other than torchvision's
+    overrides ``_blocker`` and ``_eager`` (fused_resnet.timm_blocks)."""
+
+    def _blocker(self) -> Optional[str]:
+        return block_blocker(self, self._units())
+
+    def _eager(self, x: Tensor) -> Tensor:
+        return _EagerForward.forward(self, x)
 
     def _init_fused(self, backend: str) -> None:
         backends.check_requested(backend)
@@ -196,7 +209,7 @@ class _FusedForward:
         ds = self.downsample
         watched = [*self._modules.values(), *(ds._modules.values() if ds is not None else ())]
         key = (self.plain,) + guard.signature(watched)
-        reason = _guarded(self, key, lambda: block_blocker(self, self._units()))
+        reason = _guarded(self, key, self._blocker)
         if reason is not None:
             guard.warn_eager(self, reason)
         return reason
@@ -222,10 +235,11 @@ class _FusedForward:
         return block_spec(self, convs, bns, kind, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Eager for an empty batch too (torch leaves the running statistics as they are, and counts the batch),
-        # and under torch.fx symbolic tracing, so that FX feature extraction sees the submodules.
-        if _is_fx_tracing() or self._eager_reason() is not None or x.numel() == 0:
-            return _EagerForward.forward(self, x)
+        # Eager also for backend auto away from a GPU, for an empty batch (torch leaves the running statistics as
+        # they are, and counts the batch), and under torch.fx symbolic tracing (feature extraction sees submodules).
+        if (_runs_eagerly(self.backend, x) or _is_fx_tracing() or self._eager_reason() is not None
+                or x.numel() == 0):
+            return self._eager(x)
         convs, bns, kind, stride = self._structure()
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
@@ -274,11 +288,11 @@ class FusedStemMixin:
     backend: Optional[str] = None
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and not _is_fx_tracing() and x.numel() > 0:
+        if self.backend is not None and not _runs_eagerly(self.backend, x) and not _is_fx_tracing() and x.numel():
             units = [(self.conv1, self.bn1)]
             key = guard.signature([self.conv1, self.bn1, self.relu])
             reason = _guarded(self, key, lambda: guard.blocker(
-                units, self.relu, {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}))
+                units, {"relu": self.relu}, {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}))
             if reason is None:
                 return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
             guard.warn_eager(self, f"stem: {reason}")

@@ -16,7 +16,7 @@ from torch import nn
 from . import backends
 from . import guard
 from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
-                     ShortcutA, block_blocker)
+                     ShortcutA, _FusedForward, block_blocker)
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -43,23 +43,42 @@ def _tv_units(block: nn.Module):
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
+def _timm_blocks(t: type):
+    """fused_resnet.timm_blocks when ``t`` is one of timm's ResNet block classes (or their fused twins), else
+    None; imported only then (importing timm takes seconds)."""
+    if t.__module__ in ("timm.models.resnet", "fused_resnet.timm_blocks") and (
+            t.__name__.endswith(("BasicBlock", "Bottleneck"))):
+        from . import timm_blocks
+
+        return timm_blocks
+    return None
+
+
+def _fuse(m: nn.Module, fused_cls: type, backend: str, path: str) -> None:
+    """Turn block ``m`` into ``fused_cls`` in place (a subclass of its class: same submodules and state)."""
+    if not hasattr(m, "plain"):  # torchvision's and timm's blocks: always a shortcut, always 2-D
+        m.plain, m.dim = False, 2
+    m.__class__ = fused_cls
+    _retarget(m, backend, path)
+
+
+def _retarget(m: nn.Module, backend: str, path: str) -> None:
+    m.backend = backend
+    m.block_spec()
+    guard.set_name(m, path or "<root>")
+
+
 def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
     t = type(m)
-    if t in (FusedBasicBlock, FusedBottleneck):
-        m.backend = backend
-        m.block_spec()
-        guard.set_name(m, path or "<root>")
-    elif t in _TO_FUSED:
-        reason = _unfusable_reason(m)
+    timm_blocks = _timm_blocks(t)
+    if isinstance(m, _FusedForward):
+        _retarget(m, backend, path)
+    elif t in _TO_FUSED or (timm_blocks is not None and t in timm_blocks.TO_FUSED):
+        reason = _unfusable_reason(m) if t in _TO_FUSED else timm_blocks.unfusable_reason(m)
         if reason is not None:
             skipped.append(f"{path or '<root>'} ({reason})")
             return
-        if t in (_TV.BasicBlock, _TV.Bottleneck):
-            m.plain, m.dim = False, 2
-        m.__class__ = _TO_FUSED[t]
-        m.backend = backend
-        m.block_spec()
-        guard.set_name(m, path or "<root>")
+        _fuse(m, _TO_FUSED[t] if t in _TO_FUSED else timm_blocks.TO_FUSED[t], backend, path)
         return
     elif t is _TV.ResNet:
         m.__class__ = ResNet
@@ -90,10 +109,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             f"fused_resnet.convert left {len(skipped)} block(s) unfused: {', '.join(skipped)}", RuntimeWarning,
             stacklevel=2,
         )
-    if not any(isinstance(m, (FusedBasicBlock, FusedBottleneck, FusedStemMixin)) for m in model.modules()):
+    if not any(isinstance(m, (_FusedForward, FusedStemMixin)) for m in model.modules()):
         warnings.warn(
-            f"fused_resnet.convert fused nothing in this {type(model).__name__}: it fuses torchvision's and "
-            f"fused_resnet's BasicBlock / Bottleneck and their ResNets' stems, and found none it could fuse",
+            f"fused_resnet.convert fused nothing in this {type(model).__name__}: it fuses the BasicBlock / "
+            f"Bottleneck of torchvision, timm and fused_resnet and those ResNets' stems, and found none it could fuse",
             RuntimeWarning, stacklevel=2)
     return model
 
@@ -106,6 +125,7 @@ def _forget(m: nn.Module) -> None:
 
 def _revert(m: nn.Module) -> None:
     t = type(m)
+    timm_blocks = _timm_blocks(t)
     if t in _TO_EAGER:
         tv_cls, eager_cls = _TO_EAGER[t]
         torchvision_like = not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
@@ -114,6 +134,11 @@ def _revert(m: nn.Module) -> None:
         if torchvision_like:
             del m.plain, m.dim
         m.__class__ = tv_cls if torchvision_like else eager_cls
+        return
+    if timm_blocks is not None and t in timm_blocks.TO_TIMM:
+        del m.backend, m.plain, m.dim
+        _forget(m)
+        m.__class__ = timm_blocks.TO_TIMM[t]
         return
     if t is ResNet:
         del m.backend

@@ -35,16 +35,17 @@ def signature(modules: Iterable[Optional[nn.Module]]) -> tuple:
         (id(m), type(m)) + _hook_counts(m) for m in modules if m is not None)
 
 
-def blocker(units: Sequence[Tuple[nn.Module, nn.Module]], activation: nn.Module,
+def blocker(units: Sequence[Tuple[nn.Module, nn.Module]], activations: Dict[str, nn.Module],
             fused_away: Dict[str, nn.Module]) -> Optional[str]:
-    """None when the units, the activation and the modules whose forward the fused op replaces (``fused_away``:
-    name → module, the units and the activation included) can run fused; else why not."""
+    """None when the units, the activations (name → module) and the modules whose forward the fused op replaces
+    (``fused_away``: name → module, the units and the activations included) can run fused; else why not."""
     for conv, bn in units:
         reason = unit_unsupported_reason(conv, bn)
         if reason is not None:
             return reason
-    if type(activation) is not nn.ReLU:
-        return f"activation is {type(activation).__name__}, the kernels apply nn.ReLU"
+    for name, act in activations.items():
+        if type(act) is not nn.ReLU:
+            return f"activation {name} is {type(act).__name__}, the kernels apply nn.ReLU"
     for name, m in fused_away.items():
         if any(_hook_counts(m)):
             return f"hooks on {name} (forward, pre-forward or backward hooks run only in its eager forward)"

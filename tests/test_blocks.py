@@ -47,7 +47,7 @@ def test_block_autocast_bf16(case):
 
 
 def test_channels_last_output_layout():
-    block = fused_resnet.FusedBasicBlock(8, 8)
+    block = fused_resnet.FusedBasicBlock(8, 8, backend="reference")
     x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
     y = block(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -66,7 +66,7 @@ def test_1d_blocks_match_eager(shortcut, plain):
     eager = fused_resnet.EagerBasicBlock(cin, cout, stride, ds, plain=plain, dim=1)
     gen = torch.Generator().manual_seed(3)
     testing.randomize_batchnorm(eager, gen)
-    checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, inplace=True),
+    checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, backend="reference", inplace=True),
                                     torch.randn(3, cin, 21, generator=gen), torch.float32, torch.device("cpu"),
                                     train_steps=2)
     assert_checks(checks)
@@ -77,7 +77,7 @@ def test_bottleneck_1d():
                                                                  nn.BatchNorm1d(16)), dim=1)
     gen = torch.Generator().manual_seed(4)
     testing.randomize_batchnorm(eager, gen)
-    assert_checks(testing.compare_models(eager, lambda m: fused_resnet.convert(m, inplace=True),
+    assert_checks(testing.compare_models(eager, lambda m: fused_resnet.convert(m, backend="reference", inplace=True),
                                          torch.randn(2, 16, 17, generator=gen), torch.float32, torch.device("cpu")))
 
 
@@ -124,7 +124,7 @@ def test_bn_variants_match_torch(momentum):
 
     for norm_layer in (norm, lambda c: nn.BatchNorm2d(c, affine=False), lambda c: nn.BatchNorm2d(c, track_running_stats=False)):
         tv = torchvision.models.resnet.BasicBlock(6, 6, norm_layer=norm_layer).double()
-        fused = fused_resnet.convert(tv)
+        fused = fused_resnet.convert(tv, backend="reference")
         for step in range(3):
             x = torch.randn(2, 6, 5, 5, dtype=torch.float64) + step
             torch.testing.assert_close(fused(x), tv(x), rtol=1e-12, atol=1e-12)
@@ -141,7 +141,7 @@ def test_eval_batch_of_one_and_frozen_bn_in_train():
     still gets gradients."""
     tv = torchvision.models.resnet.Bottleneck(16, 4).double()
     testing.randomize_batchnorm(tv, torch.Generator().manual_seed(0))
-    fused = fused_resnet.convert(tv)
+    fused = fused_resnet.convert(tv, backend="reference")
     tv.eval(), fused.eval()
     x = torch.randn(1, 16, 1, 1, dtype=torch.float64)
     torch.testing.assert_close(fused(x), tv(x), rtol=1e-12, atol=1e-12)
@@ -159,7 +159,7 @@ def test_eval_batch_of_one_and_frozen_bn_in_train():
 def test_no_input_grad_and_inference_path():
     """Input without requires_grad (the stem case), and no_grad eval (the inference op, nothing saved)."""
     tv = torchvision.models.resnet.BasicBlock(4, 4).double()
-    fused = fused_resnet.convert(tv)
+    fused = fused_resnet.convert(tv, backend="reference")
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     tv(x).sum().backward()
     fused(x).sum().backward()

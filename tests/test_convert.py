@@ -24,7 +24,7 @@ def _count(model, cls):
 def test_convert_revert_round_trip(name):
     tv = getattr(torchvision.models, name)(num_classes=10)
     sd = {k: v.clone() for k, v in tv.state_dict().items()}
-    fused = fused_resnet.convert(tv)
+    fused = fused_resnet.convert(tv, backend="reference")
     assert type(tv) is TV.ResNet and type(fused) is models.ResNet  # inplace=False left the original alone
     block = TV.BasicBlock if name == "resnet18" else TV.Bottleneck
     fblock = FusedBasicBlock if name == "resnet18" else FusedBottleneck
@@ -40,7 +40,7 @@ def test_convert_revert_round_trip(name):
 def test_convert_inplace_keeps_parameters_and_optimizer_state():
     tv = torchvision.models.resnet18(num_classes=10)
     params = list(tv.parameters())
-    out = fused_resnet.convert(tv, inplace=True)
+    out = fused_resnet.convert(tv, backend="reference", inplace=True)
     assert out is tv and type(tv) is models.ResNet
     assert all(a is b for a, b in zip(params, tv.parameters()))
 
@@ -81,7 +81,7 @@ def test_unfusable_blocks_stay_with_one_warning():
 
 def test_wide_resnet_converts_and_matches():
     tv = torchvision.models.wide_resnet50_2(num_classes=10).double()
-    fused = fused_resnet.convert(tv)
+    fused = fused_resnet.convert(tv, backend="reference")
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)  # layer4 2x2: BN over 16 values per channel
     torch.testing.assert_close(fused(x), tv(x), rtol=1e-9, atol=1e-12)
 
@@ -104,7 +104,7 @@ def test_zoo_matches_torchvision_architecture(name, layers):
 
 
 def test_zoo_forward_matches_torchvision():
-    ours = models.resnet18(num_classes=10).double()
+    ours = models.resnet18(num_classes=10, backend="reference").double()
     theirs = torchvision.models.resnet18(num_classes=10).double()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
@@ -116,7 +116,7 @@ CIFAR_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}  # t
 
 @pytest.mark.parametrize("depth", sorted(CIFAR_PARAMS))
 def test_cifar_resnet_depth_and_parameter_count(depth):
-    model = models.cifar_resnet(depth)
+    model = models.cifar_resnet(depth, backend="reference")
     n_params = sum(p.numel() for p in model.parameters())
     assert abs(n_params - CIFAR_PARAMS[depth]) / CIFAR_PARAMS[depth] < 0.03, n_params
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -158,14 +158,14 @@ def test_cifar_fused_matches_eager_twin(kwargs, dtype):
     gen = torch.Generator().manual_seed(5)
     testing.randomize_batchnorm(eager, gen)
     shape = (4, 1, 40) if kwargs.get("dim") == 1 else (4, 3, 16, 16)
-    checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, inplace=True),
+    checks = testing.compare_models(eager, lambda m: fused_resnet.convert(m, backend="reference", inplace=True),
                                     torch.randn(*shape, generator=gen), testing.DTYPES[dtype], torch.device("cpu"),
                                     train_steps=2)
     assert_checks(checks, f"{kwargs} {dtype}")
 
 
 def test_cifar_revert_gives_eager_twin():
-    fused = models.cifar_resnet(20)
+    fused = models.cifar_resnet(20, backend="reference")
     eager = fused_resnet.revert(fused)
     assert eager.backend is None
     # identity blocks go back to torchvision's BasicBlock, option-A blocks to the eager twin

@@ -19,7 +19,7 @@ TV = torchvision.models.resnet
 
 def _pair():
     tv = TV.BasicBlock(8, 8)
-    return tv, fused_resnet.convert(tv)
+    return tv, fused_resnet.convert(tv, backend="reference")
 
 
 BAD_INPUTS = [
@@ -46,11 +46,12 @@ def test_bad_input_same_error_type_as_torch_and_no_state_change(name, make, exc,
 
 
 def test_wrong_shortcut_shapes_are_clear_errors():
-    block = fused_resnet.FusedBasicBlock(8, 16, stride=2)  # no downsample: identity cannot match
+    block = fused_resnet.FusedBasicBlock(8, 16, stride=2, backend="reference")  # no downsample: identity cannot match
     with pytest.raises(RuntimeError, match="give the block a downsample"):
         block(torch.randn(2, 8, 6, 6))
     with pytest.raises(RuntimeError, match="option-A shortcut"):
-        fused_resnet.FusedBasicBlock(16, 8, stride=1, downsample=fused_resnet.ShortcutA(1, 8))(torch.randn(2, 16, 4, 4))
+        fused_resnet.FusedBasicBlock(16, 8, stride=1, downsample=fused_resnet.ShortcutA(1, 8),
+                                     backend="reference")(torch.randn(2, 16, 4, 4))
     with pytest.raises(ValueError, match="plain block"):
         fused_resnet.FusedBasicBlock(8, 8, downsample=nn.Identity(), plain=True)
 

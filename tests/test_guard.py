@@ -252,3 +252,17 @@ def test_checkpointing_updates_running_statistics_once_as_documented():
     for m in (tv, fused):
         checkpoint(m, x, use_reentrant=False).sum().backward()
     assert (tv.bn1.num_batches_tracked.item(), fused.bn1.num_batches_tracked.item()) == (2, 1)
+
+
+def test_auto_on_a_cpu_runs_torchs_own_modules(op_calls):
+    """backend auto away from a GPU is the block's own torch computation (bit for bit torch's, as fast as eager);
+    the fused ops' PyTorch twin runs only when asked for."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=4)
+    auto = fused_resnet.convert(tv)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(auto(x), tv(x)) and not op_calls
+    fused_resnet.convert(tv, backend="reference")(x)
+    assert len(op_calls) == 9
+    assert "torch's own modules" in fused_resnet.backends.what_runs("auto", "cpu")
+    assert fused_resnet.backends.what_runs("reference", "cpu") == "backend 'reference'"

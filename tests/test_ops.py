@@ -57,9 +57,9 @@ def test_opcheck_block_inference_and_running_update(device):
 
 
 @pytest.mark.parametrize("build,shape", [
-    (lambda: models.resnet18(num_classes=10), (4, 3, 32, 32)),
-    (lambda: models.cifar_resnet(20, shortcut="A"), (4, 3, 32, 32)),
-    (lambda: models.cifar_resnet(20, shortcut="B", dim=1, in_channels=1), (4, 1, 40)),
+    (lambda: models.resnet18(num_classes=10, backend="reference"), (4, 3, 32, 32)),
+    (lambda: models.cifar_resnet(20, shortcut="A", backend="reference"), (4, 3, 32, 32)),
+    (lambda: models.cifar_resnet(20, shortcut="B", dim=1, in_channels=1, backend="reference"), (4, 1, 40)),
 ], ids=["resnet18", "cifar20-A", "cifar20-B-1d"])
 def test_compile_fullgraph_matches_eager(build, shape):
     """torch.compile(fullgraph=True) traces a converted model with no graph break; a train step and an eval

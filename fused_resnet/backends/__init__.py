@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import (Backend, available_backends, backend_status, check_requested, choices, get, names, refresh,
-                       register, resolve)
+from .registry import (Backend, auto_runs_eager, available_backends, backend_status, check_requested, choices, get,
+                       names, refresh, register, resolve, what_runs)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Backend", "available_backends", "backend_status", "check_requested", "choices", "get", "names", "refresh",
-           "register", "resolve"]
+__all__ = ["Backend", "auto_runs_eager", "available_backends", "backend_status", "check_requested", "choices", "get",
+           "names", "refresh", "register", "resolve", "what_runs"]

@@ -130,6 +130,21 @@ def _warn_once(key, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def auto_runs_eager(device_type: str) -> bool:
+    """``auto`` away from a GPU is the block's own torch computation (as fast as eager there): the Triton
+    interpreter and the extension's CPU path are for testing, and ``reference`` runs only when asked for."""
+    return device_type != "cuda"
+
+
+def what_runs(name: str, device_type: str) -> str:
+    """In words, what computes a block asked for backend ``name`` on this device type (for the commands' logs)."""
+    if name == "auto" and auto_runs_eager(device_type):
+        return "torch's own modules (backend auto on a CPU; --backend reference runs the fused ops' PyTorch twin)"
+    if name == "auto":
+        return f"backend {_candidates(name, device_type)[0]!r} (auto on CUDA)"
+    return f"backend {name!r}"
+
+
 def _candidates(name: str, device_type: str) -> List[str]:
     if name != "auto":
         check_requested(name)

@@ -210,6 +210,8 @@ def train(cfg: TrainConfig, out: Path | None = None, resume: Path | None = None,
         loader_gen.set_state(state["rng_loader"])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"blocks run on {trainer.device}: {backends.what_runs(cfg.backend, trainer.device.type)}", flush=True)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         loss_sum, correct, n = 0.0, 0, 0
@@ -313,7 +315,8 @@ def add_training_options(p: argparse.ArgumentParser, epochs: int | None) -> None
 def add_command(sub) -> None:
     train_cmd = sub.add_parser(
         "train", help="train a fused ResNet (progress, per-epoch metrics, checkpoint/resume, JSON + PNG curves)",
-        description="Trains with fused blocks (the reference backend on a CPU): SGD with momentum 0.9 and weight "
+        description="Trains with fused blocks (backend auto on a CPU runs torch's own modules; it says what ran): "
+        "SGD with momentum 0.9 and weight "
         "decay, linear warm-up, then cosine schedule. Writes checkpoint.pt, history.json and curves.png to --out "
         "after every epoch; --resume continues a run exactly.",
     )

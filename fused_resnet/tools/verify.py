@@ -58,6 +58,12 @@ def _checked(args: argparse.Namespace) -> torch.device:
         backends.check_requested(args.backend)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"fused-resnet verify: {e}") from None
+    if args.backend == "auto" and backends.auto_runs_eager(device.type):
+        # auto on a CPU is torch's own computation: verify the fused path that runs here instead, never torch
+        # against itself
+        print(f"backend auto on {device.type} runs torch's own modules; verifying backend 'reference', the fused "
+              f"ops' path on a {device.type} (--backend triton / cuda where their test paths are enabled)")
+        args.backend = "reference"
     return device
 
 
