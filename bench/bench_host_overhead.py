@@ -6,7 +6,10 @@ Rows (median µs per call, warm-up excluded; CPU tensors unless --device cuda):
   * ``block train fwd``   — train mode forward (the training op, then the running-statistics update);
   * ``block train f+b``   — train mode forward and backward;
   * ``op layer``          — ``fused_resnet::block_inference`` called directly with a prepared spec, minus the backend's
-    own block_inference called directly with the same arguments: what the torch.library layer and dispatch add.
+    own block_inference called directly with the same arguments: what the torch.library layer and dispatch add;
+  * ``guard check``       — the per-call check that the block's submodules are still the ones it fused
+    (fused_resnet.guard), alone;
+  * ``spec check``        — the per-call lookup of the block's BlockSpec (rebuilt only when a setting changed), alone.
 
     python bench/bench_host_overhead.py --out host_overhead.json
 """
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
     fns.update({(name, args.backend): fn for name, fn in _block_calls(fused, x).items()})
     through_op, direct = _op_layer_calls(fused, x, args.backend)
     fns.update({("op", "through"): through_op, ("op", "direct"): direct})
+    fns.update({("guard check", args.backend): fused._eager_reason, ("spec check", args.backend): fused.block_spec})
     us = _medians_us(fns, args.reps)
     rows = [{"row": name, "provider": provider, "us": t} for (name, provider), t in us.items() if name != "op"]
     rows.append({"row": "op layer", "provider": args.backend, "us": us[("op", "through")] - us[("op", "direct")],

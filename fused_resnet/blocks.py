@@ -205,14 +205,23 @@ class _FusedForward:
         self.backend = backend
         self.block_spec()
 
-    def _eager_reason(self) -> Optional[str]:
+    def _plan(self):
+        """(why this call cannot run fused, or None; else the block's structure, see ``_structure``), kept while
+        the signature of the submodules (and option A's stride) stays the same."""
         ds = self.downsample
         watched = [*self._modules.values(), *(ds._modules.values() if ds is not None else ())]
-        key = (self.plain,) + guard.signature(watched)
-        reason = _guarded(self, key, self._blocker)
-        if reason is not None:
-            guard.warn_eager(self, reason)
-        return reason
+        key = (self.plain, getattr(ds, "stride", None)) + guard.signature(watched)
+        cached = self.__dict__.get(_GUARD_ATTR)
+        if cached is None or cached[0] != key:
+            reason = self._blocker()
+            cached = (key, reason, None if reason is not None else self._structure())
+            self.__dict__[_GUARD_ATTR] = cached
+        if cached[1] is not None:
+            guard.warn_eager(self, cached[1])
+        return cached[1], cached[2]
+
+    def _eager_reason(self) -> Optional[str]:
+        return self._plan()[0]
 
     def _structure(self):
         """(convs, bns, shortcut kind, option A's stride) of the block as its submodules are now."""
@@ -237,10 +246,12 @@ class _FusedForward:
     def forward(self, x: Tensor) -> Tensor:
         # Eager also for backend auto away from a GPU, for an empty batch (torch leaves the running statistics as
         # they are, and counts the batch), and under torch.fx symbolic tracing (feature extraction sees submodules).
-        if (_runs_eagerly(self.backend, x) or _is_fx_tracing() or self._eager_reason() is not None
-                or x.numel() == 0):
+        if _runs_eagerly(self.backend, x) or _is_fx_tracing() or x.numel() == 0:
             return self._eager(x)
-        convs, bns, kind, stride = self._structure()
+        reason, structure = self._plan()
+        if reason is not None:
+            return self._eager(x)
+        convs, bns, kind, stride = structure
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
         return run_block(x, spec, convs, bns, residual, self.backend)

@@ -41,9 +41,10 @@ def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
                option_a_stride: int = 1) -> BlockSpec:
-    """The spec of ``owner``'s units, cached on ``owner`` and rebuilt only when a setting it reads changed."""
+    """The spec of ``owner``'s units, cached on ``owner`` and rebuilt only when a setting it reads changed (the
+    key holds everything ``from_modules`` reads, so an equal key means an equal spec)."""
     key = (shortcut, option_a_stride) + tuple(
-        (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, b.training, getattr(b, "track_running_stats", None),
+        (type(c), c.stride, c.padding, c.dilation, c.groups, b.training, getattr(b, "track_running_stats", None),
          getattr(b, "momentum", None), b.eps, b.running_mean is None) for c, b in zip(convs, bns))
     cached = owner.__dict__.get(_SPEC_ATTR)
     if cached is not None and cached[0] == key:

@@ -58,7 +58,7 @@ def test_convert_leaves_a_block_with_another_activation_unfused_and_says_which()
     tv = TV.BasicBlock(8, 8)
     tv.relu = nn.SiLU()
     model = nn.Sequential(tv)
-    with pytest.warns(RuntimeWarning, match=r"left 1 block\(s\) unfused: 0 \(activation is SiLU"):
+    with pytest.warns(RuntimeWarning, match=r"left 1 block\(s\) unfused: 0 \(activation relu is SiLU"):
         fused = fused_resnet.convert(model, backend="reference")
     assert type(fused[0]) is TV.BasicBlock
 

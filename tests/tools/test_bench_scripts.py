@@ -33,6 +33,14 @@ def test_bench_conv_smoke(tmp_path):
     assert len(result["rows"]) == 2 * 2 * 2 and all(r["ok"] and r["ms"] > 0 for r in result["rows"])
 
 
+def test_bench_host_overhead_smoke(tmp_path):
+    result = _run("bench_host_overhead.py", "--reps", "20", tmp_path=tmp_path)
+    rows = {(r["row"], r["provider"]) for r in result["rows"]}
+    assert {("block eval", "eager"), ("block train f+b", "reference"), ("op layer", "reference"),
+            ("guard check", "reference"), ("spec check", "reference")} <= rows
+    assert all(r["us"] > 0 for r in result["rows"] if r["row"] != "op layer")
+
+
 def test_bench_inference_smoke_and_schema(tmp_path):
     result = _run("bench_inference.py", "--model", "resnet18", "--batch", "1", "--size", "32", "--dtype", "float32",
                   "--providers", "eager,triton", "--warmup-ms", "0", "--rep-ms", "0", tmp_path=tmp_path)
