@@ -11,7 +11,7 @@ from . import backends, models
 from . import ops  # registers the torch.library ops  # noqa: F401
 from .backends import available_backends
 from .blocks import EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, ShortcutA
-from .convert import convert, revert
+from .convert import conversion_report, convert, revert
 from .spec import BlockSpec, Shortcut
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "Shortcut",
     "convert",
     "revert",
+    "conversion_report",
     "available_backends",
     "backends",
     "models",

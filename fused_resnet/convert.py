@@ -106,7 +106,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     _convert(model, backend, skipped, "")
     if skipped:
         warnings.warn(
-            f"fused_resnet.convert left {len(skipped)} block(s) unfused: {', '.join(skipped)}", RuntimeWarning,
+            f"fused_resnet.convert left {len(skipped)} block(s) unfused: {', '.join(skipped)} "
+            f"(fused_resnet.conversion_report(model) lists every block)", RuntimeWarning,
             stacklevel=2,
         )
     if not any(isinstance(m, (_FusedForward, FusedStemMixin)) for m in model.modules()):
@@ -115,6 +116,33 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             f"Bottleneck of torchvision, timm and fused_resnet and those ResNets' stems, and found none it could fuse",
             RuntimeWarning, stacklevel=2)
     return model
+
+
+def conversion_report(model: nn.Module) -> str:
+    """One line per residual block and stem that convert knows, in module order: fused (and on which backend), or
+    why it runs its eager computation now, or why convert left it unfused."""
+    lines = []
+    for name, m in model.named_modules():
+        path = name or "<root>"
+        t = type(m)
+        timm_blocks = _timm_blocks(t)
+        if isinstance(m, _FusedForward):
+            reason = m._blocker()
+            status = f"fused, backend {m.backend!r}" if reason is None else f"fused, runs eagerly now: {reason}"
+        elif t in _TO_FUSED:
+            status = f"not fused: {_unfusable_reason(m) or 'convert has not run on it'}"
+        elif timm_blocks is not None and t in timm_blocks.TO_FUSED:
+            status = f"not fused: {timm_blocks.unfusable_reason(m) or 'convert has not run on it'}"
+        elif isinstance(m, FusedStemMixin):
+            status = "stem fused" if m.backend is not None else "stem not fused"
+            if m.backend is not None:
+                reason = guard.blocker([(m.conv1, m.bn1)], {"relu": m.relu},
+                                       {"conv1": m.conv1, "bn1": m.bn1, "relu": m.relu})
+                status += f", backend {m.backend!r}" if reason is None else f", runs eagerly now: {reason}"
+        else:
+            continue
+        lines.append(f"{path:<24} {t.__name__:<22} {status}")
+    return "\n".join(lines) if lines else f"no residual block or stem that fused_resnet knows in this {type(model).__name__}"
 
 
 def _forget(m: nn.Module) -> None:

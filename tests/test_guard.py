@@ -266,3 +266,19 @@ def test_auto_on_a_cpu_runs_torchs_own_modules(op_calls):
     assert len(op_calls) == 9
     assert "torch's own modules" in fused_resnet.backends.what_runs("auto", "cpu")
     assert fused_resnet.backends.what_runs("reference", "cpu") == "backend 'reference'"
+
+
+def test_conversion_report_lists_every_block_and_why():
+    model = torchvision.models.resnet18(num_classes=4)
+    model.layer2[1].relu = nn.SiLU()
+    with pytest.warns(RuntimeWarning, match="conversion_report"):
+        fused = fused_resnet.convert(model, backend="reference")
+    fused.layer3[0].bn1.register_forward_hook(lambda *a: None)
+    lines = fused_resnet.conversion_report(fused).splitlines()
+    assert len(lines) == 9  # the stem and 8 blocks
+    assert lines[0].split()[:3] == ["<root>", "ResNet", "stem"] and "backend 'reference'" in lines[0]
+    status = {line.split()[0]: line for line in lines}
+    assert "not fused: activation relu is SiLU" in status["layer2.1"]
+    assert "runs eagerly now: hooks on bn1" in status["layer3.0"]
+    assert "fused, backend 'reference'" in status["layer4.1"]
+    assert "no residual block" in fused_resnet.conversion_report(nn.Linear(2, 2))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import backends
 from . import data as datasets
 from .train import TrainConfig, Trainer, add_training_options, config_from_args, figure, train, write_json
 
@@ -176,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         depths = parse_depths(args.depths)
         out = args.out or Path("runs") / f"experiment-{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"blocks run on {device}: {backends.what_runs(args.backend, torch.device(device).type)}", flush=True)
         if args.experiment == "depth":
             depth(config_from_args(args), depths, out)
         else:
