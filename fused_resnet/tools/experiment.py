@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from .. import backends
 from . import data as datasets
-from .train import TrainConfig, Trainer, add_training_options, config_from_args, figure, train, write_json
+from .train import (TrainConfig, Trainer, add_training_options, check_backend, config_from_args, figure, train,
+                    write_json)
 
 DEPTH_EPOCHS = 10  # experiment depth's default budget: about 4 minutes on a 2-core CPU (docs/EXPERIMENTS.md)
 VARIANTS = (False, True)  # plain=False (residual), plain=True: every depth trains both, with the same seed
@@ -174,6 +175,7 @@ def gradients(base: TrainConfig, depths: Sequence[int], steps: int, out: Path) -
 
 # --------------------------------------------------------------------------------------------- the command
 def run(args: argparse.Namespace) -> int:
+    check_backend(args, f"experiment {args.experiment}")
     try:
         depths = parse_depths(args.depths)
         out = args.out or Path("runs") / f"experiment-{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -277,7 +277,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)})
 
 
+def check_backend(args: argparse.Namespace, command: str) -> None:
+    """An unknown or unavailable --backend is one line and exit status 2, before anything runs."""
+    try:
+        backends.check_requested(args.backend)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"fused-resnet {command}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_backend(args, "train")
     try:
         cfg = config_from_args(args)
         out = args.out or (args.resume.parent if args.resume else default_out(cfg))

@@ -63,3 +63,10 @@ def test_verify_user_errors_are_one_line(args, message, monkeypatch):
     with pytest.raises(SystemExit, match=message) as exc:
         cli.main(["verify", "--model", "cifar_resnet20"] + args)
     assert str(exc.value).startswith("fused-resnet verify: ") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("command", [["train"], ["experiment", "depth"], ["experiment", "gradients"]])
+def test_an_unavailable_backend_is_one_line_for_every_command(command, monkeypatch):
+    monkeypatch.setattr(backends.registry, "_AVAILABILITY", {**backends.backend_status(), "cuda": "no GPU"})
+    with pytest.raises(SystemExit, match=f"fused-resnet {' '.join(command)}: backend 'cuda' is not available"):
+        cli.main(command + ["--backend", "cuda"])
