@@ -12,24 +12,6 @@ import pytest
 
 pytest.importorskip("triton")
 
-FP32_POINTERS = ("scale", "shift", "mean", "m2", "sum", "alpha", "beta", "gamma", "rstd", "bias", "ws", "prev_s",
-                 "prev_t")
-
-
-def _signature(fn, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "tile_ptr":
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if any(k in name for k in FP32_POINTERS) else "*bf16"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _variants():
     from fused_resnet.kernels import bn_act, conv, drelu_dbn
     from fused_resnet.spec import Residual
@@ -58,24 +40,11 @@ def _variants():
 
 
 def compile_all() -> list:
-    """[{name, ok, error, target_sm90, shared, wgmma, gemm}] for every variant (run without the interpreter)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """fused_resnet.kernels.aot.compile_variant's row for every variant (run without the interpreter)."""
+    from fused_resnet.kernels import aot
 
-    out = []
-    for name, fn, constexprs, is_gemm in _variants():
-        row = {"name": name, "gemm": is_gemm}
-        try:
-            compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs), constexprs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-            ptx = compiled.asm["ptx"]
-            row.update(ok=True, target_sm90=".target sm_90" in ptx, shared=compiled.metadata.shared,
-                       wgmma="wgmma" in ptx)
-        except Exception as e:  # reported per variant by the test
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
-        out.append(row)
-    return out
+    return [{"name": name, "gemm": is_gemm, **aot.compile_variant(fn, constexprs, "bfloat16", 4, 3)}
+            for name, fn, constexprs, is_gemm in _variants()]
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +58,10 @@ def compiled():
 @pytest.mark.parametrize("index", range(8), ids=lambda i: f"variant{i}")
 def test_kernel_compiles_for_sm90(compiled, index):
     row = compiled[index]
-    assert row["ok"], f"{row['name']}: {row.get('error')}"
-    assert row["target_sm90"] and row["shared"] <= 227 * 1024, row  # Hopper's shared memory per block
+    assert row["ok"], f"{row['name']}: {row['error']}"
+    assert row["smem_bytes"] <= 227 * 1024 and row["regs"] <= 255, row  # Hopper's limits per block / thread
     if row["gemm"]:
-        assert row["wgmma"], f"{row['name']}: the conv dot did not become wgmma"
+        assert row["mma"] == "wgmma", f"{row['name']}: the conv dot did not become wgmma"
 
 
 if __name__ == "__main__":

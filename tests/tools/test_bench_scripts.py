@@ -41,6 +41,21 @@ def test_bench_host_overhead_smoke(tmp_path):
     assert all(r["us"] > 0 for r in result["rows"] if r["row"] != "op layer")
 
 
+def test_aot_check_smoke(tmp_path):
+    """bench/aot_check.py traces a converted model's conv launches and compiles the first variant for sm_90 with
+    each of its kernel's tile configurations: the report has the issue's schema and every compile succeeds."""
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_check.py"), "--model", "cifar_resnet20",
+                           "--limit", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["arch"] == "sm_90" and report["kernels"]
+    fields = {"kernel", "features", "config", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma", "async_copy",
+              "pipelined", "selectable", "divisible_by_16", "heuristic"}
+    assert all(fields <= set(r) and r["ok"] and r["mma"] == "wgmma" for r in report["kernels"])
+    assert sum(r["heuristic"] for r in report["kernels"]) >= 1
+
+
 def test_bench_inference_smoke_and_schema(tmp_path):
     result = _run("bench_inference.py", "--model", "resnet18", "--batch", "1", "--size", "32", "--dtype", "float32",
                   "--providers", "eager,triton", "--warmup-ms", "0", "--rep-ms", "0", tmp_path=tmp_path)
