@@ -105,6 +105,7 @@ if want quick; then
     vlimit=90  # the interpreter is slow; on the GPU each verify run has 16 s
     margs=(--batch 4 --dtype float32 --size 16 --steps 2)
     models=(cifar_resnet8)
+    declare -A mlimit=([cifar_resnet8]=240)  # compile and the interpreter on 2 cores: about 75 s seen
   else
     sel=(-k "gpu or test_block_matches_reference or test_train_block or test_eval_block or test_bn_act or drelu")
     vargs=(--device cuda --model resnet18 --batch 4 --size 64)
@@ -112,6 +113,7 @@ if want quick; then
     vlimit=16
     margs=(--batch 256 --dtype bfloat16 --amp --channels-last --steps 10)
     models=(resnet50 resnet18)
+    declare -A mlimit=([resnet50]=110 [resnet18]=60)
   fi
   per_test=()  # a hung test is stopped alone where pytest-timeout is installed (it is on the GPU machine)
   python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
@@ -132,7 +134,7 @@ runs = [r for p in sorted(glob.glob(sys.argv[1] + '/*.json')) for r in json.load
 json.dump({'runs': runs}, open(sys.argv[2], 'w'), indent=1)" "$vtmp" "$OUT/verify.json"
   rows=$(mktemp -d)
   for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton measured side by side
-    limited "models $model" "$([ "$model" = resnet18 ] && echo 60 || echo 110)" python3 -m fused_resnet.tools.cli \
+    limited "models $model" "${mlimit[$model]}" python3 -m fused_resnet.tools.cli \
       bench --quiet --no-layers --mode train,infer --providers eager,cuda,compile,triton "${margs[@]}" \
       --model "$model" --out "$rows/$model"
   done
