@@ -43,7 +43,7 @@ def test_bench_host_overhead_smoke(tmp_path):
 
 def test_aot_check_smoke(tmp_path):
     """bench/aot_check.py traces a converted model's conv launches and compiles the first variant for sm_90 with
-    each of its kernel's tile configurations: the report has the issue's schema and every compile succeeds."""
+    each of its kernel's tile configurations: the report has the documented schema and every compile succeeds."""
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_check.py"), "--model", "cifar_resnet20",
                            "--limit", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
