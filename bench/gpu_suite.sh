@@ -54,6 +54,13 @@ limited() {  # limited NAME SECONDS COMMAND...: step under a time limit (0: none
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >> "$STAGE_TIMES"
 }
 SUMMARY=()
+merge_verify() {  # merge_verify DIR: every verify --json file in DIR as one $OUT/verify.json
+  python3 - "$1" > "$OUT/verify.json" <<'PY'
+import glob, json, sys
+runs = [run for path in sorted(glob.glob(sys.argv[1] + "/*.json")) for run in json.load(open(path))["runs"]]
+print(json.dumps({"runs": runs}, indent=1))
+PY
+}
 
 if [ "$DRY_RUN" = 1 ]; then  # the CPU rehearsal: Triton's interpreter and the extension's CPU registrations
   export TRITON_INTERPRET=1 FUSED_RESNET_EXT_ON_CPU=1
@@ -128,10 +135,7 @@ if want quick; then
         --dtype $cfg "${vargs[@]}" --json "$vtmp/$tag.json"
     done
   done
-  cat "$vtmp"/*.json > /dev/null 2>&1 && python3 -c "
-import glob, json, sys
-runs = [r for p in sorted(glob.glob(sys.argv[1] + '/*.json')) for r in json.load(open(p))['runs']]
-json.dump({'runs': runs}, open(sys.argv[2], 'w'), indent=1)" "$vtmp" "$OUT/verify.json"
+  merge_verify "$vtmp"
   rows=$(mktemp -d)
   for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton measured side by side
     limited "models $model" "${mlimit[$model]}" python3 -m fused_resnet.tools.cli \
@@ -154,11 +158,7 @@ if want verify; then
         --size 96 --dtype $cfg --model resnet18,resnet50,cifar_resnet20 --json "$tmp/$tag.json"
     done
   done
-  python3 - "$tmp" > "$OUT/verify.json" <<'PY'
-import glob, json, sys
-runs = [run for path in sorted(glob.glob(sys.argv[1] + "/*.json")) for run in json.load(open(path))["runs"]]
-print(json.dumps({"runs": runs}, indent=1))
-PY
+  merge_verify "$tmp"
 fi
 if want bench; then
   step "bench bn_kernels" python3 bench/bench_bn_kernels.py --model resnet50 --batch 256 --dtype bfloat16 \

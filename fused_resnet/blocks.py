@@ -158,6 +158,16 @@ def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, 
     return mods
 
 
+def geometry_reason(units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
+    """Why convert leaves these units unfused for their conv geometry (groups > 1: ResNeXt; dilation > 1), or None."""
+    for conv, _ in units:
+        if conv.groups != 1:
+            return f"groups={conv.groups}"
+        if any(d != 1 for d in conv.dilation):
+            return f"dilation={tuple(conv.dilation)}"
+    return None
+
+
 def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
     """Why this residual block (fused or torchvision's) cannot run fused now, or None."""
     activations = {"relu": block.relu}
@@ -298,12 +308,15 @@ class FusedStemMixin:
 
     backend: Optional[str] = None
 
+    def _stem_blocker(self) -> Optional[str]:
+        """Why the stem cannot run fused now, or None."""
+        return guard.blocker([(self.conv1, self.bn1)], {"relu": self.relu},
+                             {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu})
+
     def _stem(self, x: Tensor) -> Tensor:
         if self.backend is not None and not _runs_eagerly(self.backend, x) and not _is_fx_tracing() and x.numel():
-            units = [(self.conv1, self.bn1)]
             key = guard.signature([self.conv1, self.bn1, self.relu])
-            reason = _guarded(self, key, lambda: guard.blocker(
-                units, {"relu": self.relu}, {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}))
+            reason = _guarded(self, key, self._stem_blocker)
             if reason is None:
                 return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
             guard.warn_eager(self, f"stem: {reason}")

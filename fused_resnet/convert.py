@@ -16,7 +16,7 @@ from torch import nn
 from . import backends
 from . import guard
 from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
-                     ShortcutA, _FusedForward, block_blocker)
+                     ShortcutA, _FusedForward, block_blocker, geometry_reason)
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -30,12 +30,7 @@ _TO_EAGER = {FusedBasicBlock: (_TV.BasicBlock, EagerBasicBlock), FusedBottleneck
 
 def _unfusable_reason(block: nn.Module) -> Optional[str]:
     units = block._units() if hasattr(block, "_units") else _tv_units(block)
-    for conv, _ in units:
-        if conv.groups != 1:
-            return f"groups={conv.groups}"
-        if any(d != 1 for d in conv.dilation):
-            return f"dilation={tuple(conv.dilation)}"
-    return block_blocker(block, units)
+    return geometry_reason(units) or block_blocker(block, units)
 
 
 def _tv_units(block: nn.Module):
@@ -136,13 +131,14 @@ def conversion_report(model: nn.Module) -> str:
         elif isinstance(m, FusedStemMixin):
             status = "stem fused" if m.backend is not None else "stem not fused"
             if m.backend is not None:
-                reason = guard.blocker([(m.conv1, m.bn1)], {"relu": m.relu},
-                                       {"conv1": m.conv1, "bn1": m.bn1, "relu": m.relu})
+                reason = m._stem_blocker()
                 status += f", backend {m.backend!r}" if reason is None else f", runs eagerly now: {reason}"
         else:
             continue
         lines.append(f"{path:<24} {t.__name__:<22} {status}")
-    return "\n".join(lines) if lines else f"no residual block or stem that fused_resnet knows in this {type(model).__name__}"
+    if not lines:
+        return f"no residual block or stem that fused_resnet knows in this {type(model).__name__}"
+    return "\n".join(lines)
 
 
 def _forget(m: nn.Module) -> None:

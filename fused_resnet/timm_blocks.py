@@ -18,7 +18,7 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from . import guard
-from .blocks import FusedBasicBlock, _FusedForward, fused_away
+from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason
 
 _OPTIONAL_IDENTITIES = ("drop_block", "aa")  # nn.Identity when unused
 _ABSENT = ("se", "drop_path")  # None when unused
@@ -39,11 +39,9 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
         if type(getattr(block, name)) is not nn.Identity:
             return f"{name} is {type(getattr(block, name)).__name__}"
     units = _units(block)
-    for conv, _ in units:
-        if conv.groups != 1:
-            return f"groups={conv.groups}"
-        if any(d != 1 for d in conv.dilation):
-            return f"dilation={tuple(conv.dilation)}"
+    reason = geometry_reason(units)
+    if reason is not None:
+        return reason
     activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, len(units) + 1)}
     away = fused_away(units, activations, block.downsample)
     away.update({name: getattr(block, name) for name in _OPTIONAL_IDENTITIES})
