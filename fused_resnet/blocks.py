@@ -2,8 +2,9 @@
 
 ``FusedBasicBlock`` / ``FusedBottleneck`` take torchvision's constructor signature (inplanes, planes, stride=1,
 downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None) plus keyword-only ``backend``, ``plain``
-(no shortcut: the plain twin of the depth experiment) and ``dim`` (2, or 1 for Conv1d/BatchNorm1d sequence
-models). Submodule, parameter and buffer names are torchvision's (conv1, bn1, conv2, bn2, conv3, bn3,
+(no shortcut: the plain twin of the depth experiment), ``dim`` (2, or 1 for Conv1d/BatchNorm1d sequence
+models) and ``residual_scale`` (y = relu(α·bn_last(...) + shortcut), α fixed or learnable; see
+``set_residual_scale``). Submodule, parameter and buffer names are torchvision's (conv1, bn1, conv2, bn2, conv3, bn3,
 downsample.0, downsample.1), so state_dicts load both ways with strict=True.
 
 ``EagerBasicBlock`` / ``EagerBottleneck`` are the same layouts computed with plain torch modules: what
@@ -11,7 +12,7 @@ downsample.0, downsample.1), so state_dicts load both ways with strict=True.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,38 @@ class _BlockLayout(nn.Module):
         return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self._n_units + 1)]
 
     def extra_repr(self) -> str:
-        return "plain=True" if self.plain else ""
+        scale = residual_scale_of(self)
+        return ", ".join(filter(None, ["plain=True" if self.plain else "",
+                                       "" if scale is None else f"residual_scale={_describe_scale(scale)}"]))
+
+
+RESIDUAL_SCALE = "residual_scale"  # the parameter / buffer name, in the state_dict only when a block uses one
+
+
+def set_residual_scale(block: nn.Module, residual_scale: Union[None, float, str]) -> None:
+    """Give ``block`` y = relu(α·bn_last(conv_last(...)) + shortcut): ``None`` (no α, torchvision's block), a float
+    (α a fixed buffer) or ``"learnable"`` (α a parameter, 0 at initialisation so that every block starts as the
+    identity: SkipInit). The state_dict holds ``residual_scale`` only when α is used."""
+    learnable = isinstance(residual_scale, str) and residual_scale == "learnable"
+    fixed = isinstance(residual_scale, (int, float)) and not isinstance(residual_scale, bool)
+    if not (residual_scale is None or learnable or fixed):
+        raise ValueError(f"residual_scale must be None, a float or 'learnable', got {residual_scale!r}")
+    if residual_scale_of(block) is not None:
+        delattr(block, RESIDUAL_SCALE)
+    device = block.conv1.weight.device
+    if learnable:
+        block.register_parameter(RESIDUAL_SCALE, nn.Parameter(torch.zeros((), device=device)))
+    elif fixed:
+        block.register_buffer(RESIDUAL_SCALE, torch.tensor(float(residual_scale), device=device))
+
+
+def residual_scale_of(block: nn.Module) -> Optional[Tensor]:
+    """The block's α (a 0-d parameter or buffer), or None."""
+    return block._parameters.get(RESIDUAL_SCALE, block._buffers.get(RESIDUAL_SCALE))
+
+
+def _describe_scale(scale: Tensor) -> str:
+    return "'learnable'" if isinstance(scale, nn.Parameter) else f"{float(scale):g}"
 
 
 def _norm(norm_layer: Optional[Callable[..., nn.Module]], dim: int) -> Callable[..., nn.Module]:
@@ -89,7 +121,7 @@ class _BasicLayout(_BlockLayout):
     _n_units = 2
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None, *, plain=False, dim=2):
+                 norm_layer=None, *, plain=False, dim=2, residual_scale=None):
         super().__init__()
         _check_dim(dim)
         if groups != 1 or base_width != 64:
@@ -102,6 +134,7 @@ class _BasicLayout(_BlockLayout):
         self.conv2 = _conv(dim, planes, planes, 3)
         self.bn2 = norm_layer(planes)
         self._setup(downsample, stride, plain, dim)
+        set_residual_scale(self, residual_scale)
 
 
 class _BottleneckLayout(_BlockLayout):
@@ -109,7 +142,7 @@ class _BottleneckLayout(_BlockLayout):
     _n_units = 3
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None, *, plain=False, dim=2):
+                 norm_layer=None, *, plain=False, dim=2, residual_scale=None):
         super().__init__()
         _check_dim(dim)
         norm_layer = _norm(norm_layer, dim)
@@ -121,6 +154,7 @@ class _BottleneckLayout(_BlockLayout):
         self.conv3 = _conv(dim, width, planes * self.expansion, 1)
         self.bn3 = norm_layer(planes * self.expansion)
         self._setup(downsample, stride, plain, dim)
+        set_residual_scale(self, residual_scale)
 
 
 class _EagerForward:
@@ -133,6 +167,9 @@ class _EagerForward:
             out = bn(conv(out))
             if i < len(units) - 1:
                 out = self.relu(out)
+        scale = residual_scale_of(self)
+        if scale is not None:
+            out = out * scale  # a 0-d tensor: out keeps its dtype
         if not self.plain:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -264,7 +301,7 @@ class _FusedForward:
         convs, bns, kind, stride = structure
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
-        return run_block(x, spec, convs, bns, residual, self.backend)
+        return run_block(x, spec, convs, bns, residual, self.backend, residual_scale_of(self))
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
@@ -276,9 +313,9 @@ class FusedBasicBlock(_FusedForward, _BasicLayout):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, backend: str = "auto",
-                 plain: bool = False, dim: int = 2):
+                 plain: bool = False, dim: int = 2, residual_scale: Union[None, float, str] = None):
         _BasicLayout.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer,
-                              plain=plain, dim=dim)
+                              plain=plain, dim=dim, residual_scale=residual_scale)
         self._init_fused(backend)
 
 
@@ -288,9 +325,9 @@ class FusedBottleneck(_FusedForward, _BottleneckLayout):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Optional[Callable[..., nn.Module]] = None, *, backend: str = "auto",
-                 plain: bool = False, dim: int = 2):
+                 plain: bool = False, dim: int = 2, residual_scale: Union[None, float, str] = None):
         _BottleneckLayout.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation,
-                                   norm_layer, plain=plain, dim=dim)
+                                   norm_layer, plain=plain, dim=dim, residual_scale=residual_scale)
         self._init_fused(backend)
 
 

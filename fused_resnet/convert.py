@@ -16,7 +16,7 @@ from torch import nn
 from . import backends
 from . import guard
 from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
-                     ShortcutA, _FusedForward, block_blocker, geometry_reason)
+                     ShortcutA, _FusedForward, block_blocker, geometry_reason, residual_scale_of)
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -152,7 +152,8 @@ def _revert(m: nn.Module) -> None:
     timm_blocks = _timm_blocks(t)
     if t in _TO_EAGER:
         tv_cls, eager_cls = _TO_EAGER[t]
-        torchvision_like = not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
+        torchvision_like = (not m.plain and m.dim == 2 and type(m.downsample) is not ShortcutA
+                            and residual_scale_of(m) is None)
         del m.backend
         _forget(m)
         if torchvision_like:
@@ -176,7 +177,8 @@ def _revert(m: nn.Module) -> None:
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return ``model`` computed by plain torch modules again: fused blocks become torchvision's BasicBlock /
-    Bottleneck where torchvision has the configuration, else fused_resnet's eager twins (option A, plain, 1-D)."""
+    Bottleneck where torchvision has the configuration, else fused_resnet's eager twins (option A, plain, 1-D, a
+    residual scale)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
     if not inplace:

@@ -102,11 +102,12 @@ def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]
 
 
 def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
-              residual: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """y = relu(bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
+              residual: Optional[Tensor] = None, backend: str = "auto",
+              residual_scale: Optional[Tensor] = None) -> Tensor:
+    """y = relu(α·bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
 
     ``convs``/``bns`` list the spec's units (the projection shortcut's last); ``residual`` is the shortcut tensor
-    of ``Shortcut.TENSOR``."""
+    of ``Shortcut.TENSOR``; ``residual_scale`` is α (a 0-d tensor; None: 1)."""
     one_d = spec.dim == 1
     _input_checks(x, convs[0].weight, spec.units[0].groups, spec.dim)
     weights = [c.weight for c in convs]
@@ -127,6 +128,11 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
     affine = [getattr(bn, "affine", True) for bn in bns]  # FrozenBatchNorm2d: weight and bias are buffers
     gammas = [bn.weight if a else torch.ones(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
     betas = [bn.bias if a else torch.zeros(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
+    if residual_scale is not None:
+        # α·bn(a) is the BN with γ·α and β·α: α folds into the closing kernel's scale and shift on every backend,
+        # and autograd takes dα = Σ γ·dγ' + β·dβ' from the op's own fused reductions; the statistics do not move.
+        last = spec.n_main - 1
+        gammas[last], betas[last] = gammas[last] * residual_scale, betas[last] * residual_scale
     params = Params(weights, gammas, betas, [bn.running_mean for bn in bns], [bn.running_var for bn in bns])
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad

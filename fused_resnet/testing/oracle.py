@@ -300,7 +300,10 @@ def compare_models(
         missing = sorted(set(grads["ref_fused"]) ^ set(grads["fused"]))
         results.append(Check(f"param grads present ({missing[:3]})", float("inf"), 0.0, 0.0))
     else:
-        results.append(worst("param grads", [pair(n, {k: g[n] for k, g in grads.items()}) for n in grads["same"]]))
+        params = {k: dict(models[k].named_parameters()) for k in keys}
+        results.append(worst("param grads", [
+            _scale_check(n, grads, params, dtype) if n.endswith(".residual_scale") or n == "residual_scale"
+            else pair(n, {k: g[n] for k, g in grads.items()}) for n in grads["same"]]))
     buffers = {k: dict(models[k].named_buffers()) for k in keys}
     for kind in ("running_mean", "running_var"):
         names = [n for n in buffers["ref_fused"] if n.endswith(kind)]
@@ -325,6 +328,27 @@ def compare_models(
                 evals[key] = models[key](xin)
     results.append(pair("eval output", evals))
     return results
+
+
+def _scale_check(name: str, grads: Dict[str, Dict[str, torch.Tensor]], params: Dict[str, Dict[str, torch.Tensor]],
+                 dtype: torch.dtype) -> Check:
+    """The rule for a learnable residual scale α (y = relu(α·bn(a) + shortcut)). dα = Σ_c γ_c·S2_c + β_c·S1_c over
+    the last BN's channels (S1, S2: its Σdz, Σdz·x̂), which a fused block takes from its fused reductions while
+    PyTorch sums dz·bn(a) over every element at once. dα is then as accurate as the BN's own gradients
+    dγ = α·S2, dβ = α·S1, times the cancellation of the channel sum: the bound is the rule on torch's worst error
+    of those gradients, scaled by κ = Σ_c(|γ_c·dγ_c| + |β_c·dβ_c|) / |α·dα| of the float64 run."""
+    prefix = name[: -len("residual_scale")]
+    last = max((n for n in params["ref_fused"] if n.startswith(prefix + "bn") and n.count(".") == prefix.count(".") + 1
+                and n.endswith(".weight")), key=lambda n: n)
+    bn = last[: -len("weight")]
+    ref, ref_g = params["ref_fused"], grads["ref_fused"]
+    terms = ((ref[last] * ref_g[last]).abs().sum() + (ref[bn + "bias"] * ref_g[bn + "bias"]).abs().sum()).detach()
+    alpha_grad = (ref[name] * ref_g[name]).abs().detach()
+    kappa = float(terms / alpha_grad) if alpha_grad > 0 else float("inf")
+    factor, floor = TOLERANCE[dtype]
+    e_bn = max(rel_error(grads["same"][n], grads["ref_same"][n]) for n in (last, bn + "bias"))
+    return Check(f"{name} (κ={kappa:.1f})", rel_error(grads["fused"][name], ref_g[name]),
+                 rel_error(grads["same"][name], grads["ref_same"][name]), factor * e_bn * kappa + floor)
 
 
 def saved_bytes_vs_design(block: nn.Module, x: torch.Tensor) -> Tuple[int, int, int]:
