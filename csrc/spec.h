@@ -3,7 +3,7 @@
 // The block ops take the spec as two flat schema lists written by fused_resnet.spec.BlockSpec (`ints`, `floats`):
 //   ints   = [dim, shortcut, option_a_stride_h, option_a_stride_w, units,
 //             per unit: stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups, batch_stats,
-//                       update_running]
+//                       update_running, sync_group]
 //   floats = [per unit: eps, momentum (NaN: None)]
 // `BlockSpec::parse` reads them once per op call into one struct. tests/test_spec.py checks that the tables below
 // (enum values, list layout) are the Python ones.
@@ -23,7 +23,7 @@ enum class Shortcut : int64_t { kNone = 0, kIdentity = 1, kProjection = 2, kOpti
 enum Residual : int { kResidualNone = 0, kResidualTensor = 1, kResidualAffine = 2, kResidualOptionA = 3 };
 
 constexpr int64_t kSpecHeaderInts = 5;
-constexpr int64_t kSpecUnitInts = 9;
+constexpr int64_t kSpecUnitInts = 10;
 constexpr int64_t kSpecUnitFloats = 2;
 
 struct UnitSpec {
@@ -62,6 +62,10 @@ struct BlockSpec {
       const int64_t* v = ints.data() + kSpecHeaderInts + kSpecUnitInts * i;
       UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i]};
       TORCH_CHECK(u.groups >= 1, op, ": unit ", i, " has groups ", u.groups);
+      // Synchronised BN reduces statistics over a process group between kernels: the Python-orchestrated backends
+      // do that (fused_resnet.distributed); a whole-block C++ op cannot.
+      TORCH_CHECK(v[9] == 0, op, ": unit ", i, " synchronises its BN over a process group, which the C++ block ops "
+                  "do not implement");
       spec.units.push_back(u);
     }
     return spec;

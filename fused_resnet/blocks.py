@@ -222,6 +222,18 @@ def _runs_eagerly(backend: str, x: Tensor) -> bool:
     return backend == "auto" and backends.auto_runs_eager(x.device.type)
 
 
+def _empty_unsynced(spec_of: Callable, x: Tensor) -> bool:
+    """An empty batch runs eagerly, unless a BN is synchronised over a process group: then the rank still takes
+    part in the group's collectives, through the fused op (see ``_backend_for``)."""
+    return x.numel() == 0 and not spec_of().synced
+
+
+def _backend_for(backend: str, x: Tensor) -> str:
+    """The reference backend for an empty batch (the kernels launch no empty grids; its outputs are exact, and its
+    collectives are every backend's), else ``backend``."""
+    return "reference" if x.numel() == 0 else backend
+
+
 def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
     """``find_blocker()``'s answer, kept on ``owner`` while ``key`` (a guard.signature) stays the same."""
     cached = owner.__dict__.get(_GUARD_ATTR)
@@ -293,7 +305,7 @@ class _FusedForward:
     def forward(self, x: Tensor) -> Tensor:
         # Eager also for backend auto away from a GPU, for an empty batch (torch leaves the running statistics as
         # they are, and counts the batch), and under torch.fx symbolic tracing (feature extraction sees submodules).
-        if _runs_eagerly(self.backend, x) or _is_fx_tracing() or x.numel() == 0:
+        if _runs_eagerly(self.backend, x) or _is_fx_tracing() or _empty_unsynced(self.block_spec, x):
             return self._eager(x)
         reason, structure = self._plan()
         if reason is not None:
@@ -301,7 +313,7 @@ class _FusedForward:
         convs, bns, kind, stride = structure
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
-        return run_block(x, spec, convs, bns, residual, self.backend, residual_scale_of(self))
+        return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self))
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
@@ -351,11 +363,12 @@ class FusedStemMixin:
                              {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu})
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and not _runs_eagerly(self.backend, x) and not _is_fx_tracing() and x.numel():
+        if self.backend is not None and not _runs_eagerly(self.backend, x) and not _is_fx_tracing() and \
+                not _empty_unsynced(lambda: block_spec(self, [self.conv1], [self.bn1], Shortcut.NONE), x):
             key = guard.signature([self.conv1, self.bn1, self.relu])
             reason = _guarded(self, key, self._stem_blocker)
             if reason is None:
-                return conv_bn_relu(self, x, self.conv1, self.bn1, self.backend)
+                return conv_bn_relu(self, x, self.conv1, self.bn1, _backend_for(self.backend, x))
             guard.warn_eager(self, f"stem: {reason}")
         return self.relu(self.bn1(self.conv1(x)))
 

@@ -86,17 +86,27 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
         _convert(child, backend, skipped, f"{path}.{name}" if path else name)
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync_bn: bool = False,
+            process_group=None) -> nn.Module:
     """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
     the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
     ``backend``. Blocks that cannot be fused (groups > 1, dilation > 1, a norm layer other than BatchNorm, another
     activation than nn.ReLU, hooks on their submodules) stay as they are, with one warning listing them and why;
-    a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning saying so."""
+    a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning saying so.
+
+    ``sync_bn=True`` first turns every BatchNorm into ``nn.SyncBatchNorm`` over ``process_group`` (None: the
+    default group), as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does; SyncBatchNorms already in the model keep
+    their groups. A fused unit with a SyncBatchNorm reduces its statistics over the group wherever torch would
+    (training, torch.distributed initialised, more than one process): see fused_resnet.distributed."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     backends.check_requested(backend)
     if not inplace:
         model = copy.deepcopy(model)
+    if sync_bn:
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+        if converted is not model:  # the model itself was a BatchNorm
+            model = converted
     skipped: List[str] = []
     _convert(model, backend, skipped, "")
     if skipped:

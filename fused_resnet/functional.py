@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import ops
+from . import distributed, ops
 from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
 from .tensors import Params
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d)  # a frozen BN: running statistics, no update
+# a frozen BN: running statistics, no update; a SyncBatchNorm: statistics over its process group (fused_resnet.distributed)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm)
 _SPEC_ATTR = "_fused_resnet_spec"  # (key, spec) in the owning module's __dict__
 
 
@@ -33,8 +34,9 @@ def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (need explicit zero padding)"
     if type(bn) not in _BN_TYPES:
-        return f"norm layer is {type(bn).__name__}, expected nn.BatchNorm1d, nn.BatchNorm2d or FrozenBatchNorm2d"
-    if (type(conv) is nn.Conv1d) != (type(bn) is nn.BatchNorm1d):
+        return (f"norm layer is {type(bn).__name__}, expected nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm or "
+                f"FrozenBatchNorm2d")
+    if type(bn) is not nn.SyncBatchNorm and (type(conv) is nn.Conv1d) != (type(bn) is nn.BatchNorm1d):
         return f"{type(conv).__name__} followed by {type(bn).__name__}"
     return None
 
@@ -45,7 +47,8 @@ def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Mo
     key holds everything ``from_modules`` reads, so an equal key means an equal spec)."""
     key = (shortcut, option_a_stride) + tuple(
         (type(c), c.stride, c.padding, c.dilation, c.groups, b.training, getattr(b, "track_running_stats", None),
-         getattr(b, "momentum", None), b.eps, b.running_mean is None) for c, b in zip(convs, bns))
+         getattr(b, "momentum", None), b.eps, b.running_mean is None, distributed.sync_handle(b))
+        for c, b in zip(convs, bns))
     cached = owner.__dict__.get(_SPEC_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -76,7 +79,8 @@ def _input_checks(x: Tensor, w: Tensor, groups: int, dim: int) -> None:
 
 def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]) -> None:
     for unit, shape in zip(spec.units, shapes):
-        if unit.batch_stats and shape[0] * shape[2] * shape[3] == 1:
+        # torch's SyncBatchNorm checks the local count only without peers: here a synchronised unit has some
+        if unit.batch_stats and not unit.sync_group and shape[0] * shape[2] * shape[3] == 1:
             size = torch.Size([shape[0], shape[1], shape[3]] if spec.dim == 1 else shape)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     out_shape = shapes[spec.n_main - 1]
@@ -146,9 +150,10 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
         out = ops.forward(spec, x, params, residual, backend)
         y = out.y
         with torch.no_grad():
-            for unit, bn, shape, mean, var in zip(spec.units, bns, shapes, out.means, out.variances):
-                if unit.update_running:
-                    ops.running_update(bn, mean, var, shape[0] * shape[2] * shape[3], unit.momentum, backend)
+            for i, (unit, bn, shape) in enumerate(zip(spec.units, bns, shapes)):
+                if unit.update_running:  # a synchronised unit's count is the group's
+                    count = distributed.synced_count(out.counts, i, shape[0] * shape[2] * shape[3])
+                    ops.running_update(bn, out.means[i], out.variances[i], count, unit.momentum, backend)
     return y.squeeze(2) if one_d else y
 
 

@@ -44,7 +44,9 @@ def forward_fake(x: Tensor, weights: Sequence[Tensor], spec: BlockSpec,
     acts = [_empty(x, s, saved_format) for s in shapes]
     means = [x.new_empty((s[1],), dtype=stat) for s in shapes]
     variances = [x.new_empty((s[1],), dtype=stat) for s in shapes]
-    return pack_forward(Forward(_empty(x, shapes[spec.n_main - 1], memory_format_of(x)), acts, means, variances))
+    counts = torch.empty((len(shapes),), dtype=torch.int64) if spec.synced else None
+    return pack_forward(Forward(_empty(x, shapes[spec.n_main - 1], memory_format_of(x)), acts, means, variances,
+                                counts))
 
 
 def inference_fake(x: Tensor, weights: Sequence[Tensor], spec: BlockSpec) -> Tensor:
@@ -87,8 +89,9 @@ def block_autograd(backward_op: Callable[..., List[Tensor]]):
         if dy is None:
             return (None, nones, nones, nones, nones, nones, None) + none_tail
         need_dx = bool(ctx.needs_input_grad[0])
+        counts = {} if saved.counts is None else {"counts": saved.counts}  # a synchronised spec's
         flat = backward_op(dy, x, saved.y, list(weights), list(gammas), list(betas), saved.acts, saved.means,
-                           saved.variances, *ctx.spec, need_dx, *ctx.extra)
+                           saved.variances, *ctx.spec, need_dx, *ctx.extra, **counts)
         out = unpack_grads(flat, n, _spec(*ctx.spec), need_dx)
         d_res = out.d_residual.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
         return (out.dx, out.dws, out.dgammas, out.dbetas, nones, nones, d_res) + none_tail
@@ -115,7 +118,7 @@ def _block_forward_fake(x, weights, gammas, betas, running_means, running_vars, 
     return forward_fake(x, weights, block, backends.resolve(backend, x, block).saved_format(x))
 
 
-_backward, _setup_context = block_autograd(lambda *args: torch.ops.fused_resnet.block_backward(*args))
+_backward, _setup_context = block_autograd(lambda *args, **kw: torch.ops.fused_resnet.block_backward(*args, **kw))
 block_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -124,18 +127,18 @@ block_forward.register_autograd(_backward, setup_context=_setup_context)
 def block_backward(
     dy: Tensor, x: Tensor, y: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
     acts: List[Tensor], means: List[Tensor], variances: List[Tensor], spec: List[int], spec_floats: List[float],
-    need_input_grad: bool, backend: str,
+    need_input_grad: bool, backend: str, counts: Optional[Tensor] = None,
 ) -> List[Tensor]:
     block = _spec(spec, spec_floats)
     params = Params(weights, gammas, betas, [None] * len(weights), [None] * len(weights))
     grads = backends.resolve(backend, x, block).block_backward(
-        block, dy, x, params, Forward(y, acts, means, variances), need_input_grad)
+        block, dy, x, params, Forward(y, acts, means, variances, counts), need_input_grad)
     return pack_grads(grads, x)
 
 
 @block_backward.register_fake
 def _block_backward_fake(dy, x, y, weights, gammas, betas, acts, means, variances, spec, spec_floats,
-                         need_input_grad, backend):
+                         need_input_grad, backend, counts=None):
     params = Params(weights, gammas, betas, [], [])
     return backward_fake(x, y, params, _spec(spec, spec_floats), need_input_grad)
 

@@ -23,6 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import distributed
+
 
 class Shortcut(enum.IntEnum):
     """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``)."""
@@ -47,14 +49,16 @@ class Residual(enum.IntEnum):
 # Layout of the schema lists (csrc/spec.h has the same, checked by tests/test_spec.py).
 HEADER_INTS = ("dim", "shortcut", "option_a_stride_h", "option_a_stride_w", "units")
 UNIT_INTS = ("stride_h", "stride_w", "padding_h", "padding_w", "dilation_h", "dilation_w", "groups", "batch_stats",
-             "update_running")
+             "update_running", "sync_group")
 UNIT_FLOATS = ("eps", "momentum")  # momentum None travels as NaN
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitSpec:
     """One conv → BN unit. ``batch_stats``: the BN normalises with this batch's statistics (else its running
-    ones); ``update_running``: the call updates its running statistics (torch's rule: training and tracking)."""
+    ones); ``update_running``: the call updates its running statistics (torch's rule: training and tracking);
+    ``sync_group``: 0, or the handle of the process group its statistics are reduced over (fused_resnet.distributed:
+    an nn.SyncBatchNorm that torch would synchronise)."""
 
     stride: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int] = (0, 0)
@@ -64,6 +68,7 @@ class UnitSpec:
     momentum: Optional[float] = 0.1
     batch_stats: bool = True
     update_running: bool = True
+    sync_group: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,8 @@ class BlockSpec:
         ints = [self.dim, int(self.shortcut), *self.option_a_stride, len(self.units)]
         floats: List[float] = []
         for u in self.units:
-            ints += [*u.stride, *u.padding, *u.dilation, u.groups, int(u.batch_stats), int(u.update_running)]
+            ints += [*u.stride, *u.padding, *u.dilation, u.groups, int(u.batch_stats), int(u.update_running),
+                     u.sync_group]
             floats += [float(u.eps), math.nan if u.momentum is None else float(u.momentum)]
         # the schema form, computed once (not a cached_property: torch.compile cannot trace its lock)
         object.__setattr__(self, "_schema", (tuple(ints), tuple(floats)))
@@ -101,12 +107,18 @@ class BlockSpec:
         return len(self.units) - (1 if self.shortcut == Shortcut.PROJECTION else 0)
 
     @property
+    def synced(self) -> bool:
+        """Whether some unit reduces its statistics over a process group (its forward then returns the counts)."""
+        return any(u.sync_group for u in self.units)
+
+    @property
     def eps(self) -> Tuple[float, ...]:
         return tuple(u.eps for u in self.units)
 
     def with_batch_stats(self, batch_stats: Sequence[bool]) -> "BlockSpec":
         """The same block with these normalisation modes and no running-statistics update (eval: all False)."""
-        units = tuple(dataclasses.replace(u, batch_stats=bool(b), update_running=False)
+        units = tuple(dataclasses.replace(u, batch_stats=bool(b), update_running=False,
+                                          sync_group=u.sync_group if b else 0)
                       for u, b in zip(self.units, batch_stats, strict=True))
         return dataclasses.replace(self, units=units)
 
@@ -147,7 +159,7 @@ def _from_schema(ints: Tuple[int, ...], floats: Tuple[float, ...]) -> BlockSpec:
         v = ints[head + per * i: head + per * (i + 1)]
         eps, momentum = floats[2 * i: 2 * i + 2]
         units.append(UnitSpec((v[0], v[1]), (v[2], v[3]), (v[4], v[5]), v[6], eps,
-                              None if math.isnan(momentum) else momentum, bool(v[7]), bool(v[8])))
+                              None if math.isnan(momentum) else momentum, bool(v[7]), bool(v[8]), v[9]))
     return BlockSpec(tuple(units), Shortcut(ints[1]), (ints[2], ints[3]), ints[0])
 
 
@@ -163,7 +175,8 @@ def unit_from_modules(conv, bn) -> UnitSpec:
     no_buffers = bn.running_mean is None and bn.running_var is None
     return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), bn.momentum,
                     batch_stats=bool(bn.training or no_buffers),
-                    update_running=bool(bn.training and bn.track_running_stats and not no_buffers))
+                    update_running=bool(bn.training and bn.track_running_stats and not no_buffers),
+                    sync_group=distributed.sync_handle(bn))
 
 
 def from_modules(convs: Sequence, bns: Sequence, shortcut: Shortcut, option_a_stride: int = 1) -> BlockSpec:

@@ -5,7 +5,7 @@ Custom ops need flat schemas, so a block op takes its tensors, then the spec as 
 ``spec_floats`` (float[]) — :attr:`BlockSpec.ints` / :attr:`BlockSpec.floats` — and the fused_resnet:: ops a
 backend name last. Outputs are flat lists too:
 
-* forward:  [y, a_0 .. a_{n-1}, mean_0 .. mean_{n-1}, var_0 .. var_{n-1}]
+* forward:  [y, a_0 .. a_{n-1}, mean_0 .. mean_{n-1}, var_0 .. var_{n-1}] (+ [counts] for a synchronised spec)
 * backward: [dx, d_residual, dW_0 .., dγ_0 .., dβ_0 ..] (dx / d_residual: empty tensors when not produced, since
   outputs of a custom op may not alias each other)
 
@@ -35,12 +35,14 @@ class Params(NamedTuple):
 class Forward(NamedTuple):
     """A training forward's outputs: y in the user's layout; per unit the pre-BN conv output (in the backend's
     ``saved_format``) and the statistics its BN used (batch statistics with the biased variance, or the running
-    ones), float32 (float64 for float64 inputs)."""
+    ones), float32 (float64 for float64 inputs); for a synchronised spec (``BlockSpec.synced``) the element count
+    behind each unit's statistics (the group's for a synchronised unit; int64, on the CPU), else None."""
 
     y: Tensor
     acts: List[Tensor]
     means: List[Tensor]
     variances: List[Tensor]
+    counts: Optional[Tensor] = None
 
 
 class Grads(NamedTuple):
@@ -57,15 +59,17 @@ class Grads(NamedTuple):
 FORWARD_INPUTS = ("x", "weights", "gammas", "betas", "running_means", "running_vars", "residual", "spec",
                   "spec_floats")
 BACKWARD_INPUTS = ("dy", "x", "y", "weights", "gammas", "betas", "acts", "means", "variances", "spec", "spec_floats",
-                   "need_input_grad")
+                   "need_input_grad")  # fused_resnet::block_backward also takes the forward's counts, last
 
 
 def pack_forward(out: Forward) -> List[Tensor]:
-    return [out.y, *out.acts, *out.means, *out.variances]
+    return [out.y, *out.acts, *out.means, *out.variances] + ([] if out.counts is None else [out.counts])
 
 
 def unpack_forward(flat: Sequence[Tensor], n: int) -> Forward:
-    return Forward(flat[0], list(flat[1:1 + n]), list(flat[1 + n:1 + 2 * n]), list(flat[1 + 2 * n:1 + 3 * n]))
+    counts = flat[1 + 3 * n] if len(flat) > 1 + 3 * n else None
+    return Forward(flat[0], list(flat[1:1 + n]), list(flat[1 + n:1 + 2 * n]), list(flat[1 + 2 * n:1 + 3 * n]),
+                   counts)
 
 
 def pack_grads(grads: Grads, x: Tensor) -> List[Tensor]:

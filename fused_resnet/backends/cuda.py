@@ -66,6 +66,9 @@ class CudaBackend(Backend):
             return f"input on {device_type}; backend 'cuda' needs CUDA tensors"
         if dtype not in _DTYPES and spec is not None:
             return f"dtype {dtype} (the extension's kernels run float32, float16 and bfloat16)"
+        if spec is not None and spec.synced:
+            return ("a BN synchronised over a process group (the block is one C++ op; the statistics' collective "
+                    "runs between its kernels in backends 'triton' and 'reference')")
         if spec is None and dtype != torch.float32:
             return f"running statistics computed in {dtype} (the update kernel takes float32 statistics)"
         return None  # groups and dilation: the convs are ATen's

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..spec import BlockSpec, Shortcut, UnitSpec, acc_dtype, memory_format_of
 from ..tensors import Forward, Grads, Params
 from .registry import Backend, register
@@ -92,12 +93,13 @@ def drelu_dbn_reduce(dz: Tensor, a: Tensor, mean: Tensor, rstd: Tensor) -> Tuple
 
 def dbn_apply(
     dz: Tensor, a: Tensor, mean: Tensor, rstd: Tensor, s: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor,
-    batch_stats: bool,
+    batch_stats: bool, count: Optional[int] = None,
 ) -> Tensor:
-    """da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) with batch statistics; s·dz with fixed (running) statistics."""
+    """da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) with batch statistics (M: ``count``, a's elements per channel unless the
+    statistics came from a whole process group); s·dz with fixed (running) statistics."""
     if not batch_stats:
         return (dz * _channel_view(s)).to(a.dtype)
-    m = a.numel() // a.shape[1]
+    m = a.numel() // a.shape[1] if count is None else count
     xhat = (a.to(mean.dtype) - _channel_view(mean)) * _channel_view(rstd)
     da = _channel_view(s) * (dz - _channel_view(sum_dz / m) - xhat * _channel_view(sum_dz_xhat / m))
     return da.to(a.dtype)
@@ -140,14 +142,17 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
     else its running statistics)."""
     fmt = memory_format_of(x)
     n_main = spec.n_main
-    acts, means, variances, affine = [], [], [], []
+    acts, means, variances, affine, counts = [], [], [], [], []
     inp = x
     for i, unit in enumerate(spec.units):
         if i == n_main:  # the projection shortcut reads the block input
             inp = x
         a = conv(inp, params.weights[i], unit, fmt)
+        counts.append(a.numel() // a.shape[1])
         if unit.batch_stats:
-            mean, var = bn_stats(a)
+            mean, var = bn_stats(a) if counts[i] else (a.new_zeros(a.shape[1], dtype=acc_dtype(a.dtype)),) * 2
+            if unit.sync_group:  # the group's statistics, before anything reads them
+                mean, var, counts[i] = distributed.merge_stats(unit.sync_group, mean, var, counts[i], unit.eps)
         else:
             mean = params.running_means[i].to(acc_dtype(a.dtype)).clone()
             var = params.running_vars[i].to(acc_dtype(a.dtype)).clone()
@@ -160,7 +165,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
             inp = bn_act(a, s, t)
     s_last, t_last = affine[n_main - 1]
     sc = _shortcut_value(spec, x, acts, affine, residual, fmt, s_last.dtype)
-    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc), acts, means, variances)
+    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc), acts, means, variances,
+                   distributed.counts_tensor(counts) if spec.synced else None)
 
 
 def _shortcut_value(spec: BlockSpec, x, acts, affine, residual, fmt, dtype) -> Optional[Tensor]:
@@ -200,13 +206,23 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
 
     def unit_backward(i: int, dz: Tensor, inp: Tensor, need_inp_grad: bool) -> Optional[Tensor]:
         s, _, rstd = affine[i]
+        unit = spec.units[i]
         sum_dz, sum_dz_xhat = drelu_dbn_reduce(dz, acts[i], means[i], rstd)
-        dgammas[i] = sum_dz_xhat.to(gammas[i].dtype)
+        dgammas[i] = sum_dz_xhat.to(gammas[i].dtype)  # this rank's sums, as torch's SyncBatchNorm gives
         dbetas[i] = sum_dz.to(params.betas[i].dtype)
-        da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, spec.units[i].batch_stats)
-        d_inp, dws[i] = conv_backward(da, inp, weights[i], spec.units[i], need_inp_grad)
+        count = None
+        if unit.sync_group and unit.batch_stats:
+            sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(unit.sync_group, sum_dz, sum_dz_xhat, rstd)
+            count = int(saved.counts[i])
+        da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, unit.batch_stats, count)
+        d_inp, dws[i] = conv_backward(da, inp, weights[i], unit, need_inp_grad)
         return d_inp
 
+    # The projection's unit goes first, then the main path's from the last: every backend reduces synchronised
+    # statistics in this order (and torch's autograd runs eager SyncBatchNorms in it: the later-created first).
+    d_sc = None
+    if spec.shortcut == Shortcut.PROJECTION:
+        d_sc = unit_backward(n_main, dz_out, x, need_input_grad)
     dz = dz_out
     dx = None
     for i in reversed(range(n_main)):
@@ -219,11 +235,8 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
             dx = unit_backward(0, dz, x, need_input_grad)
 
     d_residual = None
-    d_sc = None
     if spec.shortcut == Shortcut.IDENTITY:
         d_sc = dz_out
-    elif spec.shortcut == Shortcut.PROJECTION:
-        d_sc = unit_backward(n_main, dz_out, x, need_input_grad)
     elif spec.shortcut == Shortcut.OPTION_A and need_input_grad:
         d_sc = option_a_backward(dz_out, x, spec.option_a_stride)
     elif spec.shortcut == Shortcut.TENSOR:

@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..spec import BlockSpec, Shortcut, memory_format_of
 from . import reference
 from .folding import fold_bn
@@ -88,16 +89,20 @@ class TritonBackend(Backend):
         kernel (dual affine for a projection, in-place read for option A)."""
         conv, bn_act, _ = _kernels()
         n_main = spec.n_main
-        acts, means, variances, affine = [], [], [], []
+        acts, means, variances, affine, counts = [], [], [], [], []
         for i, unit in enumerate(spec.units):
             chained = 0 < i < n_main  # reads the previous unit's pre-BN output through its BN + ReLU
             inp, in_affine = (acts[i - 1], affine[i - 1]) if chained else (x, None)
             args = (inp, params.weights[i], unit.stride, unit.padding)
             if unit.batch_stats:
                 a, mean, var = conv.conv_fprop(*args, in_affine=in_affine, stats=True)
+                counts.append(a.numel() // a.shape[1])
+                if unit.sync_group:  # the group's statistics, before anything reads them
+                    mean, var, counts[i] = distributed.merge_stats(unit.sync_group, mean, var, counts[i], unit.eps)
             else:
                 a = conv.conv_fprop(*args, in_affine=in_affine)
                 mean, var = params.running_means[i].float().clone(), params.running_vars[i].float().clone()
+                counts.append(a.numel() // a.shape[1])
             s, t, _ = reference.scale_shift(params.gammas[i], params.betas[i], mean, var, unit.eps)
             acts.append(a)
             means.append(mean)
@@ -113,7 +118,8 @@ class TritonBackend(Backend):
         elif spec.shortcut == Shortcut.TENSOR:
             closing["residual"] = residual.to(x.dtype).contiguous(memory_format=_CL)
         y = bn_act.bn_act(acts[n_main - 1], *affine[n_main - 1], **closing)
-        return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances)
+        return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances,
+                       distributed.counts_tensor(counts) if spec.synced else None)
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
@@ -135,13 +141,16 @@ class TritonBackend(Backend):
         def dbn(i: int, sum_dz: Tensor, sum_dz_xhat: Tensor) -> Tuple[Tensor, ...]:
             """Record unit i's dγ, dβ; return (a_i, mean_i, α, β, γ) of its BN backward
             da = α·dz + β·(a − mean) + γ."""
-            dgammas[i] = sum_dz_xhat.to(params.gammas[i].dtype)
+            dgammas[i] = sum_dz_xhat.to(params.gammas[i].dtype)  # this rank's sums, as torch's SyncBatchNorm
             dbetas[i] = sum_dz.to(params.betas[i].dtype)
             s, _, rstd = affine[i]
             if not units[i].batch_stats:  # fixed (running) statistics: da = s·dz
                 zero = torch.zeros_like(s)
                 return acts[i], means[i], s, zero, zero
             count = acts[i].numel() // acts[i].shape[1]
+            if units[i].sync_group:  # called for the projection first, then the main path from the last unit
+                sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(units[i].sync_group, sum_dz, sum_dz_xhat, rstd)
+                count = int(saved.counts[i])
             return (acts[i], means[i], s, (-s * rstd * sum_dz_xhat / count).contiguous(),
                     (-s * sum_dz / count).contiguous())
 

@@ -1,0 +1,224 @@
+"""Synchronised BatchNorm on the fused ops over torch.distributed: 2 processes, the gloo backend, on the CPU.
+
+A 2-rank run on parts of a batch (different sizes, or one rank empty) must give what one process gives on the
+whole batch: outputs, the input gradient, every parameter gradient (summed over ranks, as DistributedDataParallel
+does before averaging) and the running statistics, for identity, projection and option-A blocks and the stem, on
+the reference backend in float64 (to 1e-10) and the Triton kernels (interpreter) and reference in float32 (the
+float64-oracle rule). Then DistributedDataParallel over SGD steps: a converted model equals the unconverted one.
+
+Every scenario runs inside one pair of spawned processes (starting them costs seconds); the tests read their
+results."""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fused_resnet
+from fused_resnet import testing
+from fused_resnet.backends import registry
+
+WORLD = 2
+# name → (block kind, inplanes, planes, stride, shortcut)
+BLOCKS = {
+    "identity": ("basic", 8, 8, 1, None),
+    "projection": ("bottleneck", 8, 4, 2, "B"),
+    "option_a": ("basic", 8, 16, 2, "A"),
+}
+# (block, backend, dtype, batch split over the ranks)
+CASES = [(b, "reference", torch.float64, (4, 2)) for b in BLOCKS] + [
+    ("projection", "reference", torch.float64, (6, 0)),
+    ("identity", "reference", torch.float32, (3, 3)),
+    ("projection", "triton", torch.float32, (4, 2)),
+    ("option_a", "triton", torch.float32, (2, 4)),
+]
+
+
+def case_id(case) -> str:
+    block, backend, dtype, split = case
+    return f"{block}-{backend}-{str(dtype)[6:]}-{split[0]}+{split[1]}"
+
+
+def _block(name: str) -> nn.Module:
+    kind, inplanes, planes, stride, shortcut = BLOCKS[name]
+    out = planes * (1 if kind == "basic" else 4)
+    torch.manual_seed(0)
+    downsample = None
+    if shortcut == "A":
+        downsample = fused_resnet.ShortcutA(stride, out)
+    elif shortcut == "B":
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    cls = fused_resnet.EagerBasicBlock if kind == "basic" else fused_resnet.EagerBottleneck
+    block = cls(inplanes, planes, stride, downsample)
+    testing.randomize_batchnorm(block, torch.Generator().manual_seed(1))
+    return block
+
+
+def _inputs(name: str, n: int = 6):
+    g = torch.Generator().manual_seed(2)
+    inplanes = BLOCKS[name][1]
+    x = torch.randn(n, inplanes, 6, 6, generator=g, dtype=torch.float64)
+    return x, g
+
+
+def _run(model: nn.Module, x: torch.Tensor, grad_out_of) -> dict:
+    """One training forward + backward of ``model`` on x (loss Σ y·g): output, input grad, parameter grads and
+    the buffers after it."""
+    x = x.clone().requires_grad_(True)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(grad_out_of(y))
+    return {"y": y.detach(), "dx": x.grad, "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}}
+
+
+def _rank_slice(split, rank):
+    start = sum(split[:rank])
+    return slice(start, start + split[rank])
+
+
+def _scenario_blocks(rank: int) -> dict:
+    out = {}
+    for case in CASES:
+        name, backend, dtype, split = case
+        x, g = _inputs(name)
+        fused = fused_resnet.convert(_block(name), backend=backend, sync_bn=True).to(dtype)
+        part = x[_rank_slice(split, rank)].to(dtype)
+        # the same upstream gradient as the whole-batch run: a random tensor of the whole output's shape, sliced
+        res = _run(fused, part, lambda y: _whole_grad(y, g, split)[_rank_slice(split, rank)].to(y.dtype))
+        for grad in res["grads"].values():
+            dist.all_reduce(grad)  # what DDP does (before dividing by the world size)
+        out[case_id(case)] = res
+    return out
+
+
+def _whole_grad(y_part: torch.Tensor, g: torch.Generator, split) -> torch.Tensor:
+    shape = (sum(split),) + tuple(y_part.shape[1:])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _resnet(sync: bool):
+    torch.manual_seed(0)
+    model = fused_resnet.models.cifar_resnet(8, "B", num_classes=4, width=4, backend=None).double()
+    testing.randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def _scenario_ddp(rank: int) -> dict:
+    """Three SGD steps under DDP on half batches: the converted model with synchronised BN, the converted model
+    with per-rank BN, and the unconverted model with per-rank BN (torch's own, the reference for the second)."""
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(3)]
+    out = {}
+    for key, make in (("sync", lambda m: fused_resnet.convert(m, backend="reference", sync_bn=True)),
+                      ("fused", lambda m: fused_resnet.convert(m, backend="reference")),
+                      ("eager", lambda m: m)):
+        module = make(_resnet(key == "sync"))
+        # torch's DDP takes SyncBatchNorm only in GPU modules: on the CPU, its gradient averaging by hand
+        model = module if key == "sync" else nn.parallel.DistributedDataParallel(module)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in data:
+            half = slice(4 * rank, 4 * rank + 4)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+            if key == "sync":
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
+            opt.step()
+        out[key] = {n: t.detach().clone() for n, t in module.state_dict().items()}
+    out["data"] = data
+    return out
+
+
+def _worker(rank: int, port: int, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank)}, os.path.join(path, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with tempfile.TemporaryDirectory() as path:
+        mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(path, f"{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _whole(name: str, dtype: torch.dtype, split):
+    """One process, the whole batch, plain BatchNorm: in ``dtype`` and in float64."""
+    x, g = _inputs(name)
+    runs = {}
+    for d in {dtype, torch.float64}:
+        runs[d] = _run(_block(name).to(d), x.to(d), lambda y: _whole_grad(y, g, split).to(y.dtype))
+    return runs[dtype], runs[torch.float64]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_synced_block_equals_whole_batch(ranks, case):
+    name, backend, dtype, split = case
+    parts = [r["blocks"][case_id(case)] for r in ranks]
+    same, ref = _whole(name, dtype, split)
+    fused = {"y": torch.cat([p["y"] for p in parts]), "dx": torch.cat([p["dx"] for p in parts])}
+    checks = [testing.check(k, fused[k], ref[k], same[k], ref[k], dtype) for k in ("y", "dx")]
+    for rank, part in enumerate(parts):
+        assert set(part["grads"]) == set(ref["grads"])
+        checks += [testing.check(f"rank {rank} grad {n}", part["grads"][n], ref["grads"][n], same["grads"][n],
+                                 ref["grads"][n], dtype) for n in ref["grads"]]
+        for n, b in ref["buffers"].items():
+            if n.endswith("num_batches_tracked"):
+                assert torch.equal(part["buffers"][n], b), n
+            else:
+                checks.append(testing.check(f"rank {rank} {n}", part["buffers"][n], b, same["buffers"][n], b, dtype))
+    bad = [c.row() for c in checks if not c.ok]
+    assert not bad, "\n".join([testing.TABLE_HEADER] + bad)
+
+
+def test_data_parallel_sync_bn_equals_whole_batch(ranks):
+    """Averaging the two ranks' gradients of their half-batch mean losses (DDP's step) with synchronised BN is the
+    whole-batch step of one process."""
+    model = _resnet(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in ranks[0]["ddp"]["data"]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for r in ranks:
+        for n, t in model.state_dict().items():
+            torch.testing.assert_close(r["ddp"]["sync"][n], t, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_ddp_converted_equals_ddp_unconverted(ranks):
+    for r in ranks:
+        for n, t in r["ddp"]["eager"].items():
+            torch.testing.assert_close(r["ddp"]["fused"][n], t, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_sync_spec_only_where_torch_synchronises():
+    """Without an initialised process group (or in eval) a SyncBatchNorm is a plain BN, as in torch."""
+    block = fused_resnet.convert(_block("identity"), backend="reference", sync_bn=True)
+    assert isinstance(block.bn1, nn.SyncBatchNorm)
+    assert not block.block_spec().synced
+    reverted = fused_resnet.revert(block)
+    assert isinstance(reverted.bn1, nn.SyncBatchNorm)
+
+
+def test_cuda_backend_refuses_synced_spec():
+    spec = fused_resnet.spec.BlockSpec((fused_resnet.spec.UnitSpec(sync_group=1),), fused_resnet.spec.Shortcut.NONE)
+    reason = registry.get("cuda").unsupported_reason("cuda", torch.float32, spec)
+    assert reason is not None and "process group" in reason
