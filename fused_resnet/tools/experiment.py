@@ -53,10 +53,22 @@ def _name(plain: bool) -> str:
     return "plain" if plain else "residual"
 
 
-def _plot(ax, xs: Sequence, ys: Sequence[float], depths: Sequence[int], depth: int, plain: bool) -> None:
-    """One run's line: a colour per depth, dashed for plain, solid for residual."""
-    ax.plot(xs, ys, "--" if plain else "-", color=f"C{list(depths).index(depth)}",
-            label=f"{'plain' if plain else 'resnet'}-{depth}")
+def _variants(base: TrainConfig) -> list[tuple[str, bool, str | None]]:
+    """(name, plain, residual scale) of the networks each depth trains: plain and residual, and with
+    --residual-scale also the residual network with y = relu(α·bn(...) + shortcut)."""
+    variants = [("plain", True, None), ("residual", False, None)]
+    if base.residual_scale is not None:
+        variants.append((f"α={base.residual_scale}", False, base.residual_scale))
+    return variants
+
+
+_STYLES = {"plain": "--", "residual": "-"}  # a residual-scale variant: dotted
+
+
+def _plot(ax, xs: Sequence, ys: Sequence[float], depths: Sequence[int], depth: int, variant: str) -> None:
+    """One run's line: a colour per depth, dashed for plain, solid for residual, dotted with a residual scale."""
+    label = {"plain": "plain", "residual": "resnet"}.get(variant, f"resnet {variant}")
+    ax.plot(xs, ys, _STYLES.get(variant, ":"), color=f"C{list(depths).index(depth)}", label=f"{label}-{depth}")
 
 
 def _print_table(header: Sequence[str], rows: list[Sequence]) -> str:
@@ -74,31 +86,34 @@ def depth(base: TrainConfig, depths: Sequence[int], out: Path) -> dict:
     data = datasets.load(base.data, base.image_size)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for d, plain in itertools.product(depths, VARIANTS):
-        cfg = dataclasses.replace(base, model=f"cifar_resnet{d}", plain=plain)
+    variants = _variants(base)
+    for d, (name, plain, scale) in itertools.product(depths, sorted(variants, key=lambda v: v[1])):
+        cfg = dataclasses.replace(base, model=f"cifar_resnet{d}", plain=plain, residual_scale=scale)
         start = time.perf_counter()
         history = train(cfg, data=data, quiet=True)
-        runs.append({"depth": d, "plain": plain, "seconds": time.perf_counter() - start, "history": history})
+        runs.append({"depth": d, "plain": plain, "variant": name, "seconds": time.perf_counter() - start,
+                     "history": history})
         last = history[-1]
-        print(f"depth {d:4d} {_name(plain):8s}  train loss {last['train_loss']:.4f}  "
+        print(f"depth {d:4d} {name:8s}  train loss {last['train_loss']:.4f}  "
               f"train error {1 - last['train_acc']:.2%}  test error {1 - last['test_acc']:.2%}  "
               f"({runs[-1]['seconds']:.0f} s)", flush=True)
 
-    final = {(r["depth"], r["plain"]): r["history"][-1] for r in runs}
-    rows = [[d] + [100 * (1 - final[d, p][key]) for key in ("train_acc", "test_acc") for p in (True, False)]
-            + [final[d, p]["train_loss"] for p in (True, False)] for d in depths]
+    final = {(r["depth"], r["variant"]): r["history"][-1] for r in runs}
+    names = [v[0] for v in variants]
+    rows = [[d] + [100 * (1 - final[d, v][key]) for key in ("train_acc", "test_acc") for v in names]
+            + [final[d, v]["train_loss"] for v in names] for d in depths]
     print(f"\nfinal errors (%) after {base.epochs} epochs on {data.name}:")
-    table = _print_table(["depth", "plain train", "residual train", "plain test", "residual test",
-                          "plain train loss", "residual train loss"], rows)
+    table = _print_table(["depth"] + [f"{v} {col}" for col in ("train", "test", "train loss") for v in names], rows)
     (out / "table.txt").write_text(table + "\n")
     results = {"config": _shared_options(base), "depths": list(depths), "runs": runs}
     write_json(out / "results.json", results)
 
-    fig, axes = figure(2, f"plain (dashed) vs residual (solid) on {data.name}, shortcut {base.shortcut}")
+    scaled = f", residual scale {base.residual_scale} (dotted)" if base.residual_scale is not None else ""
+    fig, axes = figure(2, f"plain (dashed) vs residual (solid){scaled} on {data.name}, shortcut {base.shortcut}")
     for r in runs:
         epochs = [h["epoch"] for h in r["history"]]
         for ax, key in zip(axes, ("train_acc", "test_acc")):
-            _plot(ax, epochs, [100 * (1 - h[key]) for h in r["history"]], depths, r["depth"], r["plain"])
+            _plot(ax, epochs, [100 * (1 - h[key]) for h in r["history"]], depths, r["depth"], r["variant"])
     for ax, split in zip(axes, ("training", "test")):
         ax.set(xlabel="epoch", ylabel=f"{split} error (%)")
         ax.grid(alpha=0.3)
@@ -164,7 +179,7 @@ def gradients(base: TrainConfig, depths: Sequence[int], steps: int, out: Path) -
     fig, axes = figure(2, f"conv weight gradient norm per layer on {data.name} (dashed: plain, solid: residual)")
     for r in runs:
         for ax, key in zip(axes, ("init", "after")):
-            _plot(ax, range(len(r[key])), r[key], depths, r["depth"], r["plain"])
+            _plot(ax, range(len(r[key])), r[key], depths, r["depth"], _name(r["plain"]))
     for ax, when in zip(axes, ("at initialisation", f"after {steps} steps")):
         ax.set(xlabel="conv layer (0 = stem)", ylabel="‖∂loss/∂W‖", yscale="log", title=when)
         ax.grid(alpha=0.3, which="both")
@@ -197,7 +212,8 @@ def add_command(sub) -> None:
     depth_cmd = kinds.add_parser(
         "depth", help="plain vs residual networks at several depths: training error per epoch, final errors",
         description="Trains plain and residual CIFAR networks (dim=1 on mnist1d) of each depth with the same seed "
-        "and data; writes results.json, depth.png (training error per epoch) and table.txt.",
+        "and data (with --residual-scale, also the residual network with that scale); writes results.json, "
+        "depth.png (training error per epoch) and table.txt.",
     )
     depth_cmd.add_argument("--depths", default="20,32,56", help="comma-separated 6n+2 depths")
     add_training_options(depth_cmd, epochs=DEPTH_EPOCHS)

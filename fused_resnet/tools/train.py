@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import backends, models
+from ..convert import convert
 from . import data as datasets
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +62,9 @@ class TrainConfig:
     subset: int | None = None
     image_size: int = 224
     num_workers: int = 0
+    residual_scale: str | None = None  # None, a float or "learnable" (models' residual_scale)
+    ddp: bool = False
+    sync_bn: bool = False
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -69,6 +73,49 @@ class TrainConfig:
             self.lr = DEFAULT_LR.get(self.data, 0.1)
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
+        parse_residual_scale(self.residual_scale)
+        if self.sync_bn and not self.ddp:
+            raise ValueError("--sync-bn synchronises BN over the processes of --ddp; give --ddp too")
+
+
+def parse_residual_scale(text: str | None):
+    """--residual-scale: None, "learnable" or a float."""
+    if text is None or text == "learnable":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"residual scale must be 'learnable' or a number, got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_env() -> "Distributed":
+        missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
+        if missing:
+            raise ValueError(f"--ddp runs under torchrun (or another launcher setting RANK, WORLD_SIZE and "
+                             f"LOCAL_RANK); {', '.join(missing)} not set")
+        return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+    def sum(self, *values: float) -> list[float]:
+        """``values`` summed over the processes (as they are with one)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
 
 def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
@@ -78,7 +125,7 @@ def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
     if depth is not None:
         return models.cifar_resnet(depth, shortcut=cfg.shortcut, plain=cfg.plain,
                                    num_classes=data.num_classes, in_channels=data.in_channels, dim=data.dim,
-                                   backend=cfg.backend)
+                                   backend=cfg.backend, residual_scale=parse_residual_scale(cfg.residual_scale))
     if cfg.model not in models.IMAGENET_NAMES:
         raise ValueError(f"unknown model {cfg.model!r}; expected cifar_resnet<depth> (depth 6n+2: 20, 32, 44, 56, "
                          f"110, ...) or one of {', '.join(models.IMAGENET_NAMES)}")
@@ -87,7 +134,8 @@ def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
                          f"projection shortcuts")
     if data.dim != 2:
         raise ValueError(f"{cfg.model} takes images; {data.name} is 1-D: use a cifar_resnet model")
-    return getattr(models, cfg.model)(num_classes=data.num_classes, backend=cfg.backend)
+    return getattr(models, cfg.model)(num_classes=data.num_classes, backend=cfg.backend,
+                                      residual_scale=parse_residual_scale(cfg.residual_scale))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int):
@@ -107,15 +155,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_
 class Trainer:
     """A model, its optimiser and schedule, and the device, layout and autocast settings of one run."""
 
-    def __init__(self, cfg: TrainConfig, data: datasets.Data, steps_per_epoch: int, total_steps: int):
+    def __init__(self, cfg: TrainConfig, data: datasets.Data, steps_per_epoch: int, total_steps: int,
+                 dist: Distributed = Distributed()):
         if cfg.channels_last and data.dim != 2:
             raise ValueError("channels_last applies to 2-D (image) models only")
         self.cfg = cfg
+        self.dist = dist
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.ddp and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, data).to(self.device)
+        if cfg.sync_bn:
+            convert(self.model, backend=cfg.backend, inplace=True, sync_bn=True)
         self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.layout)
+        # the model steps through DDP's wrapper (gradient averaging, buffers from rank 0); states and eval use
+        # the model itself, so checkpoints carry no "module." prefix
+        self.net = self.model
+        if cfg.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, total_steps, warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "float16")
@@ -132,9 +192,9 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """One SGD step in train mode; (summed loss, correct predictions) of the batch."""
         x, y = self.inputs(x, y)
-        self.model.train()
+        self.net.train()
         with self._autocast():
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -145,7 +205,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
-        """(mean loss, accuracy) over a loader, in eval mode."""
+        """(mean loss, accuracy) over a loader (this process's share of it under --ddp: summed over all), in eval
+        mode."""
         self.model.eval()
         total, correct, n = 0.0, 0, 0
         for x, y in loader:
@@ -155,6 +216,7 @@ class Trainer:
             total += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
+        total, correct, n = self.dist.sum(total, correct, n)
         return total / n, correct / n
 
     def state_dict(self) -> dict:
@@ -192,12 +254,23 @@ def train(cfg: TrainConfig, out: Path | None = None, resume: Path | None = None,
     history.json and curves.png there after every epoch. ``resume`` continues from a checkpoint.pt written with
     the same options. ``data`` overrides ``cfg.data`` with already loaded datasets."""
     tqdm = datasets.optional_import("tqdm").tqdm
+    dist = Distributed.from_env() if cfg.ddp else Distributed()
+    quiet = quiet or not dist.main  # under --ddp rank 0 logs and writes
+    out = out if dist.main else None
     data = (data or datasets.load(cfg.data, cfg.image_size)).subset(cfg.subset)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
-                              num_workers=cfg.num_workers)
-    test_loader = DataLoader(data.test, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    trainer = Trainer(cfg, data, len(train_loader), cfg.epochs * len(train_loader))
+    if cfg.ddp:  # each process a disjoint share of every epoch (--batch-size is per process), reshuffled per epoch
+        sampler = DistributedSampler(data.train, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed)
+        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler,
+                                  num_workers=cfg.num_workers)
+        test_loader = DataLoader(data.test, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                 sampler=DistributedSampler(data.test, dist.world_size, dist.rank, shuffle=False))
+    else:
+        sampler = None
+        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen,
+                                  num_workers=cfg.num_workers)
+        test_loader = DataLoader(data.test, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    trainer = Trainer(cfg, data, len(train_loader), cfg.epochs * len(train_loader), dist)
     history: list[dict] = []
     if resume is not None:
         if not Path(resume).is_file():
@@ -215,12 +288,15 @@ def train(cfg: TrainConfig, out: Path | None = None, resume: Path | None = None,
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         loss_sum, correct, n = 0.0, 0, 0
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         batches = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                        disable=quiet or not sys.stderr.isatty())
         for x, y in batches:
             batch_loss, batch_correct = trainer.step(x, y)
             loss_sum, correct, n = loss_sum + batch_loss, correct + batch_correct, n + len(y)
             batches.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.1%}", refresh=False)
+        loss_sum, correct, n = dist.sum(loss_sum, correct, n)
         test_loss, test_acc = trainer.evaluate(test_loader)
         history.append({"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n, "test_loss": test_loss,
                         "test_acc": test_acc, "seconds": time.perf_counter() - start})
@@ -285,19 +361,41 @@ def check_backend(args: argparse.Namespace, command: str) -> None:
         raise SystemExit(f"fused-resnet {command}: {e}") from None
 
 
+def _init_distributed(cfg: TrainConfig) -> None:
+    """torch.distributed for --ddp: NCCL with CUDA, gloo on the CPU (DistributedDataParallel takes SyncBatchNorm
+    only in GPU modules, so --sync-bn needs CUDA)."""
+    cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cfg.sync_bn and not cuda:
+        raise ValueError("--sync-bn needs CUDA: torch's DistributedDataParallel takes SyncBatchNorm only in GPU "
+                         "modules")
+    if cuda:
+        torch.cuda.set_device(Distributed.from_env().local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
 def run(args: argparse.Namespace) -> int:
     check_backend(args, "train")
     try:
         cfg = config_from_args(args)
+        if cfg.ddp:
+            Distributed.from_env()
+            _init_distributed(cfg)
+        main = not cfg.ddp or Distributed.from_env().main
         out = args.out or (args.resume.parent if args.resume else default_out(cfg))
-        print(f"training {cfg.model}{' (plain)' if cfg.plain else ''} on {cfg.data}, {cfg.epochs} epochs, "
-              f"lr {cfg.lr} -> {out}")
+        if main:
+            world = f", {Distributed.from_env().world_size} processes" if cfg.ddp else ""
+            print(f"training {cfg.model}{' (plain)' if cfg.plain else ''} on {cfg.data}, {cfg.epochs} epochs, "
+                  f"lr {cfg.lr}{world} -> {out}")
         history = train(cfg, out=out, resume=args.resume, quiet=args.quiet)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"fused-resnet train: {e}") from e
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     last = history[-1]
-    print(f"final: train loss {last['train_loss']:.4f}, train error {1 - last['train_acc']:.2%}, "
-          f"test error {1 - last['test_acc']:.2%}; wrote {out}/checkpoint.pt, history.json, curves.png")
+    if main:
+        print(f"final: train loss {last['train_loss']:.4f}, train error {1 - last['train_acc']:.2%}, "
+              f"test error {1 - last['test_acc']:.2%}; wrote {out}/checkpoint.pt, history.json, curves.png")
     return 0
 
 
@@ -319,6 +417,8 @@ def add_training_options(p: argparse.ArgumentParser, epochs: int | None) -> None
     p.add_argument("--subset", type=int, default=None, help="use only the first N examples of each split")
     p.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder data")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>-<timestamp>)")
+    p.add_argument("--residual-scale", default=None,
+                   help="y = relu(α·bn(...) + shortcut) in every block: a number, or 'learnable' (α = 0 at init)")
 
 
 def add_command(sub) -> None:
@@ -340,4 +440,9 @@ def add_command(sub) -> None:
     train_cmd.add_argument("--amp", default=None, choices=("bfloat16", "float16"), help="train under torch.autocast")
     train_cmd.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     train_cmd.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    train_cmd.add_argument("--ddp", action="store_true",
+                           help="DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPUs; --batch-size per "
+                           "process; rank 0 logs and writes checkpoints)")
+    train_cmd.add_argument("--sync-bn", action="store_true",
+                           help="with --ddp: BatchNorm statistics over all processes (SyncBatchNorm, fused; CUDA)")
     train_cmd.set_defaults(func=run)

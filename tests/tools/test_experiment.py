@@ -21,6 +21,18 @@ def test_depth_experiment_writes_results_plot_and_table(tmp_path, capsys):
     assert len((out / "table.txt").read_text().splitlines()) == 4  # header, rule, one row per depth
 
 
+def test_depth_experiment_adds_the_residual_scale_comparison(tmp_path, capsys):
+    out = tmp_path / "depth"
+    assert cli.main(["experiment", "depth", "--depths", "8", "--epochs", "1", "--subset", "128",
+                     "--batch-size", "64", "--residual-scale", "learnable", "--backend", "reference",
+                     "--out", str(out)]) == 0
+    assert "α=learnable test" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results["runs"]] == ["residual", "α=learnable", "plain"]
+    first = [r["history"][0]["train_loss"] for r in results["runs"]]
+    assert first[0] != first[1]  # the scaled network is another network
+
+
 def test_gradients_experiment_measures_every_conv_layer(tmp_path, capsys):
     out = tmp_path / "grad"
     assert cli.main(["experiment", "gradients", "--depths", "8,14", "--steps", "3", "--subset", "256",

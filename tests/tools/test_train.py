@@ -161,6 +161,9 @@ def test_synthetic_data_is_learnable():
     (["--channels-last"], "channels_last applies to 2-D"),
     (["--data", "synthetic", "--epochs", "0"], "epochs and batch size must be positive"),
     (["--data", "synthetic", "--resume", "/nonexistent/checkpoint.pt"], "no checkpoint at"),
+    (["--data", "synthetic", "--residual-scale", "big"], "residual scale must be 'learnable' or a number"),
+    (["--data", "synthetic", "--sync-bn"], "give --ddp too"),
+    (["--data", "synthetic", "--ddp"], "--ddp runs under torchrun"),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -181,3 +184,40 @@ def test_missing_wrong_cifar_file_is_a_clear_error(tmp_path):
 def test_missing_training_dependency_names_the_extra():
     with pytest.raises(ImportError, match=r'pip install "fused_resnet\[train\]"'):
         data.optional_import("no_such_module_for_fused_resnet")
+
+
+def test_sync_bn_on_cpu_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match="--sync-bn needs CUDA"):
+        cli.main(["train", "--out", str(tmp_path), "--data", "synthetic", "--ddp", "--sync-bn", "--device", "cpu"])
+    assert not torch.distributed.is_initialized()
+
+
+def test_residual_scale_option_builds_learnable_scales(mnist1d):
+    cfg = train.TrainConfig(model="cifar_resnet8", residual_scale="learnable")
+    model = train.build_model(cfg, mnist1d)
+    assert sum(n.endswith("residual_scale") for n, _ in model.named_parameters()) == 3
+
+
+def test_ddp_two_processes_on_the_cpu(tmp_path):
+    """torchrun with 2 processes (gloo): rank 0 alone logs and writes; the epoch's metrics cover both shares."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fused_resnet.tools.cli", "train", "--ddp", "--model", "cifar_resnet8", "--epochs", "2",
+           "--subset", "256", "--batch-size", "32", "--backend", "reference", "--residual-scale", "learnable",
+           "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("final:") == 1 and run.stdout.count("epoch 2/2") == 1, run.stdout
+    assert "2 processes" in run.stdout
+    history = _history(out)
+    assert [h["epoch"] for h in history] == [1, 2]
+    ckpt = torch.load(out / "checkpoint.pt")
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the model's own state_dict, not DDP's
+    assert sum(k.endswith("residual_scale") for k in ckpt["model"]) == 3
+    assert ckpt["config"]["ddp"] is True
