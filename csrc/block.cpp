@@ -10,6 +10,8 @@
 //
 // Work runs in NHWC: an NCHW input is converted on entry; y and dx are returned in the input's layout, the saved
 // pre-BN outputs stay NHWC (the layout backward reads them in).
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <array>
 
 #include "ops.h"
@@ -48,8 +50,31 @@ void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
 
 struct Forward {
   std::vector<at::Tensor> acts, means, variances;
+  std::vector<int64_t> counts;  // elements behind each unit's statistics (the group's for a synchronised unit)
   at::Tensor y;
 };
+
+// Synchronised BN: torch.distributed's collectives, reached through the Python ops fused_resnet::sync_stats and
+// fused_resnet::sync_grad_sums (fused_resnet.distributed) between this file's kernels.
+std::tuple<at::Tensor, at::Tensor, int64_t> sync_stats(const UnitSpec& u, const at::Tensor& mean,
+                                                       const at::Tensor& var, int64_t count) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_resnet::sync_stats", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                            int64_t)>();
+  const std::vector<at::Tensor> out = op.call(mean, var, count, u.eps, u.sync_group);
+  return {out[0].contiguous(), out[1].contiguous(), out[2].item<int64_t>()};
+}
+
+std::tuple<at::Tensor, at::Tensor> sync_grad_sums(const UnitSpec& u, const at::Tensor& sum_dz,
+                                                  const at::Tensor& sum_dz_xhat, const at::Tensor& rstd) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_resnet::sync_grad_sums", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            int64_t)>();
+  const std::vector<at::Tensor> out = op.call(sum_dz, sum_dz_xhat, rstd, u.sync_group);
+  return {out[0].contiguous(), out[1].contiguous()};
+}
 
 // A unit without batch_stats normalises with its running statistics (copied to fp32, never aliased).
 Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
@@ -66,8 +91,13 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     at::Tensor a = conv_fprop(u, input, weights[i]);
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
     at::Tensor mean, var, s, t, rstd;
+    int64_t count = a.size(1) == 0 ? 0 : a.numel() / a.size(1);
     if (u.batch_stats) {
       std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, u.eps);
+      if (u.sync_group != 0) {  // the group's statistics, before anything reads them
+        std::tie(mean, var, count) = sync_stats(u, mean, var, count);
+        std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
+      }
     } else {
       TORCH_CHECK(running_means[i].has_value() && running_vars[i].has_value(),
                   "block_forward: unit ", i, " uses running statistics (eval mode) but has none");
@@ -79,6 +109,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     out.acts.push_back(a);
     out.means.push_back(mean);
     out.variances.push_back(var);
+    out.counts.push_back(count);
     scales.push_back(s);
     shifts.push_back(t);
   }
@@ -127,6 +158,7 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
   out.insert(out.end(), f.variances.begin(), f.variances.end());
+  if (spec.synced()) out.push_back(at::tensor(f.counts, at::kLong));  // fused_resnet.tensors.Forward.counts
   return out;
 }
 
@@ -147,8 +179,10 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad) {
+                                       bool need_input_grad, const std::optional<at::Tensor>& counts) {
   const BlockSpec spec = BlockSpec::parse("block_backward", spec_ints, spec_floats);
+  TORCH_CHECK(!spec.synced() || (counts.has_value() && counts->numel() == static_cast<int64_t>(spec.units.size())),
+              "block_backward: a synchronised spec needs the forward's counts, one per unit");
   const size_t n = spec.units.size(), n_main = spec.n_main();
   check_block("block_backward", x, spec,
               {weights.size(), gammas.size(), betas.size(), acts.size(), means.size(), variances.size()},
@@ -167,14 +201,26 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
                            const at::Tensor& input, bool need_inp) {
     const UnitSpec& u = spec.units[i];
     auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i]);
-    dgammas[i] = sum_dz_xhat.to(gammas[i].scalar_type());
+    dgammas[i] = sum_dz_xhat.to(gammas[i].scalar_type());  // this rank's sums, as torch's SyncBatchNorm gives
     dbetas[i] = sum_dz.to(betas[i].scalar_type());
+    if (u.sync_group != 0 && u.batch_stats) {
+      std::tie(sum_dz, sum_dz_xhat) = sync_grad_sums(u, sum_dz, sum_dz_xhat, rstd[i]);
+      // dbn_apply divides by this rank's count: the group's sums scaled by local / group count give Σ/M_group
+      const int64_t local = a[i].size(1) == 0 ? 0 : a[i].numel() / a[i].size(1);
+      const double ratio = static_cast<double>(local) / static_cast<double>((*counts)[i].item<int64_t>());
+      sum_dz = sum_dz * ratio;
+      sum_dz_xhat = sum_dz_xhat * ratio;
+    }
     const at::Tensor da = dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
     auto [d_inp, dw, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
                                                         u.dilation, false, {0, 0}, u.groups, {need_inp, true, false});
     dws[i] = dw.contiguous(weights[i].suggest_memory_format());
     return d_inp.defined() ? nhwc(d_inp) : d_inp;
   };
+  // The projection's unit first, then the main path's from the last: every backend reduces synchronised
+  // statistics in this order (fused_resnet.reference.block_backward).
+  at::Tensor d_sc;
+  if (spec.shortcut == Shortcut::kProjection) d_sc = unit_backward(n_main, dyc, yc, xc, need_input_grad);
   at::Tensor g = dyc, dx;
   std::optional<at::Tensor> mask_y = yc;
   for (size_t i = n_main; i-- > 0;) {
@@ -197,9 +243,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     dx = residual_grad(dx, dyc, yc, xc, option_a_stride);
   } else if (spec.shortcut == Shortcut::kTensor) {
     d_residual = residual_grad(std::nullopt, dyc, yc, yc, {});
-  } else if (spec.shortcut == Shortcut::kProjection) {
-    at::Tensor d_sc = unit_backward(n_main, dyc, yc, xc, need_input_grad);
-    if (need_input_grad) dx = at::add(dx, d_sc);
+  } else if (spec.shortcut == Shortcut::kProjection && need_input_grad) {
+    dx = at::add(dx, d_sc);
   }
   const auto fmt = format_of(x);
   std::vector<at::Tensor> out{dx.defined() ? dx.contiguous(fmt) : x.new_empty({0}),

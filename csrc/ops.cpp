@@ -214,8 +214,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
         "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor");
   m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
-        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad) "
-        "-> Tensor[]");
+        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad, "
+        "Tensor? counts=None) -> Tensor[]");
 }
 
 #define FR_IMPL_ALL(m)                                    \

@@ -52,6 +52,6 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad);
+                                       bool need_input_grad, const std::optional<at::Tensor>& counts);
 
 }  // namespace fused_resnet

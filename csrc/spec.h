@@ -31,6 +31,7 @@ struct UnitSpec {
   int64_t groups;
   bool batch_stats;
   double eps;
+  int64_t sync_group;  // 0, or the process group (fused_resnet.distributed) the BN statistics are reduced over
 };
 
 struct BlockSpec {
@@ -39,6 +40,12 @@ struct BlockSpec {
   std::array<int64_t, 2> option_a_stride;
 
   size_t n_main() const { return shortcut == Shortcut::kProjection ? units.size() - 1 : units.size(); }
+  bool synced() const {
+    for (const auto& u : units) {
+      if (u.sync_group != 0) return true;
+    }
+    return false;
+  }
 
   // Checks the lists' layout and values; `op` names the caller in error messages.
   static BlockSpec parse(const char* op, at::IntArrayRef ints, at::ArrayRef<double> floats) {
@@ -60,12 +67,8 @@ struct BlockSpec {
                 ": option A needs two positive strides");
     for (int64_t i = 0; i < n; ++i) {
       const int64_t* v = ints.data() + kSpecHeaderInts + kSpecUnitInts * i;
-      UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i]};
+      UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i], v[9]};
       TORCH_CHECK(u.groups >= 1, op, ": unit ", i, " has groups ", u.groups);
-      // Synchronised BN reduces statistics over a process group between kernels: the Python-orchestrated backends
-      // do that (fused_resnet.distributed); a whole-block C++ op cannot.
-      TORCH_CHECK(v[9] == 0, op, ": unit ", i, " synchronises its BN over a process group, which the C++ block ops "
-                  "do not implement");
       spec.units.push_back(u);
     }
     return spec;

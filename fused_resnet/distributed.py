@@ -54,6 +54,9 @@ def world_size(handle: int) -> int:
 def merge_stats(handle: int, mean: Tensor, var: Tensor, count: int, eps: float) -> Tuple[Tensor, Tensor, int]:
     """(mean, biased variance, element count) over the group, from this rank's statistics of ``count`` elements per
     channel (any values when ``count`` is 0)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fused_resnet: a BatchNorm synchronised over a process group cannot be captured in a CUDA "
+                           "graph: the group's element count, which the running statistics need, is read on the host")
     c = mean.shape[0]
     if count > 0:
         local = torch.cat([mean, torch.rsqrt(var + eps), mean.new_full((1,), float(count))])

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, distributed
 from .backends import extension
 from .spec import BlockSpec, Shortcut, acc_dtype, memory_format_of
 from .tensors import FORWARD_INPUTS, Forward, Grads, Params, pack_forward, pack_grads, unpack_forward, unpack_grads
@@ -177,6 +177,22 @@ def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean
     return None
 
 
+# --------------------------------------------------------------------------------------------- synchronised BN
+# The extension's block ops reach torch.distributed through these two ops, between their kernels (the collectives
+# are Python's); the Python backends call fused_resnet.distributed directly.
+@torch.library.custom_op("fused_resnet::sync_stats", mutates_args=())
+def sync_stats(mean: Tensor, var: Tensor, count: int, eps: float, group: int) -> List[Tensor]:
+    """[mean, biased variance, element count (int64, 0-d, CPU)] over the process group ``group``."""
+    merged_mean, merged_var, total = distributed.merge_stats(group, mean, var, count, eps)
+    return [merged_mean, merged_var, torch.tensor(total, dtype=torch.int64)]
+
+
+@torch.library.custom_op("fused_resnet::sync_grad_sums", mutates_args=())
+def sync_grad_sums(sum_dz: Tensor, sum_dz_xhat: Tensor, rstd: Tensor, group: int) -> List[Tensor]:
+    """[Σdz, Σdz·x̂] over the process group ``group``."""
+    return list(distributed.reduce_grad_sums(group, sum_dz, sum_dz_xhat, rstd))
+
+
 # --------------------------------------------------------------------------------------------- the calls
 def forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor], backend: str) -> Forward:
     """The training op on structured arguments."""
@@ -223,14 +239,15 @@ def _register_extension_ops() -> None:
     def inference_c(x, weights, gammas, betas, running_means, running_vars, residual, spec, spec_floats):
         return inference_fake(x, weights, _spec(spec, spec_floats))
 
-    def backward_c(dy, x, y, weights, gammas, betas, acts, means, variances, spec, spec_floats, need_input_grad):
+    def backward_c(dy, x, y, weights, gammas, betas, acts, means, variances, spec, spec_floats, need_input_grad,
+                   counts=None):
         return backward_fake(x, y, Params(weights, gammas, betas, [], []), _spec(spec, spec_floats),
                              need_input_grad)
 
     fake("block_forward")(forward_c)
     fake("block_inference")(inference_c)
     fake("block_backward")(backward_c)
-    backward, setup_context = block_autograd(lambda *args: torch.ops.fused_resnet_C.block_backward(*args))
+    backward, setup_context = block_autograd(lambda *args, **kw: torch.ops.fused_resnet_C.block_backward(*args, **kw))
     torch.library.register_autograd(f"{lib}::block_forward", backward, setup_context=setup_context)
 
 

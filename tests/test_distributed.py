@@ -3,8 +3,8 @@
 A 2-rank run on parts of a batch (different sizes, or one rank empty) must give what one process gives on the
 whole batch: outputs, the input gradient, every parameter gradient (summed over ranks, as DistributedDataParallel
 does before averaging) and the running statistics, for identity, projection and option-A blocks and the stem, on
-the reference backend in float64 (to 1e-10) and the Triton kernels (interpreter) and reference in float32 (the
-float64-oracle rule). Then DistributedDataParallel over SGD steps: a converted model equals the unconverted one.
+the reference backend in float64 (to 1e-10), and in float32 the reference backend, the Triton kernels
+(interpreter) and the extension's block ops (their CPU registrations) with the float64-oracle rule. Then DistributedDataParallel over SGD steps: a converted model equals the unconverted one.
 
 Every scenario runs inside one pair of spawned processes (starting them costs seconds); the tests read their
 results."""
@@ -20,7 +20,6 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet import testing
-from fused_resnet.backends import registry
 
 WORLD = 2
 # name → (block kind, inplanes, planes, stride, shortcut)
@@ -35,6 +34,9 @@ CASES = [(b, "reference", torch.float64, (4, 2)) for b in BLOCKS] + [
     ("identity", "reference", torch.float32, (3, 3)),
     ("projection", "triton", torch.float32, (4, 2)),
     ("option_a", "triton", torch.float32, (2, 4)),
+    ("projection", "cuda", torch.float32, (4, 2)),  # the extension's CPU registrations (conftest)
+    ("identity", "cuda", torch.float32, (1, 5)),
+    ("option_a", "cuda", torch.float32, (3, 3)),
 ]
 
 
@@ -216,9 +218,3 @@ def test_sync_spec_only_where_torch_synchronises():
     assert not block.block_spec().synced
     reverted = fused_resnet.revert(block)
     assert isinstance(reverted.bn1, nn.SyncBatchNorm)
-
-
-def test_cuda_backend_refuses_synced_spec():
-    spec = fused_resnet.spec.BlockSpec((fused_resnet.spec.UnitSpec(sync_group=1),), fused_resnet.spec.Shortcut.NONE)
-    reason = registry.get("cuda").unsupported_reason("cuda", torch.float32, spec)
-    assert reason is not None and "process group" in reason

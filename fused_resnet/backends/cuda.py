@@ -66,9 +66,6 @@ class CudaBackend(Backend):
             return f"input on {device_type}; backend 'cuda' needs CUDA tensors"
         if dtype not in _DTYPES and spec is not None:
             return f"dtype {dtype} (the extension's kernels run float32, float16 and bfloat16)"
-        if spec is not None and spec.synced:
-            return ("a BN synchronised over a process group (the block is one C++ op; the statistics' collective "
-                    "runs between its kernels in backends 'triton' and 'reference')")
         if spec is None and dtype != torch.float32:
             return f"running statistics computed in {dtype} (the update kernel takes float32 statistics)"
         return None  # groups and dilation: the convs are ATen's
@@ -86,7 +83,8 @@ class CudaBackend(Backend):
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
         flat = _ops().block_backward(dy, x, saved.y, params.weights, params.gammas, params.betas, saved.acts,
-                                     saved.means, saved.variances, spec.ints, spec.floats, need_input_grad)
+                                     saved.means, saved.variances, spec.ints, spec.floats, need_input_grad,
+                                     saved.counts)
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):

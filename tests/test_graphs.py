@@ -1,0 +1,119 @@
+"""CUDA graphs readiness: a converted model's whole training step can be captured and replayed.
+
+On the CPU: a fused training step (forward, backward, running statistics, SGD step) reads no tensor value on the
+host (no .item(), .tolist() or bool(tensor): what a capture forbids), on every backend. A synchronised BN refuses a
+capture with a clear error. On a GPU: torch.cuda.graph capture of a whole step, and torch.compile
+mode="reduce-overhead", replayed steps against eager steps."""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_resnet
+from fused_resnet import distributed
+
+from conftest import requires_gpu
+
+BACKENDS = ["reference", "triton", "cuda"]
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op that copies a tensor's value to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(shortcut: str, backend: str, momentum=0.1):
+    model = fused_resnet.models.cifar_resnet(8, shortcut, num_classes=4, width=4, backend=backend)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    return model
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad(set_to_none=False)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_training_step_reads_nothing_on_the_host(backend, shortcut, momentum):
+    model = _model(shortcut, backend, momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    _step(model, opt, x, y)  # a first step outside: optimiser state, caches
+    with _HostReads() as reads:
+        _step(model, opt, x, y)
+    assert reads.calls == []
+
+
+def test_synchronised_bn_refuses_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        distributed.merge_stats(1, torch.zeros(3), torch.ones(3), 4, 1e-5)
+
+
+def _data(steps, device):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, 16, 16, generator=g).to(device), torch.randint(0, 4, (8,), generator=g).to(device))
+            for _ in range(steps)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_captured_training_step_replays_like_eager_steps(backend):
+    """torch.cuda.graph of forward + backward + SGD step (the pattern of torch's CUDA graphs documentation): warm-up
+    on a side stream (autotuning and compilation happen there, never inside the capture), capture, replay."""
+    device = torch.device("cuda")
+    eager = _model("B", backend).to(device)
+    graphed = copy.deepcopy(eager)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, graphed)]
+    data = _data(6, device)
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = copy.deepcopy(graphed)
+        warm_opt = torch.optim.SGD(warm.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(3):
+            _step(warm, warm_opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opts[1].zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = torch.nn.functional.cross_entropy(graphed(static_x), static_y)
+        loss.backward()
+        opts[1].step()
+    # the capture ran nothing: replay from the start, next to eager steps on the same data
+    graphed.load_state_dict(eager.state_dict())
+    for x, y in data:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        _step(eager, opts[0], x, y)
+    torch.cuda.synchronize()
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@requires_gpu
+def test_reduce_overhead_compile_matches_eager():
+    device = torch.device("cuda")
+    eager = _model("A", "auto").to(device)
+    compiled_model = copy.deepcopy(eager)
+    step = torch.compile(lambda x: compiled_model(x), mode="reduce-overhead")
+    for x, _ in _data(3, device):
+        torch.testing.assert_close(step(x), eager(x), rtol=1e-4, atol=1e-4)
