@@ -16,14 +16,17 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
   (deterministic, no atomics).
 
 Shapes are runtime arguments (batch and spatial sizes are not specialised on), only the kernel size, features and
-tiles are constexpr; autotuning is keyed on channel counts, kernel size and stride, so a new batch size reuses the
-tuned configuration and the compiled kernel.
+tiles are constexpr; autotuning is keyed on channel counts, kernel size, stride and every constexpr feature
+(``tuning_key_args``), so a new batch size reuses the tuned configuration and the compiled kernel, and no variant
+inherits another's. Tuned choices persist in Triton's on-disk cache across processes.
 
 Reference twins: ``fused_resnet.backends.reference.conv`` (fprop) and ``...reference.conv_backward``.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -335,7 +338,43 @@ def conv_wgrad_kernel(
 
 # --------------------------------------------------------------------------------------------- host side
 _TILES = {conv_fprop_kernel: _GEMM_TILES, conv_dgrad_kernel: _GEMM_TILES, conv_wgrad_kernel: _WGRAD_TILES}
-_TUNED = {kernel: triton.autotune(configs=_configs(tiles), key=_KEY)(kernel) for kernel, tiles in _TILES.items()}
+_TILE_ARGS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+
+def tuning_key_args(kernel) -> list:
+    """The arguments autotuning is keyed on: the shape key (channels, kernel size, stride) and every constexpr
+    feature of the kernel (prologue, statistics, residual mode, dtype handling, ...), so a configuration tuned
+    for one compiled variant is never reused for another. (Triton adds the tensors' dtypes.)"""
+    features = [n for n in constexpr_args(kernel) if n not in _TILE_ARGS]
+    return _KEY + [n for n in features if n not in _KEY]
+
+
+def constexpr_args(kernel) -> list:
+    """The kernel's tl.constexpr parameters, in order (compiled or interpreted)."""
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    return [n for n, p in params.items() if p.annotation in (tl.constexpr, "tl.constexpr")]
+
+
+def _autotuned(kernel, tiles):
+    # Tuned configurations go to Triton's on-disk cache (keyed by Triton version, GPU architecture, kernel source,
+    # tuning key and configs): a user benchmarks a variant once, not in every process. Older Triton: memory only.
+    disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=_configs(tiles), key=tuning_key_args(kernel), **disk)(kernel)
+
+
+_TUNED = {kernel: _autotuned(kernel, tiles) for kernel, tiles in _TILES.items()}
+
+
+def tuning_key(tuned, kwargs: dict) -> tuple:
+    """The key under which Triton's Autotuner (``tuned``) caches its choice for a launch with ``kwargs``: the key
+    arguments' values, then the dtype of every tensor argument (triton.runtime.autotuner.Autotuner.run)."""
+    args = {k: v for k, v in kwargs.items() if k in tuned.arg_names}
+    return tuple([args[k] for k in tuned.keys if k in args] + [str(v.dtype) for v in args.values()
+                                                              if hasattr(v, "dtype")])
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def heuristic_tile(tiles: Sequence[Tuple[int, int, int, int, int]], gemm_mnk: Tuple[int, int, int]):
@@ -350,6 +389,17 @@ def heuristic_tile(tiles: Sequence[Tuple[int, int, int, int, int]], gemm_mnk: Tu
     return max(fits, key=lambda t: (t[0] * t[1], t[2]))
 
 
+_warned_untuned: set = set()
+
+
+def _warn_untuned(kernel) -> None:
+    if kernel not in _warned_untuned:
+        _warned_untuned.add(kernel)
+        warnings.warn(f"fused_resnet: {kernel.__name__} launched inside a CUDA graph capture for a variant not "
+                      f"autotuned yet: it runs the heuristic configuration (run a warm-up step before capturing to "
+                      f"capture the tuned one)", RuntimeWarning, stacklevel=3)
+
+
 def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
@@ -360,9 +410,14 @@ def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps
     than per element, one tile fitted to the problem (capped by ``interpret_caps``) is launched directly:
     measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64."""
     if not INTERPRET:
+        tuned = _TUNED[kernel]
         if autotune_mode() == "full":
-            _TUNED[kernel][grid](**kwargs)
-            return
+            # Benchmarking synchronises the device, which a CUDA graph capture forbids: inside one, a variant
+            # not tuned before (warm up first) takes the heuristic configuration, once announced.
+            if not _capturing() or tuning_key(tuned, kwargs) in tuned.cache:
+                tuned[grid](**kwargs)
+                return
+            _warn_untuned(kernel)
         bm, bn, bk, warps, stages = heuristic_tile(_TILES[kernel], gemm_mnk)
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         kernel[grid(meta)](**kwargs, **meta, num_warps=warps, num_stages=stages)

@@ -73,8 +73,7 @@ def test_convert_leaves_a_hooked_block_unfused_and_its_hook_keeps_firing():
     assert len(seen) == 1 and type(fused[0]) is TV.BasicBlock
 
 
-@pytest.mark.parametrize("change", ["activation", "forward hook", "pre-hook", "full backward hook", "group norm",
-                                    "sync BN (eval)"])
+@pytest.mark.parametrize("change", ["activation", "forward hook", "pre-hook", "full backward hook", "group norm"])
 def test_a_change_after_convert_runs_the_eager_computation_once_warned(change, op_calls):
     tv, fused = _pair()
     fired = []
@@ -89,17 +88,10 @@ def test_a_change_after_convert_runs_the_eager_computation_once_warned(change, o
             m.conv1.register_full_backward_hook(lambda mod, gi, go: fired.append(1))
         elif change == "group norm":
             m.bn2 = nn.GroupNorm(2, 8)
-        elif change == "sync BN (eval)":
-            m.bn1 = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(m.bn1))[0]
-            m.eval()
     x = torch.randn(2, 8, 5, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if change == "sync BN (eval)":
-            with torch.no_grad():
-                torch.testing.assert_close(fused(x), tv(x))
-        else:
-            _same(fused, tv, x)
+        _same(fused, tv, x)
     assert not op_calls
     messages = [str(w.message) for w in caught if "eager torch computation" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("fused_resnet: <root> runs its eager"), messages
@@ -113,6 +105,22 @@ def test_pruning_after_convert_is_honoured_over_steps():
         prune.l1_unstructured(m.conv1, "weight", amount=0.5)
     with pytest.warns(RuntimeWarning, match="hooks on conv1"):
         _same(fused, tv, torch.randn(2, 8, 5, 5), steps=3)
+
+
+def test_a_sync_bn_swapped_in_after_convert_is_fused_with_torchs_rule(op_calls):
+    """Without a process group of several processes (and in eval) torch's SyncBatchNorm is a BatchNorm: the fused
+    block computes it as one, in training and eval (tests/test_distributed.py: with one)."""
+    tv, fused = _pair()
+    for m in (tv, fused):
+        m.bn1 = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(m.bn1))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback warning
+        _same(fused, tv, torch.randn(2, 8, 5, 5), steps=2)
+        for m in (tv, fused):
+            m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(torch.ones(2, 8, 5, 5)), tv(torch.ones(2, 8, 5, 5)))
+    assert op_calls
 
 
 def test_a_frozen_bn_swapped_in_after_convert_is_fused_as_one(op_calls):

@@ -11,7 +11,7 @@ import torchvision
 
 from .. import __version__, backends
 from ..backends import extension
-from ..kernels import AUTOTUNE_ENV, autotune_mode
+from ..kernels import autotune_description
 
 
 def _triton_version() -> str:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"torchvision    {torchvision.__version__}",
         f"triton         {_triton_version()}",
-        f"autotune       {autotune_mode()} (Triton conv kernels; {AUTOTUNE_ENV}=full|heuristic)",
+        f"autotune       {autotune_description()}",
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -243,3 +243,50 @@ def test_heuristic_tile_fits_the_problem_and_never_picks_a_spilling_width(K):
     for tiles in (K._GEMM_TILES, K._WGRAD_TILES):
         for mnk in [(1, 1, 1), (10**6, 4096, 64), (64, 64, 64), (100, 3000, 7)]:
             assert K.heuristic_tile(tiles, mnk)[1] <= 128
+
+
+def _launches(K, monkeypatch, *calls):
+    """(kernel, kwargs) of every conv kernel launch the calls make (launched as usual)."""
+    seen = []
+    real = K._launch
+
+    def spy(kernel, grid, kwargs, gemm_mnk, caps):
+        seen.append((kernel, dict(kwargs)))
+        return real(kernel, grid, kwargs, gemm_mnk, caps)
+
+    monkeypatch.setattr(K, "_launch", spy)
+    for call in calls:
+        call()
+    return seen
+
+
+def _two_fprops(K):
+    shape = testing.ConvShape(2, 16, 6, 6, 16, 3, 3, 1, (1, 1))
+    x, w, _ = shape.problem(torch.float32, DEVICE)
+    ones = torch.ones(16, device=DEVICE)
+    return (lambda: K.conv_fprop(x, w, (1, 1), (1, 1)),
+            lambda: K.conv_fprop(x, w, (1, 1), (1, 1), in_affine=(ones, ones), stats=True))
+
+
+def test_tuning_key_holds_every_feature(K, monkeypatch):
+    """Two variants of one conv shape (plain; BN + ReLU on load with the statistics epilogue) are tuned apart."""
+    for kernel in K._TILES:
+        features = set(K.constexpr_args(kernel)) - set(K._TILE_ARGS)
+        assert {"R", "S", "UPCAST"} <= features and features <= set(K.tuning_key_args(kernel)), kernel.__name__
+    (k1, a1), (k2, a2) = _launches(K, monkeypatch, *_two_fprops(K))
+    assert k1 is k2 is K.conv_fprop_kernel
+    tuned = K._TUNED[k1]
+    assert K.tuning_key(tuned, a1) != K.tuning_key(tuned, a2)
+
+
+def test_tuning_key_is_the_autotuners(K, monkeypatch):
+    """``tuning_key`` (used to tell, inside a CUDA graph capture, whether a variant is tuned) computes the key that
+    Triton's Autotuner caches its choice under: run the Autotuner with its benchmark and launch stubbed."""
+    (kernel, kwargs), _ = _launches(K, monkeypatch, *_two_fprops(K))
+    tuned = K._TUNED[kernel]
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **kw: [float(config.kwargs["BLOCK_M"])] * 3)
+    monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: None)
+    tuned.run(grid=(1,), warmup=False, **kwargs)
+    assert list(tuned.cache) == [K.tuning_key(tuned, kwargs)]
