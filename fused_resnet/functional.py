@@ -20,7 +20,8 @@ from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
 from .tensors import Params
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
-# a frozen BN: running statistics, no update; a SyncBatchNorm: statistics over its process group (fused_resnet.distributed)
+# A frozen BN: running statistics, no update. A SyncBatchNorm: statistics over its process group where torch
+# synchronises them (fused_resnet.distributed).
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm)
 _SPEC_ATTR = "_fused_resnet_spec"  # (key, spec) in the owning module's __dict__
 

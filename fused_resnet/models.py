@@ -127,7 +127,8 @@ class CifarResNet(FusedStemMixin, nn.Module):
             s = stride if i == 0 else 1
             args = (self._inplanes, planes, s, self._downsample(planes, s))
             kw = dict(plain=self.plain, dim=self.dim, residual_scale=self.residual_scale)
-            layers.append(EagerBasicBlock(*args, **kw) if backend is None else FusedBasicBlock(*args, backend=backend, **kw))
+            layers.append(EagerBasicBlock(*args, **kw) if backend is None
+                          else FusedBasicBlock(*args, backend=backend, **kw))
             self._inplanes = planes
         return nn.Sequential(*layers)
 

@@ -28,7 +28,8 @@ def autotune_description() -> str:
     """One line for ``fused-resnet info``: the active mode and where tuned choices are kept."""
     mode = autotune_mode()
     if mode == "heuristic":
-        return f"heuristic (one configuration per variant from its shape, no benchmarking; {AUTOTUNE_ENV}=full|heuristic)"
+        return (f"heuristic (one configuration per variant from its shape, no benchmarking; "
+                f"{AUTOTUNE_ENV}=full|heuristic)")
     try:
         import triton
 

@@ -2,9 +2,11 @@
 
 A 2-rank run on parts of a batch (different sizes, or one rank empty) must give what one process gives on the
 whole batch: outputs, the input gradient, every parameter gradient (summed over ranks, as DistributedDataParallel
-does before averaging) and the running statistics, for identity, projection and option-A blocks and the stem, on
-the reference backend in float64 (to 1e-10), and in float32 the reference backend, the Triton kernels
-(interpreter) and the extension's block ops (their CPU registrations) with the float64-oracle rule. Then DistributedDataParallel over SGD steps: a converted model equals the unconverted one.
+does before averaging) and the running statistics, for identity, projection and option-A blocks: the reference
+backend in float64 (to 1e-10); in float32 the reference backend, the Triton kernels (interpreter) and the
+extension's block ops (their CPU registrations), with the float64-oracle rule. Then data-parallel SGD steps: with
+synchronised BN the whole-batch steps of one process; with per-rank BN under DDP, DDP of the unconverted model.
+On a GPU: NCCL, one rank per GPU.
 
 Every scenario runs inside one pair of spawned processes (starting them costs seconds); the tests read their
 results."""
@@ -20,6 +22,8 @@ from torch import nn
 
 import fused_resnet
 from fused_resnet import testing
+
+from conftest import requires_gpu
 
 WORLD = 2
 # name → (block kind, inplanes, planes, stride, shortcut)
@@ -164,7 +168,7 @@ def ranks():
 
 def _whole(name: str, dtype: torch.dtype, split):
     """One process, the whole batch, plain BatchNorm: in ``dtype`` and in float64."""
-    x, g = _inputs(name)
+    x, g = _inputs(name, sum(split))
     runs = {}
     for d in {dtype, torch.float64}:
         runs[d] = _run(_block(name).to(d), x.to(d), lambda y: _whole_grad(y, g, split).to(y.dtype))
@@ -218,3 +222,48 @@ def test_sync_spec_only_where_torch_synchronises():
     assert not block.block_spec().synced
     reverted = fused_resnet.revert(block)
     assert isinstance(reverted.bn1, nn.SyncBatchNorm)
+
+
+def _gpu_worker(rank: int, world: int, port: int, path: str) -> None:
+    """One rank per GPU on NCCL: each rank its share of the batch through fused blocks with synchronised BN (the
+    extension's and the Triton kernels), gathered on rank 0 against the whole batch."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {}
+        split = tuple(range(2, 2 + world))  # different batch sizes per rank
+        for backend in ("cuda", "triton"):
+            name = "projection"
+            x, g = _inputs(name, sum(split))
+            fused = fused_resnet.convert(_block(name), backend=backend, sync_bn=True).cuda().float()
+            assert fused.block_spec().synced == (world > 1)
+            part = x[_rank_slice(split, rank)].float().cuda()
+            res = _run(fused, part, lambda y: _whole_grad(y, g, split)[_rank_slice(split, rank)].to(y))
+            for grad in res["grads"].values():
+                dist.all_reduce(grad)
+            out[backend] = {"y": res["y"].cpu(), "grads": {k: v.cpu() for k, v in res["grads"].items()},
+                            "split": split}
+        torch.save(out, os.path.join(path, f"gpu{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_gpu
+def test_nccl_synced_blocks_equal_whole_batch():
+    """NCCL with one rank per GPU (a single-rank smoke test on a one-GPU machine: torch synchronises nothing
+    there, and neither does the fused block)."""
+    world = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory() as path:
+        mp.spawn(_gpu_worker, args=(world, _free_port(), path), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(path, f"gpu{r}.pt"), weights_only=False) for r in range(world)]
+    checks = []
+    for rank, results in enumerate(ranks):
+        for backend, res in results.items():
+            same, ref = _whole("projection", torch.float32, res["split"])
+            part = _rank_slice(res["split"], rank)
+            checks.append(testing.check(f"rank {rank} {backend} y", res["y"], ref["y"][part], same["y"][part],
+                                        ref["y"][part], torch.float32))
+            checks += [testing.check(f"rank {rank} {backend} grad {n}", res["grads"][n], ref["grads"][n],
+                                     same["grads"][n], ref["grads"][n], torch.float32) for n in ref["grads"]]
+    bad = [c.row() for c in checks if not c.ok]
+    assert not bad, "\n".join([testing.TABLE_HEADER] + bad)
