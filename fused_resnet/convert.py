@@ -28,6 +28,14 @@ _TO_FUSED = {
 _TO_EAGER = {FusedBasicBlock: (_TV.BasicBlock, EagerBasicBlock), FusedBottleneck: (_TV.Bottleneck, EagerBottleneck)}
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy sharing the process groups of its SyncBatchNorms (a group is a handle to the processes; it
+    cannot be copied)."""
+    memo = {id(m.process_group): m.process_group for m in model.modules()
+            if isinstance(m, nn.SyncBatchNorm) and m.process_group is not None}
+    return copy.deepcopy(model, memo)
+
+
 def _unfusable_reason(block: nn.Module) -> Optional[str]:
     units = block._units() if hasattr(block, "_units") else _tv_units(block)
     return geometry_reason(units) or block_blocker(block, units)
@@ -102,7 +110,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     backends.check_requested(backend)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     if sync_bn:
         converted = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
         if converted is not model:  # the model itself was a BatchNorm
@@ -192,6 +200,6 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     _revert(model)
     return model

@@ -143,10 +143,41 @@ def _scenario_ddp(rank: int) -> dict:
     return out
 
 
+def _scenario_own_groups(rank: int) -> dict:
+    """A model holding nn.SyncBatchNorm layers with a process group of its own, converted without sync_bn: the
+    groups are kept. Also counts the collectives of one forward + backward of a projection bottleneck (4 BNs)."""
+    group = dist.new_group([0, 1])
+    name, split = "projection", (2, 4)
+    x, g = _inputs(name)
+    block = fused_resnet.convert(nn.SyncBatchNorm.convert_sync_batchnorm(_block(name), group),
+                                 backend="reference").double()
+    calls = {"all_gather": 0, "all_reduce": 0}
+    real = {k: getattr(dist, k) for k in calls}
+
+    def counting(kind):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return real[kind](*args, **kwargs)
+        return call
+
+    for kind in calls:
+        setattr(dist, kind, counting(kind))
+    try:
+        res = _run(block, x[_rank_slice(split, rank)], lambda y: _whole_grad(y, g, split)[_rank_slice(split, rank)])
+    finally:
+        for kind, fn in real.items():
+            setattr(dist, kind, fn)
+    for grad in res["grads"].values():
+        dist.all_reduce(grad)
+    return {"result": res, "calls": calls, "same_group": block.bn1.process_group is group,
+            "split": split}
+
+
 def _worker(rank: int, port: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank)}, os.path.join(path, f"{rank}.pt"))
+        torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank), "groups": _scenario_own_groups(rank)},
+                   os.path.join(path, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -193,6 +224,18 @@ def test_synced_block_equals_whole_batch(ranks, case):
                 checks.append(testing.check(f"rank {rank} {n}", part["buffers"][n], b, same["buffers"][n], b, dtype))
     bad = [c.row() for c in checks if not c.ok]
     assert not bad, "\n".join([testing.TABLE_HEADER] + bad)
+
+
+def test_a_models_own_sync_bn_groups_are_kept_with_one_collective_per_bn_and_direction(ranks):
+    same, ref = _whole("projection", torch.float64, ranks[0]["groups"]["split"])
+    for rank, r in enumerate(ranks):
+        part = r["groups"]
+        assert part["same_group"]
+        assert part["calls"] == {"all_gather": 4, "all_reduce": 4}  # 3 main BNs + the projection's: one each way
+        sl = _rank_slice(part["split"], rank)
+        torch.testing.assert_close(part["result"]["y"], ref["y"][sl], rtol=1e-10, atol=1e-10)
+        for n, grad in ref["grads"].items():
+            torch.testing.assert_close(part["result"]["grads"][n], grad, rtol=1e-10, atol=1e-10, msg=n)
 
 
 def test_data_parallel_sync_bn_equals_whole_batch(ranks):
