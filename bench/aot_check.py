@@ -90,7 +90,7 @@ def compile_variants(variants: list, dtype: str, arch: int) -> list:
                                   BLOCK_K=bk)
                 row = aot.compile_variant(kernel, constexprs, dtype, warps, stages, arch, divisible)
                 rows.append({"kernel": v["kernel"], "features": v["features"], "divisible_by_16": list(divisible),
-                             "config": f"{bm}x{bn}x{bk}/w{warps}/s{stages}", **row, "pipelined": None,
+                             "config": f"{bm}x{bn}x{bk}/w{warps}/s{stages}", **row,
                              "selectable": True, "heuristic": (bm, bn, bk, warps, stages) in heuristic})
     return rows
 

@@ -59,7 +59,7 @@ class Grads(NamedTuple):
 FORWARD_INPUTS = ("x", "weights", "gammas", "betas", "running_means", "running_vars", "residual", "spec",
                   "spec_floats")
 BACKWARD_INPUTS = ("dy", "x", "y", "weights", "gammas", "betas", "acts", "means", "variances", "spec", "spec_floats",
-                   "need_input_grad")  # fused_resnet::block_backward also takes the forward's counts, last
+                   "need_input_grad")  # then the forward's counts (a synchronised spec's), last: both block_backward ops
 
 
 def pack_forward(out: Forward) -> List[Tensor]:

@@ -62,9 +62,9 @@ def compile_variant(fn, constexprs: Dict[str, object], dtype: str, num_warps: in
                     arch: int = 90, divisible: Sequence[str] = ()) -> Dict[str, Optional[object]]:
     """Compile one variant for sm_<arch>, pointers 16-byte aligned and the ``divisible`` integer arguments
     divisible by 16 (as a launch specialises them): {"ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-    "async_copy"}; spill_bytes is the stack frame the registers spilled to (STACK + LOCAL)."""
+    "async_copy", "pipelined"}; spill_bytes is the stack frame the registers spilled to (STACK + LOCAL)."""
     row: Dict[str, Optional[object]] = {"ok": False, "error": None, "regs": None, "spill_bytes": None,
-                                        "smem_bytes": None, "mma": None, "async_copy": None}
+                                        "smem_bytes": None, "mma": None, "async_copy": None, "pipelined": None}
     try:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in constexprs and (n.endswith("_ptr") or n in divisible)}
@@ -79,5 +79,37 @@ def compile_variant(fn, constexprs: Dict[str, object], dtype: str, num_warps: in
     row.update(ok=True, regs=res.get("REG"), spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
                smem_bytes=compiled.metadata.shared,
                mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None,
-               async_copy="cp.async" in ptx)
+               async_copy="cp.async" in ptx or "cp.async.bulk.tensor" in ptx,
+               pipelined=pipelined(compiled.asm["ttgir"]))
     return row
+
+
+def dot_loop_depths(ttgir: str) -> List[int]:
+    """For every MMA of the kernel (tt.dot or Hopper's warp_group_dot) in Triton's final GPU IR, how many scf.for
+    loops enclose it."""
+    depths, stack = [], []  # stack: one entry per open region brace, True where it is a loop's body
+    for line in ttgir.splitlines():
+        code = line.split(" loc(")[0]
+        if "tt.dot" in code or "warp_group_dot " in code:
+            depths.append(sum(stack))
+        opens, closes = code.count("{"), code.count("}")
+        if code.lstrip().startswith("}"):  # a region closes first, then (``} else {``) another may open
+            for _ in range(min(closes, len(stack))):
+                stack.pop()
+            stack += [False] * opens
+        else:
+            net = opens - closes  # attribute dictionaries open and close on one line
+            stack += [("scf.for" in code)] * max(net, 0)
+            for _ in range(max(-net, 0)):
+                stack.pop()
+    return depths
+
+
+def pipelined(ttgir: str) -> bool:
+    """Whether the conv main loop is software-pipelined as one loop: every MMA sits in exactly one scf.for, and
+    its operands arrive by asynchronous copies into multi-buffered shared memory (a loop nested in another loop
+    drains and refills its pipeline at every outer step)."""
+    multi_buffered = re.search(r"ttg\.local_alloc[^\n]*memdesc<([2-9]|\d\d+)x", ttgir) is not None
+    async_loads = "async_copy_global_to_local" in ttgir or "async_tma_copy_global_to_local" in ttgir
+    depths = dot_loop_depths(ttgir)
+    return bool(depths) and all(d == 1 for d in depths) and multi_buffered and async_loads

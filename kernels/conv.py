@@ -10,7 +10,8 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
   OPTION_A the option-A shortcut read from the
   block input x[n, p·s, q·s, k] for k < C_in and 0 above, never materialised), ReLU.
 * dgrad: dx[n, h, w, c] = Σ_{r, s, k} dy[n, p, q, k]·w[k, r, s, c] with p = (h + pad − r)/stride where that is an
-  integer in range (gather form: stride 2 is handled by masking the taps that do not land on an output pixel).
+  integer in range (gather form), computed per stride phase (h mod stride, w mod stride): a phase loops only over
+  the taps that land on an output pixel, so a stride-2 layer issues no MMA for a tap that would be masked off.
 * wgrad: dw[k, r, s, c] = Σ_{n, p, q} dy[n, p, q, k]·x[n, p·stride − pad + r, q·stride − pad + s, c]; the
   N·P·Q reduction is split into chunks whose programs write fp32 partials, summed in a second stage
   (deterministic, no atomics).
@@ -171,22 +172,24 @@ def conv_fprop_kernel(
             b = tl.load(w_ptr + offs_n[None, :] * RSC + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, PRECISION)
     else:
-        for r in range(R):
-            for s in range(S):
-                h = h0 + r
-                w = w0 + s
-                pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                base = ((img.to(tl.int64) * H + h) * W + w) * C
-                for c0 in range(0, C, BLOCK_K):
-                    c = c0 + tl.arange(0, BLOCK_K)
-                    c_ok = c < C
-                    a_ok = pix_ok[:, None] & c_ok[None, :]
-                    a = tl.load(x_ptr + base[:, None] + c[None, :], mask=a_ok, other=0.0)
-                    if PROLOGUE:
-                        a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
-                    b = tl.load(w_ptr + offs_n[None, :] * RSC + ((r * S + s) * C + c)[:, None],
-                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = _mma(acc, a, b, UPCAST, PRECISION)
+        # One loop over (filter tap, channel chunk), so the software pipeline runs through the taps instead of
+        # draining and refilling at each one (at C = 64 a tap is a single chunk).
+        chunks = tl.cdiv(C, BLOCK_K)
+        for t in range(0, R * S * chunks):
+            tap = t // chunks
+            c = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            r = tap // S
+            h = h0 + r
+            w = w0 + (tap - r * S)
+            c_ok = c < C
+            a_ok = (m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + (((img.to(tl.int64) * H + h) * W + w) * C)[:, None] + c[None, :], mask=a_ok,
+                        other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
+            b = tl.load(w_ptr + offs_n[None, :] * RSC + (tap * C + c)[:, None], mask=c_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = _mma(acc, a, b, UPCAST, PRECISION)
 
     # epilogue: (+ bias) (+ residual) (ReLU), in fp32, one store
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -214,47 +217,63 @@ def conv_fprop_kernel(
         tl.store(tile_ptr, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["RP", "RQ"])
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["RP", "RQ", "partial_rows"])
 def conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: operand α·dy + β·(a − mean) + γ per channel
     prev_ptr, prev_s_ptr, prev_t_ptr, prev_mean_ptr, prev_rstd_ptr,  # MASK: ReLU mask of relu(prev·s + t); STATS
-    sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
+    sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (phase, row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
     res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,
-    stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w,
+    stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
     R: tl.constexpr, S: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
     RES_MODE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
-    # GEMM rows: input pixels (n, h, w); columns: input channels c; reduction: taps (r, s) × output channels k.
-    pid_m, offs_m, offs_c, m_ok, c_ok = _output_tile(N * H * W, C, BLOCK_M, BLOCK_N, GROUP_M)
-    img, h_in, w_in = _split_pixels(offs_m, H, W)
+    # GEMM rows: input pixels (n, h, w) of one stride phase (h mod stride_h, w mod stride_w: program_id(1));
+    # columns: input channels c; reduction: the taps that land on an output pixel from this phase × output
+    # channels k. Only r ≡ h + pad_h (mod stride_h) does, so each phase loops over its own taps and a stride-2
+    # layer does the MMAs it needs, not four times as many; stride 1 is the single phase with every tap.
+    phase = tl.program_id(1)
+    ph = phase // stride_w
+    pw = phase % stride_w
+    hs = (H - ph + stride_h - 1) // stride_h  # this phase's rows and columns of dx (possibly none)
+    ws = (W - pw + stride_w - 1) // stride_w
+    rows_max = N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w)  # the first phase's: the grid's
+    pid_m, offs_m, offs_c, m_ok, c_ok = _output_tile(rows_max, C, BLOCK_M, BLOCK_N, GROUP_M)
+    m_ok = m_ok & (offs_m < N * hs * ws)
+    img, hh, ww = _split_pixels(offs_m, hs, ws)
+    h_in = hh * stride_h + ph
+    w_in = ww * stride_w + pw
+    r0 = (ph + pad_h) % stride_h
+    s0 = (pw + pad_w) % stride_w
+    taps_s = (S - s0 + stride_w - 1) // stride_w
+    taps = ((R - r0 + stride_h - 1) // stride_h) * taps_s
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        for s in range(S):
-            ph = h_in + pad_h - r
-            pw = w_in + pad_w - s
-            p = ph // stride_h
-            q = pw // stride_w
-            tap_ok = (m_ok & (ph >= 0) & (pw >= 0) & (ph - p * stride_h == 0) & (pw - q * stride_w == 0)
-                      & (p < P) & (q < Q))
-            base = ((img.to(tl.int64) * P + p) * Q + q) * K
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = kk < K
-                a_ok = tap_ok[:, None] & k_ok[None, :]
-                a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=a_ok, other=0.0)
-                if DBN:
-                    a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, amean_ptr, alpha_ptr, beta_ptr,
-                                     gamma_ptr, kk, k_ok, 1)
-                b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
-                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = _mma(acc, a, b, UPCAST, PRECISION)
+    chunks = tl.cdiv(K, BLOCK_K)
+    for t in range(0, taps * chunks):  # one pipelined loop over (tap, channel chunk), as in fprop
+        tap = t // chunks
+        kk = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        i = tap // taps_s
+        r = r0 + i * stride_h
+        s = s0 + (tap - i * taps_s) * stride_w
+        p = (h_in + pad_h - r) // stride_h  # exact: the phase makes h + pad − r a multiple of the stride
+        q = (w_in + pad_w - s) // stride_w
+        tap_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+        base = ((img.to(tl.int64) * P + p) * Q + q) * K
+        k_ok = kk < K
+        a_ok = tap_ok[:, None] & k_ok[None, :]
+        a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=a_ok, other=0.0)
+        if DBN:
+            a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, amean_ptr, alpha_ptr, beta_ptr,
+                             gamma_ptr, kk, k_ok, 1)
+        b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(acc, a, b, UPCAST, PRECISION)
     out_ok = m_ok[:, None] & c_ok[None, :]
-    out_off = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
+    out_off = (((img.to(tl.int64) * H + h_in) * W + w_in) * C)[:, None] + offs_c[None, :]
     if RES_MODE == RES_TENSOR:
         acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
     if RES_MODE == RES_OPTION_A:  # dx[n, h, w, c] += dz[n, h / s, w / s, c] where the stride divides h and w
@@ -272,7 +291,7 @@ def conv_dgrad_kernel(
             mean = tl.load(prev_mean_ptr + offs_c, mask=c_ok, other=0.0)
             rstd = tl.load(prev_rstd_ptr + offs_c, mask=c_ok, other=0.0)
             dz = tl.where(out_ok, out.to(tl.float32), 0.0)
-            part = pid_m.to(tl.int64) * C + offs_c
+            part = (phase * partial_rows + pid_m).to(tl.int64) * C + offs_c
             tl.store(sum_ptr + part, _sum_rows(dz, BLOCK_M), mask=c_ok)
             tl.store(sumx_ptr + part, _sum_rows(dz * (prev - mean[None, :]) * rstd[None, :], BLOCK_M), mask=c_ok)
             tl.store(tile_ptr, BLOCK_M)
@@ -502,10 +521,11 @@ def _min_block_m(m: int) -> int:
     return _pow2(m, 16, 1024) if INTERPRET else min(t[0] for t in _GEMM_TILES)
 
 
-def _tile_partials(m: int, channels: int, device: torch.device):
+def _tile_partials(m: int, channels: int, device: torch.device, groups: int = 1):
     """Two fp32 [row tiles, channels] partial buffers for an epilogue reduction over m rows (sized for the
-    smallest BLOCK_M autotuning may pick) and the 1-element buffer the kernel writes its BLOCK_M to."""
-    rows = triton.cdiv(m, _min_block_m(m))
+    smallest BLOCK_M autotuning may pick; ``groups`` such blocks of rows, one per dgrad stride phase) and the
+    1-element buffer the kernel writes its BLOCK_M to."""
+    rows = groups * triton.cdiv(m, _min_block_m(m))
     return (_alloc((rows, channels), torch.float32, device), _alloc((rows, channels), torch.float32, device),
             _alloc((1,), torch.int32, device))
 
@@ -619,7 +639,8 @@ def conv_dgrad(
         raise ValueError(f"conv_dgrad: dy {tuple(dy.shape)} does not match weight {tuple(w.shape)}, input size "
                          f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}")
     dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
-    m = n * h * wd
+    phases = stride[0] * stride[1]  # the kernel's program_id(1): one stride phase of dx each
+    m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(wd, stride[1])  # rows of the largest phase
     dummy = dx_st
     a = amean = alpha = beta = gamma = dummy
     if dbn is not None:
@@ -636,7 +657,7 @@ def conv_dgrad(
         prev = _nhwc(prev)
         if stats:
             pmean, prstd = moments
-            sums, sumx, tile = _tile_partials(m, c, dy.device)
+            sums, sumx, tile = _tile_partials(m_phase, c, dy.device, phases)
     res_mode, res = Residual.NONE, dummy
     res_dims = dict(RP=1, RQ=1, RK=1, res_stride_h=1, res_stride_w=1)
     if residual is not None:
@@ -656,7 +677,7 @@ def conv_dgrad(
             res_dims = dict(RP=rp, RQ=rq, RK=rk, res_stride_h=ss[0], res_stride_w=ss[1])
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]),)
+        return (triton.cdiv(m_phase, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), phases)
 
     _launch(
         conv_dgrad_kernel, grid,
@@ -664,14 +685,15 @@ def conv_dgrad(
              beta_ptr=beta, gamma_ptr=gamma, prev_ptr=prev, prev_s_ptr=ps, prev_t_ptr=pt, prev_mean_ptr=pmean,
              prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, res_ptr=res,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], **res_dims,
+             pad_w=padding[1], **res_dims, partial_rows=sums.shape[0] // phases if stats else 0,
              R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
-        (m, c, k), (1024, 256, 256),
+        (m_phase, c, k), (1024, 256, 256),
     )
-    if stats:
-        valid = _tile_rows(sums.shape[0], tile, m)
-        return dx, torch.where(valid, sums, 0.0).sum(0), torch.where(valid, sumx, 0.0).sum(0)
+    if stats:  # per phase, the rows of the partial buffers that the launched row tiles wrote
+        valid = _tile_rows(sums.shape[0] // phases, tile, m_phase)
+        sums, sumx = (torch.where(valid, v.view(phases, -1, c), 0.0).sum((0, 1)) for v in (sums, sumx))
+        return dx, sums, sumx
     return dx
 
 

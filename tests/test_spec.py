@@ -96,7 +96,7 @@ def test_op_schemas_take_the_flat_spec():
         pytest.skip(f"extension not built: {extension.status()['reason']}")
     assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS
     assert _input_names(torch.ops.fused_resnet_C.block_inference) == FORWARD_INPUTS
-    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS
+    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS + ("counts",)
 
 
 def test_from_modules_follows_torch_batchnorm_rules():
