@@ -11,10 +11,16 @@ run (shapes flow, values do not matter); one compiles the distinct variants with
 
 JSON: {"arch", "triton", "model", "dtype", "kernels": [{"kernel", "features": {flag: value}, "config":
 "BMxBNxBK/wW/sS", "divisible_by_16", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-"async_copy", "pipelined", "selectable", "heuristic"}]}. Each variant is compiled with the integer
-specialisation its traced launches get (arguments divisible by 16, pointers aligned), as a launch compiles it. "pipelined" is null: the PTX does not show it reliably (unmeasured). "selectable": autotuning
-may pick this configuration for this variant (every listed one today; FUSED_RESNET_AUTOTUNE=heuristic picks the
-one marked "heuristic" for the variant's traced problem sizes).
+"async_copy", "pipelined", "selectable", "heuristic"}], "targets": {...}}. Each variant is compiled with the
+integer specialisation its traced launches get (arguments divisible by 16, pointers aligned), as a launch
+compiles it. "pipelined": the MMAs sit in one software-pipelined loop fed by asynchronous copies
+(fused_resnet.kernels.aot.pipelined, read from Triton's GPU IR). "selectable": autotuning may pick this
+configuration for this variant (kernels.conv.spill_reason prunes the others); "heuristic": what
+FUSED_RESNET_AUTOTUNE=heuristic picks for the variant's traced problem sizes.
+
+The static targets (the "targets" object, and the exit status): every compile succeeds, no selectable
+configuration spills, every selectable one is pipelined with asynchronous copies and uses wgmma (sm_90) — and
+every variant keeps at least two selectable configurations.
 """
 from __future__ import annotations
 
@@ -89,9 +95,11 @@ def compile_variants(variants: list, dtype: str, arch: int) -> list:
                 constexprs = dict(v["features"], UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
                                   BLOCK_K=bk)
                 row = aot.compile_variant(kernel, constexprs, dtype, warps, stages, arch, divisible)
+                tile = (bm, bn, bk, warps, stages)
                 rows.append({"kernel": v["kernel"], "features": v["features"], "divisible_by_16": list(divisible),
                              "config": f"{bm}x{bn}x{bk}/w{warps}/s{stages}", **row,
-                             "selectable": True, "heuristic": (bm, bn, bk, warps, stages) in heuristic})
+                             "selectable": conv.spill_reason(kernel, tile, v["features"]) is None,
+                             "heuristic": tile in heuristic})
     return rows
 
 
@@ -145,11 +153,31 @@ def main(argv=None) -> int:
     heuristic_spills = sum(bool(r["heuristic"] and r["spill_bytes"]) for r in rows)
     print(f"\n{len(variants)} variants, {len(rows)} compiles for {args.arch}: {sum(not r['ok'] for r in rows)} "
           f"failed, {len(spilling)} spill ({heuristic_spills} of them heuristic choices), "
-          f"{sum(r['mma'] == 'wgmma' for r in rows)} use wgmma")
+          f"{sum(r['mma'] == 'wgmma' for r in rows)} use wgmma, {sum(bool(r['pipelined']) for r in rows)} pipelined")
+    report["targets"] = targets(rows, arch)
+    for name, ok in report["targets"].items():
+        print(f"target {name:<48} {'met' if ok else 'NOT met'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(report["targets"].values()) else 1
+
+
+def targets(rows: list, arch: int) -> dict:
+    """The static targets of the report, each True when met."""
+    chosen = [r for r in rows if r["selectable"]]
+    per_variant: dict = {}
+    for r in rows:
+        key = (r["kernel"], json.dumps(r["features"], sort_keys=True), tuple(r["divisible_by_16"]))
+        per_variant[key] = per_variant.get(key, 0) + bool(r["selectable"])
+    return {
+        "every compile succeeds": all(r["ok"] for r in rows),
+        "no selectable configuration spills": all(r["ok"] and not r["spill_bytes"] for r in chosen),
+        "every selectable configuration is pipelined": all(r["pipelined"] and r["async_copy"] for r in chosen),
+        "every MMA is wgmma" if arch >= 90 else "every MMA is mma": all(
+            r["mma"] == ("wgmma" if arch >= 90 else "mma") for r in chosen),
+        "every variant keeps two or more configurations": all(n >= 2 for n in per_variant.values()),
+    }
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class Grads(NamedTuple):
 FORWARD_INPUTS = ("x", "weights", "gammas", "betas", "running_means", "running_vars", "residual", "spec",
                   "spec_floats")
 BACKWARD_INPUTS = ("dy", "x", "y", "weights", "gammas", "betas", "acts", "means", "variances", "spec", "spec_floats",
-                   "need_input_grad")  # then the forward's counts (a synchronised spec's), last: both block_backward ops
+                   "need_input_grad")  # then, in both block_backward ops, the forward's counts (synchronised specs)
 
 
 def pack_forward(out: Forward) -> List[Tensor]:

@@ -3,9 +3,10 @@
 Layouts (all contiguous): input x [N, H, W, C], weight w [K, R, S, C] (a channels_last conv weight is already
 this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulation for every dtype.
 
-* fprop: GEMM with M = N·P·Q (output pixels), N = K, reduction over (r, s, c). The reduction loops over the R·S
-  filter taps and over C in BLOCK_K chunks (16-byte loads along C); for small C (the stem's 3 input channels)
-  the flattened r·s·c axis is tiled instead (``FLAT``), so a tile is not mostly padding. Epilogue as constexpr:
+* fprop: GEMM with M = N·P·Q (output pixels), N = K, reduction over (r, s, c): one pipelined loop over the R·S
+  filter taps × C in BLOCK_K chunks (16-byte loads along C); for small C (the stem's 3 input channels) x and w
+  get their channels zero-padded to 16 bytes and the loop runs over filter rows × chunks of the row's contiguous
+  (s, c) window (``ROW``), so loads stay 16-byte and a tile is not mostly padding. Epilogue as constexpr:
   + bias (per K, fp32), + residual (``RES_MODE``, fused_resnet.spec.Residual: TENSOR an [N, P, Q, K] tensor;
   OPTION_A the option-A shortcut read from the
   block input x[n, p·s, q·s, k] for k < C_in and 0 above, never materialised), ReLU.
@@ -31,6 +32,7 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -40,7 +42,7 @@ from . import autotune_mode
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_SUMS = tl.constexpr(INTERPRET)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FLAT_BELOW = 16  # input channels below this use the flattened (r, s, c) reduction axis
+FLAT_BELOW = 16  # input channels below this: fprop's row layout, wgrad's flattened (r, s, c) columns
 _SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
 
 
@@ -52,8 +54,10 @@ def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
 
 # Hopper (sm_90) candidates: 128-row tiles feed wgmma; 3–4 stages keep loads in flight (device HOPPER.md). Few on
 # purpose: every configuration is compiled for each specialisation (kernel size, dtype, stride, ...) it meets.
-_GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
-_WGRAD_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
+# 128x64 runs 8 warps: with 4, the DBN-on-load dgrad and the prologue wgrad reached 255 registers and spilled
+# (bench/aot_check.py, sm_90, Triton 3.8); with 8 none of them does.
+_GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
+_WGRAD_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
 _KEY = ["C", "K", "R", "S", "stride_h", "stride_w"]
 # What an epilogue adds (RES_MODE): the shared table of fused_resnet.spec.Residual.
 RES_NONE = tl.constexpr(int(Residual.NONE))
@@ -144,8 +148,8 @@ def conv_fprop_kernel(
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w,
     RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, PROLOGUE: tl.constexpr,
+    STATS: tl.constexpr, HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
@@ -155,21 +159,27 @@ def conv_fprop_kernel(
     w0 = q * stride_w - pad_w
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT:
-        for k0 in range(0, RSC, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < RSC
-            c = kk % C
-            s = (kk // C) % S
-            r = kk // (C * S)
-            h = h0[:, None] + r[None, :]
-            w = w0[:, None] + s[None, :]
-            a_ok = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a_off = ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :]
+    if ROW:
+        # Small C (the stem's 3): x and w come with their channels zero-padded to CP (16 bytes), so one filter
+        # row's (s, c) window of an output pixel is S·CP contiguous elements starting on a 16-byte boundary. One
+        # pipelined loop over (filter row, chunk of that window) loads it with 16-byte asynchronous copies (a
+        # run of CP elements shares one mask), instead of gathering element by element.
+        row_len = S * CP
+        chunks = tl.cdiv(row_len, BLOCK_K)
+        for t in range(0, R * chunks):
+            r = t // chunks
+            kk = (t - r * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = kk < row_len
+            h = h0 + r
+            w = w0[:, None] + (kk // CP)[None, :]
+            a_ok = (m_ok & (h >= 0) & (h < H))[:, None] & k_ok[None, :] & (w >= 0) & (w < W)
+            a_off = (((img.to(tl.int64) * H + h) * W + w0) * CP)[:, None] + kk[None, :]
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
             if PROLOGUE:
-                a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, k_ok)
-            b = tl.load(w_ptr + offs_n[None, :] * RSC + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                c = kk % CP
+                a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, k_ok & (c < C))
+            b = tl.load(w_ptr + offs_n[None, :] * (R * row_len) + (r * row_len + kk)[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, PRECISION)
     else:
         # One loop over (filter tap, channel chunk), so the software pipeline runs through the taps instead of
@@ -305,8 +315,8 @@ def conv_wgrad_kernel(
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, chunk,
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, DBN: tl.constexpr, PROLOGUE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, DBN: tl.constexpr,
+    PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM rows: output channels k (BLOCK_M); columns: (r, s, c) (BLOCK_N); reduction: output pixels (BLOCK_K),
@@ -314,16 +324,22 @@ def conv_wgrad_kernel(
     pid_k = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_split = tl.program_id(2)
-    RSC = R * S * C
     offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
     k_ok = offs_k < K
-    if FLAT:  # columns are the flattened (r, s, c) index
+    if FLAT:
+        # Columns are the flattened (r, s, c) index over channels zero-padded to CP (16 bytes; x and the workspace
+        # hold CP channels): CP consecutive columns are one pixel's channels, 16 contiguous, aligned bytes of x.
+        XC = CP
+        RSC = R * S * CP
         offs_j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = offs_j < RSC
-        c = offs_j % C
-        tap_s = (offs_j // C) % S
-        tap_r = offs_j // (C * S)
+        c = offs_j % CP
+        tap_s = (offs_j // CP) % S
+        tap_r = offs_j // (CP * S)
+        c_ok = j_ok & (c < C)
     else:  # columns are a C block of one filter tap
+        XC = C
+        RSC = R * S * C
         c_blocks = tl.cdiv(C, BLOCK_N)
         tap = pid_j // c_blocks
         c = (pid_j % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -331,6 +347,7 @@ def conv_wgrad_kernel(
         tap_s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
         tap_r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
         offs_j = (tap_r * S + tap_s) * C + c
+        c_ok = j_ok
     M = N * P * Q
     start = pid_split * chunk
     end = tl.minimum(start + chunk, M)
@@ -347,9 +364,9 @@ def conv_wgrad_kernel(
         h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
         w = (q * stride_w - pad_w)[:, None] + tap_s[None, :]
         b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * C + c[None, :], mask=b_ok, other=0.0)
+        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * XC + c[None, :], mask=b_ok, other=0.0)
         if PROLOGUE:
-            b = _bn_relu_on_load(b, b_ok, in_scale_ptr, in_shift_ptr, c, j_ok)
+            b = _bn_relu_on_load(b, b_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
         acc = _mma(acc, a, b, UPCAST, PRECISION)
     ws_off = pid_split * K * RSC + offs_k[:, None].to(tl.int64) * RSC + offs_j[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
@@ -374,11 +391,38 @@ def constexpr_args(kernel) -> list:
     return [n for n, p in params.items() if p.annotation in (tl.constexpr, "tl.constexpr")]
 
 
+def spill_reason(kernel, tile: Tuple[int, int, int, int, int], features: dict) -> Optional[str]:
+    """Why this tile spills registers for a variant with these constexpr features, or None: measured on sm_90
+    (bench/aot_check.py, Triton 3.8, ResNet-18/50 bf16 and fp16). The 256-wide accumulator (128 fp32 registers
+    per thread) leaves no room for an epilogue that reads another tensor: the ReLU mask and statistics of dgrad,
+    a residual of dgrad or fprop. Autotuning never considers such a tile (``_prune``); every variant keeps at
+    least two of its kernel's tiles."""
+    if tile[1] < 256:
+        return None
+    if kernel is conv_dgrad_kernel and (features.get("MASK") or features.get("RES_MODE", 0) != int(Residual.NONE)):
+        return "a 256-wide dgrad tile with the ReLU-mask or residual epilogue"
+    if kernel is conv_fprop_kernel and features.get("RES_MODE", 0) != int(Residual.NONE):
+        return "a 256-wide fprop tile with the residual epilogue"
+    return None
+
+
+def _config_tile(config) -> Tuple[int, int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _prune(kernel):
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if spill_reason(kernel, _config_tile(c), {**named_args, **kwargs}) is None]
+    return prune
+
+
 def _autotuned(kernel, tiles):
     # Tuned configurations go to Triton's on-disk cache (keyed by Triton version, GPU architecture, kernel source,
     # tuning key and configs): a user benchmarks a variant once, not in every process. Older Triton: memory only.
     disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=_configs(tiles), key=tuning_key_args(kernel), **disk)(kernel)
+    return triton.autotune(configs=_configs(tiles), key=tuning_key_args(kernel),
+                           prune_configs_by={"early_config_prune": _prune(kernel)}, **disk)(kernel)
 
 
 _TUNED = {kernel: _autotuned(kernel, tiles) for kernel, tiles in _TILES.items()}
@@ -588,20 +632,29 @@ def conv_fprop(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    flat = c < FLAT_BELOW
+    row = c < FLAT_BELOW
+    cp = _row_channels(c, x.dtype) if row else c
+    if cp != c:  # the row layout's zero channels (the stem's input and weights: a small copy)
+        x_st, w_st = (F.pad(t, (0, cp - c)) for t in (x_st, w_st))
     _launch(
         conv_fprop_kernel, grid,
         dict(x_ptr=x_st, w_ptr=w_st, bias_ptr=bias if bias is not None else y_st, res_ptr=res_st, y_ptr=y_st,
              in_scale_ptr=scale, in_shift_ptr=shift, mean_ptr=means, m2_ptr=m2s, tile_ptr=tile,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], **res_dims,
-             R=r, S=s, FLAT=flat, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             R=r, S=s, ROW=row, CP=cp, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
              RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
-        (m, k, r * s * c if flat else c), (1024, 256, 256),
+        (m, k, s * cp if row else c), (1024, 256, 256),
     )
     if stats:
         return (y, *merge_tile_stats(means, m2s, tile, m))
     return y
+
+
+def _row_channels(c: int, dtype: torch.dtype) -> int:
+    """fprop's row layout: C rounded up to whole 16-byte runs (8 channels in 16-bit types, 4 in float32)."""
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-c // per_16_bytes) * per_16_bytes
 
 
 def _vectors(what: str, n: int, *vs: torch.Tensor) -> None:
@@ -726,12 +779,16 @@ def conv_wgrad(
         raise ValueError(f"conv_wgrad: dy {tuple(dy.shape)} does not match input {tuple(x.shape)}, kernel "
                          f"{tuple(kernel_size)}, stride {tuple(stride)}, padding {tuple(padding)}")
     flat = c < FLAT_BELOW
+    cp = _row_channels(c, x.dtype) if flat else 1  # flat: x and the workspace padded to cp channels
+    x_st = _nhwc(x)
+    if flat and cp != c:
+        x_st = F.pad(x_st, (0, cp - c))
     m = n * p * q
-    cols = triton.cdiv(r * s * c, 128) if flat else r * s * triton.cdiv(c, 128)
+    cols = triton.cdiv(r * s * cp, 128) if flat else r * s * triton.cdiv(c, 128)
     split = _wgrad_split(m, triton.cdiv(k, 128) * cols)
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
-    ws = _alloc((split, k, r, s, c), torch.float32, x.device)
+    ws = _alloc((split, k, r, s, cp if flat else c), torch.float32, x.device)
     a = amean = alpha = beta = gamma = scale = shift = ws
     if dbn is not None:
         a, amean, alpha, beta, gamma = dbn
@@ -743,18 +800,20 @@ def conv_wgrad(
         _vectors("conv_wgrad's in_affine", c, scale, shift)
 
     def grid(meta):
-        cols = triton.cdiv(r * s * c, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
+        cols = triton.cdiv(r * s * cp, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
         return (triton.cdiv(k, meta["BLOCK_M"]), cols, split)
 
     _launch(
         conv_wgrad_kernel, grid,
-        dict(dy_ptr=_nhwc(dy), x_ptr=_nhwc(x), ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
+        dict(dy_ptr=_nhwc(dy), x_ptr=x_st, ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
              gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], chunk=chunk,
-             R=r, S=s, FLAT=flat, DBN=dbn is not None, PROLOGUE=in_affine is not None, UPCAST=_upcast(x.dtype),
-             PRECISION=_precision(x.dtype)),
-        (k, r * s * c if flat else c, chunk), (256, 256, 256),
+             R=r, S=s, FLAT=flat, CP=cp, DBN=dbn is not None, PROLOGUE=in_affine is not None,
+             UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
+        (k, r * s * cp if flat else c, chunk), (256, 256, 256),
     )
     dw = ws[0] if split == 1 else ws.sum(dim=0)
+    if flat and cp != c:
+        dw = dw[..., :c].contiguous()
     return dw.to(x.dtype).permute(0, 3, 1, 2)

@@ -235,9 +235,9 @@ def test_new_batch_size_does_not_recompile(K):
 def test_heuristic_tile_fits_the_problem_and_never_picks_a_spilling_width(K):
     """FUSED_RESNET_AUTOTUNE=heuristic: the largest tile the GEMM fills, never the 256-wide one (it spills on
     sm_90); a wgrad with 64 output channels takes a 64-row tile."""
-    assert K.heuristic_tile(K._GEMM_TILES, (256 * 56 * 56, 64, 576)) == (128, 64, 64, 4, 4)
+    assert K.heuristic_tile(K._GEMM_TILES, (256 * 56 * 56, 64, 576)) == (128, 64, 64, 8, 4)
     assert K.heuristic_tile(K._GEMM_TILES, (256 * 14 * 14, 1024, 256)) == (128, 128, 64, 8, 3)
-    assert K.heuristic_tile(K._GEMM_TILES, (32, 16, 8)) == (128, 64, 64, 4, 4)  # smaller than every tile
+    assert K.heuristic_tile(K._GEMM_TILES, (32, 16, 8)) == (128, 64, 64, 8, 4)  # smaller than every tile
     assert K.heuristic_tile(K._WGRAD_TILES, (64, 576, 4096)) == (64, 128, 64, 4, 4)
     assert K.heuristic_tile(K._WGRAD_TILES, (64, 48, 4096)) == (64, 64, 128, 4, 3)
     for tiles in (K._GEMM_TILES, K._WGRAD_TILES):
@@ -290,3 +290,36 @@ def test_tuning_key_is_the_autotuners(K, monkeypatch):
     monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: None)
     tuned.run(grid=(1,), warmup=False, **kwargs)
     assert list(tuned.cache) == [K.tuning_key(tuned, kwargs)]
+
+
+def test_spilling_tiles_are_never_selectable(K):
+    """Autotuning's prune hook drops the tiles measured to spill for a variant's features, and every feature
+    combination keeps at least two tiles to choose from."""
+    import itertools
+
+    for kernel, tiles in K._TILES.items():
+        names = [n for n in K.constexpr_args(kernel) if n not in K._TILE_ARGS + ("R", "S", "CP", "UPCAST", "PRECISION")]
+        for values in itertools.product(*[(0, 1) if n != "RES_MODE" else (0, 1, 3) for n in names]):
+            features = dict(zip(names, values))
+            kept = K._prune(kernel)(K._configs(tiles), {}, **features)
+            assert len(kept) >= 2, (kernel.__name__, features)
+            assert all(K.spill_reason(kernel, K._config_tile(c), features) is None for c in kept)
+    wide = (128, 256, 64, 8, 3)
+    assert K.spill_reason(K.conv_dgrad_kernel, wide, {"MASK": True, "RES_MODE": 0}) is not None
+    assert K.spill_reason(K.conv_fprop_kernel, wide, {"RES_MODE": 1}) is not None
+    assert K.spill_reason(K.conv_fprop_kernel, wide, {"RES_MODE": 0, "STATS": True}) is None
+
+
+def test_autotuner_prunes_with_the_launch_features(K, monkeypatch):
+    """The hook is installed: Triton's Autotuner, given a dgrad launch with the ReLU-mask epilogue, never
+    benchmarks the 256-wide tile."""
+    shape = testing.ConvShape(2, 16, 6, 6, 16, 3, 3, 1, (1, 1))
+    x, w, dy = shape.problem(torch.float32, DEVICE)
+    ones = torch.ones(16, device=DEVICE)
+    seen = _launches(K, monkeypatch, lambda: K.conv_dgrad(dy, w, (6, 6), (1, 1), (1, 1),
+                                                           relu_of=(x, ones, ones, ones, ones)))
+    kernel, kwargs = seen[0]
+    tuned = K._TUNED[kernel]
+    monkeypatch.setattr(tuned, "nargs", {}, raising=False)
+    kept = [K._config_tile(c) for c in tuned.prune_configs(kwargs)]
+    assert (128, 256, 64, 8, 3) not in kept and len(kept) == 3
