@@ -11,16 +11,17 @@ run (shapes flow, values do not matter); one compiles the distinct variants with
 
 JSON: {"arch", "triton", "model", "dtype", "kernels": [{"kernel", "features": {flag: value}, "config":
 "BMxBNxBK/wW/sS", "divisible_by_16", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-"async_copy", "pipelined", "selectable", "heuristic"}], "targets": {...}}. Each variant is compiled with the
+"async_copy", "pipelined", "mma_overlap", "selectable", "heuristic"}], "targets": {...}}. Each variant is compiled with the
 integer specialisation its traced launches get (arguments divisible by 16, pointers aligned), as a launch
 compiles it. "pipelined": the MMAs sit in one software-pipelined loop fed by asynchronous copies
 (fused_resnet.kernels.aot.pipelined, read from Triton's GPU IR). "selectable": autotuning may pick this
-configuration for this variant (kernels.conv.spill_reason prunes the others); "heuristic": what
+configuration for this variant (kernels.conv.spill_reason prunes the others); "mma_overlap": a wgmma stays in
+flight while the next is issued (kernels.aot.mma_overlap); "heuristic": what
 FUSED_RESNET_AUTOTUNE=heuristic picks for the variant's traced problem sizes.
 
 The static targets (the "targets" object, and the exit status): every compile succeeds, no selectable
-configuration spills, every selectable one is pipelined with asynchronous copies and uses wgmma (sm_90) — and
-every variant keeps at least two selectable configurations.
+configuration spills, every selectable one is pipelined with asynchronous copies and uses wgmma (sm_90), every
+variant keeps at least two selectable configurations, and every wgrad overlaps its MMAs.
 """
 from __future__ import annotations
 
@@ -177,6 +178,8 @@ def targets(rows: list, arch: int) -> dict:
         "every MMA is wgmma" if arch >= 90 else "every MMA is mma": all(
             r["mma"] == ("wgmma" if arch >= 90 else "mma") for r in chosen),
         "every variant keeps two or more configurations": all(n >= 2 for n in per_variant.values()),
+        "every wgrad overlaps its MMAs": all(r["mma_overlap"] for r in chosen if r["kernel"] == "conv_wgrad_kernel")
+        if arch >= 90 else True,
     }
 
 

@@ -62,9 +62,11 @@ def compile_variant(fn, constexprs: Dict[str, object], dtype: str, num_warps: in
                     arch: int = 90, divisible: Sequence[str] = ()) -> Dict[str, Optional[object]]:
     """Compile one variant for sm_<arch>, pointers 16-byte aligned and the ``divisible`` integer arguments
     divisible by 16 (as a launch specialises them): {"ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-    "async_copy", "pipelined"}; spill_bytes is the stack frame the registers spilled to (STACK + LOCAL)."""
+    "async_copy", "pipelined", "mma_overlap"}; spill_bytes is the stack frame the registers spilled to (STACK +
+    LOCAL)."""
     row: Dict[str, Optional[object]] = {"ok": False, "error": None, "regs": None, "spill_bytes": None,
-                                        "smem_bytes": None, "mma": None, "async_copy": None, "pipelined": None}
+                                        "smem_bytes": None, "mma": None, "async_copy": None, "pipelined": None,
+                                        "mma_overlap": None}
     try:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in constexprs and (n.endswith("_ptr") or n in divisible)}
@@ -80,8 +82,16 @@ def compile_variant(fn, constexprs: Dict[str, object], dtype: str, num_warps: in
                smem_bytes=compiled.metadata.shared,
                mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None,
                async_copy="cp.async" in ptx or "cp.async.bulk.tensor" in ptx,
-               pipelined=pipelined(compiled.asm["ttgir"]))
+               pipelined=pipelined(compiled.asm["ttgir"]), mma_overlap=mma_overlap(compiled.asm["ttgir"]))
     return row
+
+
+def mma_overlap(ttgir: str) -> Optional[bool]:
+    """Whether an asynchronous wgmma stays in flight while the next iteration's is issued (a wait that leaves one
+    pending), or None without wgmma. An operand transformed in registers and stored to shared memory every
+    iteration makes the kernel wait for each MMA before overwriting it."""
+    waits = [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
+    return any(p >= 1 for p in waits) if waits else None
 
 
 def dot_loop_depths(ttgir: str) -> List[int]:
