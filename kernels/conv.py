@@ -633,8 +633,8 @@ def conv_fprop(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
     row = c < FLAT_BELOW
-    cp = _row_channels(c, x.dtype) if row else c
-    if cp != c:  # the row layout's zero channels (the stem's input and weights: a small copy)
+    cp = _row_channels(c, x.dtype) if row else 1  # a constexpr: 1 keeps one variant for every larger C
+    if row and cp != c:  # the row layout's zero channels (the stem's input and weights: a small copy)
         x_st, w_st = (F.pad(t, (0, cp - c)) for t in (x_st, w_st))
     _launch(
         conv_fprop_kernel, grid,

@@ -323,3 +323,18 @@ def test_autotuner_prunes_with_the_launch_features(K, monkeypatch):
     monkeypatch.setattr(tuned, "nargs", {}, raising=False)
     kept = [K._config_tile(c) for c in tuned.prune_configs(kwargs)]
     assert (128, 256, 64, 8, 3) not in kept and len(kept) == 3
+
+
+def test_channel_counts_share_one_compiled_variant(K, monkeypatch):
+    """Channel counts are runtime arguments: convs with 16 and 32 input channels launch the same constexprs (one
+    compiled variant), while the stem's row layout carries its padded channel count."""
+    def conv(c, stem=False):
+        shape = testing.ConvShape(2, c, 6, 6, 16, 3, 3, 1, (1, 1))
+        x, w, dy = shape.problem(torch.float32, DEVICE)
+        return lambda: (K.conv_fprop(x, w, (1, 1), (1, 1)), K.conv_wgrad(dy, x, (3, 3), (1, 1), (1, 1)))
+
+    launches = _launches(K, monkeypatch, conv(16), conv(32), conv(3))
+    consts = [(k.__name__, {n: kw[n] for n in K.constexpr_args(k) if n in kw}) for k, kw in launches]
+    fprop16, wgrad16, fprop32, wgrad32, fprop3, wgrad3 = consts
+    assert fprop16 == fprop32 and wgrad16 == wgrad32
+    assert fprop3[1]["ROW"] and fprop3[1]["CP"] == 4 and wgrad3[1]["FLAT"] and wgrad3[1]["CP"] == 4  # float32

@@ -43,7 +43,8 @@ def test_bench_host_overhead_smoke(tmp_path):
 
 def test_aot_check_smoke(tmp_path):
     """bench/aot_check.py traces a converted model's conv launches and compiles the first variant for sm_90 with
-    each of its kernel's tile configurations: the report has the documented schema and every compile succeeds."""
+    each of its kernel's tile configurations: the report has the documented schema, every compile succeeds and
+    the variant meets the static targets (exit status 0)."""
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_check.py"), "--model", "cifar_resnet20",
                            "--limit", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
@@ -51,8 +52,9 @@ def test_aot_check_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["arch"] == "sm_90" and report["kernels"]
     fields = {"kernel", "features", "config", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma", "async_copy",
-              "pipelined", "selectable", "divisible_by_16", "heuristic"}
+              "pipelined", "mma_overlap", "selectable", "divisible_by_16", "heuristic"}
     assert all(fields <= set(r) and r["ok"] and r["mma"] == "wgmma" for r in report["kernels"])
+    assert report["targets"] and all(report["targets"].values()), report["targets"]
     assert sum(r["heuristic"] for r in report["kernels"]) >= 1
 
 
