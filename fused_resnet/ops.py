@@ -10,6 +10,8 @@ Ops (namespace ``fused_resnet``), each resolving its ``backend`` name at run tim
 * ``block_inference`` — eval-mode block forward that saves nothing.
 * ``bn_running_update`` — torch's running-statistics update (mutates running_mean / running_var /
   num_batches_tracked), kept out of the differentiable op because torch.library autograd needs functional ops.
+* ``sync_stats`` / ``sync_grad_sums`` — a synchronised BN's collectives (fused_resnet.distributed), which the
+  extension's C++ block ops call through the dispatcher between their kernels.
 
 The Python functions at the bottom (``forward``, ``inference``, ``running_update``) are what the functional layer
 calls: they take the spec and tensor bundles and do the flattening. This module also registers the fakes and the
