@@ -10,6 +10,7 @@ On a GPU: NCCL, one rank per GPU.
 
 Every scenario runs inside one pair of spawned processes (starting them costs seconds); the tests read their
 results."""
+import datetime
 import os
 import socket
 import tempfile
@@ -26,6 +27,8 @@ from fused_resnet import testing
 from conftest import requires_gpu
 
 WORLD = 2
+# A collective that finds no partner (a mismatch between ranks) fails after this, rather than hanging the suite.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 # name → (block kind, inplanes, planes, stride, shortcut)
 BLOCKS = {
     "identity": ("basic", 8, 8, 1, None),
@@ -174,7 +177,8 @@ def _scenario_own_groups(rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank), "groups": _scenario_own_groups(rank)},
                    os.path.join(path, f"{rank}.pt"))
@@ -271,7 +275,8 @@ def _gpu_worker(rank: int, world: int, port: int, path: str) -> None:
     """One rank per GPU on NCCL: each rank its share of the batch through fused blocks with synchronised BN (the
     extension's and the Triton kernels), gathered on rank 0 against the whole batch."""
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         out = {}
         split = tuple(range(2, 2 + world))  # different batch sizes per rank
