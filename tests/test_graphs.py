@@ -60,8 +60,16 @@ def test_fused_training_step_reads_nothing_on_the_host(backend, shortcut, moment
 
 
 def test_synchronised_bn_refuses_capture(monkeypatch):
+    """Inside a capture, a block (or stem) whose BN is synchronised is refused before it runs, naming it; the
+    collective itself refuses too."""
+    model = fused_resnet.convert(_model("B", None), backend="reference", sync_bn=True)
+    monkeypatch.setattr(distributed, "sync_handle", lambda bn: 1 if isinstance(bn, torch.nn.SyncBatchNorm) else 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="layer1.0 synchronises its BatchNorm statistics .* cannot be captured"):
+        model.layer1[0](torch.randn(2, 4, 8, 8))
+    with pytest.raises(RuntimeError, match="CifarResNet synchronises its BatchNorm statistics"):
+        model(torch.randn(2, 3, 8, 8))
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         distributed.merge_stats(1, torch.zeros(3), torch.ones(3), 4, 1e-5)
 
