@@ -50,20 +50,21 @@ void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
 
 struct Forward {
   std::vector<at::Tensor> acts, means, variances;
-  std::vector<int64_t> counts;  // elements behind each unit's statistics (the group's for a synchronised unit)
+  std::vector<at::Tensor> counts;  // elements behind each unit's statistics (the group's for a synchronised unit)
   at::Tensor y;
 };
 
 // Synchronised BN: torch.distributed's collectives, reached through the Python ops fused_resnet::sync_stats and
 // fused_resnet::sync_grad_sums (fused_resnet.distributed) between this file's kernels.
-std::tuple<at::Tensor, at::Tensor, int64_t> sync_stats(const UnitSpec& u, const at::Tensor& mean,
-                                                       const at::Tensor& var, int64_t count) {
+// The group's count comes back as a float64 0-d tensor on the device: nothing is read on the host.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sync_stats(const UnitSpec& u, const at::Tensor& mean,
+                                                          const at::Tensor& var, int64_t count) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fused_resnet::sync_stats", "")
                              .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, double,
                                                             int64_t)>();
   const std::vector<at::Tensor> out = op.call(mean, var, count, u.eps, u.sync_group);
-  return {out[0].contiguous(), out[1].contiguous(), out[2].item<int64_t>()};
+  return {out[0].contiguous(), out[1].contiguous(), out[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor> sync_grad_sums(const UnitSpec& u, const at::Tensor& sum_dz,
@@ -91,11 +92,12 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     at::Tensor a = conv_fprop(u, input, weights[i]);
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
     at::Tensor mean, var, s, t, rstd;
-    int64_t count = a.size(1) == 0 ? 0 : a.numel() / a.size(1);
+    const int64_t local = a.size(1) == 0 ? 0 : a.numel() / a.size(1);
+    at::Tensor count;  // filled on the device: a synchronised spec's forward returns them all
     if (u.batch_stats) {
       std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, u.eps);
       if (u.sync_group != 0) {  // the group's statistics, before anything reads them
-        std::tie(mean, var, count) = sync_stats(u, mean, var, count);
+        std::tie(mean, var, count) = sync_stats(u, mean, var, local);
         std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
       }
     } else {
@@ -109,7 +111,10 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     out.acts.push_back(a);
     out.means.push_back(mean);
     out.variances.push_back(var);
-    out.counts.push_back(count);
+    if (spec.synced()) {
+      out.counts.push_back(count.defined() ? count
+                                           : at::full({}, static_cast<double>(local), a.options().dtype(at::kDouble)));
+    }
     scales.push_back(s);
     shifts.push_back(t);
   }
@@ -158,7 +163,7 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
   out.insert(out.end(), f.variances.begin(), f.variances.end());
-  if (spec.synced()) out.push_back(at::tensor(f.counts, at::kLong));  // fused_resnet.tensors.Forward.counts
+  if (spec.synced()) out.push_back(at::stack(f.counts));  // fused_resnet.tensors.Forward.counts
   return out;
 }
 
@@ -206,8 +211,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     if (u.sync_group != 0 && u.batch_stats) {
       std::tie(sum_dz, sum_dz_xhat) = sync_grad_sums(u, sum_dz, sum_dz_xhat, rstd[i]);
       // dbn_apply divides by this rank's count: the group's sums scaled by local / group count give Σ/M_group
+      // (the group count stays on the device)
       const int64_t local = a[i].size(1) == 0 ? 0 : a[i].numel() / a[i].size(1);
-      const double ratio = static_cast<double>(local) / static_cast<double>((*counts)[i].item<int64_t>());
+      const at::Tensor ratio = at::reciprocal((*counts)[i]).mul_(static_cast<double>(local)).to(at::kFloat);
       sum_dz = sum_dz * ratio;
       sum_dz_xhat = sum_dz_xhat * ratio;
     }

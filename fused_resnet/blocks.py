@@ -222,15 +222,6 @@ def _runs_eagerly(backend: str, x: Tensor) -> bool:
     return backend == "auto" and backends.auto_runs_eager(x.device.type)
 
 
-def _refuse_synced_capture(owner: nn.Module, spec) -> None:
-    """A BatchNorm synchronised over a process group reads its group's element count on the host: refused inside
-    a CUDA graph capture, naming the module, before anything runs."""
-    if spec.synced and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"fused_resnet: {guard.name_of(owner)} synchronises its BatchNorm statistics over a "
-                           f"process group, which cannot be captured in a CUDA graph (the group's element count is "
-                           f"read on the host); capture without sync_bn, or do not capture this model")
-
-
 def _empty_unsynced(spec_of: Callable, x: Tensor) -> bool:
     """An empty batch runs eagerly, unless a BN is synchronised over a process group: then the rank still takes
     part in the group's collectives, through the fused op (see ``_backend_for``)."""
@@ -321,7 +312,6 @@ class _FusedForward:
             return self._eager(x)
         convs, bns, kind, stride = structure
         spec = block_spec(self, convs, bns, kind, stride)
-        _refuse_synced_capture(self, spec)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
         return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self))
 
@@ -378,7 +368,6 @@ class FusedStemMixin:
             key = guard.signature([self.conv1, self.bn1, self.relu])
             reason = _guarded(self, key, self._stem_blocker)
             if reason is None:
-                _refuse_synced_capture(self, block_spec(self, [self.conv1], [self.bn1], Shortcut.NONE))
                 return conv_bn_relu(self, x, self.conv1, self.bn1, _backend_for(self.backend, x))
             guard.warn_eager(self, f"stem: {reason}")
         return self.relu(self.bn1(self.conv1(x)))

@@ -14,7 +14,7 @@ SyncBatchNorm meets a rank running the fused op message for message. dγ and dβ
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -51,12 +51,10 @@ def world_size(handle: int) -> int:
     return dist.get_world_size(group(handle))
 
 
-def merge_stats(handle: int, mean: Tensor, var: Tensor, count: int, eps: float) -> Tuple[Tensor, Tensor, int]:
+def merge_stats(handle: int, mean: Tensor, var: Tensor, count: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(mean, biased variance, element count) over the group, from this rank's statistics of ``count`` elements per
-    channel (any values when ``count`` is 0)."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("fused_resnet: a BatchNorm synchronised over a process group cannot be captured in a CUDA "
-                           "graph: the group's element count, which the running statistics need, is read on the host")
+    channel (any values when ``count`` is 0). The count stays on the device (a float64 0-d tensor: exact, and
+    nothing is read on the host, so a CUDA graph can capture it)."""
     c = mean.shape[0]
     if count > 0:
         local = torch.cat([mean, torch.rsqrt(var + eps), mean.new_full((1,), float(count))])
@@ -72,7 +70,7 @@ def merge_stats(handle: int, mean: Tensor, var: Tensor, count: int, eps: float) 
     total = counts.sum()
     merged_mean = (counts * means).sum(0) / total
     merged_var = (counts * (variances + (means - merged_mean) ** 2)).sum(0) / total
-    return merged_mean, merged_var, int(total.item())
+    return merged_mean, merged_var, counts.double().sum()  # each rank's count is exact in float32 (< 2^24)
 
 
 def reduce_grad_sums(handle: int, sum_dz: Tensor, sum_dz_xhat: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
@@ -83,10 +81,14 @@ def reduce_grad_sums(handle: int, sum_dz: Tensor, sum_dz_xhat: Tensor, rstd: Ten
     return combined[:c], combined[c:] * rstd
 
 
-def counts_tensor(counts: List[int]) -> Tensor:
-    """The element count behind each unit's statistics, as a block forward returns it for a synchronised spec."""
-    return torch.tensor(counts, dtype=torch.int64)
+def counts_tensor(counts: List[Union[int, Tensor]], like: Tensor) -> Tensor:
+    """The element count behind each unit's statistics (a synchronised unit's: its group's, a 0-d tensor), as a
+    block forward returns it for a synchronised spec: float64 on ``like``'s device, filled there (no copy from
+    the host)."""
+    return torch.stack([c if isinstance(c, Tensor) else torch.full((), c, dtype=torch.float64, device=like.device)
+                        for c in counts])
 
 
-def synced_count(counts: Optional[Tensor], i: int, local: int) -> int:
-    return local if counts is None else int(counts[i])
+def unit_count(counts: Optional[Tensor], i: int, local: int) -> Union[int, Tensor]:
+    """Unit i's element count: ``local`` (an int) without synchronised statistics, else the group's (0-d tensor)."""
+    return local if counts is None else counts[i]

@@ -153,7 +153,7 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
         with torch.no_grad():
             for i, (unit, bn, shape) in enumerate(zip(spec.units, bns, shapes)):
                 if unit.update_running:  # a synchronised unit's count is the group's
-                    count = distributed.synced_count(out.counts, i, shape[0] * shape[2] * shape[3])
+                    count = distributed.unit_count(out.counts, i, shape[0] * shape[2] * shape[3])
                     ops.running_update(bn, out.means[i], out.variances[i], count, unit.momentum, backend)
     return y.squeeze(2) if one_d else y
 

@@ -46,7 +46,7 @@ def forward_fake(x: Tensor, weights: Sequence[Tensor], spec: BlockSpec,
     acts = [_empty(x, s, saved_format) for s in shapes]
     means = [x.new_empty((s[1],), dtype=stat) for s in shapes]
     variances = [x.new_empty((s[1],), dtype=stat) for s in shapes]
-    counts = torch.empty((len(shapes),), dtype=torch.int64) if spec.synced else None
+    counts = x.new_empty((len(shapes),), dtype=torch.float64) if spec.synced else None
     return pack_forward(Forward(_empty(x, shapes[spec.n_main - 1], memory_format_of(x)), acts, means, variances,
                                 counts))
 
@@ -168,14 +168,18 @@ def _block_inference_fake(x, weights, gammas, betas, running_means, running_vars
 )
 def bn_running_update(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
-    count: int, momentum: Optional[float], backend: str,
+    count: int, momentum: Optional[float], backend: str, group_count: Optional[Tensor] = None,
 ) -> None:
-    backends.resolve(backend, mean, None).bn_running_update(running_mean, running_var, num_batches_tracked, mean,
-                                                            var, count, momentum)
+    """``group_count``: a synchronised BN's element count over its group (0-d, on the device), used instead of
+    ``count``."""
+    backends.resolve(backend, mean, None).bn_running_update(
+        running_mean, running_var, num_batches_tracked, mean, var, count if group_count is None else group_count,
+        momentum)
 
 
 @bn_running_update.register_fake
-def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, backend):
+def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, backend,
+                            group_count=None):
     return None
 
 
@@ -184,9 +188,8 @@ def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean
 # are Python's); the Python backends call fused_resnet.distributed directly.
 @torch.library.custom_op("fused_resnet::sync_stats", mutates_args=())
 def sync_stats(mean: Tensor, var: Tensor, count: int, eps: float, group: int) -> List[Tensor]:
-    """[mean, biased variance, element count (int64, 0-d, CPU)] over the process group ``group``."""
-    merged_mean, merged_var, total = distributed.merge_stats(group, mean, var, count, eps)
-    return [merged_mean, merged_var, torch.tensor(total, dtype=torch.int64)]
+    """[mean, biased variance, element count (float64, 0-d, on the device)] over the process group ``group``."""
+    return list(distributed.merge_stats(group, mean, var, count, eps))
 
 
 @torch.library.custom_op("fused_resnet::sync_grad_sums", mutates_args=())
@@ -207,10 +210,12 @@ def inference(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Ten
     return torch.ops.fused_resnet.block_inference(x, *params, residual, spec.ints, spec.floats, backend)
 
 
-def running_update(bn, mean: Tensor, var: Tensor, count: int, momentum: Optional[float], backend: str) -> None:
-    """Update ``bn``'s running statistics from one call's batch statistics."""
+def running_update(bn, mean: Tensor, var: Tensor, count, momentum: Optional[float], backend: str) -> None:
+    """Update ``bn``'s running statistics from one call's batch statistics of ``count`` elements per channel (an
+    int, or a synchronised BN's group count as a 0-d tensor)."""
+    group = {"group_count": count} if isinstance(count, Tensor) else {}
     torch.ops.fused_resnet.bn_running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
-                                             count, momentum, backend)
+                                             0 if group else count, momentum, backend, **group)
 
 
 # --------------------------------------------------------------------------------------------- extension ops

@@ -36,7 +36,8 @@ class Forward(NamedTuple):
     """A training forward's outputs: y in the user's layout; per unit the pre-BN conv output (in the backend's
     ``saved_format``) and the statistics its BN used (batch statistics with the biased variance, or the running
     ones), float32 (float64 for float64 inputs); for a synchronised spec (``BlockSpec.synced``) the element count
-    behind each unit's statistics (the group's for a synchronised unit; int64, on the CPU), else None."""
+    behind each unit's statistics (the group's for a synchronised unit; float64, on the statistics' device),
+    else None."""
 
     y: Tensor
     acts: List[Tensor]

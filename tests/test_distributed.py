@@ -176,12 +176,28 @@ def _scenario_own_groups(rank: int) -> dict:
             "split": split}
 
 
+def _scenario_host_reads(rank: int) -> dict:
+    """The ops that read a tensor's value on the host during a synchronised block's training step (forward,
+    backward, running statistics), per backend: none may (a CUDA graph could not capture them)."""
+    from test_graphs import _HostReads
+
+    out = {}
+    for backend in ("reference", "triton", "cuda"):
+        block = fused_resnet.convert(_block("projection"), backend=backend, sync_bn=True).float()
+        x = _inputs("projection")[0][3 * rank: 3 * rank + 3].float()
+        _run(block, x, torch.ones_like)  # first step outside: caches
+        with _HostReads() as reads:
+            _run(block, x, torch.ones_like)
+        out[backend] = reads.calls
+    return out
+
+
 def _worker(rank: int, port: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
-        torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank), "groups": _scenario_own_groups(rank)},
-                   os.path.join(path, f"{rank}.pt"))
+        torch.save({"blocks": _scenario_blocks(rank), "ddp": _scenario_ddp(rank), "groups": _scenario_own_groups(rank),
+                    "host_reads": _scenario_host_reads(rank)}, os.path.join(path, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -240,6 +256,12 @@ def test_a_models_own_sync_bn_groups_are_kept_with_one_collective_per_bn_and_dir
         torch.testing.assert_close(part["result"]["y"], ref["y"][sl], rtol=1e-10, atol=1e-10)
         for n, grad in ref["grads"].items():
             torch.testing.assert_close(part["result"]["grads"][n], grad, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_synchronised_step_reads_nothing_on_the_host(ranks):
+    """The group's count stays on the device through the running statistics and the backward, on every backend."""
+    for r in ranks:
+        assert r["host_reads"] == {"reference": [], "triton": [], "cuda": []}
 
 
 def test_data_parallel_sync_bn_equals_whole_batch(ranks):

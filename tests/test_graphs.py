@@ -1,8 +1,8 @@
 """CUDA graphs readiness: a converted model's whole training step can be captured and replayed.
 
 On the CPU: a fused training step (forward, backward, running statistics, SGD step) reads no tensor value on the
-host (no .item(), .tolist() or bool(tensor): what a capture forbids), on every backend. A synchronised BN refuses a
-capture with a clear error. On a GPU: torch.cuda.graph capture of a whole step, and torch.compile
+host through the dispatcher (no .item(), bool(tensor): what a capture forbids), on every backend (with synchronised
+BN too: tests/test_distributed.py). On a GPU: torch.cuda.graph capture of a whole step, and torch.compile
 mode="reduce-overhead", replayed steps against eager steps."""
 import copy
 
@@ -11,7 +11,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet
-from fused_resnet import distributed
 
 from conftest import requires_gpu
 
@@ -57,21 +56,6 @@ def test_fused_training_step_reads_nothing_on_the_host(backend, shortcut, moment
     with _HostReads() as reads:
         _step(model, opt, x, y)
     assert reads.calls == []
-
-
-def test_synchronised_bn_refuses_capture(monkeypatch):
-    """Inside a capture, a block (or stem) whose BN is synchronised is refused before it runs, naming it; the
-    collective itself refuses too."""
-    model = fused_resnet.convert(_model("B", None), backend="reference", sync_bn=True)
-    monkeypatch.setattr(distributed, "sync_handle", lambda bn: 1 if isinstance(bn, torch.nn.SyncBatchNorm) else 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="layer1.0 synchronises its BatchNorm statistics .* cannot be captured"):
-        model.layer1[0](torch.randn(2, 4, 8, 8))
-    with pytest.raises(RuntimeError, match="CifarResNet synchronises its BatchNorm statistics"):
-        model(torch.randn(2, 3, 8, 8))
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        distributed.merge_stats(1, torch.zeros(3), torch.ones(3), 4, 1e-5)
 
 
 def _data(steps, device):

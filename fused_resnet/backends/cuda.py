@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..spec import BlockSpec
 from ..tensors import Forward, Grads, Params, unpack_forward, unpack_grads
-from . import extension
+from . import extension, reference
 from .registry import Backend, register
 
 ENV_ON_CPU = "FUSED_RESNET_EXT_ON_CPU"
@@ -88,6 +88,9 @@ class CudaBackend(Backend):
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        if isinstance(count, Tensor):  # a synchronised BN's group count, on the device: a few torch ops
+            reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+            return
         _ops().bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 

@@ -29,7 +29,7 @@ run in the input dtype, as torch's do.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ def drelu_dbn_reduce(dz: Tensor, a: Tensor, mean: Tensor, rstd: Tensor) -> Tuple
 
 def dbn_apply(
     dz: Tensor, a: Tensor, mean: Tensor, rstd: Tensor, s: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor,
-    batch_stats: bool, count: Optional[int] = None,
+    batch_stats: bool, count: Union[None, int, Tensor] = None,
 ) -> Tensor:
     """da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) with batch statistics (M: ``count``, a's elements per channel unless the
     statistics came from a whole process group); s·dz with fixed (running) statistics."""
@@ -120,10 +120,11 @@ def option_a_backward(dz: Tensor, x: Tensor, stride: Sequence[int]) -> Tensor:
 
 def bn_running_update(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-    mean: Tensor, var: Tensor, count: int, momentum: Optional[float],
+    mean: Tensor, var: Tensor, count: Union[int, Tensor], momentum: Optional[float],
 ) -> None:
     """torch's BN running-statistics update, in place: num_batches_tracked += 1; momentum=None is the cumulative
-    average (factor 1/num_batches_tracked); running_var receives the unbiased variance var·M/(M−1)."""
+    average (factor 1/num_batches_tracked); running_var receives the unbiased variance var·M/(M−1) (M: ``count``,
+    a 0-d tensor for a synchronised BN's group count)."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is None:
@@ -166,7 +167,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
     s_last, t_last = affine[n_main - 1]
     sc = _shortcut_value(spec, x, acts, affine, residual, fmt, s_last.dtype)
     return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc), acts, means, variances,
-                   distributed.counts_tensor(counts) if spec.synced else None)
+                   distributed.counts_tensor(counts, x) if spec.synced else None)
 
 
 def _shortcut_value(spec: BlockSpec, x, acts, affine, residual, fmt, dtype) -> Optional[Tensor]:
@@ -213,7 +214,7 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
         count = None
         if unit.sync_group and unit.batch_stats:
             sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(unit.sync_group, sum_dz, sum_dz_xhat, rstd)
-            count = int(saved.counts[i])
+            count = saved.counts[i]
         da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, unit.batch_stats, count)
         d_inp, dws[i] = conv_backward(da, inp, weights[i], unit, need_inp_grad)
         return d_inp

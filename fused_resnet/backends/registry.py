@@ -54,8 +54,9 @@ class Backend:
         raise NotImplementedError
 
     def bn_running_update(self, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                          mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
-        """torch's running-statistics update, in place."""
+                          mean: Tensor, var: Tensor, count, momentum: Optional[float]) -> None:
+        """torch's running-statistics update, in place; ``count`` is an int, or a 0-d tensor on the device (a
+        synchronised BN's group count)."""
         raise NotImplementedError
 
 

@@ -119,7 +119,7 @@ class TritonBackend(Backend):
             closing["residual"] = residual.to(x.dtype).contiguous(memory_format=_CL)
         y = bn_act.bn_act(acts[n_main - 1], *affine[n_main - 1], **closing)
         return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances,
-                       distributed.counts_tensor(counts) if spec.synced else None)
+                       distributed.counts_tensor(counts, x) if spec.synced else None)
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
@@ -150,7 +150,7 @@ class TritonBackend(Backend):
             count = acts[i].numel() // acts[i].shape[1]
             if units[i].sync_group:  # called for the projection first, then the main path from the last unit
                 sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(units[i].sync_group, sum_dz, sum_dz_xhat, rstd)
-                count = int(saved.counts[i])
+                count = saved.counts[i]
             return (acts[i], means[i], s, (-s * rstd * sum_dz_xhat / count).contiguous(),
                     (-s * sum_dz / count).contiguous())
 
