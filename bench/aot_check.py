@@ -11,9 +11,9 @@ run (shapes flow, values do not matter); one compiles the distinct variants with
 
 JSON: {"arch", "triton", "model", "dtype", "kernels": [{"kernel", "features": {flag: value}, "config":
 "BMxBNxBK/wW/sS", "divisible_by_16", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-"async_copy", "pipelined", "mma_overlap", "selectable", "heuristic"}], "targets": {...}}. Each variant is compiled with the
-integer specialisation its traced launches get (arguments divisible by 16, pointers aligned), as a launch
-compiles it. "pipelined": the MMAs sit in one software-pipelined loop fed by asynchronous copies
+"async_copy", "pipelined", "mma_overlap", "selectable", "heuristic"}], "targets": {...}}. Each variant is
+compiled with the integer specialisation its traced launches get (arguments divisible by 16, pointers
+aligned), as a launch compiles it. "pipelined": the MMAs sit in one software-pipelined loop fed by asynchronous copies
 (fused_resnet.kernels.aot.pipelined, read from Triton's GPU IR). "selectable": autotuning may pick this
 configuration for this variant (kernels.conv.spill_reason prunes the others); "mma_overlap": a wgmma stays in
 flight while the next is issued (kernels.aot.mma_overlap); "heuristic": what
@@ -30,16 +30,6 @@ import json
 import os
 import subprocess
 import sys
-from typing import List
-
-_CONFIG_PARAMS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-
-
-def _constexpr_names(kernel) -> List[str]:
-    import inspect
-
-    fn = getattr(kernel, "fn", kernel)
-    return [n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)]
 
 
 def trace(model_name: str, dtype: str, size: int) -> list:
@@ -55,8 +45,8 @@ def trace(model_name: str, dtype: str, size: int) -> list:
     found = {}
 
     def record(kernel, grid, kwargs, gemm_mnk, caps):
-        constexprs = _constexpr_names(kernel)
-        names = [n for n in constexprs if n not in _CONFIG_PARAMS + ("UPCAST", "PRECISION")]
+        constexprs = conv.constexpr_args(kernel)
+        names = [n for n in constexprs if n not in conv._TILE_ARGS + ("UPCAST", "PRECISION")]
         features = {n: kwargs[n] for n in names}
         ints = {n: v for n, v in kwargs.items() if n not in constexprs and isinstance(v, int)}
         entry = found.setdefault((kernel.__name__, json.dumps(features, sort_keys=True)), (features, []))
