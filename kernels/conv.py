@@ -653,7 +653,7 @@ def conv_fprop(
 
 def _row_channels(c: int, dtype: torch.dtype) -> int:
     """fprop's row layout: C rounded up to whole 16-byte runs (8 channels in 16-bit types, 4 in float32)."""
-    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    per_16_bytes = 16 // dtype.itemsize
     return -(-c // per_16_bytes) * per_16_bytes
 
 
