@@ -67,10 +67,10 @@ def merge_stats(handle: int, mean: Tensor, var: Tensor, count: int, eps: float) 
     has = counts > 0
     variances = torch.where(has, 1.0 / (invstds * invstds) - eps, torch.zeros_like(invstds))
     means = torch.where(has, means, torch.zeros_like(means))
-    total = counts.sum()
+    total = counts.double().sum()  # each rank's count is exact in float32 (< 2^24); their sum need not be
     merged_mean = (counts * means).sum(0) / total
     merged_var = (counts * (variances + (means - merged_mean) ** 2)).sum(0) / total
-    return merged_mean, merged_var, counts.double().sum()  # each rank's count is exact in float32 (< 2^24)
+    return merged_mean, merged_var, total
 
 
 def reduce_grad_sums(handle: int, sum_dz: Tensor, sum_dz_xhat: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
