@@ -96,13 +96,12 @@ class TritonBackend(Backend):
             args = (inp, params.weights[i], unit.stride, unit.padding)
             if unit.batch_stats:
                 a, mean, var = conv.conv_fprop(*args, in_affine=in_affine, stats=True)
-                counts.append(a.numel() // a.shape[1])
-                if unit.sync_group:  # the group's statistics, before anything reads them
-                    mean, var, counts[i] = distributed.merge_stats(unit.sync_group, mean, var, counts[i], unit.eps)
             else:
                 a = conv.conv_fprop(*args, in_affine=in_affine)
                 mean, var = params.running_means[i].float().clone(), params.running_vars[i].float().clone()
-                counts.append(a.numel() // a.shape[1])
+            counts.append(a.numel() // a.shape[1])
+            if unit.sync_group:  # the group's statistics (batch statistics only), before anything reads them
+                mean, var, counts[i] = distributed.merge_stats(unit.sync_group, mean, var, counts[i], unit.eps)
             s, t, _ = reference.scale_shift(params.gammas[i], params.betas[i], mean, var, unit.eps)
             acts.append(a)
             means.append(mean)
