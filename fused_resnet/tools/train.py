@@ -138,6 +138,11 @@ def build_model(cfg: TrainConfig, data: datasets.Data) -> nn.Module:
                                       residual_scale=parse_residual_scale(cfg.residual_scale))
 
 
+def device_name(cfg: TrainConfig) -> str:
+    """The run's device: --device, else cuda when available (a --ddp process then takes its LOCAL_RANK's GPU)."""
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, warmup_steps: int):
     """SGD (momentum, weight decay) and a per-step schedule: linear warm-up over ``warmup_steps``, then cosine
     annealing to 0 at ``total_steps``."""
@@ -161,7 +166,7 @@ class Trainer:
             raise ValueError("channels_last applies to 2-D (image) models only")
         self.cfg = cfg
         self.dist = dist
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device_name(cfg))
         if cfg.ddp and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
         torch.manual_seed(cfg.seed)
@@ -361,15 +366,15 @@ def check_backend(args: argparse.Namespace, command: str) -> None:
         raise SystemExit(f"fused-resnet {command}: {e}") from None
 
 
-def _init_distributed(cfg: TrainConfig) -> None:
+def _init_distributed(cfg: TrainConfig, dist: Distributed) -> None:
     """torch.distributed for --ddp: NCCL with CUDA, gloo on the CPU (DistributedDataParallel takes SyncBatchNorm
     only in GPU modules, so --sync-bn needs CUDA)."""
-    cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = device_name(cfg).startswith("cuda")
     if cfg.sync_bn and not cuda:
         raise ValueError("--sync-bn needs CUDA: torch's DistributedDataParallel takes SyncBatchNorm only in GPU "
                          "modules")
     if cuda:
-        torch.cuda.set_device(Distributed.from_env().local_rank)
+        torch.cuda.set_device(dist.local_rank)
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 
@@ -377,13 +382,12 @@ def run(args: argparse.Namespace) -> int:
     check_backend(args, "train")
     try:
         cfg = config_from_args(args)
+        dist = Distributed.from_env() if cfg.ddp else Distributed()
         if cfg.ddp:
-            Distributed.from_env()
-            _init_distributed(cfg)
-        main = not cfg.ddp or Distributed.from_env().main
+            _init_distributed(cfg, dist)
         out = args.out or (args.resume.parent if args.resume else default_out(cfg))
-        if main:
-            world = f", {Distributed.from_env().world_size} processes" if cfg.ddp else ""
+        if dist.main:
+            world = f", {dist.world_size} processes" if cfg.ddp else ""
             print(f"training {cfg.model}{' (plain)' if cfg.plain else ''} on {cfg.data}, {cfg.epochs} epochs, "
                   f"lr {cfg.lr}{world} -> {out}")
         history = train(cfg, out=out, resume=args.resume, quiet=args.quiet)
@@ -393,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     last = history[-1]
-    if main:
+    if dist.main:
         print(f"final: train loss {last['train_loss']:.4f}, train error {1 - last['train_acc']:.2%}, "
               f"test error {1 - last['test_acc']:.2%}; wrote {out}/checkpoint.pt, history.json, curves.png")
     return 0
