@@ -25,6 +25,9 @@ constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(kNHWC); }
 at::Tensor f32(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
 
+// Elements per channel of an [N, C, H, W] tensor: the count behind its BN statistics.
+int64_t per_channel(const at::Tensor& a) { return a.size(1) == 0 ? 0 : a.numel() / a.size(1); }
+
 // The layout every output follows (fused_resnet.reference.memory_format_of).
 at::MemoryFormat format_of(const at::Tensor& x) {
   return x.dim() == 4 && x.is_contiguous(kNHWC) && !x.is_contiguous() ? kNHWC : at::MemoryFormat::Contiguous;
@@ -92,7 +95,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     at::Tensor a = conv_fprop(u, input, weights[i]);
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
     at::Tensor mean, var, s, t, rstd;
-    const int64_t local = a.size(1) == 0 ? 0 : a.numel() / a.size(1);
+    const int64_t local = per_channel(a);
     at::Tensor count;  // filled on the device: a synchronised spec's forward returns them all
     if (u.batch_stats) {
       std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, u.eps);
@@ -212,8 +215,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       std::tie(sum_dz, sum_dz_xhat) = sync_grad_sums(u, sum_dz, sum_dz_xhat, rstd[i]);
       // dbn_apply divides by this rank's count: the group's sums scaled by local / group count give Σ/M_group
       // (the group count stays on the device)
-      const int64_t local = a[i].size(1) == 0 ? 0 : a[i].numel() / a[i].size(1);
-      const at::Tensor ratio = at::reciprocal((*counts)[i]).mul_(static_cast<double>(local)).to(at::kFloat);
+      const double local = static_cast<double>(per_channel(a[i]));
+      const at::Tensor ratio = at::reciprocal((*counts)[i]).mul_(local).to(at::kFloat);
       sum_dz = sum_dz * ratio;
       sum_dz_xhat = sum_dz_xhat * ratio;
     }
