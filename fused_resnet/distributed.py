@@ -14,7 +14,7 @@ SyncBatchNorm meets a rank running the fused op message for message. dγ and dβ
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -87,8 +87,3 @@ def counts_tensor(counts: List[Union[int, Tensor]], like: Tensor) -> Tensor:
     the host)."""
     return torch.stack([c if isinstance(c, Tensor) else torch.full((), c, dtype=torch.float64, device=like.device)
                         for c in counts])
-
-
-def unit_count(counts: Optional[Tensor], i: int, local: int) -> Union[int, Tensor]:
-    """Unit i's element count: ``local`` (an int) without synchronised statistics, else the group's (0-d tensor)."""
-    return local if counts is None else counts[i]

@@ -152,8 +152,8 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
         y = out.y
         with torch.no_grad():
             for i, (unit, bn, shape) in enumerate(zip(spec.units, bns, shapes)):
-                if unit.update_running:  # a synchronised unit's count is the group's
-                    count = distributed.unit_count(out.counts, i, shape[0] * shape[2] * shape[3])
+                if unit.update_running:  # a synchronised spec's counts are the group's (0-d tensors)
+                    count = shape[0] * shape[2] * shape[3] if out.counts is None else out.counts[i]
                     ops.running_update(bn, out.means[i], out.variances[i], count, unit.momentum, backend)
     return y.squeeze(2) if one_d else y
 
