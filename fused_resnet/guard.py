@@ -11,6 +11,7 @@ after one warning naming the module and the reason (``warn_eager``).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from torch import nn
@@ -21,7 +22,8 @@ from .functional import unit_unsupported_reason
 _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
                  _module._global_backward_pre_hooks)
 _NAME_ATTR = "_fused_resnet_name"  # the module's path in its model, set by convert
-_warned: set = set()
+# module → reasons already warned; weak, so a new module that reuses a freed one's id still warns
+_warned: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def _hook_counts(m: nn.Module) -> Tuple[int, int, int, int]:
@@ -64,8 +66,8 @@ def set_name(owner: nn.Module, name: str) -> None:
 
 def warn_eager(owner: nn.Module, reason: str) -> None:
     """One warning per module and reason: this call runs the module's exact eager computation."""
-    key = (id(owner), reason)
-    if key not in _warned:
-        _warned.add(key)
+    reasons = _warned.setdefault(owner, set())
+    if reason not in reasons:
+        reasons.add(reason)
         warnings.warn(f"fused_resnet: {name_of(owner)} runs its eager torch computation, not the fused op: {reason}",
                       RuntimeWarning, stacklevel=3)
