@@ -19,6 +19,9 @@
 # there (the extension build is redone when the machine is fresh). Writes to $OUT (default bench/results/latest):
 # env.json, suite.log, and per stage junit.xml, verify.json, bench_*.json (quick: results.json, summary.md).
 # Exit status: non-zero if any step failed; every step runs regardless, each under its own time limit in quick.
+# cuDNN fusion graphs: the GPU machine has no network, so cudnn-frontend's headers travel with the working tree:
+# run `python fused_resnet/backends/build.py --stage-cudnn-frontend` here first and give the device call
+# carry [".deps/cudnn_frontend"]; without them the extension builds without the graphs and info says so.
 set -uo pipefail
 DRY_RUN=0
 STAGES=""
@@ -138,9 +141,10 @@ if want quick; then
   done
   merge_verify "$vtmp"
   rows=$(mktemp -d)
-  for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton measured side by side
+  for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton (and cuda with its cuDNN
+                                   # fusion graphs off, last: a stage cut short loses it first) side by side
     limited "models $model" "${mlimit[$model]}" python3 -m fused_resnet.tools.cli \
-      bench --quiet --no-layers --mode train,infer --providers eager,cuda,compile,triton "${margs[@]}" \
+      bench --quiet --no-layers --mode train,infer --providers eager,cuda,compile,triton,cuda-unfused "${margs[@]}" \
       --model "$model" --out "$rows/$model"
   done
   cat "$rows"/*/rows.jsonl > "$OUT/rows.jsonl" 2>/dev/null

@@ -10,10 +10,17 @@
 //
 // Work runs in NHWC: an NCHW input is converted on entry; y and dx are returned in the input's layout, the saved
 // pre-BN outputs stay NHWC (the layout backward reads them in).
+//
+// Where a unit may (cudnn_fusion.h: float16 / bfloat16 CUDA tensors, built with cudnn-frontend), its convs run as
+// cuDNN fusion graphs instead: the BN-apply + ReLU of the unit below on the conv's operand load (r_{i-1} is never
+// written), the statistics' sums in the conv's epilogue, dReLU + the unit below's Σdz, Σdz·x̂ in dgrad's epilogue,
+// and in eval each unit one conv + bias (+ shortcut) + ReLU with its BN folded into the weights. A graph cuDNN has
+// no engine for leaves that unit's step on the path above (counted in fusion::tallies()).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 
+#include "cudnn_fusion.h"
 #include "ops.h"
 #include "spec.h"
 
@@ -80,6 +87,35 @@ std::tuple<at::Tensor, at::Tensor> sync_grad_sums(const UnitSpec& u, const at::T
   return {out[0].contiguous(), out[1].contiguous()};
 }
 
+// What the closing kernel adds before the final ReLU: the block input (option A: strided and zero-padded in the
+// kernel), the projection's pre-BN output with its scale and shift, a given tensor, or nothing.
+struct ShortcutInput {
+  std::optional<at::Tensor> res, scale, shift;
+  std::vector<int64_t> option_a_stride;
+};
+
+// proj_* are the projection unit's a, s, t (read for a projection shortcut only)
+ShortcutInput shortcut_input(const BlockSpec& spec, const at::Tensor& xc, const std::optional<at::Tensor>& residual,
+                             const at::Tensor& proj_a, const at::Tensor& proj_s, const at::Tensor& proj_t) {
+  ShortcutInput sc;
+  if (spec.shortcut == Shortcut::kIdentity || spec.shortcut == Shortcut::kOptionA) {
+    sc.res = xc;
+    if (spec.shortcut == Shortcut::kOptionA) {
+      sc.option_a_stride.assign(spec.option_a_stride.begin(), spec.option_a_stride.end());
+    }
+  } else if (spec.shortcut == Shortcut::kProjection) {
+    sc = ShortcutInput{proj_a, proj_s, proj_t, {}};
+  } else if (spec.shortcut == Shortcut::kTensor) {
+    sc.res = nhwc(residual->to(xc.scalar_type()));
+  }
+  return sc;
+}
+
+// y = relu(a·s + t + shortcut), one kernel
+at::Tensor close(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc) {
+  return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride);
+}
+
 // A unit without batch_stats normalises with its running statistics (copied to fp32, never aliased).
 Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                 at::TensorList betas, const std::vector<std::optional<at::Tensor>>& running_means,
@@ -88,17 +124,32 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
   const at::Tensor xc = nhwc(x);
   Forward out;
   std::vector<at::Tensor> scales, shifts;
-  at::Tensor input = xc;
   for (size_t i = 0; i < n; ++i) {
-    if (i == n_main) input = xc;  // the projection shortcut reads the block input
     const UnitSpec& u = spec.units[i];
-    at::Tensor a = conv_fprop(u, input, weights[i]);
+    const bool below = i > 0 && i < n_main;  // the conv reads r_{i-1} = relu(a_{i-1}·s + t), else the block input
+    at::Tensor a, sum, sq_sum;
+    if (!fusion::ineligible(xc, weights[i], u)) {
+      const std::optional<fusion::Prologue> prologue =
+          below ? std::optional<fusion::Prologue>(fusion::Prologue{scales[i - 1], shifts[i - 1]}) : std::nullopt;
+      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue, u.batch_stats, std::nullopt,
+                                 std::nullopt, false)) {
+        std::tie(a, sum, sq_sum) = std::tie(f->y, f->sum, f->sq_sum);
+      }
+    }
+    if (!a.defined()) {
+      const at::Tensor input =
+          below ? bn_act(out.acts[i - 1], scales[i - 1], shifts[i - 1], std::nullopt, true, std::nullopt,
+                         std::nullopt, {})
+                : xc;
+      a = conv_fprop(u, input, weights[i]);
+    }
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
     at::Tensor mean, var, s, t, rstd;
     const int64_t local = per_channel(a);
     at::Tensor count;  // filled on the device: a synchronised spec's forward returns them all
     if (u.batch_stats) {
-      std::tie(mean, var, s, t) = bn_stats(a, gamma, beta, u.eps);
+      std::tie(mean, var, s, t) =
+          sum.defined() ? bn_stats_from_sums(a, sum, sq_sum, gamma, beta, u.eps) : bn_stats(a, gamma, beta, u.eps);
       if (u.sync_group != 0) {  // the group's statistics, before anything reads them
         std::tie(mean, var, count) = sync_stats(u, mean, var, local);
         std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
@@ -110,7 +161,6 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
       var = running_vars[i]->to(at::kFloat, false, /*copy=*/true).contiguous();
       std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
     }
-    if (i + 1 < n_main) input = bn_act(a, s, t, std::nullopt, true, std::nullopt, std::nullopt, {});
     out.acts.push_back(a);
     out.means.push_back(mean);
     out.variances.push_back(var);
@@ -121,33 +171,60 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     scales.push_back(s);
     shifts.push_back(t);
   }
-  std::optional<at::Tensor> res, res_scale, res_shift;
-  std::vector<int64_t> option_a_stride;
-  if (spec.shortcut == Shortcut::kIdentity || spec.shortcut == Shortcut::kOptionA) {
-    res = xc;
-    if (spec.shortcut == Shortcut::kOptionA) {
-      option_a_stride.assign(spec.option_a_stride.begin(), spec.option_a_stride.end());
-    }
-  } else if (spec.shortcut == Shortcut::kProjection) {
-    res = out.acts[n_main];
-    res_scale = scales[n_main];
-    res_shift = shifts[n_main];
-  } else if (spec.shortcut == Shortcut::kTensor) {
-    res = nhwc(residual->to(x.scalar_type()));
-  }
-  out.y = bn_act(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], res, true, res_scale, res_shift,
-                 option_a_stride);
+  const ShortcutInput sc = shortcut_input(spec, xc, residual, out.acts.back(), scales.back(), shifts.back());
+  out.y = close(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc);
   return out;
+}
+
+// Eval: every unit with running statistics. A unit that may run a fusion graph runs conv(r, w·s) + t (+ shortcut)
+// + ReLU in one, its BN folded into the weights (s per output channel, in the weights' dtype, as the Triton
+// backend folds); any other unit runs conv, then the BN-apply kernels, as forward() does.
+at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
+                     at::TensorList betas, at::TensorList running_means, at::TensorList running_vars,
+                     const std::optional<at::Tensor>& residual) {
+  const size_t n = spec.units.size(), n_main = spec.n_main();
+  const at::Tensor xc = nhwc(x);
+  std::vector<at::Tensor> s(n), t(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor mean = running_means[i].to(at::kFloat, false, /*copy=*/true).contiguous();
+    const at::Tensor var = running_vars[i].to(at::kFloat, false, /*copy=*/true).contiguous();
+    at::Tensor rstd;
+    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean, var, spec.units[i].eps);
+  }
+  // relu?(conv(input, w_i·s_i) + t_i (+ res)) as one graph, or nothing when unit i cannot
+  auto fused = [&](size_t i, const at::Tensor& input, const std::optional<at::Tensor>& res,
+                   bool relu) -> std::optional<at::Tensor> {
+    if (fusion::ineligible(xc, weights[i], spec.units[i])) return std::nullopt;
+    const at::Tensor folded = (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
+    auto f = fusion::fprop(spec.units[i], input, folded, std::nullopt, false, t[i], res, relu);
+    return f ? std::optional<at::Tensor>(f->y) : std::nullopt;
+  };
+  // the projection first: its output is the closing unit's shortcut
+  std::optional<at::Tensor> projected;
+  at::Tensor proj_a;
+  if (spec.shortcut == Shortcut::kProjection) {
+    projected = fused(n_main, xc, std::nullopt, false);
+    if (!projected) proj_a = conv_fprop(spec.units[n_main], xc, weights[n_main]);
+  }
+  at::Tensor r = xc;
+  for (size_t i = 0; i + 1 < n_main; ++i) {
+    auto f = fused(i, r, std::nullopt, true);
+    r = f ? *f : bn_act(conv_fprop(spec.units[i], r, weights[i]), s[i], t[i], std::nullopt, true, std::nullopt,
+                        std::nullopt, {});
+  }
+  const ShortcutInput sc = projected ? ShortcutInput{projected, std::nullopt, std::nullopt, {}}
+                                     : shortcut_input(spec, xc, residual, proj_a, s.back(), t.back());
+  const size_t last = n_main - 1;
+  if (sc.option_a_stride.empty() && !sc.scale) {  // the closing graph adds a plain tensor
+    if (auto y = fused(last, r, sc.res, true)) return *y;
+  }
+  return close(conv_fprop(spec.units[last], r, weights[last]), s[last], t[last], sc);
 }
 
 std::vector<std::optional<at::Tensor>> optionals(const c10::List<std::optional<at::Tensor>>& list) {
   std::vector<std::optional<at::Tensor>> out;
   for (const auto& v : list) out.push_back(v);
   return out;
-}
-
-std::vector<std::optional<at::Tensor>> optionals(at::TensorList list) {
-  return std::vector<std::optional<at::Tensor>>(list.begin(), list.end());
 }
 
 }  // namespace
@@ -174,13 +251,11 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
                            at::TensorList running_means, at::TensorList running_vars,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
                            at::ArrayRef<double> spec_floats) {
-  BlockSpec spec = BlockSpec::parse("block_inference", spec_ints, spec_floats);
+  const BlockSpec spec = BlockSpec::parse("block_inference", spec_ints, spec_floats);
   check_block("block_inference", x, spec,
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
               residual.has_value());
-  for (auto& u : spec.units) u.batch_stats = false;  // eval: running statistics
-  Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual);
-  return f.y.contiguous(format_of(x));
+  return inference(spec, x, weights, gammas, betas, running_means, running_vars, residual).contiguous(format_of(x));
 }
 
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
@@ -203,12 +278,19 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     std::tie(s[i], t[i], rstd[i]) =
         bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
   }
-  // Unit i's BN + ReLU backward and its conv's dgrad / wgrad: g is the gradient at the unit's ReLU output, the
-  // mask [y > 0] when `mask_y` is given, else [a_i·s_i + t_i > 0].
-  auto unit_backward = [&](size_t i, const at::Tensor& g, const std::optional<at::Tensor>& mask_y,
-                           const at::Tensor& input, bool need_inp) {
+  // Unit i's BN + ReLU backward: da_i from g, the gradient at the unit's ReLU output, with the mask [y > 0] when
+  // `mask_y` is given, else [a_i·s_i + t_i > 0]. `sums`: Σdz, Σdz·x̂ already reduced by the fused dgrad above.
+  struct Sums {
+    at::Tensor dz, dz_xhat;
+  };
+  auto unit_da = [&](size_t i, const at::Tensor& g, const std::optional<at::Tensor>& mask_y,
+                     std::optional<Sums> sums) {
     const UnitSpec& u = spec.units[i];
-    auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i]);
+    if (!sums) {
+      auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i]);
+      sums = Sums{sum_dz, sum_dz_xhat};
+    }
+    auto [sum_dz, sum_dz_xhat] = *sums;
     dgammas[i] = sum_dz_xhat.to(gammas[i].scalar_type());  // this rank's sums, as torch's SyncBatchNorm gives
     dbetas[i] = sum_dz.to(betas[i].scalar_type());
     if (u.sync_group != 0 && u.batch_stats) {
@@ -220,26 +302,60 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       sum_dz = sum_dz * ratio;
       sum_dz_xhat = sum_dz_xhat * ratio;
     }
-    const at::Tensor da = dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
-    auto [d_inp, dw, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
-                                                        u.dilation, false, {0, 0}, u.groups, {need_inp, true, false});
+    return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
+  };
+  // Unit i's conv backward: dw_i, and when need_inp the gradient at its input — the block input, or
+  // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU and reduces its sums.
+  auto conv_backward = [&](size_t i, const at::Tensor& da, std::optional<size_t> below,
+                           bool need_inp) -> std::pair<at::Tensor, std::optional<Sums>> {
+    const UnitSpec& u = spec.units[i];
+    const bool may_fuse = !fusion::ineligible(xc, weights[i], u);
+    const std::optional<fusion::Prologue> prologue =
+        below ? std::optional<fusion::Prologue>(fusion::Prologue{s[*below], t[*below]}) : std::nullopt;
+    at::Tensor dw, d_inp;
+    std::optional<Sums> sums;
+    if (may_fuse) {
+      if (auto f = fusion::wgrad(u, da, below ? a[*below] : xc, weights[i], prologue)) dw = *f;
+    }
+    if (may_fuse && need_inp && below && !fusion::ineligible(xc, weights[*below], spec.units[*below])) {
+      const size_t b = *below;
+      if (auto f = fusion::dgrad_drelu_dbn(u, da, weights[i], a[b], *prologue, mean[b], rstd[b], f32(gammas[b]))) {
+        d_inp = f->dz;
+        sums = Sums{f->sum_dz, f->sum_dz_xhat};
+      }
+    }
+    const bool dgrad = need_inp && !d_inp.defined(), wgrad = !dw.defined();
+    if (dgrad || wgrad) {
+      // wgrad reads the conv's real input (r_below recomputed); dgrad alone needs only its sizes
+      const at::Tensor input = !below ? xc
+                               : wgrad ? bn_act(a[*below], s[*below], t[*below], std::nullopt, true, std::nullopt,
+                                                std::nullopt, {})
+                                       : a[*below];
+      auto [d, w_grad, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
+                                                          u.dilation, false, {0, 0}, u.groups, {dgrad, wgrad, false});
+      if (dgrad) d_inp = nhwc(d);
+      if (wgrad) dw = w_grad;
+    }
     dws[i] = dw.contiguous(weights[i].suggest_memory_format());
-    return d_inp.defined() ? nhwc(d_inp) : d_inp;
+    return {d_inp, sums};
   };
   // The projection's unit first, then the main path's from the last: every backend reduces synchronised
   // statistics in this order (fused_resnet.reference.block_backward).
   at::Tensor d_sc;
-  if (spec.shortcut == Shortcut::kProjection) d_sc = unit_backward(n_main, dyc, yc, xc, need_input_grad);
+  if (spec.shortcut == Shortcut::kProjection) {
+    d_sc = conv_backward(n_main, unit_da(n_main, dyc, yc, std::nullopt), std::nullopt, need_input_grad).first;
+  }
   at::Tensor g = dyc, dx;
   std::optional<at::Tensor> mask_y = yc;
+  std::optional<Sums> sums;
   for (size_t i = n_main; i-- > 0;) {
-    const at::Tensor input = i > 0 ? bn_act(a[i - 1], s[i - 1], t[i - 1], std::nullopt, true, std::nullopt,
-                                            std::nullopt, {})  // r_{i-1}, recomputed
-                                   : xc;
-    at::Tensor d = unit_backward(i, g, mask_y, input, i > 0 || need_input_grad);
+    const at::Tensor da = unit_da(i, g, mask_y, sums);
+    auto [d, below_sums] = conv_backward(i, da, i > 0 ? std::optional<size_t>(i - 1) : std::nullopt,
+                                         i > 0 || need_input_grad);
     if (i > 0) {
       g = d;
       mask_y = std::nullopt;  // the next unit's own ReLU
+      sums = below_sums;
     } else {
       dx = d;
     }

@@ -100,6 +100,70 @@ struct StatsFinalizeOp {
   }
 };
 
+// Statistics from per-channel sums a conv epilogue produced (cuDNN's genstats, fp32): mean = Σ/M and
+// var = Σx²/M − mean². The difference cancels as mean²/var grows (relative error ≈ fp32 eps · (1 + mean²/var)):
+// a channel past kCancellation, or with var ≤ 0, is flagged and gets the exact shifted Welford statistics of
+// bn_stats instead, computed on the flagged channels' lanes only (the others skip every row).
+constexpr float kCancellation = 16.f;
+
+struct SumsOp {
+  const float* sum;
+  const float* sq_sum;
+  float count;
+  float* mean;
+  float* var;
+  float* flagged;
+
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    const float m = sum[c] / count;
+    const float v = sq_sum[c] / count - m * m;
+    const bool exact_needed = !(v > 0.f) || !(m * m <= kCancellation * v);  // NaN-safe
+    mean[c] = m;
+    var[c] = v;
+    flagged[c] = exact_needed ? 1.f : 0.f;
+  }
+};
+
+template <int VEC>
+struct GatedAcc : WelfordAcc<VEC> {
+  bool active = false;
+};
+
+template <typename T, int VEC>
+struct FlaggedStatsPartialOp {
+  using Acc = GatedAcc<VEC>;
+  StatsPartialOp<T, VEC> exact;
+  const float* flagged;
+
+  C10_HOST_DEVICE void init(Acc& acc, int64_t group) const {
+    acc.active = false;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc.active = acc.active || flagged[group * VEC + k] != 0.f;
+    if (acc.active) exact.init(acc, group);
+  }
+  C10_HOST_DEVICE void accumulate(Acc& acc, int64_t row, int64_t group) const {
+    if (acc.active) exact.accumulate(acc, row, group);
+  }
+  C10_HOST_DEVICE void store(const Acc& acc, int64_t part, int64_t group) const { exact.store(acc, part, group); }
+};
+
+template <typename T>
+struct FlaggedFinalizeOp {
+  StatsFinalizeOp<T> exact;  // writes mean, var, scale, shift of a flagged channel
+  const float* flagged;
+
+  C10_HOST_DEVICE void operator()(int64_t c) const {
+    if (flagged[c] != 0.f) {
+      exact(c);
+      return;
+    }
+    float s, t, rstd;
+    scale_shift(exact.gamma[c], exact.beta[c], exact.mean[c], exact.var[c], exact.eps, s, t, rstd);
+    exact.scale[c] = s;
+    exact.shift[c] = t;
+  }
+};
+
 struct ScaleShiftOp {
   const float* gamma;
   const float* beta;
@@ -189,6 +253,43 @@ std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& g
                                      geo.parts, C, static_cast<float>(eps), mean.data_ptr<float>(),
                                      var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>()},
                      C, cuda);
+    };
+    constexpr int VEC = 16 / sizeof(scalar_t);
+    if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
+  });
+  return {mean, var, scale, shift};
+}
+
+std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at::Tensor& sum, const at::Tensor& sq_sum,
+                                                  const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  const bool cuda = a.is_cuda();
+  const c10::OptionalDeviceGuard guard(a.device());
+  const int64_t C = a.size(1);
+  const int64_t M = C == 0 ? 0 : a.numel() / C;
+  if (M == 0) return bn_stats_launch(a, gamma, beta, eps);  // NaN statistics, as bn_stats gives
+  const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32), flagged = at::empty({C}, f32);
+  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
+  for_each_index(SumsOp{sum.const_data_ptr<float>(), sq_sum.const_data_ptr<float>(), static_cast<float>(M),
+                        mean.data_ptr<float>(), var.data_ptr<float>(), flagged.data_ptr<float>()},
+                 C, cuda);
+  FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats_from_sums", [&] {
+    auto run = [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int64_t groups = C / V;
+      const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
+      at::Tensor partials = at::empty({3, geo.parts, C}, f32);
+      float* pc = partials[0].data_ptr<float>();
+      float* pm = partials[1].data_ptr<float>();
+      float* p2 = partials[2].data_ptr<float>();
+      const auto* data = static_cast<const scalar_t*>(a.const_data_ptr());
+      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged.const_data_ptr<float>()}, M,
+                      groups, cuda, geo);
+      const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, gamma.const_data_ptr<float>(),
+                                            beta.const_data_ptr<float>(), geo.parts, C, static_cast<float>(eps),
+                                            mean.data_ptr<float>(), var.data_ptr<float>(), scale.data_ptr<float>(),
+                                            shift.data_ptr<float>()};
+      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged.const_data_ptr<float>()}, C, cuda);
     };
     constexpr int VEC = 16 / sizeof(scalar_t);
     if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});

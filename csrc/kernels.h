@@ -16,6 +16,10 @@ namespace fused_resnet {
 // affine map s = γ·rsqrt(var + eps), t = β − mean·s: returns {mean, var, s, t}.
 std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta,
                                         double eps);
+// bn_stats from the per-channel fp32 Σa and Σa² a conv epilogue produced; channels where that cancels are
+// recomputed exactly from a (bn_stats.cu says when).
+std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at::Tensor& sum, const at::Tensor& sq_sum,
+                                                  const at::Tensor& gamma, const at::Tensor& beta, double eps);
 // {s, t, rstd} from given statistics (running statistics in eval mode, or saved batch statistics).
 std::vector<at::Tensor> bn_scale_shift_launch(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
                                               const at::Tensor& var, double eps);

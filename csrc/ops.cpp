@@ -9,7 +9,9 @@
 
 #include <Python.h>
 
+#include "cudnn_fusion.h"
 #include "kernels.h"
+#include "spec.h"
 
 namespace fused_resnet {
 
@@ -73,6 +75,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats(const at::Te
   check_vec("bn_stats", "gamma", gamma, a.size(1), a.device());
   check_vec("bn_stats", "beta", beta, a.size(1), a.device());
   auto out = bn_stats_launch(a, gamma, beta, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_from_sums(const at::Tensor& a,
+                                                                              const at::Tensor& sum,
+                                                                              const at::Tensor& sq_sum,
+                                                                              const at::Tensor& gamma,
+                                                                              const at::Tensor& beta, double eps) {
+  const char* op = "bn_stats_from_sums";
+  check_act(op, "the activations a", a);
+  for (auto [what, v] : {std::pair{"sum", &sum}, {"sq_sum", &sq_sum}, {"gamma", &gamma}, {"beta", &beta}}) {
+    check_vec(op, what, *v, a.size(1), a.device());
+  }
+  auto out = bn_stats_from_sums_launch(a, sum, sq_sum, gamma, beta, eps);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -196,8 +212,85 @@ at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tens
   return residual_grad_launch(d_main, dy, y, like, option_a_stride);
 }
 
+// ------------------------------------------------------------------ cuDNN fusion graphs (cudnn_fusion.h)
+namespace {
+
+fusion::Graph graph_named(const std::string& name) {
+  for (int g = 0; g < fusion::kGraphs; ++g) {
+    if (name == fusion::graph_name(static_cast<fusion::Graph>(g))) return static_cast<fusion::Graph>(g);
+  }
+  TORCH_CHECK_VALUE(false, "unknown fusion graph '", name, "' (fprop, dgrad or wgrad)");
+}
+
+std::string fusion_info() { return fusion::built() ? "built (" + fusion::build_info() + ")" : fusion::build_info(); }
+
+bool fusion_set_enabled(bool on) { return fusion::set_enabled(on); }
+
+void fusion_set_refused(const std::string& graph, bool refused) { fusion::set_refused(graph_named(graph), refused); }
+
+std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> fusion_tallies() {
+  std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> out;
+  for (const auto& [label, fused, fallback] : fusion::tallies()) {
+    std::get<0>(out).push_back(label);
+    std::get<1>(out).push_back(fused);
+    std::get<2>(out).push_back(fallback);
+  }
+  return out;
+}
+
+std::tuple<std::vector<std::string>, std::vector<std::string>> fusion_unsupported() {
+  std::tuple<std::vector<std::string>, std::vector<std::string>> out;
+  for (const auto& [k, why] : fusion::unsupported()) {
+    std::get<0>(out).push_back(k);
+    std::get<1>(out).push_back(why);
+  }
+  return out;
+}
+
+void fusion_reset() { fusion::reset(); }
+
+UnitSpec conv_unit(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": expected two strides, paddings and dilations");
+  return UnitSpec{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, 1, true, 1e-5, 0};
+}
+
+std::string fusion_key(const std::string& label, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       at::ScalarType dtype, int64_t device) {
+  return fusion::key(label, x_sizes, w_sizes, conv_unit("fusion_key", stride, padding, dilation), dtype, device);
+}
+
+std::tuple<std::string, std::string> fusion_validate(const std::string& graph, int64_t features,
+                                                     at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(x_sizes.size() == 4 && w_sizes.size() == 4, "fusion_validate: expected [N, C, H, W] and "
+                    "[K, C, R, S] sizes, got ", shape_str(x_sizes), " and ", shape_str(w_sizes));
+  auto [why, description] = fusion::validate(graph_named(graph), features, x_sizes, w_sizes,
+                                             conv_unit("fusion_validate", stride, padding, dilation), dtype);
+  return {why, description};
+}
+
+// Per unit of a block: "" when its convs may run fusion graphs for this input, else why not.
+std::vector<std::string> fusion_plan(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
+                                     at::ArrayRef<double> spec_floats) {
+  const BlockSpec spec = BlockSpec::parse("fusion_plan", spec_ints, spec_floats);
+  TORCH_CHECK(weights.size() == spec.units.size(), "fusion_plan: expected one weight per unit (",
+              spec.units.size(), "), got ", weights.size());
+  std::vector<std::string> out;
+  for (size_t i = 0; i < spec.units.size(); ++i) {
+    out.push_back(fusion::ineligible(x, weights[i], spec.units[i]).value_or(""));
+  }
+  return out;
+}
+
+}  // namespace
+
 TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("bn_stats(Tensor a, Tensor gamma, Tensor beta, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_stats_from_sums(Tensor a, Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_scale_shift(Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor mean, Tensor var, int count, float? momentum) -> ()");
@@ -216,10 +309,23 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
         "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad, "
         "Tensor? counts=None) -> Tensor[]");
+  // cuDNN fusion graphs: state and checks of cudnn_fusion.cpp (no tensors computed)
+  m.def("fusion_info() -> str", &fusion_info);
+  m.def("fusion_set_enabled(bool on) -> bool", &fusion_set_enabled);
+  m.def("fusion_set_refused(str graph, bool refused) -> ()", &fusion_set_refused);
+  m.def("fusion_tallies() -> (str[], int[], int[])", &fusion_tallies);
+  m.def("fusion_unsupported() -> (str[], str[])", &fusion_unsupported);
+  m.def("fusion_reset() -> ()", &fusion_reset);
+  m.def("fusion_key(str label, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, int[] dilation, "
+        "ScalarType dtype, int device) -> str", &fusion_key);
+  m.def("fusion_validate(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
+        "int[] dilation, ScalarType dtype) -> (str, str)", &fusion_validate);
+  m.def("fusion_plan(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats) -> str[]", &fusion_plan);
 }
 
 #define FR_IMPL_ALL(m)                                    \
   m.impl("bn_stats", &bn_stats);                          \
+  m.impl("bn_stats_from_sums", &bn_stats_from_sums);      \
   m.impl("bn_scale_shift", &bn_scale_shift);              \
   m.impl("bn_running_update", &bn_running_update);        \
   m.impl("bn_act", &bn_act);                              \

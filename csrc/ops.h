@@ -18,6 +18,11 @@ bool channels_innermost(const at::Tensor& x);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats(const at::Tensor& a, const at::Tensor& gamma,
                                                                     const at::Tensor& beta, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_from_sums(const at::Tensor& a,
+                                                                              const at::Tensor& sum,
+                                                                              const at::Tensor& sq_sum,
+                                                                              const at::Tensor& gamma,
+                                                                              const at::Tensor& beta, double eps);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
                                                               const at::Tensor& mean, const at::Tensor& var,
                                                               double eps);

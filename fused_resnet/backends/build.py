@@ -6,6 +6,9 @@ Environment flags:
   FUSED_RESNET_CUDA_ARCH_LIST      compute capabilities to build for (default "8.0;9.0"; e.g. "9.0" alone)
   FUSED_RESNET_DEBUG=1             -O0 -g -G device code, for cuda-gdb / compute-sanitizer
   MAX_JOBS                         parallel compile jobs (default: free RAM / 3 GiB, at most the core count)
+  FUSED_RESNET_CUDNN_FRONTEND_INCLUDE  folder holding cudnn_frontend.h (default: the installed package
+                                   nvidia-cudnn-frontend, else .deps/cudnn_frontend/include of the checkout);
+                                   "none" builds without the cuDNN fusion graphs
 
 Only os, sys and torch are imported here: setup.py loads this file by path before the package is installed.
 """
@@ -16,7 +19,8 @@ import sys
 from typing import List, Optional
 
 # relative to the repository root
-SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu", "csrc/dbn.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/cudnn_fusion.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu",
+           "csrc/dbn.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -47,10 +51,34 @@ def set_build_env() -> None:
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CUDNN_FRONTEND_ENV = "FUSED_RESNET_CUDNN_FRONTEND_INCLUDE"
+# Where bench/gpu_suite.sh's machine finds the headers: a copy of the installed package's, made by
+# `python fused_resnet/backends/build.py --stage-cudnn-frontend` and carried with the working tree (not committed).
+CUDNN_FRONTEND_STAGED = os.path.join(".deps", "cudnn_frontend", "include")
+
+
+def cudnn_frontend_include() -> Optional[str]:
+    """The folder holding cudnn-frontend's headers (header-only C++; PyPI nvidia-cudnn-frontend installs them
+    under site-packages/include), or None: the extension is then built without the cuDNN fusion graphs."""
+    chosen = os.environ.get(CUDNN_FRONTEND_ENV)
+    if chosen == "none":
+        return None
+    candidates = [chosen] if chosen else (
+        [os.path.join(base, "include") for base in sys.path if base]
+        + [os.path.join(sys.prefix, "include"), os.path.join(_ROOT, CUDNN_FRONTEND_STAGED)])
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "cudnn_frontend.h")):
+            return os.path.abspath(path)
+    return None
+
+
 def include_dirs() -> List[str]:
-    """CUDA headers that a pip-installed CUDA build of torch ships under site-packages/nvidia/ (cuBLAS, cuSPARSE
-    and cuDNN headers that torch's own headers include, absent from a minimal toolkit)."""
-    dirs = []
+    """cudnn-frontend's headers where found, and the CUDA headers that a pip-installed CUDA build of torch ships
+    under site-packages/nvidia/ (cuBLAS, cuSPARSE and cuDNN headers that torch's own headers include, absent from
+    a minimal toolkit)."""
+    frontend = cudnn_frontend_include()
+    dirs = [frontend] if frontend else []
     for base in sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cudnn/include", "nvidia/cu12/include"):
             path = os.path.join(base, sub)
@@ -65,7 +93,10 @@ NO_STRICT_ALIASING = "-fno-strict-aliasing"
 
 
 def cxx_flags() -> List[str]:
-    return [NO_STRICT_ALIASING] + (["-O0", "-g"] if debug() else ["-O3"])
+    # cudnn-frontend reaches cuDNN through dlsym on the library torch loaded (csrc/cudnn_fusion.cpp)
+    fusion = (["-DFUSED_RESNET_WITH_CUDNN_FRONTEND", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING"]
+              if cudnn_frontend_include() else [])
+    return [NO_STRICT_ALIASING] + fusion + (["-O0", "-g"] if debug() else ["-O3"])
 
 
 def nvcc_flags() -> List[str]:
@@ -99,3 +130,27 @@ def unavailable_reason() -> Optional[str]:
     if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
         return "no CUDA toolkit (nvcc) found; set CUDA_HOME"
     return None
+
+
+def stage_cudnn_frontend(dest: str = CUDNN_FRONTEND_STAGED) -> str:
+    """Copies the installed cudnn-frontend headers into the checkout (dest, relative to its root), for a machine
+    without network that receives the working tree; returns the copy's path."""
+    import shutil
+
+    source = cudnn_frontend_include()
+    if source is None:
+        raise SystemExit("cudnn-frontend's headers are not installed here: pip install --no-deps nvidia-cudnn-frontend")
+    target = os.path.join(_ROOT, dest)
+    if os.path.abspath(source) != os.path.abspath(target):
+        shutil.rmtree(target, ignore_errors=True)
+        # the folder may hold other packages' headers: only cudnn-frontend's travel
+        shutil.copytree(source, target, ignore=lambda folder, names: [
+            name for name in names if (folder == source and not name.startswith("cudnn")) or name.endswith(".md")])
+    return target
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--stage-cudnn-frontend"]:
+        print(stage_cudnn_frontend())
+    else:
+        raise SystemExit("usage: python fused_resnet/backends/build.py --stage-cudnn-frontend")

@@ -12,14 +12,22 @@ The ops' fake (meta) kernels and the block forward's autograd formula are regist
 (fused_resnet.ops) whenever the extension loads, so ``torch.compile`` traces them and ``torch.library.opcheck``
 checks them. Saved pre-BN outputs stay channels_last (the kernels' layout).
 
+cuDNN fusion graphs (csrc/cudnn_fusion.cpp, built when cudnn-frontend's headers are found): on float16 / bfloat16
+CUDA tensors a unit's conv runs as one cuDNN graph with the previous BN-apply + ReLU on its operand load and the BN
+statistics' sums in its epilogue; backward, dgrad carries the dReLU and the BN weight-gradient sums of the unit
+below and wgrad the BN-apply + ReLU of its operand; eval runs conv + bias (+ shortcut) + ReLU with the BN folded.
+A graph cuDNN has no engine for runs the path above for that unit and is counted: ``fusion_status()`` has the
+tallies, ``fusion_switched(False)`` (or FUSED_RESNET_CUDNN_FUSION=0) turns the graphs off.
+
 Every op is also registered for CPU tensors, running the same kernel bodies in host loops: that is how the CPU
 test suite checks them. With ``FUSED_RESNET_EXT_ON_CPU=1`` (set by the tests on a machine without a GPU) the
 backend also accepts CPU tensors; otherwise it needs CUDA tensors. The CPU path is for testing, not for speed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +55,51 @@ def runs_on(device_type: str) -> bool:
 
 def _ops():
     return torch.ops.fused_resnet_C
+
+
+def cudnn_version_str() -> str:
+    v = torch.backends.cudnn.version()
+    return "unavailable" if v is None else f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+
+
+def fusion_line() -> str:
+    """``built (cudnn-frontend <version>, cuDNN <version>)``, or why the fusion graphs are not there."""
+    if extension.load() is None:
+        return f"not built: the extension is not loaded ({extension.status()['reason']})"
+    info = _ops().fusion_info()
+    if info.startswith("built ("):
+        info = f"{info[:-1]}, cuDNN {cudnn_version_str()})"
+    return info if fusion_enabled() else f"{info}; switched off (FUSED_RESNET_CUDNN_FUSION=0)"
+
+
+def fusion_enabled() -> bool:
+    previous = _ops().fusion_set_enabled(True)
+    _ops().fusion_set_enabled(previous)
+    return previous
+
+
+@contextlib.contextmanager
+def fusion_switched(on: bool) -> Iterator[None]:
+    """The cuDNN fusion graphs on or off for the block ops called inside (process-wide)."""
+    previous = _ops().fusion_set_enabled(on)
+    try:
+        yield
+    finally:
+        _ops().fusion_set_enabled(previous)
+
+
+def fusion_status() -> Dict[str, object]:
+    """``tallies``: per graph label (fused calls, calls that fell back to the unfused path);
+    ``unsupported``: every graph key cuDNN had no engine for, with cuDNN's message."""
+    labels, fused, fallback = _ops().fusion_tallies()
+    keys, reasons = _ops().fusion_unsupported()
+    return {"line": fusion_line(), "tallies": {k: (f, b) for k, f, b in zip(labels, fused, fallback)},
+            "unsupported": dict(zip(keys, reasons))}
+
+
+def fusion_plan(spec: BlockSpec, x: Tensor, weights) -> Tuple[str, ...]:
+    """Per unit of a block: "" when its convs may run fusion graphs for input ``x``, else why not."""
+    return tuple(_ops().fusion_plan(x, list(weights), spec.ints, spec.floats))
 
 
 class CudaBackend(Backend):

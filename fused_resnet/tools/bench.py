@@ -19,7 +19,8 @@ def _bench_setup(args: argparse.Namespace) -> tuple:
     comparison (reference backend against eager) when there is no GPU."""
     if torch.cuda.is_available():
         kernel_backends = [b for b in ("cuda", "triton") if backends.backend_status()[b] is None]
-        providers = args.providers or ",".join(["eager", "compile"] + kernel_backends)
+        unfused = [benchmark.UNFUSED] if "cuda" in kernel_backends else []  # the same backend, graphs off
+        providers = args.providers or ",".join(["eager", "compile"] + kernel_backends + unfused)
         return (torch.device("cuda"), args.model or "resnet18,resnet50", providers, args.dtype or "bfloat16",
                 args.batch or 256, not args.nchw)
     print("no CUDA GPU here: running the tiny CPU comparison (the reference backend against eager; CPU timings "
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             base, x, y = benchmark.model_inputs(name, batch, device, dt, fmt, args.size)
             for provider in [p for p in providers if p != "compile"]:
                 for mode in modes:
-                    report = benchmark.profile(base, provider, mode, x, y, device)
+                    with benchmark.provider_context(provider):
+                        report = benchmark.profile(base, provider, mode, x, y, device)
                     path = Path(out) / f"profile_{name}_{provider}_{mode}.txt"
                     path.write_text(report + "\n")
                     print(f"\n# {name}\n{report}")
@@ -96,8 +98,9 @@ def add_command(sub) -> None:
                        "(default resnet18,resnet50 on a GPU, cifar_resnet20 on a CPU)")
     bench.add_argument("--mode", default="train,infer", help="train and/or infer")
     bench.add_argument("--providers", "--backend", default=None,
-                       help="comma-separated: eager, compile and backend names (default on a GPU: eager, compile "
-                       "and every available kernel backend; on a CPU: eager,reference)")
+                       help="comma-separated: eager, compile, backend names and cuda-unfused (backend cuda with its "
+                       "cuDNN fusion graphs off) (default on a GPU: eager, compile, every available kernel backend "
+                       "and cuda-unfused; on a CPU: eager,reference)")
     bench.add_argument("--batch", type=int, default=None, help="default 256 on a GPU, 8 on a CPU")
     bench.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on a CPU")
     bench.add_argument("--amp", action="store_true",

@@ -1,5 +1,5 @@
-"""``fused-resnet info``: versions, the GPU, which backends can run here and why the others cannot, and the CUDA
-extension's build status."""
+"""``fused-resnet info``: versions, the GPU, which backends can run here and why the others cannot, the CUDA
+extension's build status and its cuDNN fusion graphs (on a GPU: which units of a probe run them)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from .. import __version__, backends
-from ..backends import extension
+from ..backends import cuda, extension
 from ..kernels import autotune_description
 
 
@@ -48,8 +48,35 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"extension      loaded, {ext['how']}; ops: {', '.join(ext['ops'])}")
     else:
         lines.append(f"extension      unavailable: {ext['reason']}")
+    lines.append(f"cudnn fusion   {cuda.fusion_line()}")
+    if ext["loaded"] and torch.cuda.is_available() and cuda.fusion_enabled():
+        lines += _fusion_probe()
     print("\n".join(lines))
     return 0
+
+
+def _fusion_probe() -> list:
+    """One bf16 channels_last training step and one eval forward of a basic block and a projection bottleneck on
+    backend cuda: which of their graphs ran fused, which fell back and why."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from ..convert import convert
+
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 1, stride=2, bias=False), torch.nn.BatchNorm2d(128))
+    model = torch.nn.Sequential(BasicBlock(64, 64), Bottleneck(64, 32, stride=2, downsample=downsample))
+    model = convert(model, backend="cuda").cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    cuda._ops().fusion_reset()
+    with torch.autocast("cuda", torch.bfloat16):
+        model(x).float().sum().backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    status = cuda.fusion_status()
+    lines = ["  probe (BasicBlock 64 + projection Bottleneck, bf16 autocast, train step + eval):"]
+    lines += [f"    {label:<34} fused {f}, fell back {b}" for label, (f, b) in status["tallies"].items()]
+    lines += [f"    no engine: {key}: {why}" for key, why in status["unsupported"].items()]
+    return lines
 
 
 def add_command(sub) -> None:
