@@ -112,7 +112,7 @@ ShortcutInput shortcut_input(const BlockSpec& spec, const at::Tensor& xc, const 
 }
 
 // y = relu(a·s + t + shortcut), one kernel
-at::Tensor close(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc) {
+at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc) {
   return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride);
 }
 
@@ -172,7 +172,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     shifts.push_back(t);
   }
   const ShortcutInput sc = shortcut_input(spec, xc, residual, out.acts.back(), scales.back(), shifts.back());
-  out.y = close(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc);
+  out.y = close_block(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc);
   return out;
 }
 
@@ -218,7 +218,7 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
   if (sc.option_a_stride.empty() && !sc.scale) {  // the closing graph adds a plain tensor
     if (auto y = fused(last, r, sc.res, true)) return *y;
   }
-  return close(conv_fprop(spec.units[last], r, weights[last]), s[last], t[last], sc);
+  return close_block(conv_fprop(spec.units[last], r, weights[last]), s[last], t[last], sc);
 }
 
 std::vector<std::optional<at::Tensor>> optionals(const c10::List<std::optional<at::Tensor>>& list) {

@@ -129,6 +129,7 @@ struct GatedAcc : WelfordAcc<VEC> {
   bool active = false;
 };
 
+// The Welford pass on the channels `flagged` marks (nullptr: every channel, bn_stats itself).
 template <typename T, int VEC>
 struct FlaggedStatsPartialOp {
   using Acc = GatedAcc<VEC>;
@@ -136,7 +137,7 @@ struct FlaggedStatsPartialOp {
   const float* flagged;
 
   C10_HOST_DEVICE void init(Acc& acc, int64_t group) const {
-    acc.active = false;
+    acc.active = flagged == nullptr;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc.active = acc.active || flagged[group * VEC + k] != 0.f;
     if (acc.active) exact.init(acc, group);
@@ -153,7 +154,7 @@ struct FlaggedFinalizeOp {
   const float* flagged;
 
   C10_HOST_DEVICE void operator()(int64_t c) const {
-    if (flagged[c] != 0.f) {
+    if (flagged == nullptr || flagged[c] != 0.f) {
       exact(c);
       return;
     }
@@ -225,76 +226,69 @@ using Vec = std::integral_constant<int, V>;
 
 }  // namespace
 
-std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta,
-                                        double eps) {
+namespace {
+
+// mean, var, scale, shift of the channels `flagged` marks (nullptr: all) by the shifted Welford pass over a; the
+// other channels' scale and shift from the mean and var already written.
+void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta, double eps,
+                   const float* flagged, const std::vector<at::Tensor>& out) {
   const bool cuda = a.is_cuda();
-  const c10::OptionalDeviceGuard guard(a.device());
-  const int64_t C = a.size(1);
-  const int64_t M = C == 0 ? 0 : a.numel() / C;
-  const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32);
-  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
-  if (M == 0) {  // no values: NaN statistics, as torch.var_mean of an empty tensor (and nothing to read)
-    for (at::Tensor* v : {&mean, &var, &scale, &shift}) v->fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var, scale, shift};
-  }
+  const int64_t C = a.size(1), M = a.numel() / C;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats", [&] {
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       const int64_t groups = C / V;
       const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
-      at::Tensor partials = at::empty({3, geo.parts, C}, f32);
-      float* pc = partials[0].data_ptr<float>();
-      float* pm = partials[1].data_ptr<float>();
-      float* p2 = partials[2].data_ptr<float>();
-      reduce_partials(StatsPartialOp<scalar_t, V>{static_cast<const scalar_t*>(a.const_data_ptr()), C, pc, pm, p2},
-                      M, groups, cuda, geo);
-      for_each_index(StatsFinalizeOp<scalar_t>{static_cast<const scalar_t*>(a.const_data_ptr()), pc, pm, p2, gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(),
-                                     geo.parts, C, static_cast<float>(eps), mean.data_ptr<float>(),
-                                     var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>()},
-                     C, cuda);
-    };
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
-  });
-  return {mean, var, scale, shift};
-}
-
-std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at::Tensor& sum, const at::Tensor& sq_sum,
-                                                  const at::Tensor& gamma, const at::Tensor& beta, double eps) {
-  const bool cuda = a.is_cuda();
-  const c10::OptionalDeviceGuard guard(a.device());
-  const int64_t C = a.size(1);
-  const int64_t M = C == 0 ? 0 : a.numel() / C;
-  if (M == 0) return bn_stats_launch(a, gamma, beta, eps);  // NaN statistics, as bn_stats gives
-  const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32), flagged = at::empty({C}, f32);
-  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
-  for_each_index(SumsOp{sum.const_data_ptr<float>(), sq_sum.const_data_ptr<float>(), static_cast<float>(M),
-                        mean.data_ptr<float>(), var.data_ptr<float>(), flagged.data_ptr<float>()},
-                 C, cuda);
-  FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats_from_sums", [&] {
-    auto run = [&](auto vec) {
-      constexpr int V = decltype(vec)::value;
-      const int64_t groups = C / V;
-      const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
-      at::Tensor partials = at::empty({3, geo.parts, C}, f32);
+      at::Tensor partials = at::empty({3, geo.parts, C}, out[0].options());
       float* pc = partials[0].data_ptr<float>();
       float* pm = partials[1].data_ptr<float>();
       float* p2 = partials[2].data_ptr<float>();
       const auto* data = static_cast<const scalar_t*>(a.const_data_ptr());
-      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged.const_data_ptr<float>()}, M,
-                      groups, cuda, geo);
+      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged}, M, groups, cuda, geo);
       const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, gamma.const_data_ptr<float>(),
                                             beta.const_data_ptr<float>(), geo.parts, C, static_cast<float>(eps),
-                                            mean.data_ptr<float>(), var.data_ptr<float>(), scale.data_ptr<float>(),
-                                            shift.data_ptr<float>()};
-      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged.const_data_ptr<float>()}, C, cuda);
+                                            out[0].data_ptr<float>(), out[1].data_ptr<float>(),
+                                            out[2].data_ptr<float>(), out[3].data_ptr<float>()};
+      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged}, C, cuda);
     };
     constexpr int VEC = 16 / sizeof(scalar_t);
     if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
   });
-  return {mean, var, scale, shift};
+}
+
+// {mean, var, scale, shift}, fp32 [C]; NaN when a has no values (as torch.var_mean of an empty tensor)
+std::vector<at::Tensor> stats_outputs(const at::Tensor& a) {
+  const auto f32 = a.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  std::vector<at::Tensor> out;
+  for (int k = 0; k < 4; ++k) out.push_back(at::empty({a.size(1)}, f32));
+  if (a.numel() == 0) {
+    for (auto& v : out) v.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta,
+                                        double eps) {
+  const c10::OptionalDeviceGuard guard(a.device());
+  std::vector<at::Tensor> out = stats_outputs(a);
+  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, nullptr, out);
+  return out;
+}
+
+std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at::Tensor& sum, const at::Tensor& sq_sum,
+                                                  const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  const c10::OptionalDeviceGuard guard(a.device());
+  std::vector<at::Tensor> out = stats_outputs(a);
+  if (a.numel() == 0) return out;
+  const int64_t C = a.size(1), M = a.numel() / C;
+  at::Tensor flagged = at::empty({C}, out[0].options());
+  for_each_index(SumsOp{sum.const_data_ptr<float>(), sq_sum.const_data_ptr<float>(), static_cast<float>(M),
+                        out[0].data_ptr<float>(), out[1].data_ptr<float>(), flagged.data_ptr<float>()},
+                 C, a.is_cuda());
+  welford_stats(a, gamma, beta, eps, flagged.const_data_ptr<float>(), out);
+  return out;
 }
 
 std::vector<at::Tensor> bn_scale_shift_launch(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,

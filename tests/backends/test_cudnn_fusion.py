@@ -130,12 +130,13 @@ def test_graph_descriptions_are_the_computation_they_stand_for(graph, features, 
     assert tensors[x]["data_type"] == "BFLOAT16"
     if graph != "wgrad":  # wgrad's filter is its output
         assert tensors["w"]["dim"] == [32, 64, 3, 3] and tensors["w"]["stride"] == [64 * 9, 1, 3 * 64, 64]
-    vectors = {"fprop": ({"scale", "shift"} if features & PROLOGUE else set()) | ({"bias"} if features & BIAS else set()),
-               "dgrad": {"scale", "shift", "mean", "rstd", "gamma"},
-               "wgrad": {"scale", "shift"}}[graph]
+    prologue = {"scale", "shift"} if features & PROLOGUE else set()
+    vectors = {"fprop": prologue | ({"bias"} if features & BIAS else set()),
+               "dgrad": {"scale", "shift", "mean", "rstd", "gamma"}, "wgrad": prologue}[graph]
     assert vectors <= set(tensors)
     for name in vectors:
-        assert tensors[name]["data_type"] == "FLOAT" and tensors[name]["dim"] == [1, 32 if name == "bias" else 64, 1, 1]
+        channels = 32 if name == "bias" else 64
+        assert tensors[name]["data_type"] == "FLOAT" and tensors[name]["dim"] == [1, channels, 1, 1]
     if features & STATS:  # the sums leave the graph in fp32, one per output channel
         sums = [t for t in tensors.values() if t["name"].endswith("sum_output")]
         assert [(t["data_type"], t["dim"]) for t in sums] == [("FLOAT", [1, 32, 1, 1])] * 2
