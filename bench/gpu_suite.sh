@@ -105,9 +105,21 @@ else
   limited build "$(want quick && echo 150 || echo 0)" python3 -m pip install --no-deps --no-build-isolation -e .
 fi
 step info python3 -m fused_resnet.tools.cli info
+if [ "$DRY_RUN" = 0 ]; then  # cuDNN's description of this GPU, into env.json: with it bench/cudnn_check.py checks
+                             # the fusion graphs' engines for this GPU on any machine, no GPU needed
+  props=$(mktemp)
+  limited "cudnn device properties" 15 python3 bench/cudnn_check.py --save-device-properties "$props"
+  python3 - "$OUT/env.json" "$props" <<'PY'
+import json, sys
+env = json.load(open(sys.argv[1]))
+env["cudnn_device_properties"] = open(sys.argv[2]).read()
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+PY
+fi
 
 if want quick; then
-  # Time limits (seconds) sum to 540 with the build's 150: docs/GPU_SUITE.md has the budget and why.
+  # Time limits (seconds) sum to 555 with the build's 150 and the device properties' 15 (docs/GPU_SUITE.md
+  # has the budget and why).
   if [ "$DRY_RUN" = 1 ]; then
     sel=(-k "(gpu or test_block_matches_reference or test_train_block or test_eval_block) and basic-16x16")
     vargs=(--device cpu --model cifar_resnet20 --batch 2 --steps 1)

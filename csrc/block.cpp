@@ -176,27 +176,20 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
   return out;
 }
 
-// Eval: every unit with running statistics. A unit that may run a fusion graph runs conv(r, w·s) + t (+ shortcut)
-// + ReLU in one, its BN folded into the weights (s per output channel, in the weights' dtype, as the Triton
-// backend folds); any other unit runs conv, then the BN-apply kernels, as forward() does.
-at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
-                     at::TensorList betas, at::TensorList running_means, at::TensorList running_vars,
-                     const std::optional<at::Tensor>& residual) {
-  const size_t n = spec.units.size(), n_main = spec.n_main();
+// Eval: unit i is BN(conv(r, W_i)) = conv(r, W_i)·s_i + t_i. A unit that may run a fusion graph runs
+// relu?(conv(r, W_i·s_i) + t_i (+ shortcut)) as one; any other unit runs the conv, then the BN-apply kernels.
+// `folded`: the weights are already W·s (fused_resnet.backends.folding's cache) and s is all ones; else W·s is
+// formed here for the graphs, per call.
+at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, const std::vector<at::Tensor>& s,
+                     const std::vector<at::Tensor>& t, bool folded, const std::optional<at::Tensor>& residual) {
+  const size_t n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
-  std::vector<at::Tensor> s(n), t(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor mean = running_means[i].to(at::kFloat, false, /*copy=*/true).contiguous();
-    const at::Tensor var = running_vars[i].to(at::kFloat, false, /*copy=*/true).contiguous();
-    at::Tensor rstd;
-    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean, var, spec.units[i].eps);
-  }
-  // relu?(conv(input, w_i·s_i) + t_i (+ res)) as one graph, or nothing when unit i cannot
+  // relu?(conv(input, W_i·s_i) + t_i (+ res)) as one graph, or nothing when unit i cannot
   auto fused = [&](size_t i, const at::Tensor& input, const std::optional<at::Tensor>& res,
                    bool relu) -> std::optional<at::Tensor> {
     if (fusion::ineligible(xc, weights[i], spec.units[i])) return std::nullopt;
-    const at::Tensor folded = (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
-    auto f = fusion::fprop(spec.units[i], input, folded, std::nullopt, false, t[i], res, relu);
+    const at::Tensor w = folded ? weights[i] : (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
+    auto f = fusion::fprop(spec.units[i], input, w, std::nullopt, false, t[i], res, relu);
     return f ? std::optional<at::Tensor>(f->y) : std::nullopt;
   };
   // the projection first: its output is the closing unit's shortcut
@@ -255,7 +248,29 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
   check_block("block_inference", x, spec,
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
               residual.has_value());
-  return inference(spec, x, weights, gammas, betas, running_means, running_vars, residual).contiguous(format_of(x));
+  std::vector<at::Tensor> s(spec.units.size()), t(spec.units.size());
+  for (size_t i = 0; i < spec.units.size(); ++i) {
+    const at::Tensor mean = running_means[i].to(at::kFloat, false, /*copy=*/true).contiguous();
+    const at::Tensor var = running_vars[i].to(at::kFloat, false, /*copy=*/true).contiguous();
+    at::Tensor rstd;
+    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean, var, spec.units[i].eps);
+  }
+  return inference(spec, x, weights, s, t, false, residual).contiguous(format_of(x));
+}
+
+at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, at::TensorList shifts,
+                                  const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                                  at::ArrayRef<double> spec_floats) {
+  const BlockSpec spec = BlockSpec::parse("block_inference_folded", spec_ints, spec_floats);
+  check_block("block_inference_folded", x, spec, {weights.size(), shifts.size()}, residual.has_value());
+  std::vector<at::Tensor> s, t;
+  for (size_t i = 0; i < spec.units.size(); ++i) {
+    t.push_back(f32(shifts[i]));
+    TORCH_CHECK(t[i].dim() == 1 && t[i].size(0) == weights[i].size(0), "block_inference_folded: expected shift ", i,
+                " as a [", weights[i].size(0), "] vector (one per output channel), got ", shape_str(t[i].sizes()));
+    s.push_back(at::ones_like(t[i]));
+  }
+  return inference(spec, x, weights, s, t, true, residual).contiguous(format_of(x));
 }
 
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,

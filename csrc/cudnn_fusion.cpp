@@ -15,6 +15,7 @@
 
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
 #include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
 
@@ -443,18 +444,60 @@ std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const a
   return dw.contiguous(w.suggest_memory_format());
 }
 
+namespace {
+
+Description describe(Graph g, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, const UnitSpec& u,
+                     at::ScalarType dtype) {
+  TORCH_CHECK(x_sizes.size() == 4 && w_sizes.size() == 4, "cudnn fusion: expected 4 sizes for x and for w");
+  const bool prologue = features & kPrologue;
+  switch (g) {
+    case Graph::kFprop:
+      return describe_fprop({prologue, bool(features & kStats), bool(features & kBias), bool(features & kResidual),
+                             bool(features & kRelu)},
+                            x_sizes, w_sizes, u, dtype);
+    case Graph::kDgrad: return describe_dgrad(x_sizes, w_sizes, u, dtype);
+    case Graph::kWgrad: break;
+  }
+  return describe_wgrad(prologue, x_sizes, w_sizes, u, dtype);
+}
+
+}  // namespace
+
 std::pair<std::string, std::string> validate(Graph g, int64_t features, at::IntArrayRef x_sizes,
                                              at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
   if (auto no_cudnn = load_cudnn()) return {*no_cudnn, ""};
-  TORCH_CHECK(x_sizes.size() == 4 && w_sizes.size() == 4, "fusion_validate: expected 4 sizes for x and for w");
-  const bool prologue = features & kPrologue;
-  Description d = g == Graph::kFprop ? describe_fprop({prologue, bool(features & kStats), bool(features & kBias),
-                                                       bool(features & kResidual), bool(features & kRelu)},
-                                                      x_sizes, w_sizes, u, dtype)
-                  : g == Graph::kDgrad ? describe_dgrad(x_sizes, w_sizes, u, dtype)
-                                       : describe_wgrad(prologue, x_sizes, w_sizes, u, dtype);
+  Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
   fe::error_t e = d.graph->validate();
   return {e.is_good() ? "" : e.get_message(), d.graph->print()};
+}
+
+std::string device_properties() {
+  if (auto no_cudnn = load_cudnn()) return *no_cudnn;
+  fe::DeviceProperties props;
+  fe::error_t e = props.set_device_id(static_cast<int32_t>(c10::cuda::current_device())).build();
+  TORCH_CHECK(e.is_good(), "cudnn fusion: reading the device's properties failed: ", e.get_message());
+  std::vector<uint8_t> buf;
+  e = props.serialize(buf);
+  TORCH_CHECK(e.is_good(), "cudnn fusion: serialising the device's properties failed: ", e.get_message());
+  return std::string(buf.begin(), buf.end());
+}
+
+std::string support(const std::string& device_properties, Graph g, int64_t features, at::IntArrayRef x_sizes,
+                    at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
+  if (auto no_cudnn = load_cudnn()) return *no_cudnn;
+  auto props = std::make_shared<fe::DeviceProperties>();
+  fe::error_t e = props->deserialize(std::vector<uint8_t>(device_properties.begin(), device_properties.end()));
+  if (e.is_bad()) return message("device properties", e);
+  Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
+  d.graph->set_device_properties(props);
+  if ((e = d.graph->validate()).is_bad()) return message("validate", e);
+  if ((e = d.graph->build_operation_graph()).is_bad()) return message("operation graph", e);
+  if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
+    return message("heuristics", e);
+  }
+  if ((e = d.graph->check_support()).is_bad()) return message("support", e);
+  if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
+  return "";
 }
 
 void reset() {
@@ -494,6 +537,13 @@ std::optional<at::Tensor> wgrad(const UnitSpec&, const at::Tensor&, const at::Te
 std::pair<std::string, std::string> validate(Graph, int64_t, at::IntArrayRef, at::IntArrayRef, const UnitSpec&,
                                              at::ScalarType) {
   return {build_info(), ""};
+}
+
+std::string device_properties() { return build_info(); }
+
+std::string support(const std::string&, Graph, int64_t, at::IntArrayRef, at::IntArrayRef, const UnitSpec&,
+                    at::ScalarType) {
+  return build_info();
 }
 
 void reset() {

@@ -79,6 +79,13 @@ enum Feature : int64_t { kPrologue = 1, kStats = 2, kBias = 4, kResidual = 8, kR
 std::pair<std::string, std::string> validate(Graph g, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, const UnitSpec& u,
                      at::ScalarType dtype);
 
+// Deviceless checks: the properties of the current GPU as cuDNN's JSON (needs the GPU), and, from such JSON on any
+// machine, whether cuDNN has an engine for a graph on that GPU: "" or cuDNN's message (heuristics, support and
+// plan build run without a device).
+std::string device_properties();
+std::string support(const std::string& device_properties, Graph g, int64_t features, at::IntArrayRef x_sizes,
+                    at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype);
+
 // Per graph label: calls that ran fused, calls that fell back; and every key without an engine, with why.
 std::vector<std::tuple<std::string, int64_t, int64_t>> tallies();
 std::vector<std::tuple<std::string, std::string>> unsupported();

@@ -272,6 +272,15 @@ std::tuple<std::string, std::string> fusion_validate(const std::string& graph, i
   return {why, description};
 }
 
+std::string fusion_device_properties() { return fusion::device_properties(); }
+
+std::string fusion_support(const std::string& device_properties, const std::string& graph, int64_t features,
+                           at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, at::ScalarType dtype) {
+  return fusion::support(device_properties, graph_named(graph), features, x_sizes, w_sizes,
+                         conv_unit("fusion_support", stride, padding, dilation), dtype);
+}
+
 // Per unit of a block: "" when its convs may run fusion graphs for this input, else why not.
 std::vector<std::string> fusion_plan(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
                                      at::ArrayRef<double> spec_floats) {
@@ -306,6 +315,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
         "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor[]");
   m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
         "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor");
+  m.def("block_inference_folded(Tensor x, Tensor[] weights, Tensor[] shifts, Tensor? residual, int[] spec, "
+        "float[] spec_floats) -> Tensor");
   m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
         "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad, "
         "Tensor? counts=None) -> Tensor[]");
@@ -320,20 +331,24 @@ TORCH_LIBRARY(fused_resnet_C, m) {
         "ScalarType dtype, int device) -> str", &fusion_key);
   m.def("fusion_validate(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
         "int[] dilation, ScalarType dtype) -> (str, str)", &fusion_validate);
+  m.def("fusion_device_properties() -> str", &fusion_device_properties);
+  m.def("fusion_support(str device_properties, str graph, int features, int[] x_sizes, int[] w_sizes, "
+        "int[] stride, int[] padding, int[] dilation, ScalarType dtype) -> str", &fusion_support);
   m.def("fusion_plan(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats) -> str[]", &fusion_plan);
 }
 
-#define FR_IMPL_ALL(m)                                    \
-  m.impl("bn_stats", &bn_stats);                          \
-  m.impl("bn_stats_from_sums", &bn_stats_from_sums);      \
-  m.impl("bn_scale_shift", &bn_scale_shift);              \
-  m.impl("bn_running_update", &bn_running_update);        \
-  m.impl("bn_act", &bn_act);                              \
-  m.impl("drelu_dbn_reduce", &drelu_dbn_reduce);          \
-  m.impl("dbn_apply", &dbn_apply);                        \
-  m.impl("residual_grad", &residual_grad);                \
-  m.impl("block_forward", &block_forward);                \
-  m.impl("block_inference", &block_inference);            \
+#define FR_IMPL_ALL(m)                                       \
+  m.impl("bn_stats", &bn_stats);                             \
+  m.impl("bn_stats_from_sums", &bn_stats_from_sums);         \
+  m.impl("bn_scale_shift", &bn_scale_shift);                 \
+  m.impl("bn_running_update", &bn_running_update);           \
+  m.impl("bn_act", &bn_act);                                 \
+  m.impl("drelu_dbn_reduce", &drelu_dbn_reduce);             \
+  m.impl("dbn_apply", &dbn_apply);                           \
+  m.impl("residual_grad", &residual_grad);                   \
+  m.impl("block_forward", &block_forward);                   \
+  m.impl("block_inference", &block_inference);               \
+  m.impl("block_inference_folded", &block_inference_folded); \
   m.impl("block_backward", &block_backward)
 
 TORCH_LIBRARY_IMPL(fused_resnet_C, CUDA, m) { FR_IMPL_ALL(m); }

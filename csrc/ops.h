@@ -53,6 +53,10 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
                            at::TensorList running_means, at::TensorList running_vars,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
                            at::ArrayRef<double> spec_floats);
+// eval with BN folded into the weights (W·s, one shift t per unit), as fused_resnet.backends.folding gives them
+at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, at::TensorList shifts,
+                                  const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
+                                  at::ArrayRef<double> spec_floats);
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,

@@ -253,6 +253,8 @@ def _register_extension_ops() -> None:
 
     fake("block_forward")(forward_c)
     fake("block_inference")(inference_c)
+    fake("block_inference_folded")(lambda x, weights, shifts, residual, spec, spec_floats:
+                                   inference_fake(x, weights, _spec(spec, spec_floats)))
     fake("block_backward")(backward_c)
     backward, setup_context = block_autograd(lambda *args, **kw: torch.ops.fused_resnet_C.block_backward(*args, **kw))
     torch.library.register_autograd(f"{lib}::block_forward", backward, setup_context=setup_context)

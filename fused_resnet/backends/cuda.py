@@ -34,11 +34,12 @@ from torch import Tensor
 
 from ..spec import BlockSpec
 from ..tensors import Forward, Grads, Params, unpack_forward, unpack_grads
-from . import extension, reference
+from . import extension, folding, reference
 from .registry import Backend, register
 
 ENV_ON_CPU = "FUSED_RESNET_EXT_ON_CPU"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FOLDED_DTYPES = (torch.float16, torch.bfloat16)  # the fusion graphs' dtypes: eval folds BN into the weights
 
 
 def on_cpu_for_testing() -> bool:
@@ -131,6 +132,10 @@ class CudaBackend(Backend):
         return unpack_forward(flat, len(spec.units))
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
+        if x.is_cuda and x.dtype in _FOLDED_DTYPES:  # BN folded into the weights, cached (the Triton backend's)
+            folded = [folding.fold_bn(w, g, b, rm, rv, u.eps) for w, g, b, rm, rv, u in zip(*params, spec.units)]
+            return _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], residual,
+                                                 spec.ints, spec.floats)
         return _ops().block_inference(x, *params, residual, spec.ints, spec.floats)
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,

@@ -8,6 +8,8 @@ On a GPU (bench/gpu_suite.sh): blocks with the graphs against float64, that they
 block tests of test_cuda.py run the graphs as well whenever they run in float16 / bfloat16 on a GPU.
 """
 import copy
+import glob
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +21,7 @@ import torchvision
 import fused_resnet
 from fused_resnet import testing
 from fused_resnet.backends import build, cuda, extension
-from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec
+from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec, from_modules
 from fused_resnet.tools import benchmark
 
 from conftest import GPU, assert_checks, requires_gpu
@@ -30,6 +32,7 @@ BUILT = extension.load() is not None and torch.ops.fused_resnet_C.fusion_info().
 requires_frontend = pytest.mark.skipif(not BUILT, reason="extension built without cudnn-frontend's headers")
 DEVICE = torch.device("cuda" if GPU else "cpu")
 PROLOGUE, STATS, BIAS, RESIDUAL, RELU = 1, 2, 4, 8, 16  # csrc/cudnn_fusion.h Feature
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _ops():
@@ -63,37 +66,52 @@ def test_info_command_prints_the_fusion_line(capsys):
 
 
 # --------------------------------------------------------------------------------------------- graph descriptions
-def _resnet_convs(arch):
-    """(x_sizes, w_sizes, stride, padding) of every conv of a torchvision ResNet at batch 2, 224x224."""
-    model = getattr(torchvision.models, arch)()
-    seen, hooks = [], []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda mod, args, out: seen.append(
-                (list(args[0].shape), list(mod.weight.shape), list(mod.stride), list(mod.padding)))))
-    with torch.no_grad():
-        model(torch.zeros(2, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    return sorted({(tuple(map(tuple, c))) for c in seen})
+def _cudnn_check():
+    spec = importlib.util.spec_from_file_location("cudnn_check", os.path.join(ROOT, "bench", "cudnn_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @requires_frontend
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
-def test_every_graph_of_a_resnet_passes_the_frontends_validation(arch, dtype):
-    """Every conv of the model, in every graph the block ops build for it, is a complete description for
-    cudnn-frontend (its validate() on the CPU; whether an engine exists is known on a GPU only)."""
-    graphs = [("fprop", PROLOGUE | STATS), ("fprop", STATS), ("fprop", PROLOGUE), ("fprop", BIAS | RELU),
-              ("fprop", BIAS), ("fprop", BIAS | RESIDUAL | RELU), ("dgrad", 0), ("wgrad", PROLOGUE), ("wgrad", 0)]
-    failures = []
-    for x, w, stride, padding in _resnet_convs(arch):
-        for graph, features in graphs:
-            why, _ = _ops().fusion_validate(graph, features, list(x), list(w), list(stride), list(padding), [1, 1],
-                                            dtype)
-            if why:
-                failures.append(f"{graph} {features} x{x} w{w}: {why}")
-    assert not failures, "\n".join(failures)
+def test_every_graph_of_a_resnet_passes_the_frontends_validation(arch, dtype, tmp_path):
+    """bench/cudnn_check.py: every graph the block ops build for the model's blocks (each unit in its position,
+    train and eval) is a complete description for cudnn-frontend (validate() on the CPU; whether an engine
+    exists is the GPU's, or device properties', to say)."""
+    out = tmp_path / "check.json"
+    assert _cudnn_check().main(["--model", arch, "--dtype", dtype, "--json", str(out)]) == 0
+    graphs = json.loads(out.read_text())["graphs"]
+    assert all(g["ok"] for g in graphs)
+    kinds = {(g["graph"], g["features"]) for g in graphs}
+    assert kinds == {("fprop", STATS), ("fprop", PROLOGUE | STATS), ("wgrad", 0), ("wgrad", PROLOGUE),
+                     ("dgrad", 0), ("fprop", BIAS | RELU), ("fprop", BIAS | RESIDUAL | RELU), ("fprop", BIAS)}
+    projections = [g for g in graphs if g["unit"].endswith("projection")]
+    assert {(g["graph"], g["features"]) for g in projections} == {("fprop", STATS), ("wgrad", 0), ("fprop", BIAS)}
+
+
+@requires_frontend
+def test_engine_check_reports_unreadable_device_properties():
+    why = _ops().fusion_support("{}", "fprop", STATS, [2, 64, 8, 8], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1],
+                                torch.bfloat16)
+    assert why.startswith("device properties:"), why
+
+
+DEVICE_PROPERTIES = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*", "cudnn_device.json")))
+
+
+@requires_frontend
+@pytest.mark.skipif(not DEVICE_PROPERTIES, reason="no GPU's cuDNN device properties committed yet "
+                    "(bench/gpu_suite.sh quick writes them into env.json)")
+@pytest.mark.parametrize("path", DEVICE_PROPERTIES, ids=lambda p: os.path.basename(os.path.dirname(p)))
+def test_every_resnet50_graph_has_an_engine_on_the_measured_gpus(path, tmp_path):
+    """From a GPU's device properties, cuDNN's heuristics and plan build on this machine: every ResNet-50 bf16
+    graph has an engine on that GPU (a graph without one runs unfused there: slower, never wrong)."""
+    out = tmp_path / "engines.json"
+    rc = _cudnn_check().main(["--model", "resnet50", "--device-properties", path, "--json", str(out)])
+    bad = [g for g in json.loads(out.read_text())["graphs"] if not g["ok"]]
+    assert rc == 0 and not bad, bad
 
 
 def _describe(graph, features, x=(2, 64, 8, 6), w=(32, 64, 3, 3), stride=(2, 1), padding=(1, 0)):
@@ -268,6 +286,52 @@ def test_statistics_from_sums_reject_bad_arguments_and_handle_an_empty_batch():
     empty = torch.empty(0, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     mean, var, s, t = _ops().bn_stats_from_sums(empty, ones, ones, ones, ones, 1e-5)
     assert torch.isnan(mean).all() and torch.isnan(var).all()
+
+
+# --------------------------------------------------------------------------------------------- eval, BN folded
+def _eval_op_args(name, dtype):
+    """(x, spec, weights, gammas, betas, running_means, running_vars) of a torchvision block in eval mode."""
+    tv = testing.randomize_batchnorm(_blocks()[name], torch.Generator().manual_seed(9)).eval().to(dtype)
+    units = [(tv.conv1, tv.bn1), (tv.conv2, tv.bn2)] + ([(tv.conv3, tv.bn3)] if hasattr(tv, "conv3") else [])
+    shortcut = Shortcut.IDENTITY
+    if tv.downsample is not None:
+        units.append((tv.downsample[0], tv.downsample[1]))
+        shortcut = Shortcut.PROJECTION
+    spec = from_modules([c for c, _ in units], [b for _, b in units], shortcut)
+    x = _input(name).to(dtype).contiguous(memory_format=torch.channels_last)
+    return tv, x, spec, [[getattr(b if k else c, a) for c, b in units] for k, a in
+                         ((0, "weight"), (1, "weight"), (1, "bias"), (1, "running_mean"), (1, "running_var"))]
+
+
+@pytest.mark.parametrize("name", ["basic", "bottleneck-projection"])
+def test_eval_with_folded_weights_matches_eval_with_running_statistics(name):
+    """block_inference_folded (W·s from the shared fold cache, one shift per unit) computes what block_inference
+    computes from the running statistics: to float32 rounding in float32, within the rule in bfloat16."""
+    from fused_resnet.backends import folding
+
+    for dtype in (torch.float32, torch.bfloat16):
+        tv, x, spec, (ws, gs, bs, rms, rvs) = _eval_op_args(name, dtype)
+        folded = [folding.fold_bn(w, g, b, rm, rv, u.eps) for w, g, b, rm, rv, u in zip(ws, gs, bs, rms, rvs,
+                                                                                         spec.units)]
+        with torch.no_grad():
+            y = _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], None, spec.ints,
+                                              spec.floats)
+            y_bn = _ops().block_inference(x, ws, gs, bs, rms, rvs, None, spec.ints, spec.floats)
+            if dtype == torch.float32:
+                torch.testing.assert_close(y, y_bn, rtol=1e-5, atol=1e-5)
+                continue
+            oracle = copy.deepcopy(tv).double()
+            ref = oracle(x.double())
+            c = testing.check("folded eval", y, ref, tv(x), ref, dtype)
+            assert c.ok, c.row()
+
+
+def test_eval_with_folded_weights_checks_its_shifts():
+    _, x, spec, (ws, *_rest) = _eval_op_args("basic", torch.float32)
+    with pytest.raises(RuntimeError, match="block_inference_folded: expected shift 1 as a \\[64\\] vector"):
+        _ops().block_inference_folded(x, ws, [torch.zeros(64), torch.zeros(3)], None, spec.ints, spec.floats)
+    with pytest.raises(RuntimeError, match="one tensor per unit"):
+        _ops().block_inference_folded(x, ws, [torch.zeros(64)], None, spec.ints, spec.floats)
 
 
 # --------------------------------------------------------------------------------------------- on a GPU
