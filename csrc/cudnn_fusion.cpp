@@ -45,6 +45,7 @@ std::atomic<bool> g_enabled{[] {
   return v == nullptr || std::string(v) != "0";
 }()};
 std::array<std::atomic<bool>, kGraphs> g_refused{};
+std::atomic<bool> g_cpu_probe{false};
 
 struct Tally {
   int64_t fused = 0, fallback = 0;
@@ -104,6 +105,7 @@ std::string key(const std::string& label, at::IntArrayRef x_sizes, at::IntArrayR
 bool set_enabled(bool on) { return g_enabled.exchange(on); }
 bool enabled() { return g_enabled.load(); }
 void set_refused(Graph g, bool refused) { g_refused[static_cast<int>(g)].store(refused); }
+bool set_cpu_probe(bool on) { return g_cpu_probe.exchange(on); }
 
 std::vector<std::tuple<std::string, int64_t, int64_t>> tallies() {
   std::lock_guard<std::mutex> lock(g_tally_mutex);
@@ -128,7 +130,9 @@ std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, 
   if (x.dim() != 4) return std::string("not a 2-D convolution");
   if (u.groups != 1) return std::string("grouped convolution");
   if (u.sync_group != 0) return std::string("synchronised BatchNorm (its statistics cross processes)");
-  if (!x.is_cuda()) return std::string("tensors on ") + x.device().str() + " (cuDNN runs on CUDA tensors)";
+  if (!x.is_cuda() && !(x.is_cpu() && g_cpu_probe.load())) {
+    return std::string("tensors on ") + x.device().str() + " (cuDNN runs on CUDA tensors)";
+  }
   if (x.size(0) == 0) return std::string("empty batch");
   return std::nullopt;
 }
@@ -298,17 +302,24 @@ std::shared_ptr<Description> lookup(const std::string& k, Describe describe) {
   if (auto no_cudnn = load_cudnn()) {
     why = *no_cudnn;
   } else {
-    d = std::make_shared<Description>(describe());
-    cudnnHandle_t handle = at::native::getCudnnHandle();
-    fe::error_t e = d->graph->validate();
-    if (e.is_bad()) why = message("validate", e);
-    if (why.empty() && (e = d->graph->build_operation_graph(handle)).is_bad()) why = message("operation graph", e);
-    if (why.empty() && (e = d->graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
-      why = message("heuristics", e);
+    try {  // cudnn-frontend reports through error_t, and through exceptions from deeper down
+      d = std::make_shared<Description>(describe());
+      cudnnHandle_t handle = at::native::getCudnnHandle();
+      fe::error_t e = d->graph->validate();
+      if (e.is_bad()) why = message("validate", e);
+      if (why.empty() && (e = d->graph->build_operation_graph(handle)).is_bad()) why = message("operation graph", e);
+      if (why.empty() &&
+          (e = d->graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
+        why = message("heuristics", e);
+      }
+      if (why.empty() && (e = d->graph->check_support()).is_bad()) why = message("support", e);
+      if (why.empty() && (e = d->graph->build_plans()).is_bad()) why = message("plans", e);
+      if (why.empty() && (e = d->graph->get_workspace_size(d->workspace)).is_bad()) why = message("workspace", e);
+    } catch (const c10::Error& ex) {  // e.g. no CUDA device for the handle
+      why = std::string("building the graph threw: ") + ex.what_without_backtrace();
+    } catch (const std::exception& ex) {
+      why = std::string("building the graph threw: ") + ex.what();
     }
-    if (why.empty() && (e = d->graph->check_support()).is_bad()) why = message("support", e);
-    if (why.empty() && (e = d->graph->build_plans()).is_bad()) why = message("plans", e);
-    if (why.empty() && (e = d->graph->get_workspace_size(d->workspace)).is_bad()) why = message("workspace", e);
   }
   if (!why.empty()) {
     d = nullptr;
@@ -485,18 +496,24 @@ std::string device_properties() {
 std::string support(const std::string& device_properties, Graph g, int64_t features, at::IntArrayRef x_sizes,
                     at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
   if (auto no_cudnn = load_cudnn()) return *no_cudnn;
-  auto props = std::make_shared<fe::DeviceProperties>();
-  fe::error_t e = props->deserialize(std::vector<uint8_t>(device_properties.begin(), device_properties.end()));
-  if (e.is_bad()) return message("device properties", e);
-  Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
-  d.graph->set_device_properties(props);
-  if ((e = d.graph->validate()).is_bad()) return message("validate", e);
-  if ((e = d.graph->build_operation_graph()).is_bad()) return message("operation graph", e);
-  if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
-    return message("heuristics", e);
+  try {
+    auto props = std::make_shared<fe::DeviceProperties>();
+    fe::error_t e = props->deserialize(std::vector<uint8_t>(device_properties.begin(), device_properties.end()));
+    if (e.is_bad()) return message("device properties", e);
+    Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
+    d.graph->set_device_properties(props);
+    if ((e = d.graph->validate()).is_bad()) return message("validate", e);
+    if ((e = d.graph->build_operation_graph()).is_bad()) return message("operation graph", e);
+    if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
+      return message("heuristics", e);
+    }
+    if ((e = d.graph->check_support()).is_bad()) return message("support", e);
+    if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
+  } catch (const c10::Error& ex) {
+    return std::string("building the graph threw: ") + ex.what_without_backtrace();
+  } catch (const std::exception& ex) {
+    return std::string("building the graph threw: ") + ex.what();
   }
-  if ((e = d.graph->check_support()).is_bad()) return message("support", e);
-  if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
   return "";
 }
 

@@ -38,8 +38,11 @@ bool built();
 // The process-wide switch (initially FUSED_RESNET_CUDNN_FUSION != "0"); returns the previous value.
 bool set_enabled(bool on);
 bool enabled();
-// Tests' knob: behave as if cuDNN had no engine for this graph (its calls fall back and are counted).
+// Tests' knobs. Refused: behave as if cuDNN had no engine for this graph (its calls fall back, counted). CPU
+// probe: CPU tensors are eligible, so the block ops ask for graphs on a machine without a GPU, every build fails
+// (no device) and every call takes the counted fallback: the bookkeeping and the fallback paths run in CI.
 void set_refused(Graph g, bool refused);
+bool set_cpu_probe(bool on);
 
 // Why a unit's conv may not use fusion graphs for the block input x and the weight w; nullopt when it may.
 std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, const UnitSpec& u);

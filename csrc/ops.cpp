@@ -228,6 +228,8 @@ bool fusion_set_enabled(bool on) { return fusion::set_enabled(on); }
 
 void fusion_set_refused(const std::string& graph, bool refused) { fusion::set_refused(graph_named(graph), refused); }
 
+bool fusion_set_cpu_probe(bool on) { return fusion::set_cpu_probe(on); }
+
 std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> fusion_tallies() {
   std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> out;
   for (const auto& [label, fused, fallback] : fusion::tallies()) {
@@ -324,6 +326,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("fusion_info() -> str", &fusion_info);
   m.def("fusion_set_enabled(bool on) -> bool", &fusion_set_enabled);
   m.def("fusion_set_refused(str graph, bool refused) -> ()", &fusion_set_refused);
+  m.def("fusion_set_cpu_probe(bool on) -> bool", &fusion_set_cpu_probe);
   m.def("fusion_tallies() -> (str[], int[], int[])", &fusion_tallies);
   m.def("fusion_unsupported() -> (str[], str[])", &fusion_unsupported);
   m.def("fusion_reset() -> ()", &fusion_reset);

@@ -58,6 +58,16 @@ def _ops():
     return torch.ops.fused_resnet_C
 
 
+def _fusion_on_cpu_for_testing() -> None:
+    """In the tests' CPU mode the fusion graphs are asked for on CPU tensors too: every build fails there (no GPU)
+    and every call takes the counted fallback, so CI runs the fallback paths and their bookkeeping."""
+    if on_cpu_for_testing():
+        _ops().fusion_set_cpu_probe(True)
+
+
+extension.on_load(_fusion_on_cpu_for_testing)
+
+
 def cudnn_version_str() -> str:
     v = torch.backends.cudnn.version()
     return "unavailable" if v is None else f"{v // 10000}.{v % 10000 // 100}.{v % 100}"

@@ -208,7 +208,13 @@ def test_the_plan_says_why_a_unit_cannot_fuse():
     assert _plan(_spec(), torch.float32)[0].startswith("dtype float32")
     assert _plan(_spec(groups=2), torch.bfloat16)[0] == "grouped convolution"
     assert _plan(_spec(sync_group=1), torch.bfloat16)[0].startswith("synchronised BatchNorm")
-    assert _plan(_spec(), torch.bfloat16) == ("tensors on cpu (cuDNN runs on CUDA tensors)",) * 2
+    previous = _ops().fusion_set_cpu_probe(False)
+    try:
+        assert _plan(_spec(), torch.bfloat16) == ("tensors on cpu (cuDNN runs on CUDA tensors)",) * 2
+        _ops().fusion_set_cpu_probe(True)  # the tests' CPU mode: CPU tensors try the graphs
+        assert _plan(_spec(), torch.bfloat16) == ("", "")
+    finally:
+        _ops().fusion_set_cpu_probe(previous)
     with cuda.fusion_switched(False):
         assert all(why.startswith("cudnn fusion switched off") for why in _plan(_spec(), torch.bfloat16))
     if GPU:
@@ -332,6 +338,30 @@ def test_eval_with_folded_weights_checks_its_shifts():
         _ops().block_inference_folded(x, ws, [torch.zeros(64), torch.zeros(3)], None, spec.ints, spec.floats)
     with pytest.raises(RuntimeError, match="one tensor per unit"):
         _ops().block_inference_folded(x, ws, [torch.zeros(64)], None, spec.ints, spec.floats)
+
+
+# --------------------------------------------------------------------------------------------- fallback
+ALL_LABELS = {"fprop+stats", "fprop+prologue+stats", "wgrad", "wgrad+prologue", "dgrad+drelu+dbn"}
+
+
+@requires_frontend
+@pytest.mark.skipif(GPU, reason="on a GPU the graphs build; the refusal test below covers the fallback there")
+def test_without_an_engine_every_graph_falls_back_counted_with_the_same_numbers():
+    """The tests' CPU mode asks for every graph on CPU tensors, where none can be built: every call must take the
+    unfused path (the block still within the float64 rule, train and eval), be counted as a fallback, and leave
+    the key's reason in fusion_status()."""
+    _ops().fusion_reset()
+    for name in ("bottleneck-projection", "basic"):  # the eval closing graph with a shortcut: the basic block's
+        block = testing.randomize_batchnorm(_blocks()[name], torch.Generator().manual_seed(4))
+        checks = testing.compare_models(block, lambda m: fused_resnet.convert(m, backend="cuda", inplace=True),
+                                        _input(name)[:2, :, :8, :8], torch.bfloat16, DEVICE, channels_last=True,
+                                        train_steps=1)
+        assert_checks(checks, f"{name} without an engine")
+    status = cuda.fusion_status()
+    eval_labels = {"fprop+bias+relu", "fprop+bias", "fprop+bias+residual+relu"}
+    assert ALL_LABELS | eval_labels <= set(status["tallies"]), status["tallies"]
+    assert all(fused == 0 and fallback > 0 for fused, fallback in status["tallies"].values()), status["tallies"]
+    assert status["unsupported"] and all(why for why in status["unsupported"].values())
 
 
 # --------------------------------------------------------------------------------------------- on a GPU
