@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Optional
 
-PROVIDERS = ("eager", "compile", "cuda", "triton")
+PROVIDERS = ("eager", "compile", "cuda", "triton", "cuda-unfused")
 MODES = ("train", "infer")
 
 
@@ -114,6 +114,14 @@ def markdown(res: dict) -> str:
             f"{_ratio(r['img_per_s'], comp and comp['img_per_s'])} | {'–' if peak is None else f'{peak:.2f}'} | "
             f"{_ratio(peak, eager and eager.get('peak_mem_gib'))} | {r['first_step_s']:.1f} | "
             f"{r.get('host_ms', float('nan')):.1f} | {r['step_ms']:.1f} |")
+    fusion = [r for r in runs if r.get("cudnn_fusion")]
+    if fusion:  # backend cuda's cuDNN fusion graphs in each measured run: fused calls / fallbacks per graph
+        lines += ["", "| model | mode | cuDNN fusion graph | fused calls | fell back |", "|---|---|---|---|---|"]
+        for r in fusion:
+            for label, (fused, fallback) in sorted(r["cudnn_fusion"]["tallies"].items()):
+                lines.append(f"| {r['model']} | {r['mode']} | {label} | {fused} | {fallback} |")
+            lines += [f"| {r['model']} | {r['mode']} | no engine: `{key}` | | {why[:120]} |"
+                      for key, why in r["cudnn_fusion"]["unsupported"].items()]
     if res["not_measured"]:
         lines += ["", "Not measured (their stage reached its time limit first): " + ", ".join(
             f"{m['model']} {m['mode']} {m['provider']}" for m in res["not_measured"])]

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             benchmark.build_model(name)
         for p in providers:
             if p not in ("eager", "compile"):
-                backends.check_requested(p)
+                backends.check_requested(benchmark.provider_backend(p))
         bad = [m for m in modes if m not in benchmark.MODES]
         if bad:
             raise ValueError(f"unknown mode {bad[0]!r}; expected train and/or infer")
