@@ -65,6 +65,25 @@ def test_info_command_prints_the_fusion_line(capsys):
     assert lines == [f"cudnn fusion   {cuda.fusion_line()}"]
 
 
+def test_the_build_finds_the_headers_where_told_and_stages_a_copy(tmp_path, monkeypatch):
+    """FUSED_RESNET_CUDNN_FRONTEND_INCLUDE wins ("none": build without); the staged copy for the GPU machine holds
+    cudnn-frontend's headers alone, and the build then finds them there."""
+    monkeypatch.setenv(build.CUDNN_FRONTEND_ENV, "none")
+    assert build.cudnn_frontend_include() is None
+    assert "-DFUSED_RESNET_WITH_CUDNN_FRONTEND" not in build.cxx_flags()
+    monkeypatch.setenv(build.CUDNN_FRONTEND_ENV, str(tmp_path))
+    assert build.cudnn_frontend_include() is None  # no cudnn_frontend.h there
+    monkeypatch.delenv(build.CUDNN_FRONTEND_ENV)
+    if build.cudnn_frontend_include() is None:
+        pytest.skip("cudnn-frontend's headers are not installed here")
+    staged = build.stage_cudnn_frontend(str(tmp_path / "staged"))
+    assert os.path.isfile(os.path.join(staged, "cudnn_frontend.h"))
+    assert all(name.startswith("cudnn") for name in os.listdir(staged))
+    monkeypatch.setenv(build.CUDNN_FRONTEND_ENV, staged)
+    assert build.cudnn_frontend_include() == staged
+    assert build.include_dirs()[0] == staged and "-DFUSED_RESNET_WITH_CUDNN_FRONTEND" in build.cxx_flags()
+
+
 # --------------------------------------------------------------------------------------------- graph descriptions
 def _cudnn_check():
     spec = importlib.util.spec_from_file_location("cudnn_check", os.path.join(ROOT, "bench", "cudnn_check.py"))
