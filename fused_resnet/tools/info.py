@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"extension      unavailable: {ext['reason']}")
     lines.append(f"cudnn fusion   {cuda.fusion_line()}")
     if ext["loaded"] and torch.cuda.is_available() and cuda.fusion_enabled():
-        lines += _fusion_probe()
+        try:
+            lines += _fusion_probe()
+        except Exception as e:  # info reports; a failing probe is a finding, not a reason to print nothing
+            lines.append(f"  probe failed: {type(e).__name__}: {str(e).strip()[:2000]}")
     print("\n".join(lines))
     return 0
 
