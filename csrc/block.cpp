@@ -334,7 +334,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     }
     if (may_fuse && need_inp && below && !fusion::ineligible(xc, weights[*below], spec.units[*below])) {
       const size_t b = *below;
-      if (auto f = fusion::dgrad_drelu_dbn(u, da, weights[i], a[b], *prologue, mean[b], rstd[b], f32(gammas[b]))) {
+      const fusion::BelowBN bn{mean[b], rstd[b], f32(gammas[b]), f32(betas[b])};
+      if (auto f = fusion::dgrad_drelu_dbn(u, da, weights[i], a[b], bn)) {
         d_inp = f->dz;
         sums = Sums{f->sum_dz, f->sum_dz_xhat};
       }

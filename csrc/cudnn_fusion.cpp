@@ -13,6 +13,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "ops.h"  // shape_str
+
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
 #include <ATen/cudnn/Handle.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -166,8 +168,10 @@ struct Description {
   std::map<std::string, TensorAttr> t;
   int64_t workspace = 0;
 
-  explicit Description(at::ScalarType dtype) {
-    graph->set_io_data_type(io_type(dtype))
+  fe::DataType_t io;
+
+  explicit Description(at::ScalarType dtype) : io(io_type(dtype)) {
+    graph->set_io_data_type(io)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
   }
@@ -203,11 +207,14 @@ struct Description {
     return graph->pointwise(a, b, fe::graph::Pointwise_attributes().set_mode(mode));
   }
 
-  // relu(x·scale + shift)
+  // relu(x·scale + shift), rounded to the activations' dtype as the unfused path stores r (and as the tensor
+  // cores read it)
   TensorAttr prologue(const TensorAttr& x, int64_t C) {
     TensorAttr v = pointwise(x, channels("scale", C), fe::PointwiseMode_t::MUL);
     v = pointwise(v, channels("shift", C), fe::PointwiseMode_t::ADD);
-    return graph->pointwise(v, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::RELU_FWD));
+    v = graph->pointwise(v, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::RELU_FWD));
+    v->set_data_type(io);
+    return v;
   }
 };
 
@@ -225,6 +232,8 @@ struct FpropFeatures {
 
 Description describe_fprop(const FpropFeatures& f, at::IntArrayRef x, at::IntArrayRef w, const UnitSpec& u,
                            at::ScalarType dtype) {
+  TORCH_CHECK(!(f.stats && (f.bias || f.residual || f.relu)), "cudnn fusion: an fprop graph with statistics writes "
+              "the plain conv output (no bias, residual or ReLU after it)");
   Description d(dtype);
   const auto pq = conv_out(x, w, u);
   const std::array<int64_t, 4> y{x[0], w[0], pq[0], pq[1]};
@@ -255,14 +264,18 @@ Description describe_dgrad(at::IntArrayRef x, at::IntArrayRef w, const UnitSpec&
   TensorAttr dx = d.graph->conv_dgrad(d.activation("dy", dy), d.activation("w", w),
                                       conv_attributes<fe::graph::Conv_dgrad_attributes>(u));
   dx->set_dim({x[0], x[1], x[2], x[3]});
+  // the unit below's BN output, (a − mean)·rstd·gamma + beta: the chain of cudnn-frontend's dgrad + dReLU + dBN
+  // weight sample, the pattern its engines are known to fuse
   const TensorAttr a = d.activation("a", x);
-  TensorAttr pre = d.pointwise(a, d.channels("scale", x[1]), fe::PointwiseMode_t::MUL);
-  pre = d.pointwise(pre, d.channels("shift", x[1]), fe::PointwiseMode_t::ADD);
+  const TensorAttr mean = d.channels("mean", x[1]), rstd = d.channels("rstd", x[1]), gamma = d.channels("gamma", x[1]);
+  TensorAttr pre = d.pointwise(a, mean, fe::PointwiseMode_t::SUB);
+  pre = d.pointwise(pre, rstd, fe::PointwiseMode_t::MUL);
+  pre = d.pointwise(pre, gamma, fe::PointwiseMode_t::MUL);
+  pre = d.pointwise(pre, d.channels("beta", x[1]), fe::PointwiseMode_t::ADD);
   const TensorAttr dz = d.pointwise(dx, pre, fe::PointwiseMode_t::RELU_BWD);
   d.output("dz", dz, x);
-  auto [dscale, dbias, eq_dy, eq_x, eq_bias] = d.graph->dbn_weight(
-      dz, a, d.channels("mean", x[1]), d.channels("rstd", x[1]), d.channels("gamma", x[1]),
-      fe::graph::DBN_weight_attributes());
+  auto [dscale, dbias, eq_dy, eq_x, eq_bias] =
+      d.graph->dbn_weight(dz, a, mean, rstd, gamma, fe::graph::DBN_weight_attributes());
   d.channels_output("sum_dz_xhat", dscale, x[1]);
   d.channels_output("sum_dz", dbias, x[1]);
   d.channels_output("eq_dy", eq_dy, x[1]);
@@ -293,13 +306,15 @@ std::mutex g_cache_mutex;
 std::unordered_map<std::string, std::shared_ptr<Description>> g_cache;
 
 template <typename Describe>
-std::shared_ptr<Description> lookup(const std::string& k, Describe describe) {
+std::shared_ptr<Description> lookup(const std::string& k, const at::Device& device, Describe describe) {
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   auto it = g_cache.find(k);
   if (it != g_cache.end()) return it->second;
   std::string why;
   std::shared_ptr<Description> d;
-  if (auto no_cudnn = load_cudnn()) {
+  if (!device.is_cuda()) {  // the tests' CPU probe: never a plan for host memory, even where a GPU exists
+    why = "tensors on " + device.str() + ": no cuDNN graph runs on them";
+  } else if (auto no_cudnn = load_cudnn()) {
     why = *no_cudnn;
   } else {
     try {  // cudnn-frontend reports through error_t, and through exceptions from deeper down
@@ -358,41 +373,63 @@ std::string build_info() {
          std::to_string(CUDNN_FRONTEND_MINOR_VERSION) + "." + std::to_string(CUDNN_FRONTEND_PATCH_VERSION);
 }
 
+namespace {
+
+// The built graph for x (the tensor whose sizes, dtype and device key it) and w's sizes, or nullptr when the graph
+// is refused or has no engine: that call is counted as a fallback.
+template <typename Describe>
+std::shared_ptr<Description> graph_for(Graph g, const std::string& label, const at::Tensor& x, at::IntArrayRef w_sizes,
+                                       const UnitSpec& u, Describe describe) {
+  std::shared_ptr<Description> d;
+  if (!g_refused[static_cast<int>(g)]) {
+    d = lookup(key(label, x.sizes(), w_sizes, u, x.scalar_type(), x.get_device()), x.device(), describe);
+  }
+  if (d == nullptr) count(label, false);
+  return d;
+}
+
+// What the caller passes is checked before cuDNN reads it: a wrong size would be an out-of-bounds read there.
+at::Tensor channels_arg(const char* what, const at::Tensor& v, int64_t C) {
+  TORCH_CHECK(v.numel() == C, "cudnn fusion: expected ", what, " with ", C, " values (one per channel), got ",
+              v.numel());
+  return vec32(v);
+}
+
+}  // namespace
+
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
                               const std::optional<Prologue>& prologue, bool stats, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, bool relu) {
+  const c10::OptionalDeviceGuard guard(x.device());  // plans, handle and workspace on x's device
   const FpropFeatures f{prologue.has_value(), stats, bias.has_value(), residual.has_value(), relu};
   const std::string label = features_label(Graph::kFprop, f.prologue, f.stats, f.bias, f.residual, f.relu);
   const at::Tensor xc = dense(x, kNHWC), wc = dense(w, kNHWC);
-  const std::string k = key(label, xc.sizes(), wc.sizes(), u, xc.scalar_type(), xc.get_device());
-  std::shared_ptr<Description> d;
-  if (!g_refused[static_cast<int>(Graph::kFprop)]) {
-    d = lookup(k, [&] { return describe_fprop(f, xc.sizes(), wc.sizes(), u, xc.scalar_type()); });
-  }
-  if (d == nullptr) {
-    count(label, false);
-    return std::nullopt;
-  }
+  auto d = graph_for(Graph::kFprop, label, xc, wc.sizes(), u,
+                     [&] { return describe_fprop(f, xc.sizes(), wc.sizes(), u, xc.scalar_type()); });
+  if (d == nullptr) return std::nullopt;
   const auto pq = conv_out(xc.sizes(), wc.sizes(), u);
+  const int64_t C = xc.size(1), K = wc.size(0);
   FpropOut out;
-  out.y = activation_like(xc, {xc.size(0), wc.size(0), pq[0], pq[1]});
+  out.y = activation_like(xc, {xc.size(0), K, pq[0], pq[1]});
   std::vector<std::pair<const char*, const at::Tensor*>> b{{"x", &xc}, {"w", &wc}, {"y", &out.y}};
   at::Tensor scale, shift, bias_c, res;
   if (prologue) {
-    scale = vec32(prologue->scale);
-    shift = vec32(prologue->shift);
+    scale = channels_arg("the prologue's scale", prologue->scale, C);
+    shift = channels_arg("the prologue's shift", prologue->shift, C);
     b.insert(b.end(), {{"scale", &scale}, {"shift", &shift}});
   }
   if (stats) {
-    out.sum = channels_like(xc, wc.size(0));
-    out.sq_sum = channels_like(xc, wc.size(0));
+    out.sum = channels_like(xc, K);
+    out.sq_sum = channels_like(xc, K);
     b.insert(b.end(), {{"sum", &out.sum}, {"sq_sum", &out.sq_sum}});
   }
   if (bias) {
-    bias_c = vec32(*bias);
+    bias_c = channels_arg("the bias", *bias, K);
     b.emplace_back("bias", &bias_c);
   }
   if (residual) {
+    TORCH_CHECK(residual->sizes() == out.y.sizes(), "cudnn fusion: expected the shortcut with sizes ",
+                shape_str(out.y.sizes()), " (the block output's), got ", shape_str(residual->sizes()));
     res = dense(residual->to(xc.scalar_type()), kNHWC);
     b.emplace_back("residual", &res);
   }
@@ -402,28 +439,22 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
 }
 
 std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
-                                        const at::Tensor& a, const Prologue& below, const at::Tensor& mean,
-                                        const at::Tensor& rstd, const at::Tensor& gamma) {
+                                        const at::Tensor& a, const BelowBN& below) {
+  const c10::OptionalDeviceGuard guard(a.device());
   const std::string label = features_label(Graph::kDgrad, false, false, false, false, false);
   const at::Tensor dyc = dense(dy, kNHWC), wc = dense(w, kNHWC), ac = dense(a, kNHWC);
-  const std::string k = key(label, ac.sizes(), wc.sizes(), u, ac.scalar_type(), ac.get_device());
-  std::shared_ptr<Description> d;
-  if (!g_refused[static_cast<int>(Graph::kDgrad)]) {
-    d = lookup(k, [&] { return describe_dgrad(ac.sizes(), wc.sizes(), u, ac.scalar_type()); });
-  }
-  if (d == nullptr) {
-    count(label, false);
-    return std::nullopt;
-  }
+  auto d = graph_for(Graph::kDgrad, label, ac, wc.sizes(), u,
+                     [&] { return describe_dgrad(ac.sizes(), wc.sizes(), u, ac.scalar_type()); });
+  if (d == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
   DgradOut out{activation_like(ac, ac.sizes()), channels_like(ac, C), channels_like(ac, C)};
-  const at::Tensor scale = vec32(below.scale), shift = vec32(below.shift), m = vec32(mean), r = vec32(rstd),
-                   g = vec32(gamma);
+  const at::Tensor m = channels_arg("the mean", below.mean, C), r = channels_arg("rstd", below.rstd, C),
+                   g = channels_arg("gamma", below.gamma, C), bt = channels_arg("beta", below.beta, C);
   const at::Tensor eq_dy = channels_like(ac, C), eq_x = channels_like(ac, C), eq_bias = channels_like(ac, C);
   execute(*d, label,
-          {{"dy", &dyc}, {"w", &wc}, {"a", &ac}, {"scale", &scale}, {"shift", &shift}, {"mean", &m}, {"rstd", &r},
-           {"gamma", &g}, {"dz", &out.dz}, {"sum_dz", &out.sum_dz}, {"sum_dz_xhat", &out.sum_dz_xhat},
-           {"eq_dy", &eq_dy}, {"eq_x", &eq_x}, {"eq_bias", &eq_bias}},
+          {{"dy", &dyc}, {"w", &wc}, {"a", &ac}, {"mean", &m}, {"rstd", &r}, {"gamma", &g}, {"beta", &bt},
+           {"dz", &out.dz}, {"sum_dz", &out.sum_dz}, {"sum_dz_xhat", &out.sum_dz_xhat}, {"eq_dy", &eq_dy},
+           {"eq_x", &eq_x}, {"eq_bias", &eq_bias}},
           ac.device());
   count(label, true);
   return out;
@@ -431,23 +462,18 @@ std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec& u, const at::Tensor& dy,
 
 std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                 const std::optional<Prologue>& prologue) {
+  const c10::OptionalDeviceGuard guard(x.device());
   const std::string label = features_label(Graph::kWgrad, prologue.has_value(), false, false, false, false);
   const at::Tensor dyc = dense(dy, kNHWC), xc = dense(x, kNHWC);
-  const std::string k = key(label, xc.sizes(), w.sizes(), u, xc.scalar_type(), xc.get_device());
-  std::shared_ptr<Description> d;
-  if (!g_refused[static_cast<int>(Graph::kWgrad)]) {
-    d = lookup(k, [&] { return describe_wgrad(prologue.has_value(), xc.sizes(), w.sizes(), u, xc.scalar_type()); });
-  }
-  if (d == nullptr) {
-    count(label, false);
-    return std::nullopt;
-  }
+  auto d = graph_for(Graph::kWgrad, label, xc, w.sizes(), u,
+                     [&] { return describe_wgrad(prologue.has_value(), xc.sizes(), w.sizes(), u, xc.scalar_type()); });
+  if (d == nullptr) return std::nullopt;
   const at::Tensor dw = activation_like(xc, w.sizes());
   std::vector<std::pair<const char*, const at::Tensor*>> b{{"dy", &dyc}, {"x", &xc}, {"dw", &dw}};
   at::Tensor scale, shift;
   if (prologue) {
-    scale = vec32(prologue->scale);
-    shift = vec32(prologue->shift);
+    scale = channels_arg("the prologue's scale", prologue->scale, xc.size(1));
+    shift = channels_arg("the prologue's shift", prologue->shift, xc.size(1));
     b.insert(b.end(), {{"scale", &scale}, {"shift", &shift}});
   }
   execute(*d, label, b, xc.device());
@@ -542,7 +568,7 @@ std::optional<FpropOut> fprop(const UnitSpec&, const at::Tensor&, const at::Tens
 }
 
 std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const Prologue&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+                                        const BelowBN&) {
   return std::nullopt;
 }
 

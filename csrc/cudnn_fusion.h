@@ -2,11 +2,12 @@
 // separate passes, per unit:
 //   fprop   [relu(x·scale + shift) on the operand load] → conv → [genstats: Σy, Σy² per channel, fp32]
 //                                                               | [+ bias][+ residual][ReLU]   (eval, BN folded)
-//   dgrad   conv dgrad → dReLU with the mask a·s + t > 0 of the unit below → dBN weight (that unit's Σdz, Σdz·x̂)
+//   dgrad   conv dgrad → dReLU with the mask of the unit below → dBN weight (that unit's Σdz, Σdz·x̂)
 //   wgrad   [relu(x·scale + shift) on the operand load] → conv wgrad
 // A graph is built once per key (graph, features, shapes, dtype, device) and kept with its execution plan. A key
 // for which cuDNN offers no engine is remembered with cuDNN's message; its calls return nothing and are counted
-// as fallbacks, and the caller runs the unfused path for that unit (never a different result).
+// as fallbacks, and the caller runs the unfused path for that unit (never a different result). A built graph
+// that then fails to execute raises: that is an error, not a missing engine.
 //
 // Compiled against cudnn-frontend's headers when setup.py finds them (FUSED_RESNET_WITH_CUDNN_FRONTEND); without
 // them every runner reports "not built" and the block ops run the unfused path.
@@ -56,14 +57,18 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
                               const std::optional<Prologue>& prologue, bool stats, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, bool relu);
 
-// dz = dReLU(dgrad(dy, w)) where the mask is a·below.scale + below.shift > 0 (a: the pre-BN output of the unit
-// below, the conv's input before its BN-apply + ReLU), and that unit's BN sums Σdz and Σdz·x̂ (fp32 [C]).
+// The unit below's BN, as its backward reads it: the mask is (a − mean)·rstd·gamma + beta > 0 (fp32 [C] each).
+struct BelowBN {
+  at::Tensor mean, rstd, gamma, beta;
+};
+
+// dz = dReLU(dgrad(dy, w)) with the mask of the unit below (a: its pre-BN output, the conv's input before its
+// BN-apply + ReLU), and that unit's BN sums Σdz and Σdz·x̂ (fp32 [C]).
 struct DgradOut {
   at::Tensor dz, sum_dz, sum_dz_xhat;
 };
 std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
-                                        const at::Tensor& a, const Prologue& below, const at::Tensor& mean,
-                                        const at::Tensor& rstd, const at::Tensor& gamma);
+                                        const at::Tensor& a, const BelowBN& below);
 
 // dw = wgrad(dy, operand) in w's layout and dtype.
 std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,

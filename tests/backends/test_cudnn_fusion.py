@@ -150,8 +150,8 @@ def _describe(graph, features, x=(2, 64, 8, 6), w=(32, 64, 3, 3), stride=(2, 1),
     ("fprop", BIAS | RESIDUAL | RELU, [("CONV_FPROP", None), ("POINTWISE", "ADD"), ("POINTWISE", "ADD"),
                                        ("POINTWISE", "RELU_FWD")]),
     ("fprop", BIAS, [("CONV_FPROP", None), ("POINTWISE", "ADD")]),
-    ("dgrad", 0, [("CONV_DGRAD", None), ("POINTWISE", "MUL"), ("POINTWISE", "ADD"), ("POINTWISE", "RELU_BWD"),
-                  ("DBN_WEIGHT", None)]),
+    ("dgrad", 0, [("CONV_DGRAD", None), ("POINTWISE", "SUB"), ("POINTWISE", "MUL"), ("POINTWISE", "MUL"),
+                  ("POINTWISE", "ADD"), ("POINTWISE", "RELU_BWD"), ("DBN_WEIGHT", None)]),
     ("wgrad", PROLOGUE, [("POINTWISE", "MUL"), ("POINTWISE", "ADD"), ("POINTWISE", "RELU_FWD"),
                          ("CONV_WGRAD", None)]),
 ], ids=lambda v: v if isinstance(v, str) else str(v) if isinstance(v, int) else "")
@@ -169,11 +169,15 @@ def test_graph_descriptions_are_the_computation_they_stand_for(graph, features, 
         assert tensors["w"]["dim"] == [32, 64, 3, 3] and tensors["w"]["stride"] == [64 * 9, 1, 3 * 64, 64]
     prologue = {"scale", "shift"} if features & PROLOGUE else set()
     vectors = {"fprop": prologue | ({"bias"} if features & BIAS else set()),
-               "dgrad": {"scale", "shift", "mean", "rstd", "gamma"}, "wgrad": prologue}[graph]
+               "dgrad": {"mean", "rstd", "gamma", "beta"}, "wgrad": prologue}[graph]
     assert vectors <= set(tensors)
     for name in vectors:
         channels = 32 if name == "bias" else 64
         assert tensors[name]["data_type"] == "FLOAT" and tensors[name]["dim"] == [1, channels, 1, 1]
+    by_uid = {t["uid"]: t for t in tensors.values()}
+    for n in raw:  # a ReLU's output is in the activations' dtype: the prologue's as the unfused path stores r
+        if n.get("mode") == "RELU_FWD":
+            assert by_uid[n["outputs"]["OUT_0"]]["data_type"] == "BFLOAT16"
     if features & STATS:  # the sums leave the graph in fp32, one per output channel
         sums = [t for t in tensors.values() if t["name"].endswith("sum_output")]
         assert [(t["data_type"], t["dim"]) for t in sums] == [("FLOAT", [1, 32, 1, 1])] * 2
