@@ -54,7 +54,7 @@ struct BnActOp {
     }
     if constexpr (RELU) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = z[k] > 0.f ? z[k] : 0.f;
+      for (int k = 0; k < VEC; ++k) z[k] = (z[k] > 0.f || z[k] != z[k]) ? z[k] : 0.f;  // NaN stays NaN, as torch.relu
     }
     store_floats<T, VEC>(y, e, z);
   }

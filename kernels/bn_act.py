@@ -67,7 +67,7 @@ def bn_act_kernel(
         r_ok = (rows[:, None] < M) & (cols < RC)[None, :]
         z += tl.load(res_ptr + pix[:, None] * RC + cols[None, :], mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -99,7 +99,7 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
     the previous unit's BN-apply + ReLU, never materialised."""
     sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-    z = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    z = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(a_ok, z, 0.0).to(a.dtype)
 
 
@@ -213,7 +213,7 @@ def conv_fprop_kernel(
         r_ok = m_ok[:, None] & (offs_n < RES_C)[None, :]
         acc += tl.load(res_ptr + pix[:, None] * RES_C + offs_n[None, :], mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_off, out, mask=out_ok)
     if STATS:  # this tile's per-channel mean and M2 of the stored (rounded) values, merged later (Chan)

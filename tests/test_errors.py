@@ -107,3 +107,18 @@ def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_b
 def test_auto_on_cpu_is_reference_even_when_triton_exists(declining_backend):
     x = torch.randn(2, 4, 5, 5)
     assert backends.resolve("auto", x, None).name == "reference"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+def test_a_nan_reaches_the_output_wherever_torch_puts_one(backend):
+    """torch.relu keeps NaN: a NaN in the input must come out wherever eager's output has one, never as a 0 that
+    hides it (eval mode: running statistics keep the NaN local, so the pattern says where each ReLU let it through)."""
+    if backend not in fused_resnet.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    tv = TV.BasicBlock(8, 8).eval()
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    x[0, 3, 2, 2] = float("nan")
+    fused = fused_resnet.convert(copy.deepcopy(tv), backend=backend).eval()
+    with torch.no_grad():
+        expected, got = torch.isnan(tv(x)), torch.isnan(fused(x))
+    assert expected.sum() > 1 and torch.equal(got, expected), (int(expected.sum()), int(got.sum()))
