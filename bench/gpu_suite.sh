@@ -104,7 +104,9 @@ else
   export FUSED_RESNET_CUDA_ARCH_LIST=${FUSED_RESNET_CUDA_ARCH_LIST:-$cc} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   limited build "$(want quick && echo 150 || echo 0)" python3 -m pip install --no-deps --no-build-isolation -e .
 fi
-step info python3 -m fused_resnet.tools.cli info
+# info builds and runs the cuDNN fusion probe's graphs on a GPU: bounded in quick, so a slow first plan build
+# cannot eat the stages after it
+limited info "$(want quick && echo 40 || echo 0)" python3 -m fused_resnet.tools.cli info
 if [ "$DRY_RUN" = 0 ]; then  # cuDNN's description of this GPU, into env.json: with it bench/cudnn_check.py checks
                              # the fusion graphs' engines for this GPU on any machine, no GPU needed
   props=$(mktemp)
@@ -118,8 +120,8 @@ PY
 fi
 
 if want quick; then
-  # Time limits (seconds) sum to 555 with the build's 150 and the device properties' 15 (docs/GPU_SUITE.md
-  # has the budget and why).
+  # Time limits (seconds) sum to 575 with the build's 150, info's 40 and the device properties' 15
+  # (docs/GPU_SUITE.md has the budget and why).
   if [ "$DRY_RUN" = 1 ]; then
     sel=(-k "(gpu or test_block_matches_reference or test_train_block or test_eval_block) and basic-16x16")
     vargs=(--device cpu --model cifar_resnet20 --batch 2 --steps 1)
@@ -136,7 +138,7 @@ if want quick; then
     vlimit=16
     margs=(--batch 256 --dtype bfloat16 --amp --channels-last --steps 10)
     models=(resnet50 resnet18)
-    declare -A mlimit=([resnet50]=110 [resnet18]=60)
+    declare -A mlimit=([resnet50]=105 [resnet18]=50)
   fi
   per_test=()  # a hung test is stopped alone where pytest-timeout is installed (it is on the GPU machine)
   python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
@@ -153,10 +155,12 @@ if want quick; then
   done
   merge_verify "$vtmp"
   rows=$(mktemp -d)
-  for model in "${models[@]}"; do  # one process per model: eager, cuda, compile, triton (and cuda with its cuDNN
-                                   # fusion graphs off, last: a stage cut short loses it first) side by side
+  # One process per model: eager, compile, triton, cuda, cuda-unfused side by side. Backend cuda comes after the
+  # others: its first step builds the cuDNN fusion plans (unmeasured how long); a stage cut short loses the last
+  # providers first.
+  for model in "${models[@]}"; do
     limited "models $model" "${mlimit[$model]}" python3 -m fused_resnet.tools.cli \
-      bench --quiet --no-layers --mode train,infer --providers eager,cuda,compile,triton,cuda-unfused "${margs[@]}" \
+      bench --quiet --no-layers --mode train,infer --providers eager,compile,triton,cuda,cuda-unfused "${margs[@]}" \
       --model "$model" --out "$rows/$model"
   done
   cat "$rows"/*/rows.jsonl > "$OUT/rows.jsonl" 2>/dev/null
