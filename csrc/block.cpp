@@ -32,6 +32,9 @@ constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(kNHWC); }
 at::Tensor f32(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
 
+// A running statistic in fp32, always a copy: the running update writes the buffer after the op has read it.
+at::Tensor running_f32(const at::Tensor& v) { return v.to(at::kFloat, false, /*copy=*/true).contiguous(); }
+
 // Elements per channel of an [N, C, H, W] tensor: the count behind its BN statistics.
 int64_t per_channel(const at::Tensor& a) { return a.size(1) == 0 ? 0 : a.numel() / a.size(1); }
 
@@ -111,6 +114,11 @@ ShortcutInput shortcut_input(const BlockSpec& spec, const at::Tensor& xc, const 
   return sc;
 }
 
+// r = relu(a·s + t): a unit's BN-apply + ReLU, the next conv's input
+at::Tensor bn_relu(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t) {
+  return bn_act(a, s, t, std::nullopt, true, std::nullopt, std::nullopt, {});
+}
+
 // y = relu(a·s + t + shortcut), one kernel
 at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc) {
   return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride);
@@ -137,10 +145,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
       }
     }
     if (!a.defined()) {
-      const at::Tensor input =
-          below ? bn_act(out.acts[i - 1], scales[i - 1], shifts[i - 1], std::nullopt, true, std::nullopt,
-                         std::nullopt, {})
-                : xc;
+      const at::Tensor input = below ? bn_relu(out.acts[i - 1], scales[i - 1], shifts[i - 1]) : xc;
       a = conv_fprop(u, input, weights[i]);
     }
     const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
@@ -157,8 +162,8 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     } else {
       TORCH_CHECK(running_means[i].has_value() && running_vars[i].has_value(),
                   "block_forward: unit ", i, " uses running statistics (eval mode) but has none");
-      mean = running_means[i]->to(at::kFloat, false, /*copy=*/true).contiguous();
-      var = running_vars[i]->to(at::kFloat, false, /*copy=*/true).contiguous();
+      mean = running_f32(*running_means[i]);
+      var = running_f32(*running_vars[i]);
       std::tie(s, t, rstd) = bn_scale_shift(gamma, beta, mean, var, u.eps);
     }
     out.acts.push_back(a);
@@ -180,8 +185,9 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
 // relu?(conv(r, W_i·s_i) + t_i (+ shortcut)) as one; any other unit runs the conv, then the BN-apply kernels.
 // `folded`: the weights are already W·s (fused_resnet.backends.folding's cache) and s is all ones; else W·s is
 // formed here for the graphs, per call.
-at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, const std::vector<at::Tensor>& s,
-                     const std::vector<at::Tensor>& t, bool folded, const std::optional<at::Tensor>& residual) {
+at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights,
+                     const std::vector<at::Tensor>& s, const std::vector<at::Tensor>& t, bool folded,
+                     const std::optional<at::Tensor>& residual) {
   const size_t n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
   // relu?(conv(input, W_i·s_i) + t_i (+ res)) as one graph, or nothing when unit i cannot
@@ -202,8 +208,7 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
   at::Tensor r = xc;
   for (size_t i = 0; i + 1 < n_main; ++i) {
     auto f = fused(i, r, std::nullopt, true);
-    r = f ? *f : bn_act(conv_fprop(spec.units[i], r, weights[i]), s[i], t[i], std::nullopt, true, std::nullopt,
-                        std::nullopt, {});
+    r = f ? *f : bn_relu(conv_fprop(spec.units[i], r, weights[i]), s[i], t[i]);
   }
   const ShortcutInput sc = projected ? ShortcutInput{projected, std::nullopt, std::nullopt, {}}
                                      : shortcut_input(spec, xc, residual, proj_a, s.back(), t.back());
@@ -250,10 +255,9 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
               residual.has_value());
   std::vector<at::Tensor> s(spec.units.size()), t(spec.units.size());
   for (size_t i = 0; i < spec.units.size(); ++i) {
-    const at::Tensor mean = running_means[i].to(at::kFloat, false, /*copy=*/true).contiguous();
-    const at::Tensor var = running_vars[i].to(at::kFloat, false, /*copy=*/true).contiguous();
     at::Tensor rstd;
-    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean, var, spec.units[i].eps);
+    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), running_f32(running_means[i]),
+                                                running_f32(running_vars[i]), spec.units[i].eps);
   }
   return inference(spec, x, weights, s, t, false, residual).contiguous(format_of(x));
 }
@@ -343,10 +347,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     const bool dgrad = need_inp && !d_inp.defined(), wgrad = !dw.defined();
     if (dgrad || wgrad) {
       // wgrad reads the conv's real input (r_below recomputed); dgrad alone needs only its sizes
-      const at::Tensor input = !below ? xc
-                               : wgrad ? bn_act(a[*below], s[*below], t[*below], std::nullopt, true, std::nullopt,
-                                                std::nullopt, {})
-                                       : a[*below];
+      const at::Tensor input = !below ? xc : wgrad ? bn_relu(a[*below], s[*below], t[*below]) : a[*below];
       auto [d, w_grad, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
                                                           u.dilation, false, {0, 0}, u.groups, {dgrad, wgrad, false});
       if (dgrad) d_inp = nhwc(d);

@@ -224,10 +224,6 @@ struct RunningUpdateOp {
 template <int V>
 using Vec = std::integral_constant<int, V>;
 
-}  // namespace
-
-namespace {
-
 // mean, var, scale, shift of the channels `flagged` marks (nullptr: all) by the shifted Welford pass over a; the
 // other channels' scale and shift from the mean and var already written.
 void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta, double eps,

@@ -239,7 +239,8 @@ Description describe_fprop(const FpropFeatures& f, at::IntArrayRef x, at::IntArr
   const std::array<int64_t, 4> y{x[0], w[0], pq[0], pq[1]};
   TensorAttr operand = d.activation("x", x);
   if (f.prologue) operand = d.prologue(operand, x[1]);
-  TensorAttr out = d.graph->conv_fprop(operand, d.activation("w", w), conv_attributes<fe::graph::Conv_fprop_attributes>(u));
+  TensorAttr out =
+      d.graph->conv_fprop(operand, d.activation("w", w), conv_attributes<fe::graph::Conv_fprop_attributes>(u));
   if (f.stats) {
     d.output("y", out, y);
     auto [sum, sq_sum] = d.graph->genstats(out, fe::graph::Genstats_attributes());
@@ -345,15 +346,18 @@ std::shared_ptr<Description> lookup(const std::string& k, const at::Device& devi
   return d;
 }
 
-void execute(const Description& d, const std::string& label,
-             const std::vector<std::pair<const char*, const at::Tensor*>>& bindings, const at::Device& device) {
+// A graph's tensors by role for one call; the handles keep them alive until the call's execute returns.
+using Bindings = std::vector<std::pair<const char*, at::Tensor>>;
+
+void execute(const Description& d, const std::string& label, const Bindings& bindings, const at::Device& device) {
   std::unordered_map<TensorAttr, void*> pack;
   for (const auto& [role, tensor] : bindings) {
     auto it = d.t.find(role);
     TORCH_CHECK(it != d.t.end(), "cudnn fusion ", label, ": the graph has no tensor '", role, "'");
-    pack[it->second] = const_cast<void*>(tensor->const_data_ptr());
+    pack[it->second] = const_cast<void*>(tensor.const_data_ptr());
   }
-  at::Tensor workspace = at::empty({std::max<int64_t>(d.workspace, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
+  const at::Tensor workspace =
+      at::empty({std::max<int64_t>(d.workspace, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
   fe::error_t e = d.graph->execute(at::native::getCudnnHandle(), pack, workspace.data_ptr());
   TORCH_CHECK(e.is_good(), "cudnn fusion ", label, ": executing the built graph failed: ", e.get_message());
 }
@@ -395,11 +399,20 @@ at::Tensor channels_arg(const char* what, const at::Tensor& v, int64_t C) {
   return vec32(v);
 }
 
+// The prologue's scale and shift for an operand of C channels, when there is one.
+void bind_prologue(Bindings& b, const std::optional<Prologue>& prologue, int64_t C) {
+  if (prologue) {
+    b.emplace_back("scale", channels_arg("the prologue's scale", prologue->scale, C));
+    b.emplace_back("shift", channels_arg("the prologue's shift", prologue->shift, C));
+  }
+}
+
 }  // namespace
 
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
-                              const std::optional<Prologue>& prologue, bool stats, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, bool relu) {
+                              const std::optional<Prologue>& prologue, bool stats,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                              bool relu) {
   const c10::OptionalDeviceGuard guard(x.device());  // plans, handle and workspace on x's device
   const FpropFeatures f{prologue.has_value(), stats, bias.has_value(), residual.has_value(), relu};
   const std::string label = features_label(Graph::kFprop, f.prologue, f.stats, f.bias, f.residual, f.relu);
@@ -411,27 +424,18 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
   const int64_t C = xc.size(1), K = wc.size(0);
   FpropOut out;
   out.y = activation_like(xc, {xc.size(0), K, pq[0], pq[1]});
-  std::vector<std::pair<const char*, const at::Tensor*>> b{{"x", &xc}, {"w", &wc}, {"y", &out.y}};
-  at::Tensor scale, shift, bias_c, res;
-  if (prologue) {
-    scale = channels_arg("the prologue's scale", prologue->scale, C);
-    shift = channels_arg("the prologue's shift", prologue->shift, C);
-    b.insert(b.end(), {{"scale", &scale}, {"shift", &shift}});
-  }
+  Bindings b{{"x", xc}, {"w", wc}, {"y", out.y}};
+  bind_prologue(b, prologue, C);
   if (stats) {
     out.sum = channels_like(xc, K);
     out.sq_sum = channels_like(xc, K);
-    b.insert(b.end(), {{"sum", &out.sum}, {"sq_sum", &out.sq_sum}});
+    b.insert(b.end(), {{"sum", out.sum}, {"sq_sum", out.sq_sum}});
   }
-  if (bias) {
-    bias_c = channels_arg("the bias", *bias, K);
-    b.emplace_back("bias", &bias_c);
-  }
+  if (bias) b.emplace_back("bias", channels_arg("the bias", *bias, K));
   if (residual) {
     TORCH_CHECK(residual->sizes() == out.y.sizes(), "cudnn fusion: expected the shortcut with sizes ",
                 shape_str(out.y.sizes()), " (the block output's), got ", shape_str(residual->sizes()));
-    res = dense(residual->to(xc.scalar_type()), kNHWC);
-    b.emplace_back("residual", &res);
+    b.emplace_back("residual", dense(residual->to(xc.scalar_type()), kNHWC));
   }
   execute(*d, label, b, xc.device());
   count(label, true);
@@ -448,13 +452,12 @@ std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec& u, const at::Tensor& dy,
   if (d == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
   DgradOut out{activation_like(ac, ac.sizes()), channels_like(ac, C), channels_like(ac, C)};
-  const at::Tensor m = channels_arg("the mean", below.mean, C), r = channels_arg("rstd", below.rstd, C),
-                   g = channels_arg("gamma", below.gamma, C), bt = channels_arg("beta", below.beta, C);
-  const at::Tensor eq_dy = channels_like(ac, C), eq_x = channels_like(ac, C), eq_bias = channels_like(ac, C);
   execute(*d, label,
-          {{"dy", &dyc}, {"w", &wc}, {"a", &ac}, {"mean", &m}, {"rstd", &r}, {"gamma", &g}, {"beta", &bt},
-           {"dz", &out.dz}, {"sum_dz", &out.sum_dz}, {"sum_dz_xhat", &out.sum_dz_xhat}, {"eq_dy", &eq_dy},
-           {"eq_x", &eq_x}, {"eq_bias", &eq_bias}},
+          {{"dy", dyc}, {"w", wc}, {"a", ac}, {"mean", channels_arg("the mean", below.mean, C)},
+           {"rstd", channels_arg("rstd", below.rstd, C)}, {"gamma", channels_arg("gamma", below.gamma, C)},
+           {"beta", channels_arg("beta", below.beta, C)}, {"dz", out.dz}, {"sum_dz", out.sum_dz},
+           {"sum_dz_xhat", out.sum_dz_xhat}, {"eq_dy", channels_like(ac, C)}, {"eq_x", channels_like(ac, C)},
+           {"eq_bias", channels_like(ac, C)}},
           ac.device());
   count(label, true);
   return out;
@@ -469,13 +472,8 @@ std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const a
                      [&] { return describe_wgrad(prologue.has_value(), xc.sizes(), w.sizes(), u, xc.scalar_type()); });
   if (d == nullptr) return std::nullopt;
   const at::Tensor dw = activation_like(xc, w.sizes());
-  std::vector<std::pair<const char*, const at::Tensor*>> b{{"dy", &dyc}, {"x", &xc}, {"dw", &dw}};
-  at::Tensor scale, shift;
-  if (prologue) {
-    scale = channels_arg("the prologue's scale", prologue->scale, xc.size(1));
-    shift = channels_arg("the prologue's shift", prologue->shift, xc.size(1));
-    b.insert(b.end(), {{"scale", &scale}, {"shift", &shift}});
-  }
+  Bindings b{{"dy", dyc}, {"x", xc}, {"dw", dw}};
+  bind_prologue(b, prologue, xc.size(1));
   execute(*d, label, b, xc.device());
   count(label, true);
   return dw.contiguous(w.suggest_memory_format());

@@ -54,8 +54,9 @@ struct FpropOut {
   at::Tensor y, sum, sq_sum;
 };
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
-                              const std::optional<Prologue>& prologue, bool stats, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, bool relu);
+                              const std::optional<Prologue>& prologue, bool stats,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                              bool relu);
 
 // The unit below's BN, as its backward reads it: the mask is (a − mean)·rstd·gamma + beta > 0 (fp32 [C] each).
 struct BelowBN {
@@ -84,8 +85,8 @@ enum Feature : int64_t { kPrologue = 1, kStats = 2, kBias = 4, kResidual = 8, kR
 // Builds a graph's description without a GPU and runs cudnn-frontend's validate(): {"" or its message, the
 // description as cudnn-frontend's JSON}. x_sizes: the conv input's (for dgrad, the unit below's activations);
 // features: Feature bits (dgrad takes none, wgrad kPrologue).
-std::pair<std::string, std::string> validate(Graph g, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, const UnitSpec& u,
-                     at::ScalarType dtype);
+std::pair<std::string, std::string> validate(Graph g, int64_t features, at::IntArrayRef x_sizes,
+                                             at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype);
 
 // Deviceless checks: the properties of the current GPU as cuDNN's JSON (needs the GPU), and, from such JSON on any
 // machine, whether cuDNN has an engine for a graph on that GPU: "" or cuDNN's message (heuristics, support and

@@ -224,6 +224,8 @@ fusion::Graph graph_named(const std::string& name) {
 
 std::string fusion_info() { return fusion::built() ? "built (" + fusion::build_info() + ")" : fusion::build_info(); }
 
+bool fusion_enabled() { return fusion::enabled(); }
+
 bool fusion_set_enabled(bool on) { return fusion::set_enabled(on); }
 
 void fusion_set_refused(const std::string& graph, bool refused) { fusion::set_refused(graph_named(graph), refused); }
@@ -324,6 +326,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
         "Tensor? counts=None) -> Tensor[]");
   // cuDNN fusion graphs: state and checks of cudnn_fusion.cpp (no tensors computed)
   m.def("fusion_info() -> str", &fusion_info);
+  m.def("fusion_enabled() -> bool", &fusion_enabled);
   m.def("fusion_set_enabled(bool on) -> bool", &fusion_set_enabled);
   m.def("fusion_set_refused(str graph, bool refused) -> ()", &fusion_set_refused);
   m.def("fusion_set_cpu_probe(bool on) -> bool", &fusion_set_cpu_probe);

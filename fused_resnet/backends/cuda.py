@@ -84,9 +84,7 @@ def fusion_line() -> str:
 
 
 def fusion_enabled() -> bool:
-    previous = _ops().fusion_set_enabled(True)
-    _ops().fusion_set_enabled(previous)
-    return previous
+    return _ops().fusion_enabled()
 
 
 @contextlib.contextmanager
