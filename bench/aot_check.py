@@ -81,7 +81,7 @@ def compile_variants(variants: list, dtype: str, arch: int) -> list:
         for ints, mnk in v["problems"]:
             by_spec.setdefault(tuple(aot.specialized(kernel, ints)), []).append(tuple(mnk))
         for divisible, problems in by_spec.items():
-            heuristic = {conv.heuristic_tile(tiles, mnk) for mnk in problems}
+            heuristic = {conv.heuristic_tile(conv.selectable_tiles(kernel, v["features"]), mnk) for mnk in problems}
             for bm, bn, bk, warps, stages in tiles:
                 constexprs = dict(v["features"], UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
                                   BLOCK_K=bk)

@@ -9,8 +9,8 @@
 #   tests   build the CUDA extension for this GPU, run every test (GPU tests included)
 #   verify  `fused-resnet verify` on CUDA in several dtypes and layouts
 #   bench   the extension's kernels (GB/s vs the copy ceiling; BN+ReLU units vs eager / torch.compile), bn_act
-#           kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN) and
-#           ResNet-50 inference, each beside eager PyTorch / torch.compile / cuDNN measured in the same run
+#           kernels, the conv engine (every ResNet-50 conv shape, fprop/dgrad/wgrad vs cuDNN), a chained
+#           unit's backward with its input written by dgrad vs recomputed by wgrad, and ResNet-50 inference, each beside eager PyTorch / torch.compile / cuDNN measured in the same run
 #   models  `fused-resnet bench`: resnet18 and resnet50 training and inference, every provider, with the
 #           per-block chart (its folder comes back as bench_models.tar.gz)
 #   micro   bench/test_microbench.py (pytest-benchmark) on ResNet-50's shapes, report in micro.json
@@ -188,6 +188,8 @@ if want bench; then
     --out "$OUT/bench_bn_act.json"
   step "bench conv" python3 bench/bench_conv.py --model resnet50 --batch 256 --dtype bfloat16 \
     --out "$OUT/bench_conv.json"
+  step "bench wgrad input" python3 bench/bench_wgrad_input.py --model resnet50 --batch 256 --dtype bfloat16 \
+    --out "$OUT/bench_wgrad_input.json"
   step "bench inference" python3 bench/bench_inference.py --model resnet50 --batch 256 --dtype bfloat16 \
     --out "$OUT/bench_inference.json"
 fi

@@ -15,7 +15,8 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
   the taps that land on an output pixel, so a stride-2 layer issues no MMA for a tap that would be masked off.
 * wgrad: dw[k, r, s, c] = Σ_{n, p, q} dy[n, p, q, k]·x[n, p·stride − pad + r, q·stride − pad + s, c]; the
   N·P·Q reduction is split into chunks whose programs write fp32 partials, summed in a second stage
-  (deterministic, no atomics).
+  (deterministic, no atomics). In training its input is the one dgrad's epilogue wrote (``relu_out``): one
+  operand transformed on load, not two, keeps a wgmma in flight on sm_90.
 
 Shapes are runtime arguments (batch and spatial sizes are not specialised on), only the kernel size, features and
 tiles are constexpr; autotuning is keyed on channel counts, kernel size, stride and every constexpr feature
@@ -233,11 +234,12 @@ def conv_dgrad_kernel(
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: operand α·dy + β·(a − mean) + γ per channel
     prev_ptr, prev_s_ptr, prev_t_ptr, prev_mean_ptr, prev_rstd_ptr,  # MASK: ReLU mask of relu(prev·s + t); STATS
     sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (phase, row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
+    relu_ptr,  # RELU_OUT: relu(prev·s + t) written out, x's shape (the conv's input, for the wgrad)
     res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
     R: tl.constexpr, S: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
-    RES_MODE: tl.constexpr,
+    RELU_OUT: tl.constexpr, RES_MODE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
@@ -297,6 +299,7 @@ def conv_dgrad_kernel(
         ps = tl.load(prev_s_ptr + offs_c, mask=c_ok, other=0.0)
         pt = tl.load(prev_t_ptr + offs_c, mask=c_ok, other=0.0)
         out = tl.where(prev * ps[None, :] + pt[None, :] > 0, out, 0.0).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + out_off, out, mask=out_ok)
         if STATS:  # Σdz and Σdz·x̂ of the previous BN, per tile
             mean = tl.load(prev_mean_ptr + offs_c, mask=c_ok, other=0.0)
             rstd = tl.load(prev_rstd_ptr + offs_c, mask=c_ok, other=0.0)
@@ -305,7 +308,12 @@ def conv_dgrad_kernel(
             tl.store(sum_ptr + part, _sum_rows(dz, BLOCK_M), mask=c_ok)
             tl.store(sumx_ptr + part, _sum_rows(dz * (prev - mean[None, :]) * rstd[None, :], BLOCK_M), mask=c_ok)
             tl.store(tile_ptr, BLOCK_M)
-    tl.store(dx_ptr + out_off, out, mask=out_ok)
+        if RELU_OUT:  # last, prev read again (just read: a cache hit) rather than kept live through the sums
+            again = tl.load(prev_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
+            relu = tl.maximum(again * ps[None, :] + pt[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(relu_ptr + out_off, relu.to(relu_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(dx_ptr + out_off, out, mask=out_ok)
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS + ["chunk"])
@@ -395,8 +403,11 @@ def spill_reason(kernel, tile: Tuple[int, int, int, int, int], features: dict) -
     """Why this tile spills registers for a variant with these constexpr features, or None: measured on sm_90
     (bench/aot_check.py, Triton 3.8, ResNet-18/50 bf16 and fp16). The 256-wide accumulator (128 fp32 registers
     per thread) leaves no room for an epilogue that reads another tensor: the ReLU mask and statistics of dgrad,
-    a residual of dgrad or fprop. Autotuning never considers such a tile (``_prune``); every variant keeps at
-    least two of its kernel's tiles."""
+    a residual of dgrad or fprop. Writing the input too (dgrad's ``RELU_OUT``) also spills a 128-wide tile on 4
+    warps (64 accumulator registers per thread). Autotuning never considers such a tile (``_prune``), nor does
+    the heuristic choice (``selectable_tiles``); every variant keeps at least two of its kernel's tiles."""
+    if kernel is conv_dgrad_kernel and features.get("RELU_OUT") and tile[1] >= 128 and tile[3] == 4:
+        return "a 128-wide dgrad tile on 4 warps with the epilogue writing the input"
     if tile[1] < 256:
         return None
     if kernel is conv_dgrad_kernel and (features.get("MASK") or features.get("RES_MODE", 0) != int(Residual.NONE)):
@@ -409,6 +420,11 @@ def spill_reason(kernel, tile: Tuple[int, int, int, int, int], features: dict) -
 def _config_tile(config) -> Tuple[int, int, int, int, int]:
     kw = config.kwargs
     return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def selectable_tiles(kernel, features: dict) -> list:
+    """The kernel's tiles that may run a variant with these features (the ones ``spill_reason`` leaves)."""
+    return [t for t in _TILES[kernel] if spill_reason(kernel, t, features) is None]
 
 
 def _prune(kernel):
@@ -481,7 +497,7 @@ def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps
                 tuned[grid](**kwargs)
                 return
             _warn_untuned(kernel)
-        bm, bn, bk, warps, stages = heuristic_tile(_TILES[kernel], gemm_mnk)
+        bm, bn, bk, warps, stages = heuristic_tile(selectable_tiles(kernel, kwargs), gemm_mnk)
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         kernel[grid(meta)](**kwargs, **meta, num_warps=warps, num_stages=stages)
         return
@@ -673,7 +689,7 @@ def conv_dgrad(
     dy: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
-    option_a_stride: Optional[Sequence[int]] = None,
+    option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False,
 ):
     """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
     implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
@@ -683,7 +699,10 @@ def conv_dgrad(
     tensor, or with ``option_a_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
     tensor). ``relu_of`` = (prev, s, t[, mean, rstd]): dx is multiplied by the ReLU mask [prev·s + t > 0] of
     the previous unit (prev: its pre-BN output, x's shape); with mean and rstd also returns that BN's Σdz and
-    Σdz·x̂ per channel: (dz, Σdz, Σdz·x̂)."""
+    Σdz·x̂ per channel: (dz, Σdz, Σdz·x̂). ``relu_out`` (with ``relu_of``): the epilogue, which has prev in
+    registers already, also writes relu(prev·s + t) — this conv's input, which the forward never wrote —
+    returned last, channels_last: the wgrad reads it as a plain operand instead of recomputing it (a wgrad with
+    both operands transformed on load waits for every wgmma on sm_90; with one it keeps one in flight)."""
     _check(dy, w, "conv_dgrad")
     n, k, p, q = dy.shape
     k_w, c, r, s = w.shape
@@ -695,6 +714,9 @@ def conv_dgrad(
     phases = stride[0] * stride[1]  # the kernel's program_id(1): one stride phase of dx each
     m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(wd, stride[1])  # rows of the largest phase
     dummy = dx_st
+    if relu_out and relu_of is None:
+        raise ValueError("conv_dgrad: relu_out needs relu_of (the tensor and BN it recomputes the ReLU of)")
+    relu, relu_st = _empty_nchw_view(n, c, h, wd, dy) if relu_out else (None, dummy)
     a = amean = alpha = beta = gamma = dummy
     if dbn is not None:
         a, amean, alpha, beta, gamma = dbn
@@ -736,18 +758,21 @@ def conv_dgrad(
         conv_dgrad_kernel, grid,
         dict(dy_ptr=_nhwc(dy), w_ptr=_nhwc(w), dx_ptr=dx_st, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha,
              beta_ptr=beta, gamma_ptr=gamma, prev_ptr=prev, prev_s_ptr=ps, prev_t_ptr=pt, prev_mean_ptr=pmean,
-             prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, res_ptr=res,
+             prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, relu_ptr=relu_st, res_ptr=res,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], **res_dims, partial_rows=sums.shape[0] // phases if stats else 0,
-             R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RES_MODE=int(res_mode),
+             R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RELU_OUT=relu_out,
+             RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
         (m_phase, c, k), (1024, 256, 256),
     )
+    out = (dx,)
     if stats:  # per phase, the rows of the partial buffers that the launched row tiles wrote
         valid = _tile_rows(sums.shape[0] // phases, tile, m_phase)
-        sums, sumx = (torch.where(valid, v.view(phases, -1, c), 0.0).sum((0, 1)) for v in (sums, sumx))
-        return dx, sums, sumx
-    return dx
+        out += tuple(torch.where(valid, v.view(phases, -1, c), 0.0).sum((0, 1)) for v in (sums, sumx))
+    if relu_out:
+        out += (relu,)
+    return out if len(out) > 1 else dx
 
 
 def _wgrad_split(m: int, tiles: int) -> int:
@@ -770,7 +795,9 @@ def conv_wgrad(
     the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype.
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
-    is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading)."""
+    is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading). Backend triton
+    does not combine the two: with both operands transformed, the sm_90 main loop waits for every wgmma, so it
+    reads the input conv_dgrad(relu_out=True) wrote instead (docs/TRITON.md)."""
     _check(x, dy, "conv_wgrad")
     n, c, h, wd = x.shape
     n_dy, k, p, q = dy.shape

@@ -12,9 +12,10 @@
   Triton kernel (kernels/bn_act.py) reading the shortcut in place: the block input, the projection's pre-BN
   output through its own BN (dual affine), or the option-A subsample of the block input.
 * Training backward (``block_backward``): one reduction kernel (kernels/drelu_dbn.py) masks dy with [y > 0]
-  and sums Σdz, Σdz·x̂; every dgrad / wgrad applies the BN backward while loading its gradient operand, wgrad
-  recomputes its input relu(a·s + t) while loading, each dgrad's epilogue applies the previous ReLU mask and
-  sums the previous BN's Σdz, Σdz·x̂, and the block's first dgrad adds the shortcut gradient.
+  and sums Σdz, Σdz·x̂; every dgrad / wgrad applies the BN backward while loading its gradient operand; each
+  dgrad's epilogue applies the previous ReLU mask, sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input
+  relu(a·s + t) for its wgrad (which then has one transformed operand, not two: see docs/TRITON.md); the block's
+  first dgrad adds the shortcut gradient.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -124,9 +125,9 @@ class TritonBackend(Backend):
                        need_input_grad: bool) -> Grads:
         """Backward, same results as reference.block_backward. One reduction kernel masks dy with [y > 0] and sums
         Σdz, Σdz·x̂ of the last BN; each dgrad and wgrad applies that BN's backward while loading its gradient
-        operand; wgrad recomputes its input relu(a·s + t) while loading; each dgrad's epilogue applies the
-        previous unit's ReLU mask (recomputed from its pre-BN output) and sums the previous BN's Σdz, Σdz·x̂;
-        the block's first dgrad adds the shortcut's gradient in its epilogue."""
+        operand; each dgrad's epilogue applies the previous unit's ReLU mask (recomputed from its pre-BN output),
+        sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input relu(a·s + t), which its wgrad then reads
+        (dgrad runs first); the block's first dgrad adds the shortcut's gradient in its epilogue."""
         conv, _, drelu_dbn = _kernels()
         units, n_main, n = spec.units, spec.n_main, len(spec.units)
         weights, acts = params.weights, saved.acts
@@ -153,9 +154,8 @@ class TritonBackend(Backend):
             return (acts[i], means[i], s, (-s * rstd * sum_dz_xhat / count).contiguous(),
                     (-s * sum_dz / count).contiguous())
 
-        def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor, in_affine=None) -> None:
-            dw = conv.conv_wgrad(grad, inp, weights[i].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
-                                 in_affine=in_affine)
+        def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor) -> None:
+            dw = conv.conv_wgrad(grad, inp, weights[i].shape[2:], units[i].stride, units[i].padding, dbn=coeffs)
             dws[i] = dw.contiguous(memory_format=memory_format_of(weights[i]))
 
         dz_out, sum_dz, sum_dz_xhat = drelu_dbn.drelu_dbn_reduce(
@@ -181,10 +181,11 @@ class TritonBackend(Backend):
             coeffs = dbn(i, sum_dz, sum_dz_xhat)
             if i > 0:
                 s_prev, t_prev, rstd_prev = affine[i - 1]
-                wgrad(i, dz, coeffs, acts[i - 1], in_affine=(s_prev, t_prev))
-                dz, sum_dz, sum_dz_xhat = conv.conv_dgrad(
+                dz_prev, sum_dz, sum_dz_xhat, inp = conv.conv_dgrad(
                     dz, weights[i], acts[i - 1].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
-                    relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1], rstd_prev))
+                    relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1], rstd_prev), relu_out=True)
+                wgrad(i, dz, coeffs, inp)
+                dz = dz_prev
             else:
                 wgrad(0, dz, coeffs, x)
                 if need_input_grad:

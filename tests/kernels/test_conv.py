@@ -140,7 +140,8 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     """The backward fusion options against the same math unfused (each fused result rounds once where the
     unfused sequence rounds at every step, so the comparison is the float64 rule with that sequence as torch):
     dBN apply on the gradient operand (dgrad and wgrad), BN + ReLU on wgrad's input, the previous ReLU mask with
-    Σdz / Σdz·x̂ in dgrad's epilogue, and a residual added to dx."""
+    Σdz / Σdz·x̂ in dgrad's epilogue, the input relu(prev·s + t) written by that epilogue (and a wgrad reading
+    it), and a residual added to dx."""
     x, w, dy = shape.problem(dtype, DEVICE, seed=5)
     stride, pad = (shape.stride,) * 2, shape.pad
     g = torch.Generator().manual_seed(6)
@@ -168,15 +169,22 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
         xhat = (prev.double() - chan(mean)) * chan(rstd)
         return dz, dw, dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
 
-    dz, sdz, sdzx = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad, dbn=(a, a_mean, alpha, beta, gamma),
-                                 relu_of=(prev, s, t, mean, rstd), residual=res)
+    dz, sdz, sdzx, r_in = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad,
+                                       dbn=(a, a_mean, alpha, beta, gamma), relu_of=(prev, s, t, mean, rstd),
+                                       residual=res, relu_out=True)
     dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad, dbn=(a, a_mean, alpha, beta, gamma),
                       in_affine=(s, t))
+    dw_of_r = K.conv_wgrad(dy, r_in, (shape.r, shape.s), stride, pad, dbn=(a, a_mean, alpha, beta, gamma))
     ref = unfused(dy, a, prev, res, w, torch.float64)
     same = [v.to(dtype) if i < 2 else v for i, v in enumerate(unfused(dy, a, prev, res, w, dtype))]
     for name, got, r64, r_same in zip(("dz", "dW", "sum dz", "sum dz*xhat"), (dz, dw, sdz, sdzx), ref, same,
                                       strict=True):
         _assert_rule(name, got, r64, r_same, dtype)
+    _assert_rule("dW from dgrad's written input", dw_of_r, ref[1], same[1], dtype)
+    # The written input is relu(prev·s + t) in fp32, rounded once (a fused multiply-add may move it one ulp).
+    r_fp32 = torch.relu(prev.float() * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
+    torch.testing.assert_close(r_in, r_fp32.to(dtype), rtol=torch.finfo(dtype).eps, atol=0)
+    assert r_in.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_dgrad_option_a_shortcut_gradient(K):
@@ -304,6 +312,8 @@ def test_spilling_tiles_are_never_selectable(K):
             kept = K._prune(kernel)(K._configs(tiles), {}, **features)
             assert len(kept) >= 2, (kernel.__name__, features)
             assert all(K.spill_reason(kernel, K._config_tile(c), features) is None for c in kept)
+            assert [K._config_tile(c) for c in kept] == K.selectable_tiles(kernel, features)  # the heuristic's
+    assert K.spill_reason(K.conv_dgrad_kernel, (64, 128, 64, 4, 4), {"MASK": True, "RELU_OUT": True}) is not None
     wide = (128, 256, 64, 8, 3)
     assert K.spill_reason(K.conv_dgrad_kernel, wide, {"MASK": True, "RES_MODE": 0}) is not None
     assert K.spill_reason(K.conv_fprop_kernel, wide, {"RES_MODE": 1}) is not None

@@ -27,8 +27,11 @@ def _variants():
         ("fprop 7x7 stem (row layout)", conv.conv_fprop_kernel,
          dict(R=7, S=7, ROW=True, CP=8, PROLOGUE=False, STATS=True, HAS_BIAS=False, RES_MODE=int(Residual.NONE),
               RELU=False, **gemm), True),
-        ("dgrad dbn+mask+stats+residual", conv.conv_dgrad_kernel,
-         dict(R=3, S=3, DBN=True, MASK=True, STATS=True, RES_MODE=int(Residual.TENSOR), **gemm), True),
+        ("dgrad dbn+mask+stats+relu out+residual", conv.conv_dgrad_kernel,
+         dict(R=3, S=3, DBN=True, MASK=True, STATS=True, RELU_OUT=True, RES_MODE=int(Residual.TENSOR), **gemm),
+         True),
+        ("wgrad 3x3 dbn (input written by dgrad)", conv.conv_wgrad_kernel,
+         dict(R=3, S=3, FLAT=False, CP=1, DBN=True, PROLOGUE=False, **gemm), True),
         ("wgrad dbn+prologue", conv.conv_wgrad_kernel,
          dict(R=3, S=3, FLAT=False, CP=1, DBN=True, PROLOGUE=True, **gemm), True),
         ("wgrad 7x7 stem (flat, padded channels)", conv.conv_wgrad_kernel,
@@ -60,7 +63,7 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("index", range(9), ids=lambda i: f"variant{i}")
+@pytest.mark.parametrize("index", range(10), ids=lambda i: f"variant{i}")
 def test_kernel_compiles_for_sm90(compiled, index):
     """Compiles; within Hopper's limits; a conv's dots become wgmma, its main loop is one software-pipelined loop
     fed by asynchronous copies (kernels.aot.pipelined), and nothing spills (these variants at the 128x64x64 tile,
@@ -72,6 +75,8 @@ def test_kernel_compiles_for_sm90(compiled, index):
         assert row["mma"] == "wgmma", f"{row['name']}: the conv dot did not become wgmma"
         assert row["async_copy"] and row["pipelined"], f"{row['name']}: the main loop is not pipelined: {row}"
         assert row["spill_bytes"] == 0, f"{row['name']}: spills {row['spill_bytes']} bytes"
+    if row["name"].startswith("wgrad") and "prologue" not in row["name"]:  # the ones the backends launch
+        assert row["mma_overlap"], f"{row['name']}: waits for each wgmma before issuing the next"
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def test_bench_conv_smoke(tmp_path):
     assert len(result["rows"]) == 2 * 2 * 2 and all(r["ok"] and r["ms"] > 0 for r in result["rows"])
 
 
+def test_bench_wgrad_input_smoke(tmp_path):
+    """The two ways of a chained unit's backward (dgrad writes r / wgrad recomputes it) and cuDNN, both checked."""
+    result = _run("bench_wgrad_input.py", "--model", "resnet18", "--batch", "1", "--size", "32", "--dtype", "float32",
+                  "--limit", "2", tmp_path=tmp_path)
+    assert [r["provider"] for r in result["rows"]] == ["written", "recompute", "cudnn"] * 2
+    assert all(r["ok"] and r["ms"] > 0 for r in result["rows"])
+
+
 def test_bench_host_overhead_smoke(tmp_path):
     result = _run("bench_host_overhead.py", "--reps", "20", tmp_path=tmp_path)
     rows = {(r["row"], r["provider"]) for r in result["rows"]}
