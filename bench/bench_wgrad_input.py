@@ -6,8 +6,8 @@
              transformed: on sm_90 its main loop waits for every wgmma)
   cudnn      torch's dgrad + wgrad of the same conv with no BN work at all (a yardstick, not a like-for-like)
 
-docs/TRITON.md explains the choice; this measures it. Per conv shape of the model (the stem's excepted: it is
-never chained): ms of dgrad + wgrad per provider (triton.testing.do_bench, median, warm-up excluded) and
+docs/TRITON.md explains the choice; this measures it. Per chained conv shape of the model (a block's conv2 and
+conv3): ms of dgrad + wgrad per provider (triton.testing.do_bench, median, warm-up excluded) and
 written / recompute. Both Triton results are checked against float64 with the rule of fused_resnet.testing.
 
     python bench/bench_wgrad_input.py --model resnet50 --batch 256 --dtype bfloat16 --out bench_wgrad_input.json
@@ -97,12 +97,12 @@ def main(argv=None) -> int:
     if dev is None:
         return 2
     dtype = testing.DTYPES[args.dtype]
-    shapes = [s for s in testing.conv_shapes(args.model, args.batch, args.size) if s.c >= 16][:args.limit]
+    shapes = testing.conv_shapes(args.model, args.batch, args.size, chained=True)[:args.limit]
     rows = [row for shape in shapes for row in _bench_shape(shape, dtype, dev)]
     result = {"benchmark": "wgrad_input", "model": args.model, "batch": args.batch, "dtype": args.dtype,
               "layout": "channels_last", **benchmark.environment(), "rows": rows}
     total = {p: sum(r["ms"] for r in rows if r["provider"] == p) for p in ("written", "recompute", "cudnn")}
-    print(f"\n{args.model}, batch {args.batch}, {args.dtype}, {result['gpu']}: sum over shapes written "
+    print(f"\n{args.model}, batch {args.batch}, {args.dtype}, {result['gpu']}: sum over chained shapes written "
           f"{total['written']:.3f} ms, recompute {total['recompute']:.3f} ms, cudnn {total['cudnn']:.3f} ms")
     return benchmark.finish(result, args.out, all(r["ok"] for r in rows))
 

@@ -42,15 +42,16 @@ BLOCK_CASES = [
 ]
 
 
-def _meta_trace(model_name: str, batch: int, size: int, types, record) -> list:
+def _meta_trace(model_name: str, batch: int, size: int, types, record, named=lambda name: True) -> list:
     """Run torchvision's ``model_name`` on the meta device (no memory, no compute) and collect
-    ``record(module, input)`` for every module of ``types``, distinct values in order of first appearance."""
+    ``record(module, input)`` for every module of ``types`` whose qualified name passes ``named``, distinct
+    values in order of first appearance."""
     import torchvision
 
     model = getattr(torchvision.models, model_name)().to("meta").eval()
     found: list = []
     hooks = [m.register_forward_hook(lambda m, i, o: found.append(record(m, i[0])))
-             for m in model.modules() if isinstance(m, types)]
+             for name, m in model.named_modules() if isinstance(m, types) and named(name)]
     model(torch.empty(batch, 3, size, size, device="meta"))
     for h in hooks:
         h.remove()
@@ -126,13 +127,18 @@ class ConvShape:
         return f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.k}-{self.r}x{self.s}-s{self.stride}-p{pad}"
 
 
-def conv_shapes(model_name: str, batch: int, size: int = 224) -> List[ConvShape]:
-    """Every distinct convolution of torchvision's ``model_name`` (stem included) at this batch and image size."""
+def conv_shapes(model_name: str, batch: int, size: int = 224, chained: bool = False) -> List[ConvShape]:
+    """Every distinct convolution of torchvision's ``model_name`` (stem included) at this batch and image size;
+    with ``chained``, only the convs whose input is the previous unit's BN + ReLU inside a block (a block's
+    ``conv2`` and ``conv3``)."""
     def record(m: nn.Conv2d, x: torch.Tensor) -> ConvShape:
         return ConvShape(x.shape[0], x.shape[1], x.shape[2], x.shape[3], m.out_channels, *m.kernel_size,
                          m.stride[0], tuple(m.padding))
 
-    return _meta_trace(model_name, batch, size, nn.Conv2d, record)
+    def named(name: str) -> bool:
+        return not chained or name.rsplit(".", 1)[-1] in ("conv2", "conv3")
+
+    return _meta_trace(model_name, batch, size, nn.Conv2d, record, named)
 
 
 # Small conv problems for the kernel tests (CPU interpreter and GPU): stride 1 and 2, padding 0/1/3, kernels 1x1,
