@@ -12,7 +12,6 @@ same-dtype error is the yardstick).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -59,14 +58,8 @@ def _bench_shape(shape: testing.ConvShape, dtype: torch.dtype, ceiling: float, p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--size", type=int, default=224, help="input image size")
+    parser = benchmark.shape_parser(__doc__)
     parser.add_argument("--passes", default="fprop,dgrad,wgrad")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (smoke runs)")
-    parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     dev = benchmark.bench_device("bench_conv")
     if dev is None:

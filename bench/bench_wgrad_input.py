@@ -14,7 +14,6 @@ written / recompute. Both Triton results are checked against float64 with the ru
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -85,13 +84,7 @@ def _bench_shape(shape: testing.ConvShape, dtype: torch.dtype, dev: torch.device
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--size", type=int, default=224, help="input image size")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (smoke runs)")
-    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser = benchmark.shape_parser(__doc__)
     args = parser.parse_args(argv)
     dev = benchmark.bench_device("bench_wgrad_input")
     if dev is None:

@@ -10,6 +10,7 @@ machine and versions it was measured with, in the results schema other tools rea
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import datetime
@@ -45,6 +46,19 @@ def environment() -> Dict[str, Optional[str]]:
         "cudnn": str(torch.backends.cudnn.version()) if cuda else None,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def shape_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark over one model's layer shapes: --model, --batch, --dtype, --size, --limit
+    (the first N shapes: smoke runs), --out (the results JSON)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--size", type=int, default=224, help="input image size")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N shapes (smoke runs)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    return parser
 
 
 def bench_device(script: str) -> Optional[torch.device]:
