@@ -302,6 +302,36 @@ std::string message(const char* step, fe::error_t e) {
   return std::string(step) + ": " + e.get_message();
 }
 
+// Validates d and builds its execution plans: "" when cuDNN has an engine, else the failing step and cuDNN's
+// message. With a handle the plans are for that handle's GPU (and the workspace size is read); without one, for
+// the device properties set on the graph (deviceless: no GPU needed).
+std::string build_plans(Description& d, cudnnHandle_t handle) {
+  fe::error_t e = d.graph->validate();
+  if (e.is_bad()) return message("validate", e);
+  e = handle != nullptr ? d.graph->build_operation_graph(handle) : d.graph->build_operation_graph();
+  if (e.is_bad()) return message("operation graph", e);
+  if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
+    return message("heuristics", e);
+  }
+  if ((e = d.graph->check_support()).is_bad()) return message("support", e);
+  if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
+  if (handle != nullptr && (e = d.graph->get_workspace_size(d.workspace)).is_bad()) return message("workspace", e);
+  return "";
+}
+
+// f()'s answer, or what it threw: cudnn-frontend reports through error_t, and through exceptions from deeper down
+// (e.g. no CUDA device for the handle).
+template <typename F>
+std::string guarded(F f) {
+  try {
+    return f();
+  } catch (const c10::Error& ex) {
+    return std::string("building the graph threw: ") + ex.what_without_backtrace();
+  } catch (const std::exception& ex) {
+    return std::string("building the graph threw: ") + ex.what();
+  }
+}
+
 // The built graph of a key, or nullptr when cuDNN has none (its message remembered in g_unsupported).
 std::mutex g_cache_mutex;
 std::unordered_map<std::string, std::shared_ptr<Description>> g_cache;
@@ -318,24 +348,10 @@ std::shared_ptr<Description> lookup(const std::string& k, const at::Device& devi
   } else if (auto no_cudnn = load_cudnn()) {
     why = *no_cudnn;
   } else {
-    try {  // cudnn-frontend reports through error_t, and through exceptions from deeper down
+    why = guarded([&] {
       d = std::make_shared<Description>(describe());
-      cudnnHandle_t handle = at::native::getCudnnHandle();
-      fe::error_t e = d->graph->validate();
-      if (e.is_bad()) why = message("validate", e);
-      if (why.empty() && (e = d->graph->build_operation_graph(handle)).is_bad()) why = message("operation graph", e);
-      if (why.empty() &&
-          (e = d->graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
-        why = message("heuristics", e);
-      }
-      if (why.empty() && (e = d->graph->check_support()).is_bad()) why = message("support", e);
-      if (why.empty() && (e = d->graph->build_plans()).is_bad()) why = message("plans", e);
-      if (why.empty() && (e = d->graph->get_workspace_size(d->workspace)).is_bad()) why = message("workspace", e);
-    } catch (const c10::Error& ex) {  // e.g. no CUDA device for the handle
-      why = std::string("building the graph threw: ") + ex.what_without_backtrace();
-    } catch (const std::exception& ex) {
-      why = std::string("building the graph threw: ") + ex.what();
-    }
+      return build_plans(*d, at::native::getCudnnHandle());
+    });
   }
   if (!why.empty()) {
     d = nullptr;
@@ -520,25 +536,14 @@ std::string device_properties() {
 std::string support(const std::string& device_properties, Graph g, int64_t features, at::IntArrayRef x_sizes,
                     at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
   if (auto no_cudnn = load_cudnn()) return *no_cudnn;
-  try {
+  return guarded([&] {
     auto props = std::make_shared<fe::DeviceProperties>();
     fe::error_t e = props->deserialize(std::vector<uint8_t>(device_properties.begin(), device_properties.end()));
     if (e.is_bad()) return message("device properties", e);
     Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
     d.graph->set_device_properties(props);
-    if ((e = d.graph->validate()).is_bad()) return message("validate", e);
-    if ((e = d.graph->build_operation_graph()).is_bad()) return message("operation graph", e);
-    if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
-      return message("heuristics", e);
-    }
-    if ((e = d.graph->check_support()).is_bad()) return message("support", e);
-    if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
-  } catch (const c10::Error& ex) {
-    return std::string("building the graph threw: ") + ex.what_without_backtrace();
-  } catch (const std::exception& ex) {
-    return std::string("building the graph threw: ") + ex.what();
-  }
-  return "";
+    return build_plans(d, nullptr);
+  });
 }
 
 void reset() {
