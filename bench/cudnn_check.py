@@ -39,13 +39,13 @@ def _unit_graphs(position: str) -> List[tuple]:
 
 def block_graphs(arch: str, batch: int = 256, size: int = 224) -> List[dict]:
     """Every (graph, features, sizes) of the residual blocks of torchvision's `arch` at this batch and size."""
-    model = getattr(torchvision.models, arch)()
+    model = getattr(torchvision.models, arch)().to("meta")  # shapes only: nothing allocated or computed
     shapes, hooks = {}, []
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             hooks.append(m.register_forward_hook(lambda mod, args, out: shapes.__setitem__(mod, list(args[0].shape))))
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.empty(1, 3, size, size, device="meta"))
     for h in hooks:
         h.remove()
     out, seen = [], set()

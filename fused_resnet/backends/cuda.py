@@ -106,6 +106,11 @@ def fusion_status() -> Dict[str, object]:
             "unsupported": dict(zip(keys, reasons))}
 
 
+def fusion_reset() -> None:
+    """Forget the built graphs, the tallies and the unsupported keys (a measurement's fresh start)."""
+    _ops().fusion_reset()
+
+
 def fusion_plan(spec: BlockSpec, x: Tensor, weights) -> Tuple[str, ...]:
     """Per unit of a block: "" when its convs may run fusion graphs for input ``x``, else why not."""
     return tuple(_ops().fusion_plan(x, list(weights), spec.ints, spec.floats))

@@ -266,7 +266,7 @@ def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequ
         if fusion:
             from ..backends import cuda
 
-            cuda._ops().fusion_reset()
+            cuda.fusion_reset()
         with provider_context(provider):
             fn = step_fn(provider_model(base, provider), mode, x, y, dt if amp else None)
             r = measure(fn, device, batch, warmup_ms, rep_ms, steps)

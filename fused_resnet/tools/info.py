@@ -67,7 +67,7 @@ def _fusion_probe() -> list:
 
     model = convert(BasicBlock(64, 64), backend="cuda").cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last)
-    cuda._ops().fusion_reset()
+    cuda.fusion_reset()
     with torch.autocast("cuda", torch.bfloat16):
         model(x).float().sum().backward()
         model.eval()
