@@ -115,12 +115,14 @@ def markdown(res: dict) -> str:
             f"{_ratio(peak, eager and eager.get('peak_mem_gib'))} | {r['first_step_s']:.1f} | "
             f"{r.get('host_ms', float('nan')):.1f} | {r['step_ms']:.1f} |")
     fusion = [r for r in runs if r.get("cudnn_fusion")]
-    if fusion:  # backend cuda's cuDNN fusion graphs in each measured run: fused calls / fallbacks per graph
-        lines += ["", "| model | mode | cuDNN fusion graph | fused calls | fell back |", "|---|---|---|---|---|"]
+    if fusion:  # backend cuda's cuDNN fusion graphs in each measured run: calls fused / fallen back, plan builds
+        lines += ["", "| model | mode | cuDNN fusion graph | fused calls | fell back | plans built | build ms |",
+                  "|---|---|---|---|---|---|---|"]
         for r in fusion:
-            for label, (fused, fallback) in sorted(r["cudnn_fusion"]["tallies"].items()):
-                lines.append(f"| {r['model']} | {r['mode']} | {label} | {fused} | {fallback} |")
-            lines += [f"| {r['model']} | {r['mode']} | no engine: `{key}` | | {why[:120]} |"
+            for label, t in sorted(r["cudnn_fusion"]["tallies"].items()):
+                lines.append(f"| {r['model']} | {r['mode']} | {label} | {t['fused']} | {t['fallback']} | "
+                             f"{t['built']} | {t['build_ms']:.0f} |")
+            lines += [f"| {r['model']} | {r['mode']} | no engine: `{key}` | | {why[:120]} | | |"
                       for key, why in r["cudnn_fusion"]["unsupported"].items()]
     if res["not_measured"]:
         lines += ["", "Not measured (their stage reached its time limit first): " + ", ".join(

@@ -11,11 +11,12 @@
 // Work runs in NHWC: an NCHW input is converted on entry; y and dx are returned in the input's layout, the saved
 // pre-BN outputs stay NHWC (the layout backward reads them in).
 //
-// Where a unit may (cudnn_fusion.h: float16 / bfloat16 CUDA tensors, built with cudnn-frontend), its convs run as
-// cuDNN fusion graphs instead: the BN-apply + ReLU of the unit below on the conv's operand load (r_{i-1} is never
-// written), the statistics' sums in the conv's epilogue, dReLU + the unit below's Σdz, Σdz·x̂ in dgrad's epilogue,
-// and in eval each unit one conv + bias (+ shortcut) + ReLU with its BN folded into the weights. A graph cuDNN has
-// no engine for leaves that unit's step on the path above (counted in fusion::tallies()).
+// Where a unit may (cudnn_fusion.h: float16 / bfloat16 CUDA tensors, built with cudnn-frontend, `graphs` set by
+// the backend), its convs run as cuDNN fusion graphs instead: the BN-apply + ReLU of the unit below on the conv's
+// operand load (r_{i-1} is not written in the forward), the statistics' sums in the conv's epilogue; in backward
+// the dgrad applies the unit below's dReLU, reduces its Σdz, Σdz·x̂ and writes r_{i-1} for this unit's wgrad; in
+// eval each unit is one conv + bias (+ shortcut) + ReLU with its BN folded into the weights. A graph cuDNN has no
+// engine for leaves that unit's step on the path above (counted in fusion::tallies()).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
@@ -127,7 +128,8 @@ at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tenso
 // A unit without batch_stats normalises with its running statistics (copied to fp32, never aliased).
 Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                 at::TensorList betas, const std::vector<std::optional<at::Tensor>>& running_means,
-                const std::vector<std::optional<at::Tensor>>& running_vars, const std::optional<at::Tensor>& residual) {
+                const std::vector<std::optional<at::Tensor>>& running_vars, const std::optional<at::Tensor>& residual,
+                bool graphs) {
   const size_t n = spec.units.size(), n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
   Forward out;
@@ -136,11 +138,11 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     const UnitSpec& u = spec.units[i];
     const bool below = i > 0 && i < n_main;  // the conv reads r_{i-1} = relu(a_{i-1}·s + t), else the block input
     at::Tensor a, sum, sq_sum;
-    if (!fusion::ineligible(xc, weights[i], u)) {
+    if (!fusion::ineligible(xc, weights[i], u, graphs)) {
       const std::optional<fusion::Prologue> prologue =
           below ? std::optional<fusion::Prologue>(fusion::Prologue{scales[i - 1], shifts[i - 1]}) : std::nullopt;
-      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue, u.batch_stats, std::nullopt,
-                                 std::nullopt, false)) {
+      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue,
+                                 fusion::stats_in_graph(u), std::nullopt, std::nullopt, false)) {
         std::tie(a, sum, sq_sum) = std::tie(f->y, f->sum, f->sq_sum);
       }
     }
@@ -187,13 +189,13 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
 // formed here for the graphs, per call.
 at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights,
                      const std::vector<at::Tensor>& s, const std::vector<at::Tensor>& t, bool folded,
-                     const std::optional<at::Tensor>& residual) {
+                     const std::optional<at::Tensor>& residual, bool graphs) {
   const size_t n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
   // relu?(conv(input, W_i·s_i) + t_i (+ res)) as one graph, or nothing when unit i cannot
   auto fused = [&](size_t i, const at::Tensor& input, const std::optional<at::Tensor>& res,
                    bool relu) -> std::optional<at::Tensor> {
-    if (fusion::ineligible(xc, weights[i], spec.units[i])) return std::nullopt;
+    if (fusion::ineligible(xc, weights[i], spec.units[i], graphs)) return std::nullopt;
     const at::Tensor w = folded ? weights[i] : (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
     auto f = fusion::fprop(spec.units[i], input, w, std::nullopt, false, t[i], res, relu);
     return f ? std::optional<at::Tensor>(f->y) : std::nullopt;
@@ -231,12 +233,13 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
                                       const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                      at::ArrayRef<double> spec_floats) {
+                                      at::ArrayRef<double> spec_floats, bool graphs) {
   const BlockSpec spec = BlockSpec::parse("block_forward", spec_ints, spec_floats);
   check_block("block_forward", x, spec,
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
               residual.has_value());
-  Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual);
+  Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual,
+                      graphs);
   std::vector<at::Tensor> out{f.y.contiguous(format_of(x))};
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
@@ -248,7 +251,7 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
 at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                            at::TensorList running_means, at::TensorList running_vars,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                           at::ArrayRef<double> spec_floats) {
+                           at::ArrayRef<double> spec_floats, bool graphs) {
   const BlockSpec spec = BlockSpec::parse("block_inference", spec_ints, spec_floats);
   check_block("block_inference", x, spec,
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
@@ -259,12 +262,12 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
     std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), running_f32(running_means[i]),
                                                 running_f32(running_vars[i]), spec.units[i].eps);
   }
-  return inference(spec, x, weights, s, t, false, residual).contiguous(format_of(x));
+  return inference(spec, x, weights, s, t, false, residual, graphs).contiguous(format_of(x));
 }
 
 at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, at::TensorList shifts,
                                   const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                  at::ArrayRef<double> spec_floats) {
+                                  at::ArrayRef<double> spec_floats, bool graphs) {
   const BlockSpec spec = BlockSpec::parse("block_inference_folded", spec_ints, spec_floats);
   check_block("block_inference_folded", x, spec, {weights.size(), shifts.size()}, residual.has_value());
   std::vector<at::Tensor> s, t;
@@ -274,14 +277,14 @@ at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, a
                 " as a [", weights[i].size(0), "] vector (one per output channel), got ", shape_str(t[i].sizes()));
     s.push_back(at::ones_like(t[i]));
   }
-  return inference(spec, x, weights, s, t, true, residual).contiguous(format_of(x));
+  return inference(spec, x, weights, s, t, true, residual, graphs).contiguous(format_of(x));
 }
 
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad, const std::optional<at::Tensor>& counts) {
+                                       bool need_input_grad, bool graphs, const std::optional<at::Tensor>& counts) {
   const BlockSpec spec = BlockSpec::parse("block_backward", spec_ints, spec_floats);
   TORCH_CHECK(!spec.synced() || (counts.has_value() && counts->numel() == static_cast<int64_t>(spec.units.size())),
               "block_backward: a synchronised spec needs the forward's counts, one per unit");
@@ -324,30 +327,29 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
   };
   // Unit i's conv backward: dw_i, and when need_inp the gradient at its input — the block input, or
-  // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU and reduces its sums.
+  // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU, reduces its sums and writes
+  // r_below, which the wgrad then reads (else r_below is recomputed for the wgrad).
   auto conv_backward = [&](size_t i, const at::Tensor& da, std::optional<size_t> below,
                            bool need_inp) -> std::pair<at::Tensor, std::optional<Sums>> {
     const UnitSpec& u = spec.units[i];
-    const bool may_fuse = !fusion::ineligible(xc, weights[i], u);
-    const std::optional<fusion::Prologue> prologue =
-        below ? std::optional<fusion::Prologue>(fusion::Prologue{s[*below], t[*below]}) : std::nullopt;
-    at::Tensor dw, d_inp;
+    const bool may_fuse = !fusion::ineligible(xc, weights[i], u, graphs);
+    at::Tensor dw, d_inp, r_below;
     std::optional<Sums> sums;
-    if (may_fuse) {
-      if (auto f = fusion::wgrad(u, da, below ? a[*below] : xc, weights[i], prologue)) dw = *f;
-    }
-    if (may_fuse && need_inp && below && !fusion::ineligible(xc, weights[*below], spec.units[*below])) {
+    if (may_fuse && need_inp && below && !fusion::ineligible(xc, weights[*below], spec.units[*below], graphs)) {
       const size_t b = *below;
-      const fusion::BelowBN bn{mean[b], rstd[b], f32(gammas[b]), f32(betas[b])};
-      if (auto f = fusion::dgrad_drelu_dbn(u, da, weights[i], a[b], bn)) {
+      if (auto f = fusion::dgrad_drelu_sums(u, da, weights[i], a[b], {s[b], t[b], mean[b], rstd[b]})) {
         d_inp = f->dz;
         sums = Sums{f->sum_dz, f->sum_dz_xhat};
+        r_below = f->r;
       }
+    }
+    if (below && !r_below.defined()) r_below = bn_relu(a[*below], s[*below], t[*below]);
+    const at::Tensor input = below ? r_below : xc;  // the conv's real input, which every wgrad reads
+    if (may_fuse) {
+      if (auto f = fusion::wgrad(u, da, input, weights[i])) dw = *f;
     }
     const bool dgrad = need_inp && !d_inp.defined(), wgrad = !dw.defined();
     if (dgrad || wgrad) {
-      // wgrad reads the conv's real input (r_below recomputed); dgrad alone needs only its sizes
-      const at::Tensor input = !below ? xc : wgrad ? bn_relu(a[*below], s[*below], t[*below]) : a[*below];
       auto [d, w_grad, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
                                                           u.dilation, false, {0, 0}, u.groups, {dgrad, wgrad, false});
       if (dgrad) d_inp = nhwc(d);

@@ -3,11 +3,20 @@
 // cudnn-frontend is header-only; it reaches cuDNN through dlopen/dlsym (NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING),
 // bound here to the libcudnn.so.9 torch has already loaded, so the extension links no cuDNN of its own and uses
 // exactly torch's. The handle is ATen's (per device and thread, bound to the current stream).
+//
+// Why these graph forms (measured deviceless for sm_90 with cuDNN 9.24 and cudnn-frontend 1.32; docs/CUDA.md):
+// the BN statistics are two fp32 ADD reductions of the conv output, not the frontend's genstats node, whose math
+// precision reaches cuDNN as the wrong enum (the runtime-fusion engine refuses it in bfloat16); the unit below's
+// Σdz, Σdz·x̂ are reductions too, not dbn_weight (whose engines take half filters only); the wgrad reads a plain
+// operand because cuDNN's wgrad with a BN-apply prologue exists for half inputs with half scales only — the dgrad
+// graph, which applies the same BN for its ReLU mask, writes that operand instead.
 #include "cudnn_fusion.h"
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -18,6 +27,7 @@
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
 #include <ATen/cudnn/Handle.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
 
@@ -38,40 +48,37 @@ const char* graph_name(Graph g) {
   return "?";
 }
 
+std::string label(Graph g, int64_t features) {
+  std::string s = graph_name(g);
+  if (features & kPrologue) s += "+prologue";
+  if (features & kStats) s += "+stats";
+  if (features & kBias) s += "+bias";
+  if (features & kResidual) s += "+residual";
+  if (features & kRelu) s += "+relu";
+  if (g == Graph::kDgrad) s += "+drelu+dbn";
+  return s;
+}
+
 namespace {
 
 constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 
-std::atomic<bool> g_enabled{[] {
-  const char* v = std::getenv("FUSED_RESNET_CUDNN_FUSION");
-  return v == nullptr || std::string(v) != "0";
-}()};
-std::array<std::atomic<bool>, kGraphs> g_refused{};
-std::atomic<bool> g_cpu_probe{false};
+std::array<std::atomic<int>, kGraphs> g_refused{};
+std::atomic<bool> g_cpu_twins{false};
 
-struct Tally {
-  int64_t fused = 0, fallback = 0;
-};
 std::mutex g_tally_mutex;
 std::map<std::string, Tally> g_tallies;           // by graph label
-std::map<std::string, std::string> g_unsupported;  // key → cuDNN's message
+std::map<std::string, std::string> g_unsupported;  // key → why it has no graph
 
-void count(const std::string& label, bool fused) {
+void count(const std::string& lbl, bool fused) {
   std::lock_guard<std::mutex> lock(g_tally_mutex);
-  Tally& t = g_tallies[label];
+  Tally& t = g_tallies[lbl];
   ++(fused ? t.fused : t.fallback);
 }
 
-// The feature words of a graph's label, in one fixed order.
-std::string features_label(Graph g, bool prologue, bool stats, bool bias, bool residual, bool relu) {
-  std::string s = graph_name(g);
-  if (prologue) s += "+prologue";
-  if (stats) s += "+stats";
-  if (bias) s += "+bias";
-  if (residual) s += "+residual";
-  if (relu) s += "+relu";
-  if (g == Graph::kDgrad) s += "+drelu+dbn";
-  return s;
+void remember_unsupported(const std::string& k, const std::string& why) {
+  std::lock_guard<std::mutex> lock(g_tally_mutex);
+  g_unsupported[k] = why;
 }
 
 std::string join(at::IntArrayRef v) {
@@ -88,6 +95,11 @@ std::array<int64_t, 2> conv_out(at::IntArrayRef x, at::IntArrayRef w, const Unit
   return out;
 }
 
+std::vector<int64_t> conv_out_sizes(at::IntArrayRef x, at::IntArrayRef w, const UnitSpec& u) {
+  const auto pq = conv_out(x, w, u);
+  return {x[0], w[0], pq[0], pq[1]};
+}
+
 // cuDNN reads operands with vector loads: every pointer 16-byte aligned, every tensor dense in its layout.
 at::Tensor dense(const at::Tensor& t, at::MemoryFormat fmt) {
   at::Tensor c = t.contiguous(fmt);
@@ -96,24 +108,40 @@ at::Tensor dense(const at::Tensor& t, at::MemoryFormat fmt) {
 
 at::Tensor vec32(const at::Tensor& v) { return dense(v.to(at::kFloat), at::MemoryFormat::Contiguous); }
 
+
+int64_t capacity_from_env() {
+  const char* v = std::getenv("FUSED_RESNET_CUDNN_PLAN_CACHE");
+  return v != nullptr && std::atoll(v) > 0 ? std::atoll(v) : 2048;
+}
+std::atomic<int64_t> g_capacity{capacity_from_env()};
+
 }  // namespace
 
-std::string key(const std::string& label, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
-                const UnitSpec& u, at::ScalarType dtype, int64_t device) {
-  return label + " " + c10::toString(dtype) + " x" + join(x_sizes) + " w" + join(w_sizes) + " s" +
-         join(u.stride) + " p" + join(u.padding) + " d" + join(u.dilation) + " dev" + std::to_string(device);
+bool deterministic_now() {
+  return at::globalContext().deterministicAlgorithms() || at::globalContext().deterministicCuDNN();
 }
 
-bool set_enabled(bool on) { return g_enabled.exchange(on); }
-bool enabled() { return g_enabled.load(); }
-void set_refused(Graph g, bool refused) { g_refused[static_cast<int>(g)].store(refused); }
-bool set_cpu_probe(bool on) { return g_cpu_probe.exchange(on); }
+bool stats_in_graph(const UnitSpec& u) { return u.batch_stats && !deterministic_now(); }
 
-std::vector<std::tuple<std::string, int64_t, int64_t>> tallies() {
+std::string key(const Request& r, int64_t device) {
+  const UnitSpec& u = r.unit;
+  return label(r.graph, r.features) + " " + c10::toString(r.dtype) + " x" + join(r.x) + " w" + join(r.w) + " s" +
+         join(u.stride) + " p" + join(u.padding) + " d" + join(u.dilation) + " dev" + std::to_string(device) +
+         (r.deterministic ? " deterministic" : "");
+}
+
+std::string key_on(const Request& r, const at::Tensor& x) { return key(r, x.device().index()); }
+
+void set_refused(Graph g, Refusal at) { g_refused[static_cast<int>(g)].store(static_cast<int>(at)); }
+bool set_cpu_twins(bool on) { return g_cpu_twins.exchange(on); }
+int64_t set_capacity(int64_t keys) {
+  TORCH_CHECK_VALUE(keys >= 1, "cudnn fusion: the plan cache needs room for at least one key, got ", keys);
+  return g_capacity.exchange(keys);
+}
+
+std::vector<std::pair<std::string, Tally>> tallies() {
   std::lock_guard<std::mutex> lock(g_tally_mutex);
-  std::vector<std::tuple<std::string, int64_t, int64_t>> out;
-  for (const auto& [label, t] : g_tallies) out.emplace_back(label, t.fused, t.fallback);
-  return out;
+  return {g_tallies.begin(), g_tallies.end()};
 }
 
 std::vector<std::tuple<std::string, std::string>> unsupported() {
@@ -121,9 +149,13 @@ std::vector<std::tuple<std::string, std::string>> unsupported() {
   return {g_unsupported.begin(), g_unsupported.end()};
 }
 
-std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, const UnitSpec& u) {
+namespace {
+
+// Why a unit's conv may not use fusion graphs, from what the graphs need of the configuration (not the device).
+std::optional<std::string> config_ineligible(const at::Tensor& x, const at::Tensor& w, const UnitSpec& u,
+                                             bool graphs) {
+  if (!graphs) return std::string("cuDNN fusion graphs off (backend cuda-unfused)");
   if (!built()) return "cudnn fusion " + build_info();
-  if (!enabled()) return std::string("cudnn fusion switched off (FUSED_RESNET_CUDNN_FUSION=0 or set_enabled)");
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) {
     const std::string name = x.scalar_type() == at::kFloat ? "float32" : c10::toString(x.scalar_type());
     return "dtype " + name + " (the fusion graphs run float16 and bfloat16)";
@@ -132,11 +164,59 @@ std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, 
   if (x.dim() != 4) return std::string("not a 2-D convolution");
   if (u.groups != 1) return std::string("grouped convolution");
   if (u.sync_group != 0) return std::string("synchronised BatchNorm (its statistics cross processes)");
-  if (!x.is_cuda() && !(x.is_cpu() && g_cpu_probe.load())) {
-    return std::string("tensors on ") + x.device().str() + " (cuDNN runs on CUDA tensors)";
-  }
   if (x.size(0) == 0) return std::string("empty batch");
   return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, const UnitSpec& u, bool graphs) {
+  if (auto why = config_ineligible(x, w, u, graphs)) return why;
+  if (!x.is_cuda() && !(x.is_cpu() && g_cpu_twins.load())) {
+    return std::string("tensors on ") + x.device().str() + " (cuDNN runs on CUDA tensors)";
+  }
+  return std::nullopt;
+}
+
+std::vector<Request> block_requests(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, bool graphs,
+                                    bool train) {
+  TORCH_CHECK(x.dim() == 4 && weights.size() == spec.units.size(), "cudnn fusion: expected a 4-D input and one "
+              "weight per unit (", spec.units.size(), "), got ", shape_str(x.sizes()), " and ", weights.size());
+  const size_t n = spec.units.size(), n_main = spec.n_main();
+  std::vector<std::vector<int64_t>> in(n);  // each unit's conv input sizes
+  std::vector<bool> eligible(n);
+  for (size_t i = 0; i < n; ++i) {
+    const bool reads_below = i > 0 && i < n_main;
+    in[i] = reads_below ? conv_out_sizes(in[i - 1], weights[i - 1].sizes(), spec.units[i - 1]) : x.sizes().vec();
+    eligible[i] = !config_ineligible(x, weights[i], spec.units[i], graphs);
+  }
+  std::vector<Request> out;
+  const bool deterministic = deterministic_now();
+  auto add = [&](size_t i, Graph g, int64_t features) {
+    if (eligible[i]) {
+      out.push_back({g, features, in[i], weights[i].sizes().vec(), spec.units[i], x.scalar_type(), deterministic,
+                     static_cast<int64_t>(i)});
+    }
+  };
+  if (train) {  // block_forward, then block_backward
+    for (size_t i = 0; i < n; ++i) {
+      const bool reads_below = i > 0 && i < n_main;
+      add(i, Graph::kFprop, (reads_below ? kPrologue : 0) | (stats_in_graph(spec.units[i]) ? kStats : 0));
+    }
+    if (spec.shortcut == Shortcut::kProjection) add(n_main, Graph::kWgrad, 0);
+    for (size_t i = n_main; i-- > 0;) {
+      if (i > 0 && eligible[i - 1]) add(i, Graph::kDgrad, 0);
+      add(i, Graph::kWgrad, 0);
+    }
+    return out;
+  }
+  // block_inference: the projection (its output is the closing unit's shortcut), the chain, the closing unit
+  if (spec.shortcut == Shortcut::kProjection) add(n_main, Graph::kFprop, kBias);
+  for (size_t i = 0; i + 1 < n_main; ++i) add(i, Graph::kFprop, kBias | kRelu);
+  if (spec.shortcut != Shortcut::kOptionA) {  // option A's zero-padded shortcut closes in the extension's kernel
+    add(n_main - 1, Graph::kFprop, kBias | kRelu | (spec.shortcut == Shortcut::kNone ? 0 : kResidual));
+  }
+  return out;
 }
 
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
@@ -169,8 +249,10 @@ struct Description {
   int64_t workspace = 0;
 
   fe::DataType_t io;
+  bool deterministic = false;
 
-  explicit Description(at::ScalarType dtype) : io(io_type(dtype)) {
+  explicit Description(at::ScalarType dtype, bool deterministic_ = false)
+      : io(io_type(dtype)), deterministic(deterministic_) {
     graph->set_io_data_type(io)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -207,14 +289,24 @@ struct Description {
     return graph->pointwise(a, b, fe::graph::Pointwise_attributes().set_mode(mode));
   }
 
-  // relu(x·scale + shift), rounded to the activations' dtype as the unfused path stores r (and as the tensor
-  // cores read it)
-  TensorAttr prologue(const TensorAttr& x, int64_t C) {
-    TensorAttr v = pointwise(x, channels("scale", C), fe::PointwiseMode_t::MUL);
-    v = pointwise(v, channels("shift", C), fe::PointwiseMode_t::ADD);
-    v = graph->pointwise(v, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::RELU_FWD));
-    v->set_data_type(io);
-    return v;
+  TensorAttr relu(const TensorAttr& a) {
+    return graph->pointwise(a, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::RELU_FWD));
+  }
+
+  // a·scale + shift: a BN applied as the forward's per-channel affine map
+  TensorAttr affine(const TensorAttr& a, int64_t C) {
+    return pointwise(pointwise(a, channels("scale", C), fe::PointwiseMode_t::MUL), channels("shift", C),
+                     fe::PointwiseMode_t::ADD);
+  }
+
+  // Σ over N, H, W per channel, accumulated in fp32, written as `role` (into zeros: the engines may accumulate
+  // with atomics, unless a deterministic reduction is asked for)
+  void channel_sum(const std::string& role, const TensorAttr& v, int64_t C) {
+    channels_output(role, graph->reduction(v, fe::graph::Reduction_attributes()
+                                                  .set_mode(fe::ReductionMode_t::ADD)
+                                                  .set_compute_data_type(fe::DataType_t::FLOAT)
+                                                  .set_is_deterministic(deterministic)),
+                    C);
   }
 };
 
@@ -226,96 +318,88 @@ Attr conv_attributes(const UnitSpec& u) {
       .set_dilation({u.dilation[0], u.dilation[1]});
 }
 
-struct FpropFeatures {
-  bool prologue, stats, bias, residual, relu;
-};
-
-Description describe_fprop(const FpropFeatures& f, at::IntArrayRef x, at::IntArrayRef w, const UnitSpec& u,
-                           at::ScalarType dtype) {
-  TORCH_CHECK(!(f.stats && (f.bias || f.residual || f.relu)), "cudnn fusion: an fprop graph with statistics writes "
-              "the plain conv output (no bias, residual or ReLU after it)");
-  Description d(dtype);
-  const auto pq = conv_out(x, w, u);
-  const std::array<int64_t, 4> y{x[0], w[0], pq[0], pq[1]};
-  TensorAttr operand = d.activation("x", x);
-  if (f.prologue) operand = d.prologue(operand, x[1]);
-  TensorAttr out =
-      d.graph->conv_fprop(operand, d.activation("w", w), conv_attributes<fe::graph::Conv_fprop_attributes>(u));
-  if (f.stats) {
+Description describe_fprop(const Request& r) {
+  const int64_t f = r.features;
+  TORCH_CHECK(!((f & kStats) && (f & (kBias | kResidual | kRelu))), "cudnn fusion: an fprop graph with "
+              "statistics writes the plain conv output (no bias, residual or ReLU after it)");
+  Description d(r.dtype, r.deterministic);
+  const std::vector<int64_t> y = conv_out_sizes(r.x, r.w, r.unit);
+  TensorAttr operand = d.activation("x", r.x);
+  if (f & kPrologue) {  // rounded to the activations' dtype, as the unfused path stores r
+    operand = d.relu(d.affine(operand, r.x[1]));
+    operand->set_data_type(d.io);
+  }
+  TensorAttr out = d.graph->conv_fprop(operand, d.activation("w", r.w),
+                                       conv_attributes<fe::graph::Conv_fprop_attributes>(r.unit));
+  if (f & kStats) {
     d.output("y", out, y);
-    auto [sum, sq_sum] = d.graph->genstats(out, fe::graph::Genstats_attributes());
-    d.channels_output("sum", sum, w[0]);
-    d.channels_output("sq_sum", sq_sum, w[0]);
+    d.channel_sum("sum", out, r.w[0]);
+    d.channel_sum("sq_sum", d.pointwise(out, out, fe::PointwiseMode_t::MUL), r.w[0]);
     return d;
   }
-  if (f.bias) out = d.pointwise(out, d.channels("bias", w[0]), fe::PointwiseMode_t::ADD);
-  if (f.residual) out = d.pointwise(out, d.activation("residual", y), fe::PointwiseMode_t::ADD);
-  if (f.relu) {
-    out = d.graph->pointwise(out, fe::graph::Pointwise_attributes().set_mode(fe::PointwiseMode_t::RELU_FWD));
-  }
+  if (f & kBias) out = d.pointwise(out, d.channels("bias", r.w[0]), fe::PointwiseMode_t::ADD);
+  if (f & kResidual) out = d.pointwise(out, d.activation("residual", y), fe::PointwiseMode_t::ADD);
+  if (f & kRelu) out = d.relu(out);
   d.output("y", out, y);
   return d;
 }
 
-// x: the dgrad output's sizes (the unit below's activations a)
-Description describe_dgrad(at::IntArrayRef x, at::IntArrayRef w, const UnitSpec& u, at::ScalarType dtype) {
-  Description d(dtype);
-  const auto pq = conv_out(x, w, u);
-  const std::array<int64_t, 4> dy{x[0], w[0], pq[0], pq[1]};
-  TensorAttr dx = d.graph->conv_dgrad(d.activation("dy", dy), d.activation("w", w),
-                                      conv_attributes<fe::graph::Conv_dgrad_attributes>(u));
-  dx->set_dim({x[0], x[1], x[2], x[3]});
-  // the unit below's BN output, (a − mean)·rstd·gamma + beta: the chain of cudnn-frontend's dgrad + dReLU + dBN
-  // weight sample, the pattern its engines are known to fuse
-  const TensorAttr a = d.activation("a", x);
-  const TensorAttr mean = d.channels("mean", x[1]), rstd = d.channels("rstd", x[1]), gamma = d.channels("gamma", x[1]);
-  TensorAttr pre = d.pointwise(a, mean, fe::PointwiseMode_t::SUB);
-  pre = d.pointwise(pre, rstd, fe::PointwiseMode_t::MUL);
-  pre = d.pointwise(pre, gamma, fe::PointwiseMode_t::MUL);
-  pre = d.pointwise(pre, d.channels("beta", x[1]), fe::PointwiseMode_t::ADD);
+// r.x: the dgrad output's sizes (the unit below's activations a)
+Description describe_dgrad(const Request& r) {
+  Description d(r.dtype, r.deterministic);
+  const std::vector<int64_t> dy = conv_out_sizes(r.x, r.w, r.unit);
+  const int64_t C = r.x[1];
+  TensorAttr dx = d.graph->conv_dgrad(d.activation("dy", dy), d.activation("w", r.w),
+                                      conv_attributes<fe::graph::Conv_dgrad_attributes>(r.unit));
+  dx->set_dim({r.x[0], r.x[1], r.x[2], r.x[3]});
+  const TensorAttr a = d.activation("a", r.x);
+  const TensorAttr pre = d.affine(a, C);  // the unit below's BN output, as its forward computed it
   const TensorAttr dz = d.pointwise(dx, pre, fe::PointwiseMode_t::RELU_BWD);
-  d.output("dz", dz, x);
-  auto [dscale, dbias, eq_dy, eq_x, eq_bias] =
-      d.graph->dbn_weight(dz, a, mean, rstd, gamma, fe::graph::DBN_weight_attributes());
-  d.channels_output("sum_dz_xhat", dscale, x[1]);
-  d.channels_output("sum_dz", dbias, x[1]);
-  d.channels_output("eq_dy", eq_dy, x[1]);
-  d.channels_output("eq_x", eq_x, x[1]);
-  d.channels_output("eq_bias", eq_bias, x[1]);
+  d.output("dz", dz, r.x);
+  const TensorAttr relu_out = d.relu(pre);
+  relu_out->set_data_type(d.io);
+  d.output("r", relu_out, r.x);
+  const TensorAttr xhat = d.pointwise(d.pointwise(a, d.channels("mean", C), fe::PointwiseMode_t::SUB),
+                                      d.channels("rstd", C), fe::PointwiseMode_t::MUL);
+  d.channel_sum("sum_dz", dz, C);
+  d.channel_sum("sum_dz_xhat", d.pointwise(dz, xhat, fe::PointwiseMode_t::MUL), C);
   return d;
 }
 
-Description describe_wgrad(bool prologue, at::IntArrayRef x, at::IntArrayRef w, const UnitSpec& u,
-                           at::ScalarType dtype) {
-  Description d(dtype);
-  const auto pq = conv_out(x, w, u);
-  const std::array<int64_t, 4> dy{x[0], w[0], pq[0], pq[1]};
-  TensorAttr operand = d.activation("x", x);
-  if (prologue) operand = d.prologue(operand, x[1]);
-  TensorAttr dw = d.graph->conv_wgrad(d.activation("dy", dy), operand,
-                                      conv_attributes<fe::graph::Conv_wgrad_attributes>(u));
-  d.output("dw", dw, w);
+Description describe_wgrad(const Request& r) {
+  Description d(r.dtype, r.deterministic);
+  const std::vector<int64_t> dy = conv_out_sizes(r.x, r.w, r.unit);
+  TensorAttr dw = d.graph->conv_wgrad(d.activation("dy", dy), d.activation("x", r.x),
+                                      conv_attributes<fe::graph::Conv_wgrad_attributes>(r.unit));
+  d.output("dw", dw, r.w);
   return d;
 }
 
-std::string message(const char* step, fe::error_t e) {
-  return std::string(step) + ": " + e.get_message();
+Description describe(const Request& r) {
+  TORCH_CHECK(r.x.size() == 4 && r.w.size() == 4, "cudnn fusion: expected 4 sizes for x and for w");
+  switch (r.graph) {
+    case Graph::kFprop: return describe_fprop(r);
+    case Graph::kDgrad: return describe_dgrad(r);
+    case Graph::kWgrad: break;
+  }
+  return describe_wgrad(r);
 }
 
-// Validates d and builds its execution plans: "" when cuDNN has an engine, else the failing step and cuDNN's
-// message. With a handle the plans are for that handle's GPU (and the workspace size is read); without one, for
-// the device properties set on the graph (deviceless: no GPU needed).
+std::string message(const char* step, fe::error_t e) { return std::string(step) + ": " + e.get_message(); }
+
+// Validates d and builds its execution plan on the handle's GPU: "" when cuDNN has an engine, else the failing
+// step and cuDNN's message.
 std::string build_plans(Description& d, cudnnHandle_t handle) {
   fe::error_t e = d.graph->validate();
   if (e.is_bad()) return message("validate", e);
-  e = handle != nullptr ? d.graph->build_operation_graph(handle) : d.graph->build_operation_graph();
-  if (e.is_bad()) return message("operation graph", e);
+  if ((e = d.graph->build_operation_graph(handle)).is_bad()) return message("operation graph", e);
   if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
     return message("heuristics", e);
   }
+  if (d.deterministic) d.graph->deselect_numeric_notes({fe::NumericalNote_t::NONDETERMINISTIC});
   if ((e = d.graph->check_support()).is_bad()) return message("support", e);
   if ((e = d.graph->build_plans()).is_bad()) return message("plans", e);
-  if (handle != nullptr && (e = d.graph->get_workspace_size(d.workspace)).is_bad()) return message("workspace", e);
+  if ((e = d.graph->get_workspace_size(d.workspace)).is_bad()) return message("workspace", e);
   return "";
 }
 
@@ -332,57 +416,218 @@ std::string guarded(F f) {
   }
 }
 
-// The built graph of a key, or nullptr when cuDNN has none (its message remembered in g_unsupported).
-std::mutex g_cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<Description>> g_cache;
-
-template <typename Describe>
-std::shared_ptr<Description> lookup(const std::string& k, const at::Device& device, Describe describe) {
-  std::lock_guard<std::mutex> lock(g_cache_mutex);
-  auto it = g_cache.find(k);
-  if (it != g_cache.end()) return it->second;
-  std::string why;
-  std::shared_ptr<Description> d;
-  if (!device.is_cuda()) {  // the tests' CPU probe: never a plan for host memory, even where a GPU exists
-    why = "tensors on " + device.str() + ": no cuDNN graph runs on them";
-  } else if (auto no_cudnn = load_cudnn()) {
-    why = *no_cudnn;
-  } else {
-    why = guarded([&] {
-      d = std::make_shared<Description>(describe());
-      return build_plans(*d, at::native::getCudnnHandle());
-    });
-  }
-  if (!why.empty()) {
-    d = nullptr;
-    std::lock_guard<std::mutex> tally_lock(g_tally_mutex);
-    g_unsupported[k] = why;
-  }
-  g_cache.emplace(k, d);
-  return d;
-}
-
-// A graph's tensors by role for one call; the handles keep them alive until the call's execute returns.
+// A graph's tensors by role for one call; the handles keep them alive until the call returns.
 using Bindings = std::vector<std::pair<const char*, at::Tensor>>;
 
-void execute(const Description& d, const std::string& label, const Bindings& bindings, const at::Device& device) {
-  std::unordered_map<TensorAttr, void*> pack;
-  for (const auto& [role, tensor] : bindings) {
-    auto it = d.t.find(role);
-    TORCH_CHECK(it != d.t.end(), "cudnn fusion ", label, ": the graph has no tensor '", role, "'");
-    pack[it->second] = const_cast<void*>(tensor.const_data_ptr());
+const at::Tensor& bound(const Bindings& b, const char* role) {
+  for (const auto& [r, t] : b) {
+    if (std::string(r) == role) return t;
   }
-  const at::Tensor workspace =
-      at::empty({std::max<int64_t>(d.workspace, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
-  fe::error_t e = d.graph->execute(at::native::getCudnnHandle(), pack, workspace.data_ptr());
-  TORCH_CHECK(e.is_good(), "cudnn fusion ", label, ": executing the built graph failed: ", e.get_message());
+  TORCH_CHECK(false, "cudnn fusion: no tensor bound for role '", role, "'");
+}
+
+// The CPU twin of a request's graph: the same roles read and written, fp32 arithmetic, outputs rounded to the
+// activations' dtype by the copy into them.
+void run_twin(const Request& r, const Bindings& b) {
+  const UnitSpec& u = r.unit;
+  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
+  const auto per_channel = [](const at::Tensor& v) { return v.view({1, -1, 1, 1}); };
+  const auto channel_sum = [](const at::Tensor& t) { return t.sum({0, 2, 3}); };
+  const std::array<int64_t, 2> none{0, 0};  // output padding
+  switch (r.graph) {
+    case Graph::kFprop: {
+      at::Tensor x = f32(bound(b, "x"));
+      if (r.features & kPrologue) {
+        x = f32(at::relu(x * per_channel(bound(b, "scale")) + per_channel(bound(b, "shift"))).to(r.dtype));
+      }
+      at::Tensor y = at::convolution(x, f32(bound(b, "w")), std::nullopt, u.stride, u.padding, u.dilation, false,
+                                     none, 1);
+      if (r.features & kStats) {
+        bound(b, "sum").copy_(channel_sum(y));
+        bound(b, "sq_sum").copy_(channel_sum(y * y));
+      }
+      if (r.features & kBias) y = y + per_channel(bound(b, "bias"));
+      if (r.features & kResidual) y = y + f32(bound(b, "residual"));
+      if (r.features & kRelu) y = at::relu(y);
+      bound(b, "y").copy_(y);
+      return;
+    }
+    case Graph::kDgrad: {
+      const at::Tensor a = f32(bound(b, "a"));
+      const at::Tensor dx = std::get<0>(at::convolution_backward(
+          f32(bound(b, "dy")), a, f32(bound(b, "w")), std::nullopt, u.stride, u.padding, u.dilation, false, none, 1,
+          {true, false, false}));
+      const at::Tensor pre = a * per_channel(bound(b, "scale")) + per_channel(bound(b, "shift"));
+      const at::Tensor dz = at::where(pre > 0, dx, at::zeros_like(dx));
+      const at::Tensor xhat = (a - per_channel(bound(b, "mean"))) * per_channel(bound(b, "rstd"));
+      bound(b, "dz").copy_(dz);
+      bound(b, "r").copy_(at::relu(pre));
+      bound(b, "sum_dz").copy_(channel_sum(dz));
+      bound(b, "sum_dz_xhat").copy_(channel_sum(dz * xhat));
+      return;
+    }
+    case Graph::kWgrad: {
+      const at::Tensor& dw = bound(b, "dw");
+      dw.copy_(std::get<1>(at::convolution_backward(f32(bound(b, "dy")), f32(bound(b, "x")),
+                                                    at::zeros(dw.sizes(), dw.options().dtype(at::kFloat)),
+                                                    std::nullopt, u.stride, u.padding, u.dilation, false, none, 1,
+                                                    {false, true, false})));
+      return;
+    }
+  }
+}
+
+// A key's graph: built once (under its own lock), then shared by every call with that key.
+struct Entry {
+  std::mutex m;
+  std::atomic<bool> attempted{false};
+  std::shared_ptr<Description> d;  // the cuDNN graph and its plan
+  bool twin = false;               // the CPU twin runs instead
+  std::string why;                 // no graph (the calls fall back)
+  Request request;
+  std::string k, lbl;
+  bool usable() const { return d != nullptr || twin; }
+};
+
+// The bounded cache: key → entry, least recently used first out. Evicting an entry in use is safe (the callers
+// hold it).
+std::mutex g_cache_mutex;
+std::list<std::string> g_lru;  // most recent first
+std::unordered_map<std::string, std::pair<std::shared_ptr<Entry>, std::list<std::string>::iterator>> g_cache;
+
+bool capturing(const at::Device& device) {
+  return device.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+std::shared_ptr<Entry> find_or_insert(const std::string& k, const Request& r, const at::Device& device) {
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  auto it = g_cache.find(k);
+  if (it != g_cache.end()) {
+    g_lru.splice(g_lru.begin(), g_lru, it->second.second);
+    return it->second.first;
+  }
+  TORCH_CHECK(!capturing(device), "cudnn fusion: no plan for ", k, " while a CUDA graph is being captured (a plan "
+              "is never built inside a capture): run the model once with these shapes before capturing, or call "
+              "fused_resnet.backends.cuda.warm_up(model, x)");
+  auto e = std::make_shared<Entry>();
+  e->request = r;
+  e->k = k;
+  e->lbl = label(r.graph, r.features);
+  g_lru.push_front(k);
+  g_cache.emplace(k, std::make_pair(e, g_lru.begin()));
+  while (static_cast<int64_t>(g_cache.size()) > g_capacity.load()) {
+    g_cache.erase(g_lru.back());
+    g_lru.pop_back();
+  }
+  return e;
+}
+
+void build(Entry& e, const at::Device& device) {
+  const auto start = std::chrono::steady_clock::now();
+  if (!device.is_cuda()) {
+    if (g_cpu_twins.load()) {
+      e.twin = true;
+    } else {
+      e.why = "tensors on " + device.str() + ": no cuDNN graph runs on them";
+    }
+  } else if (auto no_cudnn = load_cudnn()) {
+    e.why = *no_cudnn;
+  } else {
+    const c10::DeviceGuard guard(device);
+    e.why = guarded([&] {
+      e.d = std::make_shared<Description>(describe(e.request));
+      return build_plans(*e.d, at::native::getCudnnHandle());
+    });
+    if (!e.why.empty()) e.d = nullptr;
+  }
+  e.attempted = true;
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::lock_guard<std::mutex> lock(g_tally_mutex);
+  if (e.usable()) {
+    Tally& t = g_tallies[e.lbl];
+    ++t.built;
+    t.build_ms += ms;
+  } else {
+    g_unsupported[e.k] = e.why;
+  }
+}
+
+// The entry with a usable graph for request r on `device`, or nullptr: the call falls back, counted.
+std::shared_ptr<Entry> graph_for(const Request& r, const at::Device& device) {
+  const std::string lbl = label(r.graph, r.features);
+  if (g_refused[static_cast<int>(r.graph)] == static_cast<int>(Refusal::kAtBuild)) {
+    count(lbl, false);
+    return nullptr;
+  }
+  std::shared_ptr<Entry> e = find_or_insert(key(r, device.index()), r, device);
+  std::lock_guard<std::mutex> lock(e->m);
+  if (!e->attempted) build(*e, device);
+  if (!e->usable()) {
+    count(lbl, false);
+    return nullptr;
+  }
+  return e;
+}
+
+// Runs the entry's graph on these tensors: true when it ran; false when its execution failed, which removes the
+// graph from this key for good (remembered with cuDNN's message) and counts the call as a fallback.
+bool execute(Entry& e, const Bindings& bindings, const at::Device& device) {
+  std::shared_ptr<Description> d;
+  {
+    std::lock_guard<std::mutex> lock(e.m);
+    d = e.d;
+  }
+  if (!e.twin && d == nullptr) {  // another call's execution failed meanwhile
+    count(e.lbl, false);
+    return false;
+  }
+  std::string failed;
+  if (g_refused[static_cast<int>(e.request.graph)] == static_cast<int>(Refusal::kAtExecute)) {
+    failed = "refused at execution (fusion_set_refused)";
+  } else if (e.twin) {
+    run_twin(e.request, bindings);
+  } else {
+    std::unordered_map<TensorAttr, void*> pack;
+    for (const auto& [role, tensor] : bindings) {
+      auto it = d->t.find(role);
+      TORCH_CHECK(it != d->t.end(), "cudnn fusion ", e.lbl, ": the graph has no tensor '", role, "'");
+      pack[it->second] = const_cast<void*>(tensor.const_data_ptr());
+    }
+    const at::Tensor workspace =
+        at::empty({std::max<int64_t>(d->workspace, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
+    fe::error_t status = d->graph->execute(at::native::getCudnnHandle(), pack, workspace.data_ptr());
+    if (status.is_bad()) failed = status.get_message();
+  }
+  if (!failed.empty()) {  // this key keeps no graph: its later calls fall back at once
+    std::lock_guard<std::mutex> lock(e.m);
+    e.d = nullptr;
+    e.twin = false;
+    e.why = "executing the built graph failed: " + failed;
+    remember_unsupported(e.k, e.why);
+    count(e.lbl, false);
+    return false;
+  }
+  count(e.lbl, true);
+  return true;
 }
 
 at::Tensor activation_like(const at::Tensor& x, at::IntArrayRef sizes) {
   return at::empty(sizes, x.options().memory_format(kNHWC));
 }
 
-at::Tensor channels_like(const at::Tensor& x, int64_t C) { return at::empty({C}, x.options().dtype(at::kFloat)); }
+// The reductions accumulate into their outputs: they start from zero.
+at::Tensor sum_like(const at::Tensor& x, int64_t C) { return at::zeros({C}, x.options().dtype(at::kFloat)); }
+
+// What the caller passes is checked before cuDNN reads it: a wrong size would be an out-of-bounds read there.
+at::Tensor channels_arg(const char* what, const at::Tensor& v, int64_t C) {
+  TORCH_CHECK(v.numel() == C, "cudnn fusion: expected ", what, " with ", C, " values (one per channel), got ",
+              v.numel());
+  return vec32(v);
+}
+
+Request request_for(Graph g, int64_t features, const at::Tensor& x, at::IntArrayRef w_sizes, const UnitSpec& u) {
+  return {g, features, x.sizes().vec(), w_sizes.vec(), u, x.scalar_type(), deterministic_now()};
+}
 
 }  // namespace
 
@@ -393,58 +638,27 @@ std::string build_info() {
          std::to_string(CUDNN_FRONTEND_MINOR_VERSION) + "." + std::to_string(CUDNN_FRONTEND_PATCH_VERSION);
 }
 
-namespace {
-
-// The built graph for x (the tensor whose sizes, dtype and device key it) and w's sizes, or nullptr when the graph
-// is refused or has no engine: that call is counted as a fallback.
-template <typename Describe>
-std::shared_ptr<Description> graph_for(Graph g, const std::string& label, const at::Tensor& x, at::IntArrayRef w_sizes,
-                                       const UnitSpec& u, Describe describe) {
-  std::shared_ptr<Description> d;
-  if (!g_refused[static_cast<int>(g)]) {
-    d = lookup(key(label, x.sizes(), w_sizes, u, x.scalar_type(), x.get_device()), x.device(), describe);
-  }
-  if (d == nullptr) count(label, false);
-  return d;
-}
-
-// What the caller passes is checked before cuDNN reads it: a wrong size would be an out-of-bounds read there.
-at::Tensor channels_arg(const char* what, const at::Tensor& v, int64_t C) {
-  TORCH_CHECK(v.numel() == C, "cudnn fusion: expected ", what, " with ", C, " values (one per channel), got ",
-              v.numel());
-  return vec32(v);
-}
-
-// The prologue's scale and shift for an operand of C channels, when there is one.
-void bind_prologue(Bindings& b, const std::optional<Prologue>& prologue, int64_t C) {
-  if (prologue) {
-    b.emplace_back("scale", channels_arg("the prologue's scale", prologue->scale, C));
-    b.emplace_back("shift", channels_arg("the prologue's shift", prologue->shift, C));
-  }
-}
-
-}  // namespace
-
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
                               const std::optional<Prologue>& prologue, bool stats,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                               bool relu) {
   const c10::OptionalDeviceGuard guard(x.device());  // plans, handle and workspace on x's device
-  const FpropFeatures f{prologue.has_value(), stats, bias.has_value(), residual.has_value(), relu};
-  const std::string label = features_label(Graph::kFprop, f.prologue, f.stats, f.bias, f.residual, f.relu);
+  const int64_t features = (prologue ? kPrologue : 0) | (stats ? kStats : 0) | (bias ? kBias : 0) |
+                           (residual ? kResidual : 0) | (relu ? kRelu : 0);
   const at::Tensor xc = dense(x, kNHWC), wc = dense(w, kNHWC);
-  auto d = graph_for(Graph::kFprop, label, xc, wc.sizes(), u,
-                     [&] { return describe_fprop(f, xc.sizes(), wc.sizes(), u, xc.scalar_type()); });
-  if (d == nullptr) return std::nullopt;
-  const auto pq = conv_out(xc.sizes(), wc.sizes(), u);
+  auto e = graph_for(request_for(Graph::kFprop, features, xc, wc.sizes(), u), xc.device());
+  if (e == nullptr) return std::nullopt;
   const int64_t C = xc.size(1), K = wc.size(0);
   FpropOut out;
-  out.y = activation_like(xc, {xc.size(0), K, pq[0], pq[1]});
+  out.y = activation_like(xc, conv_out_sizes(xc.sizes(), wc.sizes(), u));
   Bindings b{{"x", xc}, {"w", wc}, {"y", out.y}};
-  bind_prologue(b, prologue, C);
+  if (prologue) {
+    b.emplace_back("scale", channels_arg("the prologue's scale", prologue->scale, C));
+    b.emplace_back("shift", channels_arg("the prologue's shift", prologue->shift, C));
+  }
   if (stats) {
-    out.sum = channels_like(xc, K);
-    out.sq_sum = channels_like(xc, K);
+    out.sum = sum_like(xc, K);
+    out.sq_sum = sum_like(xc, K);
     b.insert(b.end(), {{"sum", out.sum}, {"sq_sum", out.sq_sum}});
   }
   if (bias) b.emplace_back("bias", channels_arg("the bias", *bias, K));
@@ -453,71 +667,64 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
                 shape_str(out.y.sizes()), " (the block output's), got ", shape_str(residual->sizes()));
     b.emplace_back("residual", dense(residual->to(xc.scalar_type()), kNHWC));
   }
-  execute(*d, label, b, xc.device());
-  count(label, true);
+  if (!execute(*e, b, xc.device())) return std::nullopt;
   return out;
 }
 
-std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
-                                        const at::Tensor& a, const BelowBN& below) {
+std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
+                                         const at::Tensor& a, const BelowBN& below) {
   const c10::OptionalDeviceGuard guard(a.device());
-  const std::string label = features_label(Graph::kDgrad, false, false, false, false, false);
   const at::Tensor dyc = dense(dy, kNHWC), wc = dense(w, kNHWC), ac = dense(a, kNHWC);
-  auto d = graph_for(Graph::kDgrad, label, ac, wc.sizes(), u,
-                     [&] { return describe_dgrad(ac.sizes(), wc.sizes(), u, ac.scalar_type()); });
-  if (d == nullptr) return std::nullopt;
+  auto e = graph_for(request_for(Graph::kDgrad, 0, ac, wc.sizes(), u), ac.device());
+  if (e == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
-  DgradOut out{activation_like(ac, ac.sizes()), channels_like(ac, C), channels_like(ac, C)};
-  execute(*d, label,
-          {{"dy", dyc}, {"w", wc}, {"a", ac}, {"mean", channels_arg("the mean", below.mean, C)},
-           {"rstd", channels_arg("rstd", below.rstd, C)}, {"gamma", channels_arg("gamma", below.gamma, C)},
-           {"beta", channels_arg("beta", below.beta, C)}, {"dz", out.dz}, {"sum_dz", out.sum_dz},
-           {"sum_dz_xhat", out.sum_dz_xhat}, {"eq_dy", channels_like(ac, C)}, {"eq_x", channels_like(ac, C)},
-           {"eq_bias", channels_like(ac, C)}},
-          ac.device());
-  count(label, true);
+  DgradOut out{activation_like(ac, ac.sizes()), sum_like(ac, C), sum_like(ac, C), activation_like(ac, ac.sizes())};
+  const Bindings b{{"dy", dyc}, {"w", wc}, {"a", ac},
+                   {"scale", channels_arg("the scale", below.scale, C)},
+                   {"shift", channels_arg("the shift", below.shift, C)},
+                   {"mean", channels_arg("the mean", below.mean, C)},
+                   {"rstd", channels_arg("rstd", below.rstd, C)},
+                   {"dz", out.dz}, {"r", out.r}, {"sum_dz", out.sum_dz}, {"sum_dz_xhat", out.sum_dz_xhat}};
+  if (!execute(*e, b, ac.device())) return std::nullopt;
   return out;
 }
 
-std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                const std::optional<Prologue>& prologue) {
+std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w) {
   const c10::OptionalDeviceGuard guard(x.device());
-  const std::string label = features_label(Graph::kWgrad, prologue.has_value(), false, false, false, false);
   const at::Tensor dyc = dense(dy, kNHWC), xc = dense(x, kNHWC);
-  auto d = graph_for(Graph::kWgrad, label, xc, w.sizes(), u,
-                     [&] { return describe_wgrad(prologue.has_value(), xc.sizes(), w.sizes(), u, xc.scalar_type()); });
-  if (d == nullptr) return std::nullopt;
+  auto e = graph_for(request_for(Graph::kWgrad, 0, xc, w.sizes(), u), xc.device());
+  if (e == nullptr) return std::nullopt;
   const at::Tensor dw = activation_like(xc, w.sizes());
-  Bindings b{{"dy", dyc}, {"x", xc}, {"dw", dw}};
-  bind_prologue(b, prologue, xc.size(1));
-  execute(*d, label, b, xc.device());
-  count(label, true);
+  if (!execute(*e, {{"dy", dyc}, {"x", xc}, {"dw", dw}}, xc.device())) return std::nullopt;
   return dw.contiguous(w.suggest_memory_format());
 }
 
-namespace {
-
-Description describe(Graph g, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, const UnitSpec& u,
-                     at::ScalarType dtype) {
-  TORCH_CHECK(x_sizes.size() == 4 && w_sizes.size() == 4, "cudnn fusion: expected 4 sizes for x and for w");
-  const bool prologue = features & kPrologue;
-  switch (g) {
-    case Graph::kFprop:
-      return describe_fprop({prologue, bool(features & kStats), bool(features & kBias), bool(features & kResidual),
-                             bool(features & kRelu)},
-                            x_sizes, w_sizes, u, dtype);
-    case Graph::kDgrad: return describe_dgrad(x_sizes, w_sizes, u, dtype);
-    case Graph::kWgrad: break;
+std::vector<std::string> prepare(const std::vector<Request>& requests, const at::Tensor& x) {
+  const c10::OptionalDeviceGuard guard(x.device());
+  std::vector<std::string> none;
+  for (const Request& r : requests) {
+    std::shared_ptr<Entry> e = find_or_insert(key_on(r, x), r, x.device());
+    std::lock_guard<std::mutex> lock(e->m);
+    if (!e->attempted) build(*e, x.device());
+    if (!e->usable()) none.push_back(e->k + ": " + e->why);
   }
-  return describe_wgrad(prologue, x_sizes, w_sizes, u, dtype);
+  return none;
 }
 
-}  // namespace
+std::vector<std::string> missing(const std::vector<Request>& requests, const at::Tensor& x) {
+  std::vector<std::string> out;
+  std::lock_guard<std::mutex> lock(g_cache_mutex);
+  for (const Request& r : requests) {
+    const std::string k = key_on(r, x);
+    auto it = g_cache.find(k);
+    if (it == g_cache.end() || !it->second.first->attempted) out.push_back(k);
+  }
+  return out;
+}
 
-std::pair<std::string, std::string> validate(Graph g, int64_t features, at::IntArrayRef x_sizes,
-                                             at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
+std::pair<std::string, std::string> validate(const Request& r) {
   if (auto no_cudnn = load_cudnn()) return {*no_cudnn, ""};
-  Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
+  Description d = describe(r);
   fe::error_t e = d.graph->validate();
   return {e.is_good() ? "" : e.get_message(), d.graph->print()};
 }
@@ -533,23 +740,99 @@ std::string device_properties() {
   return std::string(buf.begin(), buf.end());
 }
 
-std::string support(const std::string& device_properties, Graph g, int64_t features, at::IntArrayRef x_sizes,
-                    at::IntArrayRef w_sizes, const UnitSpec& u, at::ScalarType dtype) {
-  if (auto no_cudnn = load_cudnn()) return *no_cudnn;
-  return guarded([&] {
+namespace {
+
+// Whether a CUDA driver library can be loaded here: without one, cuDNN does not consider its runtime-compiled
+// engines at all (NOT_SUPPORTED_RUNTIME_PREREQUISITE_MISSING), so "no engine" cannot be told from "not asked".
+bool driver_loadable() {
+  static const bool loadable = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_GLOBAL) != nullptr;
+  return loadable;
+}
+
+bool runtime_compiled(const Description& d, int64_t i) {
+  std::vector<fe::BehaviorNote_t> notes;
+  if (d.graph->get_behavior_notes_for_plan_at_index(i, notes).is_bad()) return false;
+  for (auto n : notes) {
+    if (n == fe::BehaviorNote_t::RUNTIME_COMPILATION) return true;
+  }
+  return false;
+}
+
+std::string plan_name(const Description& d, int64_t i) {
+  std::string name;
+  return d.graph->get_plan_name_at_index(i, name).is_good() ? name : "engine config " + std::to_string(i);
+}
+
+}  // namespace
+
+std::pair<std::string, std::string> support(const std::string& device_properties, const Request& r, bool compile) {
+  if (auto no_cudnn = load_cudnn()) return {"unknown", *no_cudnn};
+  int64_t sm = 0;
+  try {
+    sm = nlohmann::json::parse(device_properties).at("deviceVer").get<int64_t>() / 10;  // 900 → sm_90
+  } catch (const std::exception& ex) {
+    return {"error", std::string("device properties: no deviceVer read (") + ex.what() + ")"};
+  }
+  std::pair<std::string, std::string> verdict;
+  const std::string why = guarded([&]() -> std::string {
     auto props = std::make_shared<fe::DeviceProperties>();
     fe::error_t e = props->deserialize(std::vector<uint8_t>(device_properties.begin(), device_properties.end()));
-    if (e.is_bad()) return message("device properties", e);
-    Description d = describe(g, features, x_sizes, w_sizes, u, dtype);
-    d.graph->set_device_properties(props);
-    return build_plans(d, nullptr);
+    if (e.is_bad()) {
+      verdict = {"error", message("device properties", e)};
+      return "";
+    }
+    Description d(r.dtype, r.deterministic);
+    try {
+      d = describe(r);
+    } catch (const c10::Error& ex) {
+      verdict = {"error", std::string("description: ") + ex.what_without_backtrace()};
+      return "";
+    }
+    // Without the SM version check_support() asks cudaGetDevice: no GPU here, or the wrong one on a GPU machine.
+    d.graph->set_device_properties(props).set_sm_version(static_cast<int32_t>(sm));
+    if ((e = d.graph->validate()).is_bad()) {
+      verdict = {"error", message("validate", e)};
+      return "";
+    }
+    if ((e = d.graph->build_operation_graph()).is_bad()) return message("operation graph", e);
+    if ((e = d.graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK})).is_bad()) {
+      return message("heuristics", e);
+    }
+    if (r.deterministic) d.graph->deselect_numeric_notes({fe::NumericalNote_t::NONDETERMINISTIC});
+    if ((e = d.graph->check_support()).is_bad()) return message("support", e);
+    std::string reasons;
+    for (int64_t i = 0; i < d.graph->get_execution_plan_count(); ++i) {
+      if (runtime_compiled(d, i)) {
+        if (!compile) {
+          verdict = {"runtime", plan_name(d, i)};
+          return "";
+        }
+        e = d.graph->build_plan_at_index(i);
+        // the build compiles with NVRTC, then loads the module: only the load needs the GPU
+        if (e.is_good() || e.get_message().find("cuLibraryLoad") != std::string::npos) {
+          verdict = {"runtime", plan_name(d, i) + " (compiled; loading it needs the GPU)"};
+          return "";
+        }
+      } else if ((e = d.graph->build_plan_at_index(i)).is_good()) {
+        verdict = {"plan", plan_name(d, i)};
+        return "";
+      }
+      reasons += "\n" + plan_name(d, i) + ": " + e.get_message();
+    }
+    return "no engine configuration passed" + reasons;
   });
+  if (!verdict.first.empty()) return verdict;
+  if (!driver_loadable()) {
+    return {"unknown", "no CUDA driver library here, so cuDNN did not consider its runtime-compiled engines; " + why};
+  }
+  return {"none", why};
 }
 
 void reset() {
   {
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     g_cache.clear();
+    g_lru.clear();
   }
   std::lock_guard<std::mutex> lock(g_tally_mutex);
   g_tallies.clear();
@@ -570,26 +853,24 @@ std::optional<FpropOut> fprop(const UnitSpec&, const at::Tensor&, const at::Tens
   return std::nullopt;
 }
 
-std::optional<DgradOut> dgrad_drelu_dbn(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const BelowBN&) {
+std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const BelowBN&) {
   return std::nullopt;
 }
 
-std::optional<at::Tensor> wgrad(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<Prologue>&) {
+std::optional<at::Tensor> wgrad(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   return std::nullopt;
 }
 
-std::pair<std::string, std::string> validate(Graph, int64_t, at::IntArrayRef, at::IntArrayRef, const UnitSpec&,
-                                             at::ScalarType) {
-  return {build_info(), ""};
-}
+std::vector<std::string> prepare(const std::vector<Request>&, const at::Tensor&) { return {}; }
+std::vector<std::string> missing(const std::vector<Request>&, const at::Tensor&) { return {}; }
+
+std::pair<std::string, std::string> validate(const Request&) { return {build_info(), ""}; }
 
 std::string device_properties() { return build_info(); }
 
-std::string support(const std::string&, Graph, int64_t, at::IntArrayRef, at::IntArrayRef, const UnitSpec&,
-                    at::ScalarType) {
-  return build_info();
+std::pair<std::string, std::string> support(const std::string&, const Request&, bool) {
+  return {"unknown", build_info()};
 }
 
 void reset() {

@@ -222,22 +222,43 @@ fusion::Graph graph_named(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown fusion graph '", name, "' (fprop, dgrad or wgrad)");
 }
 
+// A request given as schema arguments (the checks' ops name one graph by its parts).
+fusion::Request request_of(const char* op, const std::string& graph, int64_t features, at::IntArrayRef x_sizes,
+                           at::IntArrayRef w_sizes, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, at::ScalarType dtype, bool deterministic = false) {
+  TORCH_CHECK_VALUE(x_sizes.size() == 4 && w_sizes.size() == 4, op, ": expected [N, C, H, W] and [K, C, R, S] "
+                    "sizes, got ", shape_str(x_sizes), " and ", shape_str(w_sizes));
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": expected two strides, paddings and dilations");
+  const UnitSpec u{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, 1, true, 1e-5, 0};
+  return {graph_named(graph), features, x_sizes.vec(), w_sizes.vec(), u, dtype, deterministic};
+}
+
 std::string fusion_info() { return fusion::built() ? "built (" + fusion::build_info() + ")" : fusion::build_info(); }
 
-bool fusion_enabled() { return fusion::enabled(); }
+void fusion_set_refused(const std::string& graph, const std::string& at) {
+  TORCH_CHECK_VALUE(at == "" || at == "build" || at == "execute", "fusion_set_refused: expected at = '' (none), "
+                    "'build' or 'execute', got '", at, "'");
+  fusion::set_refused(graph_named(graph), at == "build"     ? fusion::Refusal::kAtBuild
+                                          : at == "execute" ? fusion::Refusal::kAtExecute
+                                                            : fusion::Refusal::kNone);
+}
 
-bool fusion_set_enabled(bool on) { return fusion::set_enabled(on); }
+bool fusion_set_cpu_twins(bool on) { return fusion::set_cpu_twins(on); }
 
-void fusion_set_refused(const std::string& graph, bool refused) { fusion::set_refused(graph_named(graph), refused); }
+int64_t fusion_set_capacity(int64_t keys) { return fusion::set_capacity(keys); }
 
-bool fusion_set_cpu_probe(bool on) { return fusion::set_cpu_probe(on); }
-
-std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> fusion_tallies() {
-  std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> out;
-  for (const auto& [label, fused, fallback] : fusion::tallies()) {
+std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+           std::vector<double>>
+fusion_tallies() {
+  std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+             std::vector<double>> out;
+  for (const auto& [label, t] : fusion::tallies()) {
     std::get<0>(out).push_back(label);
-    std::get<1>(out).push_back(fused);
-    std::get<2>(out).push_back(fallback);
+    std::get<1>(out).push_back(t.fused);
+    std::get<2>(out).push_back(t.fallback);
+    std::get<3>(out).push_back(t.built);
+    std::get<4>(out).push_back(t.build_ms);
   }
   return out;
 }
@@ -253,49 +274,85 @@ std::tuple<std::vector<std::string>, std::vector<std::string>> fusion_unsupporte
 
 void fusion_reset() { fusion::reset(); }
 
-UnitSpec conv_unit(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-                    ": expected two strides, paddings and dilations");
-  return UnitSpec{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, 1, true, 1e-5, 0};
-}
-
-std::string fusion_key(const std::string& label, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
+std::string fusion_key(const std::string& graph, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       at::ScalarType dtype, int64_t device) {
-  return fusion::key(label, x_sizes, w_sizes, conv_unit("fusion_key", stride, padding, dilation), dtype, device);
+                       at::ScalarType dtype, int64_t device, bool deterministic) {
+  return fusion::key(
+      request_of("fusion_key", graph, features, x_sizes, w_sizes, stride, padding, dilation, dtype, deterministic),
+      device);
 }
 
 std::tuple<std::string, std::string> fusion_validate(const std::string& graph, int64_t features,
                                                      at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      at::IntArrayRef dilation, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(x_sizes.size() == 4 && w_sizes.size() == 4, "fusion_validate: expected [N, C, H, W] and "
-                    "[K, C, R, S] sizes, got ", shape_str(x_sizes), " and ", shape_str(w_sizes));
-  auto [why, description] = fusion::validate(graph_named(graph), features, x_sizes, w_sizes,
-                                             conv_unit("fusion_validate", stride, padding, dilation), dtype);
-  return {why, description};
+  return fusion::validate(
+      request_of("fusion_validate", graph, features, x_sizes, w_sizes, stride, padding, dilation, dtype));
 }
 
 std::string fusion_device_properties() { return fusion::device_properties(); }
 
-std::string fusion_support(const std::string& device_properties, const std::string& graph, int64_t features,
-                           at::IntArrayRef x_sizes, at::IntArrayRef w_sizes, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, at::ScalarType dtype) {
-  return fusion::support(device_properties, graph_named(graph), features, x_sizes, w_sizes,
-                         conv_unit("fusion_support", stride, padding, dilation), dtype);
+std::tuple<std::string, std::string> fusion_support(const std::string& device_properties, const std::string& graph,
+                                                    int64_t features, at::IntArrayRef x_sizes,
+                                                    at::IntArrayRef w_sizes, at::IntArrayRef stride,
+                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                    at::ScalarType dtype, bool deterministic, bool compile) {
+  return fusion::support(device_properties,
+                         request_of("fusion_support", graph, features, x_sizes, w_sizes, stride, padding, dilation,
+                                    dtype, deterministic),
+                         compile);
 }
 
 // Per unit of a block: "" when its convs may run fusion graphs for this input, else why not.
 std::vector<std::string> fusion_plan(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
-                                     at::ArrayRef<double> spec_floats) {
+                                     at::ArrayRef<double> spec_floats, bool graphs) {
   const BlockSpec spec = BlockSpec::parse("fusion_plan", spec_ints, spec_floats);
   TORCH_CHECK(weights.size() == spec.units.size(), "fusion_plan: expected one weight per unit (",
               spec.units.size(), "), got ", weights.size());
   std::vector<std::string> out;
   for (size_t i = 0; i < spec.units.size(); ++i) {
-    out.push_back(fusion::ineligible(x, weights[i], spec.units[i]).value_or(""));
+    out.push_back(fusion::ineligible(x, weights[i], spec.units[i], graphs).value_or(""));
   }
   return out;
+}
+
+std::vector<fusion::Request> requests_of(const char* op, const at::Tensor& x, at::TensorList weights,
+                                         at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats, bool graphs,
+                                         bool train) {
+  return fusion::block_requests(BlockSpec::parse(op, spec_ints, spec_floats), x, weights, graphs, train);
+}
+
+// A block's requests as parallel lists: graph names, features, the asking unit's index, the key on x's device,
+// and 14 sizes per request: x (4), w (4), stride, padding, dilation (2 each).
+std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>, std::vector<std::string>,
+           std::vector<int64_t>>
+fusion_requests(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
+                at::ArrayRef<double> spec_floats, bool graphs, bool train) {
+  std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>, std::vector<std::string>,
+             std::vector<int64_t>> out;
+  for (const fusion::Request& r : requests_of("fusion_requests", x, weights, spec_ints, spec_floats, graphs, train)) {
+    std::get<0>(out).push_back(fusion::graph_name(r.graph));
+    std::get<1>(out).push_back(r.features);
+    std::get<2>(out).push_back(r.unit_index);
+    std::get<3>(out).push_back(fusion::key_on(r, x));
+    auto& sizes = std::get<4>(out);
+    sizes.insert(sizes.end(), r.x.begin(), r.x.end());
+    sizes.insert(sizes.end(), r.w.begin(), r.w.end());
+    for (const auto& geometry : {r.unit.stride, r.unit.padding, r.unit.dilation}) {
+      sizes.insert(sizes.end(), geometry.begin(), geometry.end());
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> fusion_prepare(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
+                                        at::ArrayRef<double> spec_floats, bool graphs, bool train) {
+  return fusion::prepare(requests_of("fusion_prepare", x, weights, spec_ints, spec_floats, graphs, train), x);
+}
+
+std::vector<std::string> fusion_missing(const at::Tensor& x, at::TensorList weights, at::IntArrayRef spec_ints,
+                                        at::ArrayRef<double> spec_floats, bool graphs, bool train) {
+  return fusion::missing(requests_of("fusion_missing", x, weights, spec_ints, spec_floats, graphs, train), x);
 }
 
 }  // namespace
@@ -316,31 +373,39 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] option_a_stride) -> Tensor");
   // The block ops' inputs are fused_resnet.tensors.FORWARD_INPUTS / BACKWARD_INPUTS (tests check the names).
   m.def("block_forward(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
-        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor[]");
+        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) -> Tensor[]");
   m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
-        "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats) -> Tensor");
+        "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) -> Tensor");
   m.def("block_inference_folded(Tensor x, Tensor[] weights, Tensor[] shifts, Tensor? residual, int[] spec, "
-        "float[] spec_floats) -> Tensor");
+        "float[] spec_floats, bool graphs) -> Tensor");
   m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
         "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad, "
-        "Tensor? counts=None) -> Tensor[]");
+        "bool graphs, Tensor? counts=None) -> Tensor[]");
   // cuDNN fusion graphs: state and checks of cudnn_fusion.cpp (no tensors computed)
   m.def("fusion_info() -> str", &fusion_info);
-  m.def("fusion_enabled() -> bool", &fusion_enabled);
-  m.def("fusion_set_enabled(bool on) -> bool", &fusion_set_enabled);
-  m.def("fusion_set_refused(str graph, bool refused) -> ()", &fusion_set_refused);
-  m.def("fusion_set_cpu_probe(bool on) -> bool", &fusion_set_cpu_probe);
-  m.def("fusion_tallies() -> (str[], int[], int[])", &fusion_tallies);
+  m.def("fusion_set_refused(str graph, str at) -> ()", &fusion_set_refused);
+  m.def("fusion_set_cpu_twins(bool on) -> bool", &fusion_set_cpu_twins);
+  m.def("fusion_set_capacity(int keys) -> int", &fusion_set_capacity);
+  m.def("fusion_tallies() -> (str[], int[], int[], int[], float[])", &fusion_tallies);
   m.def("fusion_unsupported() -> (str[], str[])", &fusion_unsupported);
   m.def("fusion_reset() -> ()", &fusion_reset);
-  m.def("fusion_key(str label, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, int[] dilation, "
-        "ScalarType dtype, int device) -> str", &fusion_key);
+  m.def("fusion_key(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
+        "int[] dilation, ScalarType dtype, int device, bool deterministic) -> str", &fusion_key);
   m.def("fusion_validate(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
         "int[] dilation, ScalarType dtype) -> (str, str)", &fusion_validate);
   m.def("fusion_device_properties() -> str", &fusion_device_properties);
   m.def("fusion_support(str device_properties, str graph, int features, int[] x_sizes, int[] w_sizes, "
-        "int[] stride, int[] padding, int[] dilation, ScalarType dtype) -> str", &fusion_support);
-  m.def("fusion_plan(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats) -> str[]", &fusion_plan);
+        "int[] stride, int[] padding, int[] dilation, ScalarType dtype, bool deterministic, bool compile) "
+        "-> (str, str)", &fusion_support);
+  m.def("fusion_plan(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats, bool graphs) -> str[]",
+        &fusion_plan);
+  // a block's graphs (block_requests): listed, built ahead (never inside a capture), or those not built yet
+  m.def("fusion_requests(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats, bool graphs, bool train) "
+        "-> (str[], int[], int[], str[], int[])", &fusion_requests);
+  m.def("fusion_prepare(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats, bool graphs, bool train) "
+        "-> str[]", &fusion_prepare);
+  m.def("fusion_missing(Tensor x, Tensor[] weights, int[] spec, float[] spec_floats, bool graphs, bool train) "
+        "-> str[]", &fusion_missing);
 }
 
 #define FR_IMPL_ALL(m)                                       \

@@ -43,24 +43,25 @@ at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, co
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
                          const at::Tensor& like, at::IntArrayRef option_a_stride);
 
-// block.cpp: the block ops take the spec as flat lists (spec.h)
+// block.cpp: the block ops take the spec as flat lists (spec.h); `graphs`: units may run cuDNN fusion graphs
+// (cudnn_fusion.h), false for backend cuda-unfused
 std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
                                       const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                      at::ArrayRef<double> spec_floats);
+                                      at::ArrayRef<double> spec_floats, bool graphs);
 at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                            at::TensorList running_means, at::TensorList running_vars,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                           at::ArrayRef<double> spec_floats);
+                           at::ArrayRef<double> spec_floats, bool graphs);
 // eval with BN folded into the weights (W·s, one shift t per unit), as fused_resnet.backends.folding gives them
 at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, at::TensorList shifts,
                                   const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                  at::ArrayRef<double> spec_floats);
+                                  at::ArrayRef<double> spec_floats, bool graphs);
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad, const std::optional<at::Tensor>& counts);
+                                       bool need_input_grad, bool graphs, const std::optional<at::Tensor>& counts);
 
 }  // namespace fused_resnet

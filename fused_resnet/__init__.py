@@ -1,7 +1,7 @@
 """fused_resnet: fused conv → BatchNorm → ReLU (+ residual add) ResNet blocks with matching backward passes.
 
 Public API: ``FusedBasicBlock``, ``FusedBottleneck`` (drop-in for torchvision's blocks), ``convert`` / ``revert``,
-``available_backends``, ``models`` (resnet18..152, cifar_resnet), ``BlockSpec`` / ``Shortcut`` (what a block is,
+``warm_up`` (build per-shape plans ahead, e.g. before a CUDA graph capture), ``available_backends``, ``models`` (resnet18..152, cifar_resnet), ``BlockSpec`` / ``Shortcut`` (what a block is,
 apart from its tensors) and ``backends`` (the registry; ``backends.reference`` is the pure-PyTorch backend).
 
 Layers: spec → ops (torch.library) → functional → blocks → convert → models; ``backends/`` runs the ops,
@@ -13,6 +13,7 @@ from .backends import available_backends
 from .blocks import EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, ShortcutA
 from .convert import conversion_report, convert, revert
 from .spec import BlockSpec, Shortcut
+from .warmup import warm_up
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "convert",
     "revert",
     "conversion_report",
+    "warm_up",
     "available_backends",
     "backends",
     "models",

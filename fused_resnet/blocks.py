@@ -313,7 +313,8 @@ class _FusedForward:
         convs, bns, kind, stride = structure
         spec = block_spec(self, convs, bns, kind, stride)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
-        return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self))
+        return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self),
+                         guard.name_of(self))
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
@@ -368,7 +369,8 @@ class FusedStemMixin:
             key = guard.signature([self.conv1, self.bn1, self.relu])
             reason = _guarded(self, key, self._stem_blocker)
             if reason is None:
-                return conv_bn_relu(self, x, self.conv1, self.bn1, _backend_for(self.backend, x))
+                return conv_bn_relu(self, x, self.conv1, self.bn1, _backend_for(self.backend, x),
+                                    f"{guard.name_of(self)} stem")
             guard.warn_eager(self, f"stem: {reason}")
         return self.relu(self.bn1(self.conv1(x)))
 

@@ -11,12 +11,13 @@ import warnings
 from typing import List, Optional
 
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 from . import backends
 from . import guard
 from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
                      ShortcutA, _FusedForward, block_blocker, geometry_reason, residual_scale_of)
+from .warmup import unit_routes
 
 _TV = torchvision.models.resnet
 _TO_FUSED = {
@@ -131,9 +132,13 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync
     return model
 
 
-def conversion_report(model: nn.Module) -> str:
+def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train: Optional[bool] = None) -> str:
     """One line per residual block and stem that convert knows, in module order: fused (and on which backend), or
-    why it runs its eager computation now, or why convert left it unfused."""
+    why it runs its eager computation now, or why convert left it unfused. With an ``example`` input (and the
+    autocast state now; ``train``: the training step or eval, by default the model's mode), each fused block whose
+    backend has more than one route per unit (backend cuda: its cuDNN graphs or the unfused path) also gets one
+    line per unit saying what it runs for that input."""
+    routes = {} if example is None else unit_routes(model, example, train)
     lines = []
     for name, m in model.named_modules():
         path = name or "<root>"
@@ -154,6 +159,7 @@ def conversion_report(model: nn.Module) -> str:
         else:
             continue
         lines.append(f"{path:<24} {t.__name__:<22} {status}")
+        lines += [f"{'':<26}{route}" for route in routes.get(path, [])]
     if not lines:
         return f"no residual block or stem that fused_resnet knows in this {type(model).__name__}"
     return "\n".join(lines)

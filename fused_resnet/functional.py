@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import distributed, ops
+from . import backends, distributed, ops
 from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
 from .tensors import Params
 
@@ -106,13 +106,18 @@ def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]
         raise RuntimeError(f"the shortcut tensor has shape {got}, the main path produces {out_shape}")
 
 
+def capturing(x: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's stream now (never asked while torch.compile traces)."""
+    return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+
+
 def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
               residual: Optional[Tensor] = None, backend: str = "auto",
-              residual_scale: Optional[Tensor] = None) -> Tensor:
+              residual_scale: Optional[Tensor] = None, name: str = "a fused block") -> Tensor:
     """y = relu(α·bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
 
     ``convs``/``bns`` list the spec's units (the projection shortcut's last); ``residual`` is the shortcut tensor
-    of ``Shortcut.TENSOR``; ``residual_scale`` is α (a 0-d tensor; None: 1)."""
+    of ``Shortcut.TENSOR``; ``residual_scale`` is α (a 0-d tensor; None: 1); ``name`` names the block in errors."""
     one_d = spec.dim == 1
     _input_checks(x, convs[0].weight, spec.units[0].groups, spec.dim)
     weights = [c.weight for c in convs]
@@ -145,7 +150,12 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
         or any(t.requires_grad for t in gammas + betas)
         or (residual is not None and residual.requires_grad)
     )
-    if not needs_grad and not any(u.batch_stats for u in spec.units):
+    train = needs_grad or any(u.batch_stats for u in spec.units)
+    if capturing(x):  # what a backend builds on first use cannot be built inside a capture: refused, named
+        reason = backends.resolve(backend, x, spec).capture_refusal(spec, x, weights, train)
+        if reason is not None:
+            raise RuntimeError(f"fused_resnet: {name}: {reason}")
+    if not train:
         y = ops.inference(spec, x, params, residual, backend)
     else:
         out = ops.forward(spec, x, params, residual, backend)
@@ -158,6 +168,7 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
     return y.squeeze(2) if one_d else y
 
 
-def conv_bn_relu(owner: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module, backend: str = "auto") -> Tensor:
+def conv_bn_relu(owner: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module, backend: str = "auto",
+                 name: str = "a fused stem") -> Tensor:
     """relu(bn(conv(x))) as one fused unit (the ResNet stem); the spec is cached on ``owner``."""
-    return run_block(x, block_spec(owner, [conv], [bn], Shortcut.NONE), [conv], [bn], backend=backend)
+    return run_block(x, block_spec(owner, [conv], [bn], Shortcut.NONE), [conv], [bn], backend=backend, name=name)

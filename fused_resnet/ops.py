@@ -14,8 +14,9 @@ Ops (namespace ``fused_resnet``), each resolving its ``backend`` name at run tim
   extension's C++ block ops call through the dispatcher between their kernels.
 
 The Python functions at the bottom (``forward``, ``inference``, ``running_update``) are what the functional layer
-calls: they take the spec and tensor bundles and do the flattening. This module also registers the fakes and the
-autograd formula of the extension's ``fused_resnet_C::`` ops whenever the extension loads.
+calls: they take the spec and tensor bundles and do the flattening. The fakes' shapes and the autograd formula are
+:mod:`fused_resnet.tensors`'; the extension's ``fused_resnet_C::`` ops get theirs from backend cuda
+(``fused_resnet.backends.cuda.ops``).
 """
 from __future__ import annotations
 
@@ -25,80 +26,13 @@ import torch
 from torch import Tensor
 
 from . import backends, distributed
-from .backends import extension
-from .spec import BlockSpec, Shortcut, acc_dtype, memory_format_of
-from .tensors import FORWARD_INPUTS, Forward, Grads, Params, pack_forward, pack_grads, unpack_forward, unpack_grads
+from .spec import BlockSpec
+from .tensors import (Forward, Params, backward_fake, block_autograd, forward_fake, inference_fake, pack_forward,
+                      pack_grads, unpack_forward)
 
 
 def _spec(spec_ints: Sequence[int], spec_floats: Sequence[float]) -> BlockSpec:
     return BlockSpec.from_schema(spec_ints, spec_floats)
-
-
-# --------------------------------------------------------------------------------------------- fakes
-def _empty(x: Tensor, shape, fmt: torch.memory_format) -> Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-
-
-def forward_fake(x: Tensor, weights: Sequence[Tensor], spec: BlockSpec,
-                 saved_format: torch.memory_format) -> List[Tensor]:
-    shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
-    stat = acc_dtype(x.dtype)
-    acts = [_empty(x, s, saved_format) for s in shapes]
-    means = [x.new_empty((s[1],), dtype=stat) for s in shapes]
-    variances = [x.new_empty((s[1],), dtype=stat) for s in shapes]
-    counts = x.new_empty((len(shapes),), dtype=torch.float64) if spec.synced else None
-    return pack_forward(Forward(_empty(x, shapes[spec.n_main - 1], memory_format_of(x)), acts, means, variances,
-                                counts))
-
-
-def inference_fake(x: Tensor, weights: Sequence[Tensor], spec: BlockSpec) -> Tensor:
-    shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
-    return _empty(x, shapes[spec.n_main - 1], memory_format_of(x))
-
-
-def backward_fake(x: Tensor, y: Tensor, params: Params, spec: BlockSpec, need_input_grad: bool) -> List[Tensor]:
-    fmt = memory_format_of(x)
-    dx = _empty(x, x.shape, fmt) if need_input_grad else None
-    d_res = _empty(x, y.shape, fmt) if spec.shortcut == Shortcut.TENSOR else None
-    grads = Grads(dx, d_res, [torch.empty_like(w) for w in params.weights],
-                  [torch.empty_like(g) for g in params.gammas], [torch.empty_like(b) for b in params.betas])
-    return pack_grads(grads, x)
-
-
-# --------------------------------------------------------------------------------------------- autograd
-def block_autograd(backward_op: Callable[..., List[Tensor]]):
-    """(backward, setup_context) of a whole-block forward op with the forward inputs of :mod:`fused_resnet.tensors`
-    (optionally followed by a backend name); ``backward_op`` is the matching backward op, called with the backward
-    inputs and the same trailing arguments."""
-    n_in = len(FORWARD_INPUTS)
-
-    def setup_context(ctx, inputs, output):
-        x, weights, gammas, betas, _, _, residual, spec_ints, spec_floats = inputs[:n_in]
-        ctx.n = len(weights)
-        ctx.spec = (spec_ints, spec_floats)
-        ctx.extra = tuple(inputs[n_in:])
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.save_for_backward(x, *weights, *gammas, *betas, *output)
-
-    def backward(ctx, grads):
-        n = ctx.n
-        x, *rest = ctx.saved_tensors
-        weights, gammas, betas = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
-        saved = unpack_forward(rest[3 * n:], n)
-        nones = [None] * n
-        none_tail = (None,) * (2 + len(ctx.extra))  # spec, spec_floats (, backend): not differentiable
-        dy = grads[0]
-        if dy is None:
-            return (None, nones, nones, nones, nones, nones, None) + none_tail
-        need_dx = bool(ctx.needs_input_grad[0])
-        counts = {} if saved.counts is None else {"counts": saved.counts}  # a synchronised spec's
-        flat = backward_op(dy, x, saved.y, list(weights), list(gammas), list(betas), saved.acts, saved.means,
-                           saved.variances, *ctx.spec, need_dx, *ctx.extra, **counts)
-        out = unpack_grads(flat, n, _spec(*ctx.spec), need_dx)
-        d_res = out.d_residual.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
-        return (out.dx, out.dws, out.dgammas, out.dbetas, nones, nones, d_res) + none_tail
-
-    return backward, setup_context
 
 
 # --------------------------------------------------------------------------------------------- block_forward
@@ -216,48 +150,3 @@ def running_update(bn, mean: Tensor, var: Tensor, count, momentum: Optional[floa
     group = {"group_count": count} if isinstance(count, Tensor) else {}
     torch.ops.fused_resnet.bn_running_update(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean, var,
                                              0 if group else count, momentum, backend, **group)
-
-
-# --------------------------------------------------------------------------------------------- extension ops
-def _vectors(like: Tensor, count: int, k: int):
-    return tuple(like.new_empty((count,), dtype=torch.float32) for _ in range(k))
-
-
-def _register_extension_ops() -> None:
-    """Fakes for every ``fused_resnet_C::`` op and the autograd formula of its block forward."""
-    lib = "fused_resnet_C"
-
-    def fake(name):
-        return torch.library.register_fake(f"{lib}::{name}")
-
-    fake("bn_stats")(lambda a, gamma, beta, eps: _vectors(a, a.shape[1], 4))
-    fake("bn_scale_shift")(lambda gamma, beta, mean, var, eps: _vectors(mean, mean.shape[0], 3))
-    fake("bn_running_update")(lambda running_mean, running_var, nbt, mean, var, count, momentum: None)
-    fake("bn_act")(lambda a, scale, shift, residual, relu, residual_scale=None, residual_shift=None,
-                   option_a_stride=(): torch.empty_like(a))
-    fake("drelu_dbn_reduce")(lambda g, y, a, mean, rstd, scale, shift: _vectors(a, a.shape[1], 2))
-    fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats:
-                      torch.empty_like(a))
-    fake("residual_grad")(lambda d_main, dy, y, like, option_a_stride: torch.empty_like(like))
-
-    def forward_c(x, weights, gammas, betas, running_means, running_vars, residual, spec, spec_floats):
-        return forward_fake(x, weights, _spec(spec, spec_floats), torch.channels_last)
-
-    def inference_c(x, weights, gammas, betas, running_means, running_vars, residual, spec, spec_floats):
-        return inference_fake(x, weights, _spec(spec, spec_floats))
-
-    def backward_c(dy, x, y, weights, gammas, betas, acts, means, variances, spec, spec_floats, need_input_grad,
-                   counts=None):
-        return backward_fake(x, y, Params(weights, gammas, betas, [], []), _spec(spec, spec_floats),
-                             need_input_grad)
-
-    fake("block_forward")(forward_c)
-    fake("block_inference")(inference_c)
-    fake("block_inference_folded")(lambda x, weights, shifts, residual, spec, spec_floats:
-                                   inference_fake(x, weights, _spec(spec, spec_floats)))
-    fake("block_backward")(backward_c)
-    backward, setup_context = block_autograd(lambda *args, **kw: torch.ops.fused_resnet_C.block_backward(*args, **kw))
-    torch.library.register_autograd(f"{lib}::block_forward", backward, setup_context=setup_context)
-
-
-extension.on_load(_register_extension_ops)

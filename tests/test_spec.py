@@ -94,9 +94,9 @@ def test_op_schemas_take_the_flat_spec():
     assert _input_names(torch.ops.fused_resnet.block_backward) == BACKWARD_INPUTS + ("backend", "counts")
     if extension.load() is None:
         pytest.skip(f"extension not built: {extension.status()['reason']}")
-    assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS
-    assert _input_names(torch.ops.fused_resnet_C.block_inference) == FORWARD_INPUTS
-    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS + ("counts",)
+    assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS + ("graphs",)
+    assert _input_names(torch.ops.fused_resnet_C.block_inference) == FORWARD_INPUTS + ("graphs",)
+    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS + ("graphs", "counts")
 
 
 def test_from_modules_follows_torch_batchnorm_rules():
@@ -182,7 +182,7 @@ def test_running_update_is_the_backends_method(monkeypatch):
     """backend="reference" updates running statistics with torch ops only, even where the extension is loaded."""
     from fused_resnet.backends import cuda as cuda_backend
 
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: pytest.fail("the extension ran under backend='reference'"))
+    monkeypatch.setattr(cuda_backend, "cpp", lambda: pytest.fail("the extension ran under backend='reference'"))
     bn = nn.BatchNorm2d(3)
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     ops.running_update(bn, mean, var, 10, 0.1, "reference")

@@ -59,6 +59,21 @@ class Backend:
         synchronised BN's group count)."""
         raise NotImplementedError
 
+    # Optional: a backend that builds per-shape plans on first use (backend cuda's cuDNN graphs) says so here.
+    def prepare(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
+        """Build now what a call with input ``x`` would build on first use (``train``: the training forward and
+        backward, else eval); returns what could not be built, with why (those parts run another exact path)."""
+        return []
+
+    def capture_refusal(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> Optional[str]:
+        """Inside a CUDA graph capture: why a call with input ``x`` cannot be captured now, or None."""
+        return None
+
+    def routes(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> Optional[List[str]]:
+        """Per unit, in words, what a call with input ``x`` runs, where a backend has more than one route; None
+        where each unit has one."""
+        return None
+
 
 _METHODS = ("saved_format", "block_forward", "block_inference", "block_backward", "bn_running_update")
 _REGISTRY: Dict[str, Backend] = {}

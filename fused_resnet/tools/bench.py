@@ -19,7 +19,7 @@ def _bench_setup(args: argparse.Namespace) -> tuple:
     comparison (reference backend against eager) when there is no GPU."""
     if torch.cuda.is_available():
         kernel_backends = [b for b in ("cuda", "triton") if backends.backend_status()[b] is None]
-        unfused = [benchmark.UNFUSED] if "cuda" in kernel_backends else []  # the same backend, graphs off
+        unfused = ["cuda-unfused"] if "cuda" in kernel_backends else []  # backend cuda with its graphs off
         providers = args.providers or ",".join(["eager", "compile"] + kernel_backends + unfused)
         return (torch.device("cuda"), args.model or "resnet18,resnet50", providers, args.dtype or "bfloat16",
                 args.batch or 256, not args.nchw)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             benchmark.build_model(name)
         for p in providers:
             if p not in ("eager", "compile"):
-                backends.check_requested(benchmark.provider_backend(p))
+                backends.check_requested(p)
         bad = [m for m in modes if m not in benchmark.MODES]
         if bad:
             raise ValueError(f"unknown mode {bad[0]!r}; expected train and/or infer")
@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
             base, x, y = benchmark.model_inputs(name, batch, device, dt, fmt, args.size)
             for provider in [p for p in providers if p != "compile"]:
                 for mode in modes:
-                    with benchmark.provider_context(provider):
-                        report = benchmark.profile(base, provider, mode, x, y, device)
+                    report = benchmark.profile(base, provider, mode, x, y, device)
                     path = Path(out) / f"profile_{name}_{provider}_{mode}.txt"
                     path.write_text(report + "\n")
                     print(f"\n# {name}\n{report}")

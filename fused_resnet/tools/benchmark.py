@@ -11,7 +11,6 @@ machine and versions it was measured with, in the results schema other tools rea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -157,23 +156,6 @@ def build_model(name: str, num_classes: int = 1000) -> Tuple[nn.Module, Tuple[in
     raise ValueError(f"unknown model {name!r}; expected resnet18/34/50/101/152 or cifar_resnet<6n+2>")
 
 
-# Backend cuda with its cuDNN fusion graphs switched off: the unfused path, measured beside the fused one.
-UNFUSED = "cuda-unfused"
-
-
-def provider_backend(provider: str) -> str:
-    return "cuda" if provider == UNFUSED else provider
-
-
-def provider_context(provider: str):
-    """What a provider's steps run inside: the fusion graphs switched off for ``cuda-unfused``."""
-    if provider == UNFUSED:
-        from ..backends import cuda
-
-        return cuda.fusion_switched(False)
-    return contextlib.nullcontext()
-
-
 def provider_model(base: nn.Module, provider: str) -> nn.Module:
     """eager: a copy of ``base``; compile: torch.compile of a copy; a backend name (or ``cuda-unfused``): the
     converted copy."""
@@ -182,8 +164,8 @@ def provider_model(base: nn.Module, provider: str) -> nn.Module:
         return model
     if provider == "compile":
         return torch.compile(model)
-    backends.check_requested(provider_backend(provider))
-    return convert(model, backend=provider_backend(provider), inplace=True)
+    backends.check_requested(provider)
+    return convert(model, backend=provider, inplace=True)
 
 
 def step_fn(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor,
@@ -264,19 +246,18 @@ def run_models(model_names: Sequence[str], modes: Sequence[str], providers: Sequ
         base, x, y = model_inputs(name, batch, device, torch.float32 if amp else dt, fmt, size)
         fusion = provider == "cuda" and device.type == "cuda"
         if fusion:
-            from ..backends import cuda
+            from ..backends.cuda import fusion as cudnn_fusion
 
-            cuda.fusion_reset()
-        with provider_context(provider):
-            fn = step_fn(provider_model(base, provider), mode, x, y, dt if amp else None)
-            r = measure(fn, device, batch, warmup_ms, rep_ms, steps)
+            cudnn_fusion.reset()
+        fn = step_fn(provider_model(base, provider), mode, x, y, dt if amp else None)
+        r = measure(fn, device, batch, warmup_ms, rep_ms, steps)
         runs.append({"model": name, "mode": mode, "provider": provider, "dtype": dtype, "batch": batch,
                      "img_per_s": r["img_per_s"], "peak_mem_gib": r["peak_mem_gib"],
                      "first_step_s": r["first_step_s"], **env, "step_ms": r["step_ms"], "host_ms": r["host_ms"],
                      "layout": "channels_last" if channels_last else "NCHW", "amp": amp,
                      "autotune": autotune_mode()})
-        if fusion:  # which graphs ran fused in this run, which fell back (and cuDNN's reasons)
-            runs[-1]["cudnn_fusion"] = cuda.fusion_status()
+        if fusion:  # which graphs ran fused in this run, which fell back (and cuDNN's reasons), build times
+            runs[-1]["cudnn_fusion"] = cudnn_fusion.status()
         if rows_path:
             with open(rows_path, "a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
@@ -401,8 +382,7 @@ def layer_times(base: nn.Module, providers: Sequence[str], mode: str, x: torch.T
                 def fn(block=block, xin=xin):
                     out = block(xin)
                     out.backward(torch.ones_like(out))
-            with provider_context(provider):
-                times[name][provider] = median_ms(fn, device, warmup_ms, rep_ms)
+            times[name][provider] = median_ms(fn, device, warmup_ms, rep_ms)
     return times
 
 

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from .. import __version__, backends
-from ..backends import cuda, extension
+from ..backends import extension
+from ..backends.cuda import fusion
 from ..kernels import autotune_description
 
 
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"extension      loaded, {ext['how']}; ops: {', '.join(ext['ops'])}")
     else:
         lines.append(f"extension      unavailable: {ext['reason']}")
-    lines.append(f"cudnn fusion   {cuda.fusion_line()}")
-    if ext["loaded"] and torch.cuda.is_available() and cuda.fusion_enabled():
+    lines.append(f"cudnn fusion   {fusion.line()}")
+    if ext["loaded"] and torch.cuda.is_available() and fusion.built():
         try:
             lines += _fusion_probe()
         except Exception as e:  # info reports; a failing probe is a finding, not a reason to print nothing
@@ -60,22 +61,27 @@ def run(args: argparse.Namespace) -> int:
 
 def _fusion_probe() -> list:
     """One bf16 channels_last training step and one eval forward of a basic block on backend cuda (seven graphs:
-    every kind but the projection's eval): which ran fused, which fell back and why."""
+    every kind but the projection's eval): each unit's route, calls that ran fused or fell back, plan-build
+    times, and cuDNN's reason for any graph without an engine."""
     from torchvision.models.resnet import BasicBlock
 
-    from ..convert import convert
+    from ..convert import convert, conversion_report
 
     model = convert(BasicBlock(64, 64), backend="cuda").cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last)
-    cuda.fusion_reset()
+    fusion.reset()
     with torch.autocast("cuda", torch.bfloat16):
         model(x).float().sum().backward()
+        routes = conversion_report(model, x, train=True).splitlines()[1:]
         model.eval()
         with torch.no_grad():
             model(x)
-    status = cuda.fusion_status()
-    lines = ["  probe (BasicBlock 64, bf16 autocast, train step + eval):"]
-    lines += [f"    {label:<34} fused {f}, fell back {b}" for label, (f, b) in status["tallies"].items()]
+        routes += conversion_report(model, x, train=False).splitlines()[1:]
+    status = fusion.status()
+    lines = ["  probe (BasicBlock 64, bf16 autocast, train step + eval), each unit's graphs:"]
+    lines += [f"  {route.strip()}" for route in routes]
+    lines += [f"    {label:<30} fused {t['fused']}, fell back {t['fallback']}, {t['built']} plan(s) built in "
+              f"{t['build_ms']:.0f} ms" for label, t in status["tallies"].items()]
     lines += [f"    no engine: {key}: {why}" for key, why in status["unsupported"].items()]
     return lines
 

@@ -294,11 +294,11 @@ def test_kernel_ops_reject_bad_arguments_clearly():
     bad_kind = spec.ints
     bad_kind[1] = 7
     with pytest.raises(RuntimeError, match="unknown shortcut kind 7"):
-        _ops().block_inference(a, [w], [s], [t], [s], [t], None, bad_kind, spec.floats)
+        _ops().block_inference(a, [w], [s], [t], [s], [t], None, bad_kind, spec.floats, True)
     with pytest.raises(RuntimeError, match=f"malformed block spec: {len(spec.ints) - 1} ints and 2 floats for 1 unit"):
-        _ops().block_inference(a, [w], [s], [t], [s], [t], None, spec.ints[:-1], spec.floats)
+        _ops().block_inference(a, [w], [s], [t], [s], [t], None, spec.ints[:-1], spec.floats, True)
     with pytest.raises(RuntimeError, match="one tensor per unit"):
-        _ops().block_inference(a, [w, w], [s], [t], [s], [t], None, spec.ints, spec.floats)
+        _ops().block_inference(a, [w, w], [s], [t], [s], [t], None, spec.ints, spec.floats, True)
 
 
 # --------------------------------------------------------------------------------------------- block ops
@@ -385,7 +385,7 @@ def _block_args(case=testing.BLOCK_CASES[7], dtype=torch.float32, grad=False):
     real = ops.forward
 
     def spy(spec, x, params, residual, backend):
-        captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats])
+        captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats, True])
         return real(spec, x, params, residual, backend)
 
     original, ops.forward = ops.forward, spy
@@ -427,7 +427,7 @@ def test_opcheck_on_the_extension_ops():
     torch.library.opcheck(_ops().block_forward, tuple(args))
     no_grad, spec = _block_args()
     eval_spec = spec.with_batch_stats([False] * len(spec.units))
-    torch.library.opcheck(_ops().block_inference, tuple(no_grad[:7] + [eval_spec.ints, eval_spec.floats]))
+    torch.library.opcheck(_ops().block_inference, tuple(no_grad[:7] + [eval_spec.ints, eval_spec.floats, True]))
     g, y, a, mean, rstd, s, t = _dbn_inputs((2, 24, 5, 7), torch.float32, "y")
     torch.library.opcheck(_ops().drelu_dbn_reduce, (g, y, a, mean, rstd, s, t))
     torch.library.opcheck(_ops().dbn_apply, (g, None, a, mean, rstd, s, t, mean, rstd, True))
@@ -455,7 +455,7 @@ def test_compile_fullgraph_traces_the_cpp_ops():
 def test_backend_status_and_fallbacks():
     assert backends.backend_status()["cuda"] is None
     assert "cuda" in backends.available_backends()
-    backend = cuda_backend.CudaBackend()
+    backend = backends.get("cuda")
     plain, grouped = BlockSpec((UnitSpec(),)), BlockSpec((UnitSpec(dilation=(2, 2), groups=2),))
     assert "float64" in backend.unsupported_reason(DEVICE.type, torch.float64, plain)
     assert backend.unsupported_reason(DEVICE.type, torch.float32, grouped) is None
@@ -481,7 +481,7 @@ def test_grouped_and_dilated_convs_in_the_block_ops():
     betas = [torch.randn(8, generator=g).to(DEVICE) for _ in range(2)]
     spec = BlockSpec((UnitSpec((1, 1), (2, 2), (2, 2), 2, EPS), UnitSpec((1, 1), (1, 1), (1, 1), 4, EPS)))
     nones = [None, None]
-    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats)
+    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats, True)
     p64 = Params(*[[t.double() for t in ts] for ts in (weights, gammas, betas)], nones, nones)
     ref = reference.block_forward(spec, x.double(), p64, None)
     same = reference.block_forward(spec, x, Params(weights, gammas, betas, nones, nones), None)  # torch in fp32
@@ -490,7 +490,7 @@ def test_grouped_and_dilated_convs_in_the_block_ops():
         _check(name, got, want, fp32, want, torch.float32)
     dy = torch.randn(out[0].shape, generator=g).to(DEVICE)
     grads = _ops().block_backward(dy, x, out[0], weights, gammas, betas, out[1:3], out[3:5], out[5:7], spec.ints,
-                                  spec.floats, True)
+                                  spec.floats, True, True)
     ref_grads = reference.block_backward(spec, dy.double(), x.double(), p64, ref, True)
     same_grads = reference.block_backward(spec, dy, x, Params(weights, gammas, betas, nones, nones), same, True)
 

@@ -16,8 +16,9 @@ SPEC = BlockSpec((UnitSpec(),))
 
 
 def test_every_backend_module_registers_itself():
-    assert backends.names() == ("reference", "cuda", "triton")
-    assert backends.choices() == ("auto", "reference", "cuda", "triton")
+    """One module (or package) per backend; backend cuda registers its unfused twin beside itself."""
+    assert backends.names() == ("reference", "cuda", "cuda-unfused", "triton")
+    assert backends.choices() == ("auto", "reference", "cuda", "cuda-unfused", "triton")
 
 
 def test_a_backend_missing_a_method_is_refused_at_registration():

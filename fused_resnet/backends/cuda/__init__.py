@@ -1,0 +1,129 @@
+"""Backend "cuda": the C++/CUDA extension (``torch.ops.fused_resnet_C``, built from csrc/).
+
+Each block is one C++ op per direction — ``block_forward`` (training), ``block_inference`` (eval) and
+``block_backward`` — so a block costs one Python round trip each way. Inside, convolutions run through ATen
+(cuDNN) and everything memory-bound is the extension's NHWC kernels: BN statistics (fp32 Welford partials merged
+with Chan's formula) and finalize, BN-apply + ReLU, the closing scale-shift + shortcut + ReLU (dual scale-shift
+for a projection, option A read in place), the dReLU + Σdz / Σdz·x̂ reduction, the dBN apply with the dReLU
+recomputed inside it, and the shortcut's gradient. The running-statistics update is one kernel as well
+(``fused_resnet::bn_running_update`` uses it for CUDA tensors).
+
+The ops' fake (meta) kernels and the block forward's autograd formula are registered by :mod:`.ops` whenever the
+extension loads, so ``torch.compile`` traces them and ``torch.library.opcheck`` checks them. Saved pre-BN outputs
+stay channels_last (the kernels' layout).
+
+cuDNN fusion graphs (csrc/cudnn_fusion.cpp, built when cudnn-frontend's headers are found; :mod:`.fusion`): on
+float16 / bfloat16 CUDA tensors a unit's conv runs as one cuDNN graph with the previous BN-apply + ReLU on its
+operand load and the BN statistics' sums in its epilogue; backward, dgrad carries the dReLU and the BN gradient sums
+of the unit below and writes the wgrad's input; eval runs conv + bias (+ shortcut) + ReLU with the BN folded. A
+graph cuDNN has no engine for runs the path above for that unit and is counted (``fusion.status()``). Backend
+``cuda-unfused`` is the same backend with the graphs off: the unfused path, measurable beside the fused one.
+``fused_resnet.warm_up`` builds a model's plans ahead (CUDA graph captures never build one).
+
+Every op is also registered for CPU tensors, running the same kernel bodies in host loops: that is how the CPU
+test suite checks them. With ``FUSED_RESNET_EXT_ON_CPU=1`` (set by the tests on a machine without a GPU) the
+backend also accepts CPU tensors; otherwise it needs CUDA tensors. The CPU path is for testing, not for speed.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ...spec import BlockSpec
+from ...tensors import Forward, Grads, Params, unpack_forward, unpack_grads
+from .. import extension, folding, reference
+from ..registry import Backend, register
+from . import fusion
+from .ops import cpp
+
+ENV_ON_CPU = "FUSED_RESNET_EXT_ON_CPU"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FOLDED_DTYPES = (torch.float16, torch.bfloat16)  # the fusion graphs' dtypes: eval folds BN into the weights
+
+
+def on_cpu_for_testing() -> bool:
+    return os.environ.get(ENV_ON_CPU, "0") == "1"
+
+
+def runs_on(device_type: str) -> bool:
+    """Whether the extension's kernels take tensors of this device type here (extension loaded; CUDA, or CPU in
+    the tests' mode)."""
+    if device_type == "cuda" or (device_type == "cpu" and on_cpu_for_testing()):
+        return extension.load() is not None
+    return False
+
+
+def _cpu_twins_for_testing() -> None:
+    """In the tests' CPU mode the fusion graphs run as their CPU twins, so CI executes the fused paths' plumbing."""
+    if on_cpu_for_testing():
+        fusion.set_cpu_twins(True)
+
+
+extension.on_load(_cpu_twins_for_testing)
+
+
+class CudaBackend(Backend):
+    """``graphs``: units may run cuDNN fusion graphs (backend cuda), or never (cuda-unfused)."""
+
+    def __init__(self, name: str, graphs: bool, auto_rank: Optional[int]):
+        self.name, self.graphs, self.auto_rank = name, graphs, auto_rank
+
+    def unavailable_reason(self) -> Optional[str]:
+        if extension.load() is None:
+            return f"the C++/CUDA extension is not loaded: {extension.status()['reason']}"
+        if not torch.cuda.is_available() and not on_cpu_for_testing():
+            return (f"no CUDA device: the extension's ops run on CUDA tensors ({ENV_ON_CPU}=1 runs their CPU "
+                    f"registrations, for testing)")
+        return None
+
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: Optional[BlockSpec]) -> Optional[str]:
+        if not runs_on(device_type):
+            return f"input on {device_type}; backend {self.name!r} needs CUDA tensors"
+        if dtype not in _DTYPES and spec is not None:
+            return f"dtype {dtype} (the extension's kernels run float32, float16 and bfloat16)"
+        if spec is None and dtype != torch.float32:
+            return f"running statistics computed in {dtype} (the update kernel takes float32 statistics)"
+        return None  # groups and dilation: the convs are ATen's
+
+    def saved_format(self, x: Tensor) -> torch.memory_format:
+        return torch.channels_last
+
+    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+        flat = cpp().block_forward(x, *params, residual, spec.ints, spec.floats, self.graphs)
+        return unpack_forward(flat, len(spec.units))
+
+    def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
+        if x.is_cuda and x.dtype in _FOLDED_DTYPES and self.graphs:  # BN folded into the weights, cached
+            folded = [folding.fold_bn(w, g, b, rm, rv, u.eps) for w, g, b, rm, rv, u in zip(*params, spec.units)]
+            return cpp().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], residual,
+                                                spec.ints, spec.floats, self.graphs)
+        return cpp().block_inference(x, *params, residual, spec.ints, spec.floats, self.graphs)
+
+    def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
+                       need_input_grad: bool) -> Grads:
+        flat = cpp().block_backward(dy, x, saved.y, params.weights, params.gammas, params.betas, saved.acts,
+                                    saved.means, saved.variances, spec.ints, spec.floats, need_input_grad,
+                                    self.graphs, saved.counts)
+        return unpack_grads(flat, len(spec.units), spec, need_input_grad)
+
+    def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        if isinstance(count, Tensor):  # a synchronised BN's group count, on the device: a few torch ops
+            reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+            return
+        cpp().bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+
+    def prepare(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
+        return fusion.prepare(spec, x, weights, train, self.graphs)
+
+    def capture_refusal(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> Optional[str]:
+        return fusion.capture_refusal(spec, x, weights, train, self.graphs)
+
+    def routes(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
+        return fusion.routes(spec, x, weights, train, self.graphs)
+
+
+register(CudaBackend("cuda", graphs=True, auto_rank=0))
+register(CudaBackend("cuda-unfused", graphs=False, auto_rank=None))
