@@ -92,12 +92,12 @@ def _fold(sources: Sequence[Tensor], eps: float, capture: bool) -> Folded:
     key = tuple(map(id, sources)) + (eps,)
     entry = _FOLD_CACHE.get(key)
     if entry is not None and not all(ref() is t for ref, t in zip(entry.refs, sources, strict=True)):
-        entry = None  # a dead tensor's id reused before its callback ran
+        entry = None  # the key's ids now name other tensors: never trust an id alone
     if capture:
         if entry is None or not entry.fits(w):
             return _fold_into(_buffers(w), sources, eps)
-        # Recorded, not run: the buffers keep the values of the last eager fold or replay, both folds of the
-        # sources' state at that moment, so entry.state stays true.
+        # Recorded, not run: the buffers hold the last eager fold (of entry.state) or a replay's fold of a later
+        # state, which the next eager call sees as moved versions. entry.state needs no change.
         return _fold_into((entry.w, entry.t), sources, eps)
     if entry is None:
         def evict(_ref: weakref.ref, key=key) -> None:
@@ -117,8 +117,8 @@ def _fold(sources: Sequence[Tensor], eps: float, capture: bool) -> Folded:
 def fold_bn(w: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
             eps: float) -> Folded:
     """(W·s in W's dtype, channels_last; t in fp32) with s = γ/sqrt(running_var + eps), t = β − running_mean·s:
-    conv(x, W') + t equals BN(conv(x, W)) in eval mode. Persistent per source tensors, refolded in place when any
-    of the five changes; recorded on every call inside a CUDA graph capture."""
+    conv(x, W') + t equals BN(conv(x, W)) in eval mode. The same two tensors for the same five sources, refolded
+    in place when any of them changes; inside a CUDA graph capture the fold is recorded on every call."""
     return _fold((w, gamma, beta, running_mean, running_var), eps, capturing())
 
 
