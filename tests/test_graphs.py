@@ -1,9 +1,10 @@
-"""CUDA graphs readiness: a converted model's whole training step can be captured and replayed.
+"""CUDA graphs readiness: a converted model's whole training step, and its eval, can be captured and replayed.
 
 On the CPU: a fused training step (forward, backward, running statistics, SGD step) reads no tensor value on the
 host through the dispatcher (no .item(), bool(tensor): what a capture forbids), on every backend (with synchronised
 BN too: tests/test_distributed.py). On a GPU: torch.cuda.graph capture of a whole step, and torch.compile
-mode="reduce-overhead", replayed steps against eager steps."""
+mode="reduce-overhead", replayed steps against eager steps; capture of eval (BN folded into the conv weights,
+tests/backends/test_folding.py on the CPU), replayed after the weights and running statistics change."""
 import copy
 
 import pytest
@@ -58,6 +59,26 @@ def test_fused_training_step_reads_nothing_on_the_host(backend, shortcut, moment
     assert reads.calls == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_eval_reads_nothing_on_the_host(backend, monkeypatch):
+    """Eval, the BN fold included: a first call (entries made), a refold after in-place changes, and a call as
+    inside a capture (the query patched: every unit refolds) read no tensor value on the host."""
+    model = _model("B", backend).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        with _HostReads() as reads:
+            model(x)
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.mul_(1.5)
+            model(x)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with _HostReads() as capture_reads:
+            model(x)
+    assert reads.calls == [] and capture_reads.calls == []
+
+
 def _data(steps, device):
     g = torch.Generator().manual_seed(0)
     return [(torch.randn(8, 3, 16, 16, generator=g).to(device), torch.randint(0, 4, (8,), generator=g).to(device))
@@ -109,3 +130,72 @@ def test_reduce_overhead_compile_matches_eager():
     step = torch.compile(lambda x: compiled_model(x), mode="reduce-overhead")
     for x, _ in _data(3, device):
         torch.testing.assert_close(step(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def _change_in_place(model, scale):
+    """Every conv weight, BN affine parameter and running statistic of ``model`` changed in place."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(-scale)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(scale)
+                m.bias.add_(0.1 * scale)
+                m.running_mean.add_(0.2 * scale)
+                m.running_var.mul_(scale)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_captured_eval_replays_current_weights_and_running_statistics(backend, dtype):
+    """Eval of a converted bottleneck (projection shortcut: four folded units) captured with torch.cuda.CUDAGraph:
+    each replay computes what torch's eager block computes from the state of that moment — after in-place changes
+    of the weights and running statistics, after an eager call in between (which refolds in place, so the graph
+    still reads live memory) and after load_state_dict."""
+    import torchvision
+
+    from fused_resnet import testing
+
+    device, dt = torch.device("cuda"), testing.DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 1, 2, bias=False), torch.nn.BatchNorm2d(64))
+    tv = testing.randomize_batchnorm(torchvision.models.resnet.Bottleneck(32, 16, 2, downsample), gen).eval()
+    fused = fused_resnet.convert(copy.deepcopy(tv), backend=backend).to(device, dt).eval()
+    static_x = torch.randn(4, 32, 14, 14, generator=gen).to(device, dt).contiguous(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():  # autotuning, compilation, cuDNN plans, the fold cache's entries
+        for _ in range(3):
+            fused(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_y = fused(static_x)
+
+    def check(label):
+        twin = copy.deepcopy(tv)
+        twin.load_state_dict(fused.state_dict())
+        oracle = copy.deepcopy(twin).to(device, torch.float64)
+        torch_same = twin.to(device, dt)
+        graph.replay()
+        with torch.no_grad():
+            ref64 = oracle(static_x.double())
+            c = testing.check(label, static_y, ref64, torch_same(static_x), ref64, dt)
+        assert c.ok, c.row()
+        return static_y.clone()
+
+    first = check("replay")
+    _change_in_place(fused, 1.5)
+    moved = check("replay after in-place changes")
+    assert not torch.equal(first, moved)
+    _change_in_place(fused, 0.8)
+    with torch.no_grad():
+        fused(static_x)  # an eager call between replays refolds in place
+    check("replay after an eager refold")
+    other = testing.randomize_batchnorm(copy.deepcopy(tv), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.9)
+    fused.load_state_dict(other.state_dict())
+    check("replay after load_state_dict")

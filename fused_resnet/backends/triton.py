@@ -1,8 +1,8 @@
 """Backend "triton": the block ops on the Triton implicit-GEMM conv engine (``fused_resnet.kernels.conv``).
 
-* Eval mode (``block_inference``): every BN is folded into its conv (W' = W·s, bias t = β − mean·s, cached per
-  parameter set and recomputed whenever a weight, γ, β or running statistic changes — tensors' version counters
-  move on every in-place update, ``load_state_dict`` and optimizer steps included). Each conv is one kernel:
+* Eval mode (``block_inference``): every BN is folded into its conv (W' = W·s, bias t = β − mean·s, in
+  persistent buffers per parameter set, refolded in place whenever a weight, γ, β or running statistic changes
+  and on every call inside a CUDA graph capture: see ``folding``). Each conv is one kernel:
   conv + bias + ReLU, and for the block's last conv conv + bias + shortcut + ReLU, the shortcut being the block
   input (identity), the projection conv's output (computed first, by the same kernel with its BN folded), the
   option-A shortcut read from the block input inside the epilogue, or a residual tensor.
@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import distributed
 from ..spec import BlockSpec, Shortcut, memory_format_of
 from . import reference
-from .folding import fold_bn
+from .folding import fold_block
 from ..tensors import Forward, Grads, Params
 from .registry import Backend, register
 
@@ -198,8 +198,7 @@ class TritonBackend(Backend):
         """One conv kernel per conv, BN folded, bias / shortcut / ReLU in the epilogues."""
         conv_fprop = _kernels()[0].conv_fprop
         units, n_main = spec.units, spec.n_main
-        folded = [fold_bn(params.weights[i], params.gammas[i], params.betas[i], params.running_means[i],
-                          params.running_vars[i], units[i].eps) for i in range(len(units))]
+        folded = fold_block(params, units)
         closing: dict = {}  # the last conv's epilogue arguments
         if spec.shortcut == Shortcut.IDENTITY:
             closing = {"residual": x}

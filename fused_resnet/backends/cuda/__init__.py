@@ -97,7 +97,7 @@ class CudaBackend(Backend):
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
         if x.is_cuda and x.dtype in _FOLDED_DTYPES and self.graphs:  # BN folded into the weights, cached
-            folded = [folding.fold_bn(w, g, b, rm, rv, u.eps) for w, g, b, rm, rv, u in zip(*params, spec.units)]
+            folded = folding.fold_block(params, spec.units)
             return cpp().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], residual,
                                                 spec.ints, spec.floats, self.graphs)
         return cpp().block_inference(x, *params, residual, spec.ints, spec.floats, self.graphs)
