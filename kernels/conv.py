@@ -41,7 +41,7 @@ from ..spec import Residual
 from . import autotune_mode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INTERPRET_SUMS = tl.constexpr(INTERPRET)
+INTERPRETED = tl.constexpr(INTERPRET)  # kernel code for the interpreter only, in branches a compile drops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLAT_BELOW = 16  # input channels below this: fprop's row layout, wgrad's flattened (r, s, c) columns
 _SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
@@ -105,11 +105,22 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
 
 
 @triton.jit
+def _bound(n):
+    """A loop bound: compiled, n itself (the branch is on a constexpr, so a compile contains nothing of it). Under
+    the interpreter, n as a Python int: Triton 3.6's interpreter holds scalars as 1-element arrays and turns a
+    loop bound into an index with int(), which NumPy 2.4 refuses for an array with a dimension. Returned, not
+    assigned: the interpreter turns every assigned value back into a tensor."""
+    if INTERPRETED:
+        return int(n.handle.data.reshape(-1)[0])
+    return n
+
+
+@triton.jit
 def _sum_rows(x, ROWS: tl.constexpr):
     """Column sums of a [ROWS, N] fp32 tile. The interpreter reduces over rows one row after another (error
     growing like ROWS·eps: 10x torch's own on the CPU tests); there the rows are summed in three levels, groups
     of 8, then 8, then the rest (error like (16 + ROWS/64)·eps). Compiled, tl.sum is a tree reduction already."""
-    if INTERPRET_SUMS and ROWS >= 128:
+    if INTERPRETED and ROWS >= 128:
         x4 = tl.reshape(x, (ROWS // 64, 8, 8, x.shape[1]))
         return tl.sum(tl.sum(tl.sum(x4, axis=2), axis=1), axis=0)
     return tl.sum(x, axis=0)
@@ -167,7 +178,7 @@ def conv_fprop_kernel(
         # run of CP elements shares one mask), instead of gathering element by element.
         row_len = S * CP
         chunks = tl.cdiv(row_len, BLOCK_K)
-        for t in range(0, R * chunks):
+        for t in range(0, _bound(R * chunks)):
             r = t // chunks
             kk = (t - r * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < row_len
@@ -186,7 +197,7 @@ def conv_fprop_kernel(
         # One loop over (filter tap, channel chunk), so the software pipeline runs through the taps instead of
         # draining and refilling at each one (at C = 64 a tap is a single chunk).
         chunks = tl.cdiv(C, BLOCK_K)
-        for t in range(0, R * S * chunks):
+        for t in range(0, _bound(R * S * chunks)):
             tap = t // chunks
             c = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             r = tap // S
@@ -265,7 +276,7 @@ def conv_dgrad_kernel(
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     chunks = tl.cdiv(K, BLOCK_K)
-    for t in range(0, taps * chunks):  # one pipelined loop over (tap, channel chunk), as in fprop
+    for t in range(0, _bound(taps * chunks)):  # one pipelined loop over (tap, channel chunk), as in fprop
         tap = t // chunks
         kk = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         i = tap // taps_s
@@ -360,7 +371,7 @@ def conv_wgrad_kernel(
     start = pid_split * chunk
     end = tl.minimum(start + chunk, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_K):
+    for m0 in range(_bound(start), _bound(end), BLOCK_K):
         mm = m0 + tl.arange(0, BLOCK_K)
         mm_ok = mm < end
         img, p, q = _split_pixels(mm, P, Q)
