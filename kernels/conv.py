@@ -786,12 +786,12 @@ def conv_dgrad(
     return out if len(out) > 1 else dx
 
 
-def _wgrad_split(m: int, tiles: int) -> int:
+def _wgrad_split(m: int, tiles: int, device: torch.device) -> int:
     """Reduction chunks for wgrad: enough programs to fill the GPU (~4 per SM) without chunks below 1024 pixels;
     one under the interpreter (fewer, larger programs run faster there)."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, (4 * sms) // max(tiles, 1))
     split = max(1, min(want, m // 1024, 64))
     return 1 << (split.bit_length() - 1)  # a power of two: few distinct autotune keys
@@ -823,7 +823,7 @@ def conv_wgrad(
         x_st = F.pad(x_st, (0, cp - c))
     m = n * p * q
     cols = triton.cdiv(r * s * cp, 128) if flat else r * s * triton.cdiv(c, 128)
-    split = _wgrad_split(m, triton.cdiv(k, 128) * cols)
+    split = _wgrad_split(m, triton.cdiv(k, 128) * cols, x.device)
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
     ws = _alloc((split, k, r, s, cp if flat else c), torch.float32, x.device)
