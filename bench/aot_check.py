@@ -14,14 +14,15 @@ and aligned pointers are marked divisible by 16), so the kernels counted and mea
 
 JSON: {"arch", "triton", "torch", "model", "dtype", "paths", "launches", "kernels": [{"kernel", "features":
 {constexpr: value}, "equal_to_1", "divisible_by_16", "config": "BMxBNxBK/wW/sS", "ok", "error", "regs",
-"spill_bytes", "smem_bytes", "mma", "async_copy", "pipelined", "mma_overlap", "selectable", "heuristic"}],
+"spill_bytes", "smem_bytes", "mma", "async_copy", "pipelined", "mma_overlap", "selectable", "heuristic",
+"paths"}],
 "summary": {...}, "targets": {...}, "seconds"}. One row per distinct compiled kernel. "equal_to_1" /
 "divisible_by_16": what the JIT specialised (kernels.aot.specialisation). "selectable": autotuning may pick the
 configuration — the rule the GPU applies at autotune time (kernels.conv.selectable_tiles: a configuration whose
 compiled kernel spills is dropped), here with the spill read from the sm_90 cubin. "heuristic": what
 FUSED_RESNET_AUTOTUNE=heuristic launches for the traced problem sizes (kernels.conv.heuristic_tile, same rule).
 "pipelined": the MMAs sit in one software-pipelined loop fed by asynchronous copies; "mma_overlap": a wgmma stays
-in flight while the next is issued.
+in flight while the next is issued; "paths": the traced paths that launch the kernel.
 
 The static targets (the "targets" object, and the exit status): every compile succeeds, no selectable
 configuration spills, every selectable one is pipelined with asynchronous copies and uses wgmma (sm_90), every
@@ -56,10 +57,13 @@ def trace(model_name: str, dtype: str, size: int) -> list:
     from fused_resnet.kernels import aot, conv
 
     found = {}
+    path = []  # the path being traced, named in each launch it makes
 
     def record(kernel, grid, kwargs, gemm_mnk, caps):
         entry = {"kernel": kernel.__name__, "args": aot.describe(kwargs), "gemm_mnk": list(gemm_mnk)}
-        found.setdefault(json.dumps(entry, sort_keys=True), entry)
+        paths = found.setdefault(json.dumps(entry, sort_keys=True), dict(entry, paths=[]))["paths"]
+        if path[-1] not in paths:
+            paths.append(path[-1])
 
     conv._launch = record
     depth = models.cifar_depth(model_name)
@@ -70,12 +74,15 @@ def trace(model_name: str, dtype: str, size: int) -> list:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         model = fused_resnet.convert(copy.deepcopy(base), backend="triton").to(dt, memory_format=fmt)
         x = torch.randn(2, 3, size, size, dtype=dt).contiguous(memory_format=fmt)
+        path.append(f"train {layout}")
         model.train()
         model(x).float().sum().backward()
+        path.append(f"eval {layout}")
         model.eval()
         with torch.no_grad():
             model(x)
-        model(x.clone().requires_grad_(True)).float().sum().backward()  # frozen BN, the input's gradient too
+        path.append(f"eval+autograd {layout}")  # frozen BN; the gradient of the input too
+        model(x.clone().requires_grad_(True)).float().sum().backward()
     return sorted(found.values(), key=lambda e: (e["kernel"], json.dumps(e, sort_keys=True)))
 
 
@@ -100,7 +107,7 @@ def compile_launches(launches: list, arch: int, limit=None) -> dict:
         kernel = kernels[launch["kernel"]]
         kwargs = _on_gpu(kernel, aot.rebuild(launch["args"]))
         groups.setdefault((kernel, conv.tuning_key(conv._TUNED[kernel], kwargs)), []).append(
-            (kwargs, tuple(launch["gemm_mnk"])))
+            (kwargs, tuple(launch["gemm_mnk"]), launch["paths"]))
     items = list(groups.items())[:limit] if limit else list(groups.items())
     rows: dict = {}
     choices, key_mismatches = [], 0
@@ -109,16 +116,17 @@ def compile_launches(launches: list, arch: int, limit=None) -> dict:
             tiles = conv._TILES[kernel]
             try:
                 selectable = conv.selectable_tiles(kernel, members[0][0])
-                heuristic = {conv.heuristic_tile(kernel, kw, mnk) for kw, mnk in members}
+                heuristic = {conv.heuristic_tile(kernel, kw, mnk) for kw, mnk, _ in members}
             except Exception:  # a compile failure: reported per configuration below
                 selectable, heuristic = [], set()
             choices.append({"kernel": kernel.__name__, "key": list(key), "selectable": [list(t) for t in selectable]})
             per_tile: dict = {}
-            for kwargs, _ in members:
+            for kwargs, _, paths in members:
                 for tile in tiles:
                     row = _row(kernel, kwargs, tile, arch, rows)
                     row["selectable"] = row["selectable"] or tile in selectable
                     row["heuristic"] = row["heuristic"] or tile in heuristic
+                    row["paths"] += [p for p in paths if p not in row["paths"]]
                     per_tile.setdefault(tile, set()).add(row["id"])
             key_mismatches += sum(len(ids) > 1 for ids in per_tile.values())
     out = [dict(r) for r in rows.values()]
@@ -133,7 +141,7 @@ def _row(kernel, kwargs: dict, tile, arch: int, rows: dict) -> dict:
     bm, bn, bk, warps, stages = tile
     names = [n for n in conv.constexpr_args(kernel) if n not in conv._TILE_ARGS + ("UPCAST", "PRECISION")]
     base = {"kernel": kernel.__name__, "features": {n: kwargs[n] for n in names},
-            "config": f"{bm}x{bn}x{bk}/w{warps}/s{stages}", "selectable": False, "heuristic": False}
+            "config": f"{bm}x{bn}x{bk}/w{warps}/s{stages}", "selectable": False, "heuristic": False, "paths": []}
     try:
         compiled = aot.compile_tile(kernel, kwargs, tile, arch)
     except Exception as e:  # a compile failure is a result, reported per configuration
@@ -148,8 +156,9 @@ def _row(kernel, kwargs: dict, tile, arch: int, rows: dict) -> dict:
 
 def summary(rows: list, choices: list) -> dict:
     ok = [r for r in rows if r["ok"]]
-    variants = {(r["kernel"], json.dumps(r["features"], sort_keys=True), tuple(r["equal_to_1"]),
-                 tuple(r["divisible_by_16"])) for r in ok}
+    keys = [(r["kernel"], json.dumps(r["features"], sort_keys=True), tuple(r["equal_to_1"]),
+             tuple(r["divisible_by_16"])) for r in ok]  # a kernel: what is compiled, the tile aside
+    variants = set(keys)
     wgrads = [r for r in ok if r["kernel"] == "conv_wgrad_kernel" and r["selectable"]]
     spills = [r["spill_bytes"] for r in ok if r["spill_bytes"]]
     return {
@@ -161,6 +170,10 @@ def summary(rows: list, choices: list) -> dict:
         "async_copy": sum(bool(r["async_copy"]) for r in ok),
         "wgrad_selectable": len(wgrads), "wgrad_selectable_overlapping": sum(bool(r["mma_overlap"]) for r in wgrads),
         "one_configuration": [c for c in choices if len(c["selectable"]) < 2],
+        "kernels_by_path": {p: len({v for v, r in zip(keys, ok) if p in r["paths"]})
+                            for p in sorted({p for r in ok for p in r["paths"]})},
+        "kernels_train_and_eval": len({v for v, r in zip(keys, ok)
+                                       if any(not p.startswith("eval+autograd") for p in r["paths"])}),
     }
 
 
@@ -243,6 +256,8 @@ def main(argv=None) -> int:
           f"{s['spilling_heuristic']} heuristic choices), {s['wgmma']} use wgmma, {s['pipelined']} pipelined; "
           f"wgrad: {s['wgrad_selectable_overlapping']} of {s['wgrad_selectable']} selectable keep a wgmma in "
           f"flight; {report['seconds']} s")
+    print("kernels per path: " + ", ".join(f"{p} {n}" for p, n in s["kernels_by_path"].items())
+          + f"; train and eval together {s['kernels_train_and_eval']}")
     for c in s["one_configuration"]:
         print(f"one configuration left: {c['kernel']} key {c['key'][:12]}: {c['selectable']}")
     for name, ok in report["targets"].items():
