@@ -440,6 +440,36 @@ def test_selectable_tiles_when_every_tile_spills_or_none_compiles(K):
         assert K.selectable_tiles(kernel, kwargs) == K._GEMM_TILES
 
 
+@requires_gpu
+def test_autotuning_on_the_gpu_never_benchmarks_a_configuration_that_spills(K, monkeypatch):
+    """On the GPU the prune hook measures each tile from the loaded kernel (n_spills): every tile of a dgrad with
+    every epilogue is measured once, the benchmarked and the chosen ones spill nothing, and on an sm_90 GPU the
+    measurement agrees with the stack frame of the sm_90 cubin (what bench/aot_check.py reads without a GPU)."""
+    from fused_resnet.kernels import aot
+
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "full")
+    kernel = K.conv_dgrad_kernel
+    tuned = K._TUNED[kernel]
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)
+    monkeypatch.setattr(tuned, "configs_timings", {}, raising=False)
+    monkeypatch.setattr(K, "_spills", {})
+    shape = testing.ConvShape(8, 64, 14, 14, 64, 3, 3, 1, (1, 1))
+    x, w, dy = shape.problem(torch.bfloat16, DEVICE)
+    vec = [torch.rand(64, device=DEVICE) + 0.5 for _ in range(7)]
+    seen = _launches(K, monkeypatch, lambda: K.conv_dgrad(dy, w, (14, 14), (1, 1), (1, 1), dbn=(dy, *vec[:4]),
+                                                           relu_of=(x, *vec[4:], vec[0]), relu_out=True))
+    kwargs = seen[0][1]
+    key = K.tuning_key(tuned, kwargs)
+    spills = {t: K._spills[(kernel, key, t)] for t in K._GEMM_TILES}
+    assert all(b is not None for b in spills.values()), spills
+    assert spills[K._config_tile(tuned.cache[key])] == 0, spills
+    assert all(spills[K._config_tile(c)] == 0 for c in tuned.configs_timings), spills
+    if torch.cuda.get_device_capability() == (9, 0):
+        cubin = aot.spill_probe(90)
+        assert {t: cubin(kernel, kwargs, t) > 0 for t in K._GEMM_TILES} == {t: b > 0 for t, b in spills.items()}
+
+
 def test_channel_counts_share_one_compiled_variant(K, monkeypatch):
     """Channel counts are runtime arguments: convs with 16 and 32 input channels launch the same constexprs (one
     compiled variant), while the stem's row layout carries its padded channel count."""
