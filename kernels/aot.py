@@ -1,42 +1,136 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU that is not here: the GPU-readiness check a CPU
 machine can run (tests/kernels/test_sm90_compile.py, bench/aot_check.py).
 
-``compile_variant`` compiles one kernel variant (its constexpr features and one tile configuration) for a target
-such as sm_90 and reports what a GPU run would get: registers, stack (spilled registers), shared memory, whether
-the dots became wgmma (Hopper's asynchronous MMA) or mma, and whether operands are loaded asynchronously (cp.async
-or the bulk tensor copy). Must run without ``TRITON_INTERPRET`` (an interpreted kernel does not compile).
+A launch is compiled the way Triton's JIT compiles it on the GPU: ``for_target`` makes a target such as sm_90 the
+JIT's current one (a driver that only names the target: nothing is loaded or launched), and the launch's own
+arguments go through ``kernel.warmup`` — the JIT's argument binding and specialisation (integer arguments equal
+to 1 become constants, multiples of 16 and 16-byte-aligned pointers are marked divisible by 16), then its
+compile. Launches are recorded elsewhere (under the interpreter) as ``describe``'s JSON-able form and rebuilt here
+with ``rebuild``: a tensor argument is its dtype and whether its address is 16-byte aligned, which is all the
+specialisation reads of it.
+
+``analyse`` reports what a GPU run would get: registers, spilled bytes (the stack frame, ``spill_bytes``), shared
+memory, whether the dots became wgmma (Hopper's asynchronous MMA) or mma, whether operands are loaded
+asynchronously (cp.async or the bulk tensor copy), whether the main loop is software-pipelined and whether a
+wgmma stays in flight. ``spill_probe`` hands ``spill_bytes`` to ``conv.spill_probe``, so the check prunes tiles by
+the rule autotuning applies on the GPU. Must run without ``TRITON_INTERPRET`` (an interpreted kernel does not
+compile).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-# Per-channel vectors, partial sums and workspaces are fp32 whatever the activations' dtype.
-_FP32_POINTERS = ("scale", "shift", "mean", "m2", "sum", "alpha", "beta", "gamma", "rstd", "bias", "ws", "prev_s",
-                  "prev_t")
-_TRITON_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
 
 
-def signature(fn, constexprs: Dict[str, object], dtype: str) -> Dict[str, str]:
-    """Triton's argument signature of kernel ``fn`` for activations of ``dtype`` ("bfloat16", ...)."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "tile_ptr":
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if any(k in name for k in _FP32_POINTERS) else f"*{_TRITON_DTYPES[dtype]}"
+class _TargetDriver(DriverBase):
+    """Triton's driver interface for a target with no device: what the JIT asks of a driver to bind, specialise and
+    compile a launch (the current target, device and stream). Its device is a name of its own, so compiled
+    kernels are cached apart from those of a GPU present in the same process."""
+
+    def __init__(self, arch: int):
+        super().__init__()
+        self.target = GPUTarget("cuda", arch, 32)
+        self.device = f"aot-sm_{arch}"
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("ahead-of-time compilation launches nothing")
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("ahead-of-time compilation benchmarks nothing")
+
+
+@contextlib.contextmanager
+def for_target(arch: int = 90):
+    """Inside the block, Triton's JIT compiles for sm_<arch> (``kernel.warmup`` compiles without a GPU)."""
+    saved = driver._active  # None until a driver was first asked for; asking for one raises on a CPU machine
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = saved
+
+
+class LaunchTensor:
+    """A tensor argument as the JIT's specialisation sees it: a dtype and an address (0: 16-byte aligned)."""
+
+    def __init__(self, dtype: torch.dtype, aligned: bool = True):
+        self.dtype = dtype
+        self.aligned = aligned
+
+    def data_ptr(self) -> int:
+        return 0 if self.aligned else 8
+
+
+def describe(kwargs: dict) -> dict:
+    """A launch's keyword arguments in JSON: tensors as {"dtype", "aligned"}, everything else as is."""
+    out = {}
+    for name, v in kwargs.items():
+        if hasattr(v, "data_ptr") and hasattr(v, "dtype"):
+            out[name] = {"dtype": str(v.dtype).removeprefix("torch."), "aligned": v.data_ptr() % 16 == 0}
         else:
-            sig[name] = "i32"
-    return sig
+            out[name] = v
+    return out
+
+
+def rebuild(described: dict) -> dict:
+    """``describe``'s inverse, with LaunchTensor for the tensors."""
+    return {name: LaunchTensor(getattr(torch, v["dtype"]), v["aligned"]) if isinstance(v, dict) else v
+            for name, v in described.items()}
+
+
+def compile_launch(kernel, kwargs: dict, arch: int = 90, **options):
+    """The kernel Triton's JIT compiles for this launch on sm_<arch> (``options``: the tile's constexprs,
+    num_warps, num_stages, as the launch passes them)."""
+    with for_target(arch):
+        compiled = kernel.warmup(grid=(1,), **kwargs, **options)
+    return compiled.result() if hasattr(compiled, "result") else compiled
+
+
+def compile_tile(kernel, kwargs: dict, tile, arch: int = 90):
+    """A conv launch with one tile compiled for sm_<arch> exactly as autotuning compiles it on the GPU
+    (``conv.compile_tile``: the same JIT call, so the same cache entry as ``spill_probe``'s)."""
+    from . import conv
+
+    with for_target(arch):
+        return conv.compile_tile(kernel, kwargs, tile)
+
+
+def specialisation(compiled) -> Dict[str, List[str]]:
+    """What the JIT specialised in this compiled kernel: the integer arguments that became the constant 1
+    ("equal_to_1") and the arguments marked divisible by 16 ("divisible_by_16": integers and pointers)."""
+    src = compiled.src
+    names = src.fn.arg_names
+    declared = set(getattr(src.fn, "constexprs", ()))
+    ones = [names[k[0]] for k, v in src.constants.items() if k[0] not in declared and v == 1]
+    divisible = [names[k[0]] for k, attrs in src.attrs.items()
+                 if any(a[0] == "tt.divisibility" and a[1] == 16 for a in attrs)]
+    return {"equal_to_1": sorted(ones), "divisible_by_16": sorted(divisible)}
 
 
 def _resources(cubin: bytes) -> Dict[str, int]:
@@ -50,40 +144,30 @@ def _resources(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def specialized(fn, ints: Dict[str, int]) -> List[str]:
-    """The integer arguments a launch with these values specialises as divisible by 16 (Triton does so for every
-    integer argument not in the kernel's do_not_specialize list): they change the generated code (masks, vector
-    widths, register use), so a compile meant to match a launch must say so."""
-    dns = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
-    return sorted(n for n, v in ints.items() if n not in dns and v % 16 == 0)
+def spill_bytes(compiled) -> int:
+    """The stack frame (STACK + LOCAL) of the compiled kernel's cubin: where its registers spill. On a GPU the same
+    figure is the module's local memory per thread (``conv.loaded_spill_bytes``)."""
+    res = _resources(compiled.asm["cubin"])
+    return res.get("STACK", 0) + res.get("LOCAL", 0)
 
 
-def compile_variant(fn, constexprs: Dict[str, object], dtype: str, num_warps: int, num_stages: int,
-                    arch: int = 90, divisible: Sequence[str] = ()) -> Dict[str, Optional[object]]:
-    """Compile one variant for sm_<arch>, pointers 16-byte aligned and the ``divisible`` integer arguments
-    divisible by 16 (as a launch specialises them): {"ok", "error", "regs", "spill_bytes", "smem_bytes", "mma",
-    "async_copy", "pipelined", "mma_overlap"}; spill_bytes is the stack frame the registers spilled to (STACK +
-    LOCAL)."""
-    row: Dict[str, Optional[object]] = {"ok": False, "error": None, "regs": None, "spill_bytes": None,
-                                        "smem_bytes": None, "mma": None, "async_copy": None, "pipelined": None,
-                                        "mma_overlap": None}
-    try:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in constexprs and (n.endswith("_ptr") or n in divisible)}
-        compiled = triton.compile(ASTSource(fn, signature(fn, constexprs, dtype), constexprs, attrs),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-    except Exception as e:  # a compile failure is a result, reported per variant
-        row["error"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
-        return row
+def spill_probe(arch: int = 90):
+    """A measurement for ``conv.spill_probe``: the launch compiled for sm_<arch>, its spill read from the cubin."""
+    def probe(kernel, kwargs, tile):
+        return spill_bytes(compile_tile(kernel, kwargs, tile, arch))
+    return probe
+
+
+def analyse(compiled) -> Dict[str, Optional[object]]:
+    """{"regs", "spill_bytes", "smem_bytes", "mma", "async_copy", "pipelined", "mma_overlap"} of a compiled
+    kernel."""
     ptx = compiled.asm["ptx"]
     res = _resources(compiled.asm["cubin"])
-    row.update(ok=True, regs=res.get("REG"), spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
-               smem_bytes=compiled.metadata.shared,
-               mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None,
-               async_copy="cp.async" in ptx or "cp.async.bulk.tensor" in ptx,
-               pipelined=pipelined(compiled.asm["ttgir"]), mma_overlap=mma_overlap(compiled.asm["ttgir"]))
-    return row
+    return {"regs": res.get("REG"), "spill_bytes": res.get("STACK", 0) + res.get("LOCAL", 0),
+            "smem_bytes": compiled.metadata.shared,
+            "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None,
+            "async_copy": "cp.async" in ptx or "cp.async.bulk.tensor" in ptx,
+            "pipelined": pipelined(compiled.asm["ttgir"]), "mma_overlap": mma_overlap(compiled.asm["ttgir"])}
 
 
 def mma_overlap(ttgir: str) -> Optional[bool]:

@@ -19,14 +19,16 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
   operand transformed on load, not two, keeps a wgmma in flight on sm_90.
 
 Shapes are runtime arguments (batch and spatial sizes are not specialised on), only the kernel size, features and
-tiles are constexpr; autotuning is keyed on channel counts, kernel size, stride and every constexpr feature
-(``tuning_key_args``), so a new batch size reuses the tuned configuration and the compiled kernel, and no variant
-inherits another's. Tuned choices persist in Triton's on-disk cache across processes.
+tiles are constexpr; autotuning is keyed on channel counts, stride, padding, kernel size and every constexpr
+feature (``tuning_key_args``), so a new batch size reuses the tuned configuration and the compiled kernel, and no
+variant inherits another's. A configuration whose compiled kernel spills registers is dropped before autotuning
+benchmarks it (``selectable_tiles``). Tuned choices persist in Triton's on-disk cache across processes.
 
 Reference twins: ``fused_resnet.backends.reference.conv`` (fprop) and ``...reference.conv_backward``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -41,10 +43,13 @@ from ..spec import Residual
 from . import autotune_mode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INTERPRET_SUMS = tl.constexpr(INTERPRET)
+INTERPRETED = tl.constexpr(INTERPRET)  # kernel code for the interpreter only, in branches a compile drops
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLAT_BELOW = 16  # input channels below this: fprop's row layout, wgrad's flattened (r, s, c) columns
 _SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
+_FPROP_SIZES = _SIZE_ARGS + ["RES_H", "RES_W"]
+_DGRAD_SIZES = _SIZE_ARGS + ["RP", "RQ", "partial_rows"]
+_WGRAD_SIZES = _SIZE_ARGS + ["chunk"]
 
 
 def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
@@ -56,10 +61,10 @@ def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
 # Hopper (sm_90) candidates: 128-row tiles feed wgmma; 3–4 stages keep loads in flight (device HOPPER.md). Few on
 # purpose: every configuration is compiled for each specialisation (kernel size, dtype, stride, ...) it meets.
 # 128x64 runs 8 warps: with 4, the DBN-on-load dgrad and the prologue wgrad reached 255 registers and spilled
-# (bench/aot_check.py, sm_90, Triton 3.8); with 8 none of them does.
+# (bench/aot_check.py, sm_90, Triton 3.8); with 8 none of them does. A configuration whose compiled kernel spills
+# is never benchmarked nor chosen, whatever the GPU and Triton version (``selectable_tiles``).
 _GEMM_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
 _WGRAD_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
-_KEY = ["C", "K", "R", "S", "stride_h", "stride_w"]
 # What an epilogue adds (RES_MODE): the shared table of fused_resnet.spec.Residual.
 RES_NONE = tl.constexpr(int(Residual.NONE))
 RES_TENSOR = tl.constexpr(int(Residual.TENSOR))
@@ -105,11 +110,22 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
 
 
 @triton.jit
+def _bound(n):
+    """A loop bound: compiled, n itself (the branch is on a constexpr, so a compile contains nothing of it). Under
+    the interpreter, n as a Python int: Triton 3.6's interpreter holds scalars as 1-element arrays and turns a
+    loop bound into an index with int(), which NumPy 2.4 refuses for an array with a dimension. Returned, not
+    assigned: the interpreter turns every assigned value back into a tensor."""
+    if INTERPRETED:
+        return int(n.handle.data.reshape(-1)[0])
+    return n
+
+
+@triton.jit
 def _sum_rows(x, ROWS: tl.constexpr):
     """Column sums of a [ROWS, N] fp32 tile. The interpreter reduces over rows one row after another (error
     growing like ROWS·eps: 10x torch's own on the CPU tests); there the rows are summed in three levels, groups
     of 8, then 8, then the rest (error like (16 + ROWS/64)·eps). Compiled, tl.sum is a tree reduction already."""
-    if INTERPRET_SUMS and ROWS >= 128:
+    if INTERPRETED and ROWS >= 128:
         x4 = tl.reshape(x, (ROWS // 64, 8, 8, x.shape[1]))
         return tl.sum(tl.sum(tl.sum(x4, axis=2), axis=1), axis=0)
     return tl.sum(x, axis=0)
@@ -141,7 +157,7 @@ def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["RES_H", "RES_W"])
+@triton.jit(do_not_specialize=_FPROP_SIZES)
 def conv_fprop_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: per input channel fp32 scale / shift applied on load, then ReLU
@@ -167,7 +183,7 @@ def conv_fprop_kernel(
         # run of CP elements shares one mask), instead of gathering element by element.
         row_len = S * CP
         chunks = tl.cdiv(row_len, BLOCK_K)
-        for t in range(0, R * chunks):
+        for t in range(0, _bound(R * chunks)):
             r = t // chunks
             kk = (t - r * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < row_len
@@ -186,7 +202,7 @@ def conv_fprop_kernel(
         # One loop over (filter tap, channel chunk), so the software pipeline runs through the taps instead of
         # draining and refilling at each one (at C = 64 a tap is a single chunk).
         chunks = tl.cdiv(C, BLOCK_K)
-        for t in range(0, R * S * chunks):
+        for t in range(0, _bound(R * S * chunks)):
             tap = t // chunks
             c = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             r = tap // S
@@ -228,7 +244,7 @@ def conv_fprop_kernel(
         tl.store(tile_ptr, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["RP", "RQ", "partial_rows"])
+@triton.jit(do_not_specialize=_DGRAD_SIZES)
 def conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: operand α·dy + β·(a − mean) + γ per channel
@@ -265,7 +281,7 @@ def conv_dgrad_kernel(
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     chunks = tl.cdiv(K, BLOCK_K)
-    for t in range(0, taps * chunks):  # one pipelined loop over (tap, channel chunk), as in fprop
+    for t in range(0, _bound(taps * chunks)):  # one pipelined loop over (tap, channel chunk), as in fprop
         tap = t // chunks
         kk = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         i = tap // taps_s
@@ -316,7 +332,7 @@ def conv_dgrad_kernel(
         tl.store(dx_ptr + out_off, out, mask=out_ok)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["chunk"])
+@triton.jit(do_not_specialize=_WGRAD_SIZES)
 def conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr,
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: dy operand α·dy + β·(a − mean) + γ per channel
@@ -360,7 +376,7 @@ def conv_wgrad_kernel(
     start = pid_split * chunk
     end = tl.minimum(start + chunk, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_K):
+    for m0 in range(_bound(start), _bound(end), BLOCK_K):
         mm = m0 + tl.arange(0, BLOCK_K)
         mm_ok = mm < end
         img, p, q = _split_pixels(mm, P, Q)
@@ -385,12 +401,20 @@ _TILES = {conv_fprop_kernel: _GEMM_TILES, conv_dgrad_kernel: _GEMM_TILES, conv_w
 _TILE_ARGS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
+_NOT_SPECIALISED = {conv_fprop_kernel: _FPROP_SIZES, conv_dgrad_kernel: _DGRAD_SIZES, conv_wgrad_kernel: _WGRAD_SIZES}
+Tile = Tuple[int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+
+
 def tuning_key_args(kernel) -> list:
-    """The arguments autotuning is keyed on: the shape key (channels, kernel size, stride) and every constexpr
-    feature of the kernel (prologue, statistics, residual mode, dtype handling, ...), so a configuration tuned
-    for one compiled variant is never reused for another. (Triton adds the tensors' dtypes.)"""
-    features = [n for n in constexpr_args(kernel) if n not in _TILE_ARGS]
-    return _KEY + [n for n in features if n not in _KEY]
+    """The arguments autotuning is keyed on: every integer argument Triton specialises on (channel counts,
+    stride, padding, residual geometry: a value of 1 becomes a constant, a multiple of 16 is marked divisible)
+    and every constexpr feature of the kernel (kernel size, prologue, statistics, residual mode, ...), so a
+    configuration tuned — and checked for spills — for one compiled variant is never reused for another.
+    (Triton adds the tensors' dtypes.) Batch and spatial sizes are left out: they are not specialised on."""
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    constexprs = constexpr_args(kernel)
+    ints = [n for n in params if not n.endswith("_ptr") and n not in constexprs and n not in _NOT_SPECIALISED[kernel]]
+    return ints + [n for n in constexprs if n not in _TILE_ARGS]
 
 
 def constexpr_args(kernel) -> list:
@@ -399,37 +423,93 @@ def constexpr_args(kernel) -> list:
     return [n for n, p in params.items() if p.annotation in (tl.constexpr, "tl.constexpr")]
 
 
-def spill_reason(kernel, tile: Tuple[int, int, int, int, int], features: dict) -> Optional[str]:
-    """Why this tile spills registers for a variant with these constexpr features, or None: measured on sm_90
-    (bench/aot_check.py, Triton 3.8, ResNet-18/50 bf16 and fp16). The 256-wide accumulator (128 fp32 registers
-    per thread) leaves no room for an epilogue that reads another tensor: the ReLU mask and statistics of dgrad,
-    a residual of dgrad or fprop. Writing the input too (dgrad's ``RELU_OUT``) also spills a 128-wide tile on 4
-    warps (64 accumulator registers per thread). Autotuning never considers such a tile (``_prune``), nor does
-    the heuristic choice (``selectable_tiles``); every variant keeps at least two of its kernel's tiles."""
-    if kernel is conv_dgrad_kernel and features.get("RELU_OUT") and tile[1] >= 128 and tile[3] == 4:
-        return "a 128-wide dgrad tile on 4 warps with the epilogue writing the input"
-    if tile[1] < 256:
-        return None
-    if kernel is conv_dgrad_kernel and (features.get("MASK") or features.get("RES_MODE", 0) != int(Residual.NONE)):
-        return "a 256-wide dgrad tile with the ReLU-mask or residual epilogue"
-    if kernel is conv_fprop_kernel and features.get("RES_MODE", 0) != int(Residual.NONE):
-        return "a 256-wide fprop tile with the residual epilogue"
-    return None
-
-
-def _config_tile(config) -> Tuple[int, int, int, int, int]:
+def _config_tile(config) -> Tile:
     kw = config.kwargs
     return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
 
 
-def selectable_tiles(kernel, features: dict) -> list:
-    """The kernel's tiles that may run a variant with these features (the ones ``spill_reason`` leaves)."""
-    return [t for t in _TILES[kernel] if spill_reason(kernel, t, features) is None]
+# ------------------------------------------------------------------------------- spills, from the compiled kernel
+def compile_tile(kernel, kwargs: dict, tile: Tile):
+    """The compiled kernel that a launch with ``kwargs`` runs with this tile: Triton's JIT binds and specialises
+    the arguments exactly as for the launch (integers equal to 1 become constants, multiples of 16 and aligned
+    pointers are marked divisible by 16), compiles for the current target, and caches it, so the launch or the
+    benchmark that follows reuses it."""
+    args = {n: v for n, v in kwargs.items() if n in kernel.arg_names and n not in _TILE_ARGS}
+    compiled = kernel.warmup(grid=(1,), **args, **tile_options(tile))
+    return compiled.result() if hasattr(compiled, "result") else compiled  # an asynchronous compile (Triton 3.6+)
+
+
+def tile_options(tile: Tile) -> dict:
+    """A tile's launch options, spelt as the autotuner passes them: the JIT's cache key holds the options as
+    given, so every launch of a tile (pruning's compile, the benchmark, the tuned or heuristic launch) finds the
+    same compiled kernel."""
+    return _configs([tile])[0].all_kwargs()
+
+
+def loaded_spill_bytes(compiled) -> int:
+    """Per-thread local memory of a compiled kernel, loaded on the current GPU: the registers it spills. Triton
+    reads it when it loads the module (``n_spills``, in 4-byte words); loading is what the launch does anyway."""
+    compiled._init_handles()
+    return 4 * compiled.n_spills
+
+
+def _gpu_spills(kernel, kwargs: dict, tile: Tile) -> int:
+    return loaded_spill_bytes(compile_tile(kernel, kwargs, tile))
+
+
+_spill_probe = _gpu_spills
+_spills: dict = {}  # (kernel, tuning key, tile) → spilled bytes, or None where it does not compile for this GPU
+
+
+@contextlib.contextmanager
+def spill_probe(probe):
+    """Measure spills with ``probe(kernel, kwargs, tile) → bytes`` inside the block, from a fresh memo: how the
+    pruning runs for a GPU that is not here (``fused_resnet.kernels.aot``: compiled for sm_90 on a CPU, the
+    spill read from the cubin) and in the tests (an injected measurement)."""
+    global _spill_probe, _spills
+    saved = _spill_probe, _spills
+    _spill_probe, _spills = probe, {}
+    try:
+        yield
+    finally:
+        _spill_probe, _spills = saved
+
+
+def tile_spills(kernel, kwargs: dict, tile: Tile) -> Optional[int]:
+    """Bytes the compiled kernel of this launch and tile spills, measured once per tuning key (which holds every
+    argument the compiled kernel depends on, ``tuning_key_args``); None where it cannot run on this GPU (out of
+    shared memory, ptxas refused it), as Triton's autotuner treats such a configuration."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    key = (kernel, tuning_key(_TUNED[kernel], kwargs), tile)
+    if key not in _spills:
+        try:
+            _spills[key] = _spill_probe(kernel, kwargs, tile)
+        except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
+            _spills[key] = None
+    return _spills[key]
+
+
+def selectable_tiles(kernel, kwargs: dict, tiles: Optional[Sequence[Tile]] = None) -> list:
+    """The tiles (of ``tiles``, default every tile of the kernel, in that order) that may run this launch: those
+    whose compiled kernel does not spill. If every one spills, the one that spills least (a launch needs one); if
+    none compiles, all of them, for Triton to report why."""
+    tiles = list(_TILES[kernel] if tiles is None else tiles)
+    spills = [(tile_spills(kernel, kwargs, t), t) for t in tiles]
+    clean = [t for b, t in spills if b == 0]
+    if clean:
+        return clean
+    compiled = [(b, i) for i, (b, _) in enumerate(spills) if b is not None]
+    return [tiles[min(compiled)[1]]] if compiled else tiles
 
 
 def _prune(kernel):
+    """Autotuning's early_config_prune: compiles each configuration for the launch (the benchmark would compile
+    it next) and drops those that spill before any is benchmarked."""
     def prune(configs, named_args, **kwargs):
-        return [c for c in configs if spill_reason(kernel, _config_tile(c), {**named_args, **kwargs}) is None]
+        by_tile = {_config_tile(c): c for c in configs}
+        return [by_tile[t] for t in selectable_tiles(kernel, {**named_args, **kwargs}, list(by_tile))]
     return prune
 
 
@@ -456,16 +536,31 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def heuristic_tile(tiles: Sequence[Tuple[int, int, int, int, int]], gemm_mnk: Tuple[int, int, int]):
-    """The configuration launched without benchmarking (FUSED_RESNET_AUTOTUNE=heuristic): the largest tile the
-    GEMM's rows and columns fill (the smallest one for a GEMM smaller than every tile), at most 128 columns wide
-    (the 256-wide tiles spill registers on sm_90)."""
+def heuristic_order(tiles: Sequence[Tile], gemm_mnk: Tuple[int, int, int]) -> list:
+    """The configurations FUSED_RESNET_AUTOTUNE=heuristic tries, best first, with no benchmarking: the tiles at
+    most 128 columns wide that the GEMM's rows and columns fill, largest first; then the other tiles at most 128
+    wide, smallest first; the 256-wide ones last (128 accumulator registers per thread: the first to spill, and
+    never measured to be faster here). ``heuristic_tile`` launches the first that does not spill."""
     m, n, _ = gemm_mnk
+
+    def area(t):
+        return t[0] * t[1], t[2]
+
     narrow = [t for t in tiles if t[1] <= 128]
     fits = [t for t in narrow if t[0] <= max(m, 64) and t[1] <= max(n, 64)]
-    if not fits:
-        return min(narrow, key=lambda t: (t[0] * t[1], t[2]))
-    return max(fits, key=lambda t: (t[0] * t[1], t[2]))
+    rest = [t for t in narrow if t not in fits]
+    wide = [t for t in tiles if t[1] > 128]
+    return sorted(fits, key=area, reverse=True) + sorted(rest, key=area) + sorted(wide, key=area)
+
+
+def heuristic_tile(kernel, kwargs: dict, gemm_mnk: Tuple[int, int, int]) -> Tile:
+    """The configuration launched without benchmarking: the first of ``heuristic_order`` whose compiled kernel
+    does not spill (compiled lazily, in that order: usually one compile per variant)."""
+    order = heuristic_order(_TILES[kernel], gemm_mnk)
+    for tile in order:
+        if tile_spills(kernel, kwargs, tile) == 0:
+            return tile
+    return selectable_tiles(kernel, kwargs, order)[0]
 
 
 _warned_untuned: set = set()
@@ -484,26 +579,30 @@ def _pow2(v: int, lo: int, hi: int) -> int:
 
 
 def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int]):
-    """Autotuned launch on the GPU (or one configuration from ``heuristic_tile``, see fused_resnet.kernels'
-    autotune modes). Under the interpreter, whose cost is per program and per loop step rather
+    """On the GPU ``_launch_tuned``. Under the interpreter, whose cost is per program and per loop step rather
     than per element, one tile fitted to the problem (capped by ``interpret_caps``) is launched directly:
     measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64."""
     if not INTERPRET:
-        tuned = _TUNED[kernel]
-        if autotune_mode() == "full":
-            # Benchmarking synchronises the device, which a CUDA graph capture forbids: inside one, a variant
-            # not tuned before (warm up first) takes the heuristic configuration, once announced.
-            if not _capturing() or tuning_key(tuned, kwargs) in tuned.cache:
-                tuned[grid](**kwargs)
-                return
-            _warn_untuned(kernel)
-        bm, bn, bk, warps, stages = heuristic_tile(selectable_tiles(kernel, kwargs), gemm_mnk)
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        kernel[grid(meta)](**kwargs, **meta, num_warps=warps, num_stages=stages)
+        _launch_tuned(kernel, grid, kwargs, gemm_mnk)
         return
     meta = {name: _pow2(v, 16, cap) for name, v, cap in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), gemm_mnk,
                                                             interpret_caps, strict=True)}
     kernel[grid(meta)](**kwargs, **meta)
+
+
+def _launch_tuned(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int]):
+    """Autotuned launch among the configurations whose compiled kernel does not spill, or one configuration from
+    ``heuristic_tile`` (see fused_resnet.kernels' autotune modes)."""
+    tuned = _TUNED[kernel]
+    if autotune_mode() == "full":
+        # Benchmarking synchronises the device, which a CUDA graph capture forbids: inside one, a variant not
+        # tuned before (warm up first) takes the heuristic configuration, once announced.
+        if not _capturing() or tuning_key(tuned, kwargs) in tuned.cache:
+            tuned[grid](**kwargs)
+            return
+        _warn_untuned(kernel)
+    options = tile_options(heuristic_tile(kernel, kwargs, gemm_mnk))
+    kernel[grid(options)](**kwargs, **options)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -775,12 +874,12 @@ def conv_dgrad(
     return out if len(out) > 1 else dx
 
 
-def _wgrad_split(m: int, tiles: int) -> int:
+def _wgrad_split(m: int, tiles: int, device: torch.device) -> int:
     """Reduction chunks for wgrad: enough programs to fill the GPU (~4 per SM) without chunks below 1024 pixels;
     one under the interpreter (fewer, larger programs run faster there)."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, (4 * sms) // max(tiles, 1))
     split = max(1, min(want, m // 1024, 64))
     return 1 << (split.bit_length() - 1)  # a power of two: few distinct autotune keys
@@ -812,7 +911,7 @@ def conv_wgrad(
         x_st = F.pad(x_st, (0, cp - c))
     m = n * p * q
     cols = triton.cdiv(r * s * cp, 128) if flat else r * s * triton.cdiv(c, 128)
-    split = _wgrad_split(m, triton.cdiv(k, 128) * cols)
+    split = _wgrad_split(m, triton.cdiv(k, 128) * cols, x.device)
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
     ws = _alloc((split, k, r, s, cp if flat else c), torch.float32, x.device)

@@ -19,9 +19,12 @@
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
+Every block op runs under its input's device guard: Triton launches on the current device and stream, which
+need not be the tensors' (a model on cuda:1 while cuda:0 is current).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -51,6 +54,21 @@ def _kernels():
     from ..kernels import bn_act, conv, drelu_dbn
 
     return conv, bn_act, drelu_dbn
+
+
+def _device_guard(device: torch.device):
+    """The context under which a block op on ``device`` launches its kernels: that CUDA device made current (and
+    with it its current stream, which Triton launches on); nothing for a CPU tensor (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_input_device(op):
+    """Runs a block op under the device guard of its first tensor argument (x, or dy for the backward)."""
+    @functools.wraps(op)
+    def guarded(self, spec, first, *args, **kwargs):
+        with _device_guard(first.device):
+            return op(self, spec, first, *args, **kwargs)
+    return guarded
 
 
 class TritonBackend(Backend):
@@ -83,6 +101,7 @@ class TritonBackend(Backend):
         """A handful of per-channel torch ops: no Triton kernel of its own (the update is not on any hot path)."""
         reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
+    @_on_input_device
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
         """Training forward, same outputs as reference.block_forward. Each conv computes its output's BN
         statistics in its epilogue (per-tile partials merged exactly), and applies the previous unit's BN + ReLU
@@ -121,6 +140,7 @@ class TritonBackend(Backend):
         return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances,
                        distributed.counts_tensor(counts, x) if spec.synced else None)
 
+    @_on_input_device
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
         """Backward, same results as reference.block_backward. One reduction kernel masks dy with [y > 0] and sums
@@ -194,6 +214,7 @@ class TritonBackend(Backend):
                     dx = dx.contiguous(memory_format=memory_format_of(x))
         return Grads(dx, d_residual, dws, dgammas, dbetas)
 
+    @_on_input_device
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
         """One conv kernel per conv, BN folded, bias / shortcut / ReLU in the epilogues."""
         conv_fprop = _kernels()[0].conv_fprop

@@ -16,7 +16,7 @@ from fused_resnet import backends, models, testing
 from fused_resnet.backends import folding, reference, registry, triton as triton_backend
 from fused_resnet.spec import BlockSpec, UnitSpec
 
-from conftest import GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block
+from conftest import GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block, requires_gpu
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPES = ["float32", "float16"] + (["bfloat16"] if GPU else [])
@@ -245,3 +245,69 @@ def test_compile_fullgraph_eval_on_triton():
         warnings.simplefilter("error")  # no fallback to reference
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_device_guard_is_the_inputs_cuda_device():
+    """The guard a block op enters: the input's CUDA device (Triton launches on the current one), nothing on a
+    CPU (the interpreter). Built, not entered: this needs no GPU."""
+    guard = triton_backend._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(triton_backend._device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_block_ops_launch_under_the_inputs_device_guard(monkeypatch):
+    """Training forward, backward and eval forward of a block each enter the guard of their input's device
+    (dy's for the backward) before their first conv-kernel launch and leave it after the last."""
+    import contextlib
+
+    from fused_resnet.kernels import conv as kernels
+
+    events = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    real = kernels._launch
+    monkeypatch.setattr(triton_backend, "_device_guard", guard)
+    monkeypatch.setattr(kernels, "_launch", lambda *args: events.append(("launch", None)) or real(*args))
+    triton_backend._kernels.cache_clear()
+    case = testing.BLOCK_CASES[1]  # a basic block with a projection shortcut: every kind of conv launch
+    n, h, w = case[5]
+    block = fused_resnet.convert(make_block(case, fused=False), backend="triton").to(DEVICE)
+    x = torch.randn(n, case[1], h, w, device=DEVICE, requires_grad=True)
+    block.train()(x).sum().backward()
+    with torch.no_grad():
+        block.eval()(x)
+    spans, depth = [], 0
+    for kind, device in events:
+        if kind == "enter":
+            assert depth == 0 and device == x.device
+            spans.append(0)
+        elif kind == "exit":
+            assert device == x.device
+        else:
+            assert depth == 1, "a conv kernel launched outside the device guard"
+            spans[-1] += 1
+        depth += {"enter": 1, "exit": -1, "launch": 0}[kind]
+    assert depth == 0 and len(spans) == 3 and all(spans), spans  # forward, backward, eval; each launches
+
+
+@requires_gpu
+def test_a_model_on_another_device_than_the_current_one():
+    """A block on cuda:1 while cuda:0 is current: trained and evaluated on cuda:1 (its kernels launched there),
+    against float64 with the rule, and cuda:0 is current again afterwards."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    case = testing.BLOCK_CASES[7]
+    n, h, w = case[5]
+    x = torch.randn(n, case[1], h, w, generator=torch.Generator().manual_seed(9))
+    with torch.cuda.device(0):
+        checks = testing.compare_models(
+            _randomized(make_block(case, fused=False)), lambda m: fused_resnet.convert(m, backend="triton",
+                                                                                      inplace=True),
+            x, torch.float32, torch.device("cuda", 1), channels_last=True, train_steps=2)
+        assert torch.cuda.current_device() == 0
+    assert_checks(checks, "cuda:1 while cuda:0 is current")

@@ -244,17 +244,20 @@ def test_new_batch_size_does_not_recompile(K):
     assert sum(len(c[0]) for c in caches.values()) == count
 
 
-def test_heuristic_tile_fits_the_problem_and_never_picks_a_spilling_width(K):
-    """FUSED_RESNET_AUTOTUNE=heuristic: the largest tile the GEMM fills, never the 256-wide one (it spills on
-    sm_90); a wgrad with 64 output channels takes a 64-row tile."""
-    assert K.heuristic_tile(K._GEMM_TILES, (256 * 56 * 56, 64, 576)) == (128, 64, 64, 8, 4)
-    assert K.heuristic_tile(K._GEMM_TILES, (256 * 14 * 14, 1024, 256)) == (128, 128, 64, 8, 3)
-    assert K.heuristic_tile(K._GEMM_TILES, (32, 16, 8)) == (128, 64, 64, 8, 4)  # smaller than every tile
-    assert K.heuristic_tile(K._WGRAD_TILES, (64, 576, 4096)) == (64, 128, 64, 4, 4)
-    assert K.heuristic_tile(K._WGRAD_TILES, (64, 48, 4096)) == (64, 64, 128, 4, 3)
+def test_heuristic_order_fits_the_problem_and_tries_the_256_wide_tile_last(K):
+    """FUSED_RESNET_AUTOTUNE=heuristic tries first the largest tile the GEMM fills, the 256-wide one last (the first
+    to spill on sm_90); a wgrad with 64 output channels takes a 64-row tile."""
+    first = lambda tiles, mnk: K.heuristic_order(tiles, mnk)[0]  # noqa: E731
+    assert first(K._GEMM_TILES, (256 * 56 * 56, 64, 576)) == (128, 64, 64, 8, 4)
+    assert first(K._GEMM_TILES, (256 * 14 * 14, 1024, 256)) == (128, 128, 64, 8, 3)
+    assert first(K._GEMM_TILES, (32, 16, 8)) == (128, 64, 64, 8, 4)  # smaller than every tile
+    assert first(K._WGRAD_TILES, (64, 576, 4096)) == (64, 128, 64, 4, 4)
+    assert first(K._WGRAD_TILES, (64, 48, 4096)) == (64, 64, 128, 4, 3)
     for tiles in (K._GEMM_TILES, K._WGRAD_TILES):
         for mnk in [(1, 1, 1), (10**6, 4096, 64), (64, 64, 64), (100, 3000, 7)]:
-            assert K.heuristic_tile(tiles, mnk)[1] <= 128
+            order = K.heuristic_order(tiles, mnk)
+            assert sorted(order) == sorted(tiles) and order[0][1] <= 128
+            assert [t[1] > 128 for t in order] == sorted(t[1] > 128 for t in order)  # wide ones last
 
 
 def _launches(K, monkeypatch, *calls):
@@ -300,43 +303,171 @@ def test_tuning_key_is_the_autotuners(K, monkeypatch):
     monkeypatch.setattr(tuned, "cache_results", False)
     monkeypatch.setattr(tuned, "_bench", lambda *a, config, **kw: [float(config.kwargs["BLOCK_M"])] * 3)
     monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: None)
-    tuned.run(grid=(1,), warmup=False, **kwargs)
+    with K.spill_probe(_Spills({})):  # the prune hook's measurement: nothing compiles under the interpreter
+        tuned.run(grid=(1,), warmup=False, **kwargs)
     assert list(tuned.cache) == [K.tuning_key(tuned, kwargs)]
 
 
-def test_spilling_tiles_are_never_selectable(K):
-    """Autotuning's prune hook drops the tiles measured to spill for a variant's features, and every feature
-    combination keeps at least two tiles to choose from."""
-    import itertools
-
-    for kernel, tiles in K._TILES.items():
-        names = [n for n in K.constexpr_args(kernel) if n not in K._TILE_ARGS + ("R", "S", "CP", "UPCAST", "PRECISION")]
-        for values in itertools.product(*[(0, 1) if n != "RES_MODE" else (0, 1, 3) for n in names]):
-            features = dict(zip(names, values))
-            kept = K._prune(kernel)(K._configs(tiles), {}, **features)
-            assert len(kept) >= 2, (kernel.__name__, features)
-            assert all(K.spill_reason(kernel, K._config_tile(c), features) is None for c in kept)
-            assert [K._config_tile(c) for c in kept] == K.selectable_tiles(kernel, features)  # the heuristic's
-    assert K.spill_reason(K.conv_dgrad_kernel, (64, 128, 64, 4, 4), {"MASK": True, "RELU_OUT": True}) is not None
-    wide = (128, 256, 64, 8, 3)
-    assert K.spill_reason(K.conv_dgrad_kernel, wide, {"MASK": True, "RES_MODE": 0}) is not None
-    assert K.spill_reason(K.conv_fprop_kernel, wide, {"RES_MODE": 1}) is not None
-    assert K.spill_reason(K.conv_fprop_kernel, wide, {"RES_MODE": 0, "STATS": True}) is None
+def test_tuning_key_holds_every_specialised_integer(K):
+    """The autotuning key holds every integer argument Triton specialises on (a value of 1 becomes a constant, a
+    multiple of 16 is marked divisible: both change the compiled kernel and its registers), so the spill check
+    made for one key holds for every launch under it; batch and spatial sizes are not in it."""
+    for kernel in K._TILES:
+        params = K.inspect.signature(kernel.fn).parameters
+        ints = {n for n in params if not n.endswith("_ptr") and n not in K.constexpr_args(kernel)}
+        key = set(K.tuning_key_args(kernel))
+        assert ints - key == set(K._NOT_SPECIALISED[kernel]), kernel.__name__
+        assert {"C", "K", "stride_h", "stride_w", "pad_h", "pad_w"} <= key and not set(K._SIZE_ARGS) & key
 
 
-def test_autotuner_prunes_with_the_launch_features(K, monkeypatch):
-    """The hook is installed: Triton's Autotuner, given a dgrad launch with the ReLU-mask epilogue, never
-    benchmarks the 256-wide tile."""
-    shape = testing.ConvShape(2, 16, 6, 6, 16, 3, 3, 1, (1, 1))
-    x, w, dy = shape.problem(torch.float32, DEVICE)
-    ones = torch.ones(16, device=DEVICE)
-    seen = _launches(K, monkeypatch, lambda: K.conv_dgrad(dy, w, (6, 6), (1, 1), (1, 1),
-                                                           relu_of=(x, ones, ones, ones, ones)))
-    kernel, kwargs = seen[0]
+def _residual_fprop(K, n=1, pad=(1, 1)):
+    """A 3x3 fprop with bias, residual and ReLU epilogue (float32, 64 GEMM rows at n = 1) and its float64 twin."""
+    shape = testing.ConvShape(n, 16, 8, 8, 16, 3, 3, 1, pad)
+    x, w, _ = shape.problem(torch.float32, DEVICE)
+    res = torch.randn(n, 16, *shape.out_hw, device=DEVICE)
+    bias = torch.randn(16, device=DEVICE)
+
+    def run():
+        return K.conv_fprop(x, w, (1, 1), pad, bias=bias, residual=res, relu=True)
+
+    def want():
+        return F.conv2d(x.double(), w.double(), bias.double(), 1, pad).add(res.double()).relu()
+    return run, want
+
+
+class _Spills:
+    """An injected spill measurement (kernels.conv.spill_probe): ``table`` maps a tile to the bytes its compiled
+    kernel spills (0 if absent); every call is recorded."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def __call__(self, kernel, kwargs, tile):
+        self.calls.append((kernel, tile))
+        return self.table.get(tile, 0)
+
+
+def _launched_tiles(K, monkeypatch, kernel):
+    """The (BLOCK_M, BLOCK_N, BLOCK_K) of every launch of ``kernel`` that runs (interpreted)."""
+    seen = []
+    real = kernel.run
+
+    def run(*args, **kwargs):
+        seen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    return seen
+
+
+def test_spilling_configurations_are_never_benchmarked_or_chosen(K, monkeypatch):
+    """Triton's Autotuner, running the prune hook, with the spill of each compiled configuration injected (the
+    interpreter compiles nothing): the spilling ones are never benchmarked though they would time fastest, the
+    fastest clean one is launched, and the conv is right."""
+    kernel = K.conv_fprop_kernel
     tuned = K._TUNED[kernel]
-    monkeypatch.setattr(tuned, "nargs", {}, raising=False)
-    kept = [K._config_tile(c) for c in tuned.prune_configs(kwargs)]
-    assert (128, 256, 64, 8, 3) not in kept and len(kept) == 3
+    wide, square = (128, 256, 64, 8, 3), (128, 128, 64, 8, 3)
+    spills = _Spills({wide: 216, square: 40})
+    timings = {wide: 1.0, square: 2.0, (128, 64, 64, 8, 4): 4.0, (64, 128, 64, 4, 4): 3.0}
+    benched = []
+
+    def bench(*args, config, **kwargs):
+        benched.append(K._config_tile(config))
+        return [timings[K._config_tile(config)]] * 3
+
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)
+    monkeypatch.setattr(tuned, "_bench", bench)
+    monkeypatch.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: K._launch_tuned(kernel, grid, kwargs,
+                                                                                                mnk))
+    launched = _launched_tiles(K, monkeypatch, kernel)
+    run, want = _residual_fprop(K)
+    with K.spill_probe(spills):
+        y = run()
+    assert sorted(benched) == [(64, 128, 64, 4, 4), (128, 64, 64, 8, 4)]
+    assert launched == [(64, 128, 64)]
+    assert sorted(t for _, t in spills.calls) == sorted(K._GEMM_TILES)  # each compiled once, before benchmarking
+    torch.testing.assert_close(y.double(), want(), rtol=1e-4, atol=1e-4)
+
+
+def test_heuristic_mode_launches_the_first_tile_that_does_not_spill(K, monkeypatch):
+    """FUSED_RESNET_AUTOTUNE=heuristic: the heuristic's first choice spills (injected), so the next one in its
+    order runs; only those two are compiled, once per tuning key (a new batch size measures nothing again, a new
+    padding does)."""
+    kernel = K.conv_fprop_kernel
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "heuristic")
+    monkeypatch.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: K._launch_tuned(kernel, grid, kwargs,
+                                                                                                mnk))
+    launched = _launched_tiles(K, monkeypatch, kernel)
+    first, second = K.heuristic_order(K._GEMM_TILES, (64, 16, 144))[:2]
+    spills = _Spills({first: 8})
+    with K.spill_probe(spills):
+        run, want = _residual_fprop(K)
+        torch.testing.assert_close(run().double(), want(), rtol=1e-4, atol=1e-4)
+        assert [t for _, t in spills.calls] == [first, second] and launched == [second[:3]]
+        _residual_fprop(K, n=2)[0]()
+        assert len(spills.calls) == 2 and launched[-1] == second[:3]
+        _residual_fprop(K, pad=(0, 0))[0]()
+        assert [t for _, t in spills.calls[2:]] == [first, second] and launched[-1] == second[:3]
+
+
+def _recorded_kwargs(K, call):
+    """The keyword arguments of the one conv-kernel launch ``call`` makes (nothing runs)."""
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: seen.append(kwargs))
+        call()
+    return seen[0]
+
+
+def test_selectable_tiles_when_every_tile_spills_or_none_compiles(K):
+    """A launch needs a configuration: if every one spills, the one spilling least; if none compiles for this GPU
+    (out of shared memory, ptxas refused: as Triton's autotuner treats them), all of them, for Triton to report."""
+    from triton.runtime.errors import OutOfResources
+
+    kernel = K.conv_fprop_kernel
+    kwargs = _recorded_kwargs(K, _residual_fprop(K)[0])
+    with K.spill_probe(_Spills({t: 100 - t[1] // 4 for t in K._GEMM_TILES})):
+        assert K.selectable_tiles(kernel, kwargs) == [(128, 256, 64, 8, 3)]
+        assert K.heuristic_tile(kernel, kwargs, (64, 16, 144)) == (128, 256, 64, 8, 3)
+
+    def out_of_memory(kernel, kwargs, tile):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    with K.spill_probe(out_of_memory):
+        assert K.selectable_tiles(kernel, kwargs) == K._GEMM_TILES
+    with K.spill_probe(_Spills({})):
+        assert K.selectable_tiles(kernel, kwargs) == K._GEMM_TILES
+
+
+@requires_gpu
+def test_autotuning_on_the_gpu_never_benchmarks_a_configuration_that_spills(K, monkeypatch):
+    """On the GPU the prune hook measures each tile from the loaded kernel (n_spills): every tile of a dgrad with
+    every epilogue is measured once, the benchmarked and the chosen ones spill nothing, and on an sm_90 GPU the
+    measurement agrees with the stack frame of the sm_90 cubin (what bench/aot_check.py reads without a GPU)."""
+    from fused_resnet.kernels import aot
+
+    monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "full")
+    kernel = K.conv_dgrad_kernel
+    tuned = K._TUNED[kernel]
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)
+    monkeypatch.setattr(tuned, "configs_timings", {}, raising=False)
+    monkeypatch.setattr(K, "_spills", {})
+    shape = testing.ConvShape(8, 64, 14, 14, 64, 3, 3, 1, (1, 1))
+    x, w, dy = shape.problem(torch.bfloat16, DEVICE)
+    vec = [torch.rand(64, device=DEVICE) + 0.5 for _ in range(7)]
+    seen = _launches(K, monkeypatch, lambda: K.conv_dgrad(dy, w, (14, 14), (1, 1), (1, 1), dbn=(dy, *vec[:4]),
+                                                           relu_of=(x, *vec[4:], vec[0]), relu_out=True))
+    kwargs = seen[0][1]
+    key = K.tuning_key(tuned, kwargs)
+    spills = {t: K._spills[(kernel, key, t)] for t in K._GEMM_TILES}
+    assert all(b is not None for b in spills.values()), spills
+    assert spills[K._config_tile(tuned.cache[key])] == 0, spills
+    assert all(spills[K._config_tile(c)] == 0 for c in tuned.configs_timings), spills
+    if torch.cuda.get_device_capability() == (9, 0):
+        cubin = aot.spill_probe(90)
+        assert {t: cubin(kernel, kwargs, t) > 0 for t in K._GEMM_TILES} == {t: b > 0 for t, b in spills.items()}
 
 
 def test_channel_counts_share_one_compiled_variant(K, monkeypatch):

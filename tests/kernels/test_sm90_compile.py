@@ -1,64 +1,128 @@
-"""GPU readiness on a machine without a GPU: the Triton kernels compile for sm_90 (Hopper) ahead of time, and the
-conv kernels' dots become wgmma. The interpreter runs the kernels' Python, not Triton's GPU compiler: a kernel
-that only fails to compile for a GPU (a non-constexpr global, a type error in a branch the interpreter skips)
-is caught here. One variant per kernel family and epilogue kind, bf16 operands. The compiles run in a child
-process without TRITON_INTERPRET (the test session's kernels are interpreted)."""
+"""GPU readiness on a machine without a GPU: the Triton kernels compile for sm_90 (Hopper) ahead of time, as Triton's
+JIT compiles them there, and the conv kernels' dots become wgmma. The interpreter runs the kernels' Python, not
+Triton's GPU compiler: a kernel that only fails to compile for a GPU (a non-constexpr global, a type error in a
+branch the interpreter skips) is caught here. One launch per kernel family and epilogue kind, bf16, recorded from
+the kernels' host functions in this (interpreted) session on ResNet's 3x3 / 1x1 / stem shapes, then compiled in a
+child process without TRITON_INTERPRET through the JIT's own argument binding (fused_resnet.kernels.aot): stride
+and padding 1 are constants there, channel counts of 64 divisible by 16, as on the GPU. The same child runs the
+spill pruning of autotuning with the spill read from the sm_90 cubins."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-def _variants():
+TILE = (128, 64, 64, 8, 4)
+BF16 = torch.bfloat16
+
+
+def _record(call, kernels) -> list:
+    """(kernel name, launch arguments) of every launch ``call`` makes of the given kernels; nothing runs."""
+    from fused_resnet.kernels import aot, conv
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv, "_launch", lambda kernel, grid, kwargs, mnk, caps: seen.append((kernel, kwargs)))
+        for k in kernels:
+            mp.setattr(k, "run", lambda *a, _k=k, grid, warmup, **kwargs: seen.append((_k, kwargs)))
+        call()
+    return [(k.__name__, aot.describe(kw)) for k, kw in seen]
+
+
+def _launches() -> list:
+    """[name, kernel name, described arguments, tile or None (a launch with Triton's default warps and stages)]."""
     from fused_resnet.kernels import bn_act, conv, drelu_dbn
-    from fused_resnet.spec import Residual
 
-    gemm = dict(UPCAST=False, PRECISION="tf32", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
-    return [
-        ("fprop 3x3 prologue+stats", conv.conv_fprop_kernel,
-         dict(R=3, S=3, ROW=False, CP=1, PROLOGUE=True, STATS=True, HAS_BIAS=False,
-              RES_MODE=int(Residual.NONE), RELU=False, **gemm), True),
-        ("fprop 1x1 bias+option A+relu", conv.conv_fprop_kernel,
-         dict(R=1, S=1, ROW=False, CP=1, PROLOGUE=False, STATS=False, HAS_BIAS=True,
-              RES_MODE=int(Residual.OPTION_A), RELU=True, **gemm), True),
-        ("fprop 7x7 stem (row layout)", conv.conv_fprop_kernel,
-         dict(R=7, S=7, ROW=True, CP=8, PROLOGUE=False, STATS=True, HAS_BIAS=False, RES_MODE=int(Residual.NONE),
-              RELU=False, **gemm), True),
-        ("dgrad dbn+mask+stats+relu out+residual", conv.conv_dgrad_kernel,
-         dict(R=3, S=3, DBN=True, MASK=True, STATS=True, RELU_OUT=True, RES_MODE=int(Residual.TENSOR), **gemm),
-         True),
-        ("wgrad 3x3 dbn (input written by dgrad)", conv.conv_wgrad_kernel,
-         dict(R=3, S=3, FLAT=False, CP=1, DBN=True, PROLOGUE=False, **gemm), True),
-        ("wgrad dbn+prologue", conv.conv_wgrad_kernel,
-         dict(R=3, S=3, FLAT=False, CP=1, DBN=True, PROLOGUE=True, **gemm), True),
-        ("wgrad 7x7 stem (flat, padded channels)", conv.conv_wgrad_kernel,
-         dict(R=7, S=7, FLAT=True, CP=8, DBN=True, PROLOGUE=False, **gemm), True),
-        ("bn_act affine", bn_act.bn_act_kernel,
-         dict(RES_MODE=int(Residual.AFFINE), RELU=True, BLOCK_M=64, BLOCK_C=64), False),
-        ("bn_act option A", bn_act.bn_act_kernel,
-         dict(RES_MODE=int(Residual.OPTION_A), RELU=True, BLOCK_M=64, BLOCK_C=64), False),
-        ("drelu_dbn_reduce", drelu_dbn.drelu_dbn_reduce_kernel, dict(MASK=True, BLOCK_M=128, BLOCK_C=64), False),
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, dtype=BF16):
+        v = torch.randn(*shape, generator=g).to(dtype)
+        return v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+
+    def vec(c=64):
+        return t(c, dtype=torch.float32)
+
+    x, w3, w1 = t(2, 64, 8, 8), t(64, 64, 3, 3), t(64, 64, 1, 1)
+    block_in = t(2, 32, 16, 16)
+    dy, a, prev = t(2, 64, 8, 8), t(2, 64, 8, 8), t(2, 64, 8, 8)
+    dbn = (a, vec(), vec(), vec(), vec())
+    stem_x, stem_w, stem_dy = t(2, 3, 32, 32), t(64, 3, 7, 7), t(2, 64, 16, 16)
+    cases = [
+        ("fprop 3x3 prologue+stats", lambda: conv.conv_fprop(x, w3, (1, 1), (1, 1), in_affine=(vec(), vec()),
+                                                             stats=True), TILE),
+        ("fprop 1x1 bias+option A+relu", lambda: conv.conv_fprop(x, w1, bias=vec(), residual=block_in,
+                                                                 option_a_stride=(2, 2), relu=True), TILE),
+        ("fprop 7x7 stem (row layout)", lambda: conv.conv_fprop(stem_x, stem_w, (2, 2), (3, 3), stats=True), TILE),
+        ("dgrad dbn+mask+stats+relu out+residual", lambda: conv.conv_dgrad(
+            dy, w3, (8, 8), (1, 1), (1, 1), dbn=dbn, relu_of=(prev, vec(), vec(), vec(), vec()),
+            residual=t(2, 64, 8, 8), relu_out=True), TILE),
+        ("wgrad 3x3 dbn (input written by dgrad)", lambda: conv.conv_wgrad(dy, x, (3, 3), (1, 1), (1, 1), dbn=dbn),
+         TILE),
+        ("wgrad dbn+prologue", lambda: conv.conv_wgrad(dy, x, (3, 3), (1, 1), (1, 1), dbn=dbn,
+                                                       in_affine=(vec(), vec())), TILE),
+        ("wgrad 7x7 stem (flat, padded channels)", lambda: conv.conv_wgrad(
+            stem_dy, stem_x, (7, 7), (2, 2), (3, 3), dbn=(stem_dy, vec(), vec(), vec(), vec())), TILE),
+        ("bn_act affine", lambda: bn_act.bn_act(a, vec(), vec(), residual=prev, residual_affine=(vec(), vec())),
+         None),
+        ("bn_act option A", lambda: bn_act.bn_act(a, vec(), vec(), residual=block_in, option_a_stride=(2, 2)), None),
+        ("drelu_dbn_reduce", lambda: drelu_dbn.drelu_dbn_reduce(dy, a, vec(), vec(), y=prev), None),
     ]
+    own = [bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel]
+    out = []
+    for name, call, tile in cases:
+        (kernel, args), = _record(call, own)
+        out.append([name, kernel, args, tile])
+    return out
 
 
-def compile_all() -> list:
-    """fused_resnet.kernels.aot.compile_variant's row for every variant (run without the interpreter)."""
-    from fused_resnet.kernels import aot
+PRUNED = ("fprop 1x1 bias+option A+relu", "dgrad dbn+mask+stats+relu out+residual")  # every tile, then pruned
 
-    # a ResNet launch specialises its channel counts as multiples of 16 (kernels.aot.specialized)
-    return [{"name": name, "gemm": is_gemm,
-             **aot.compile_variant(fn, constexprs, "bfloat16", 8 if is_gemm else 4, 4 if is_gemm else 3,
-                                   divisible=("C", "K") if is_gemm else ())}
-            for name, fn, constexprs, is_gemm in _variants()]
+
+def compile_all(launches: list) -> list:
+    """For every launch: fused_resnet.kernels.aot's analysis of its sm_90 compile, what the JIT specialised, and
+    for those in PRUNED every tile's spill with what autotuning's pruning keeps (run without the interpreter)."""
+    from fused_resnet.kernels import aot, bn_act, conv, drelu_dbn
+
+    kernels = {k.__name__: k for k in [*conv._TILES, bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel]}
+    rows = []
+    for name, kernel_name, args, tile in launches:
+        kernel = kernels[kernel_name]
+        kwargs = aot.rebuild(args)
+        if "PRECISION" in kwargs:  # as the GPU's launcher passes them (the trace ran under the interpreter)
+            kwargs.update(UPCAST=False, PRECISION=conv._precision(BF16))
+        row = {"name": name, "gemm": tile is not None}
+        try:
+            compiled = (aot.compile_launch(kernel, kwargs, 90) if tile is None
+                        else aot.compile_tile(kernel, kwargs, tuple(tile), 90))
+        except Exception as e:  # reported per launch
+            rows.append({**row, "ok": False, "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+            continue
+        row.update(ok=True, error=None, **aot.specialisation(compiled), **aot.analyse(compiled))
+        if name in PRUNED:
+            probe = aot.spill_probe(90)
+            row["spills"] = [[list(t), probe(kernel, kwargs, t)] for t in conv._TILES[kernel]]
+            with conv.spill_probe(probe):
+                row["selectable"] = [list(t) for t in conv.selectable_tiles(kernel, kwargs)]
+                row["heuristic"] = list(conv.heuristic_tile(kernel, kwargs, (128, 64, 576)))
+            with aot.for_target(90):  # what Triton's autotuner then calls for each kept configuration
+                cache = kernel.device_caches[aot._TargetDriver(90).device][0]
+                before = len(cache)
+                for t in row["selectable"]:
+                    kernel.run(grid=(1,), warmup=True, **kwargs, **conv.tile_options(tuple(t)))
+            row["compiled_again"] = len(cache) - before
+        rows.append(row)
+    return rows
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__], env=env, input=json.dumps(_launches()), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -66,8 +130,8 @@ def compiled():
 @pytest.mark.parametrize("index", range(10), ids=lambda i: f"variant{i}")
 def test_kernel_compiles_for_sm90(compiled, index):
     """Compiles; within Hopper's limits; a conv's dots become wgmma, its main loop is one software-pipelined loop
-    fed by asynchronous copies (kernels.aot.pipelined), and nothing spills (these variants at the 128x64x64 tile,
-    8 warps, 4 stages; ResNet's 3x3 / 1x1 / stem shapes; bench/aot_check.py covers every configuration)."""
+    fed by asynchronous copies (kernels.aot.pipelined), and nothing spills (these launches at the 128x64x64 tile,
+    8 warps, 4 stages; bench/aot_check.py covers every configuration of every launch of a model)."""
     row = compiled[index]
     assert row["ok"], f"{row['name']}: {row['error']}"
     assert row["smem_bytes"] <= 227 * 1024 and row["regs"] <= 255, row  # Hopper's limits per block / thread
@@ -79,5 +143,33 @@ def test_kernel_compiles_for_sm90(compiled, index):
         assert row["mma_overlap"], f"{row['name']}: waits for each wgmma before issuing the next"
 
 
+def test_the_compile_is_the_jits_specialisation(compiled):
+    """Stride, padding and the unused residual geometry equal to 1 are constants of the compiled kernel and the
+    64-channel counts are divisible by 16, as the JIT specialises a GPU launch (a runtime i32 instead changes the
+    registers and spills)."""
+    fprop = compiled[0]
+    assert {"stride_h", "stride_w", "pad_h", "pad_w", "RES_C", "res_stride_h", "res_stride_w"} <= set(
+        fprop["equal_to_1"])
+    assert {"C", "K", "x_ptr", "w_ptr", "y_ptr"} <= set(fprop["divisible_by_16"])
+    assert not {"N", "H", "W", "P", "Q"} & set(fprop["equal_to_1"] + fprop["divisible_by_16"])  # sizes: not at all
+    stem = compiled[2]
+    assert "C" not in stem["divisible_by_16"] and {"pad_h", "stride_h"}.isdisjoint(stem["equal_to_1"])
+
+
+def test_autotuning_prunes_exactly_the_tiles_whose_sm90_compile_spills(compiled):
+    """The pruning rule of autotuning (kernels.conv.selectable_tiles), measured on the sm_90 compile: a tile is
+    kept if and only if its compiled kernel does not spill, and the heuristic choice is one of those. The dgrad
+    with every epilogue spills in its 256-wide tile, so the rule has something to drop."""
+    pruned = [r for r in compiled if "spills" in r]
+    assert len(pruned) == len(PRUNED)
+    for row in pruned:
+        clean = [t for t, b in row["spills"] if b == 0]
+        assert clean and row["selectable"] == clean, row
+        assert row["heuristic"] in clean
+    dgrad = dict((tuple(t), b) for t, b in pruned[1]["spills"])
+    assert dgrad[(128, 256, 64, 8, 3)] > 0
+    assert all(r["compiled_again"] == 0 for r in pruned)  # the benchmark and launch reuse pruning's compile
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    print(json.dumps(compile_all(json.load(sys.stdin))))

@@ -50,9 +50,10 @@ def test_bench_host_overhead_smoke(tmp_path):
 
 
 def test_aot_check_smoke(tmp_path):
-    """bench/aot_check.py traces a converted model's conv launches and compiles the first variant for sm_90 with
-    each of its kernel's tile configurations: the report has the documented schema, every compile succeeds and
-    the variant meets the static targets (exit status 0)."""
+    """bench/aot_check.py traces a converted model's conv launches on every path (train, eval, eval with
+    autograd; NCHW and channels_last) and compiles the launches of the first tuning key for sm_90 through the JIT
+    with each of its kernel's tile configurations: the report has the documented schema, every compile succeeds
+    and meets the static targets (exit status 0)."""
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_check.py"), "--model", "cifar_resnet20",
                            "--limit", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
@@ -60,10 +61,12 @@ def test_aot_check_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["arch"] == "sm_90" and report["kernels"]
     fields = {"kernel", "features", "config", "ok", "error", "regs", "spill_bytes", "smem_bytes", "mma", "async_copy",
-              "pipelined", "mma_overlap", "selectable", "divisible_by_16", "heuristic"}
+              "pipelined", "mma_overlap", "selectable", "equal_to_1", "divisible_by_16", "heuristic"}
     assert all(fields <= set(r) and r["ok"] and r["mma"] == "wgmma" for r in report["kernels"])
+    assert len(report["paths"]) == 6 and report["launches"] > report["tuning_keys"] == 1
     assert report["targets"] and all(report["targets"].values()), report["targets"]
     assert sum(r["heuristic"] for r in report["kernels"]) >= 1
+    assert report["summary"]["compiles"] == len(report["kernels"]) >= 4
 
 
 def test_bench_inference_smoke_and_schema(tmp_path):
