@@ -21,6 +21,7 @@
 
 #include <array>
 
+#include "account.h"
 #include "cudnn_fusion.h"
 #include "ops.h"
 #include "spec.h"
@@ -30,11 +31,22 @@ namespace {
 
 constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 
-at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(kNHWC); }
-at::Tensor f32(const at::Tensor& v) { return v.to(at::kFloat).contiguous(); }
+// `result`, a layout or dtype conversion of t: a copy kernel where it is not t itself (the launch account's).
+at::Tensor converted(const char* what, const at::Tensor& t, const at::Tensor& result) {
+  if (!result.is_same(t)) account::launch(what, "copy", {t}, {result});
+  return result;
+}
+
+at::Tensor nhwc(const at::Tensor& t) { return converted("to channels_last", t, t.contiguous(kNHWC)); }
+at::Tensor f32(const at::Tensor& v) { return converted("to float32", v, v.to(at::kFloat).contiguous()); }
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  return converted("to the input's layout", t, t.contiguous(fmt));
+}
 
 // A running statistic in fp32, always a copy: the running update writes the buffer after the op has read it.
-at::Tensor running_f32(const at::Tensor& v) { return v.to(at::kFloat, false, /*copy=*/true).contiguous(); }
+at::Tensor running_f32(const at::Tensor& v) {
+  return converted("running statistic copy", v, v.to(at::kFloat, false, /*copy=*/true).contiguous());
+}
 
 // Elements per channel of an [N, C, H, W] tensor: the count behind its BN statistics.
 int64_t per_channel(const at::Tensor& a) { return a.size(1) == 0 ? 0 : a.numel() / a.size(1); }
@@ -44,14 +56,23 @@ at::MemoryFormat format_of(const at::Tensor& x) {
   return x.dim() == 4 && x.is_contiguous(kNHWC) && !x.is_contiguous() ? kNHWC : at::MemoryFormat::Contiguous;
 }
 
+// A convolution's output as cuDNN writes it for an NHWC input: in NHWC. (ATen's meta convolution, the launch
+// account's dry run, answers NCHW, which would count a copy the GPU never makes.)
+at::Tensor as_cudnn_writes(const at::Tensor& t) { return t.is_meta() ? t.contiguous(kNHWC) : t; }
+
 at::Tensor conv_fprop(const UnitSpec& u, const at::Tensor& input, const at::Tensor& w) {
-  return nhwc(at::convolution(input, w, std::nullopt, u.stride, u.padding, u.dilation, false, {0, 0}, u.groups));
+  at::Tensor y = as_cudnn_writes(
+      at::convolution(input, w, std::nullopt, u.stride, u.padding, u.dilation, false, {0, 0}, u.groups));
+  account::launch("conv fprop", "conv", {input, w}, {y}, account::conv_flops(w.sizes(), y.sizes()));
+  return nhwc(y);
 }
 
 void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
                  std::initializer_list<size_t> per_unit, bool has_residual) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D [N, C, H, W] input, got ", shape_str(x.sizes()));
-  TORCH_CHECK(x.is_cuda() || x.is_cpu(), op, ": expected a CUDA (or CPU) tensor, got one on ", x.device());
+  // meta: the launch account's dry run (the *_account ops)
+  TORCH_CHECK(x.is_cuda() || x.is_cpu() || x.is_meta(), op, ": expected a CUDA (or CPU) tensor, got one on ",
+              x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, ": expected float32, float16 or bfloat16, got ", x.scalar_type());
   for (size_t len : per_unit) {
@@ -196,7 +217,11 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
   auto fused = [&](size_t i, const at::Tensor& input, const std::optional<at::Tensor>& res,
                    bool relu) -> std::optional<at::Tensor> {
     if (fusion::ineligible(xc, weights[i], spec.units[i], graphs)) return std::nullopt;
-    const at::Tensor w = folded ? weights[i] : (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
+    at::Tensor w = weights[i];
+    if (!folded) {
+      w = (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
+      account::launch("fold W·s", "elementwise", {weights[i], s[i]}, {w});
+    }
     auto f = fusion::fprop(spec.units[i], input, w, std::nullopt, false, t[i], res, relu);
     return f ? std::optional<at::Tensor>(f->y) : std::nullopt;
   };
@@ -240,7 +265,7 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
               residual.has_value());
   Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual,
                       graphs);
-  std::vector<at::Tensor> out{f.y.contiguous(format_of(x))};
+  std::vector<at::Tensor> out{in_format(f.y, format_of(x))};
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
   out.insert(out.end(), f.variances.begin(), f.variances.end());
@@ -262,7 +287,7 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
     std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), running_f32(running_means[i]),
                                                 running_f32(running_vars[i]), spec.units[i].eps);
   }
-  return inference(spec, x, weights, s, t, false, residual, graphs).contiguous(format_of(x));
+  return in_format(inference(spec, x, weights, s, t, false, residual, graphs), format_of(x));
 }
 
 at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, at::TensorList shifts,
@@ -276,8 +301,9 @@ at::Tensor block_inference_folded(const at::Tensor& x, at::TensorList weights, a
     TORCH_CHECK(t[i].dim() == 1 && t[i].size(0) == weights[i].size(0), "block_inference_folded: expected shift ", i,
                 " as a [", weights[i].size(0), "] vector (one per output channel), got ", shape_str(t[i].sizes()));
     s.push_back(at::ones_like(t[i]));
+    account::launch("ones", "elementwise", {}, {s.back()});
   }
-  return inference(spec, x, weights, s, t, true, residual, graphs).contiguous(format_of(x));
+  return in_format(inference(spec, x, weights, s, t, true, residual, graphs), format_of(x));
 }
 
 std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
@@ -292,7 +318,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   check_block("block_backward", x, spec,
               {weights.size(), gammas.size(), betas.size(), acts.size(), means.size(), variances.size()},
               spec.shortcut == Shortcut::kTensor);
-  const at::Tensor xc = nhwc(x), yc = nhwc(y), dyc = nhwc(dy.to(y.scalar_type()));
+  const at::Tensor xc = nhwc(x), yc = nhwc(y), dyc = nhwc(converted("to y's dtype", dy, dy.to(y.scalar_type())));
   std::vector<at::Tensor> a(n), mean(n), s(n), t(n), rstd(n), dws(n), dgammas(n), dbetas(n);
   for (size_t i = 0; i < n; ++i) {
     a[i] = nhwc(acts[i]);
@@ -313,8 +339,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       sums = Sums{sum_dz, sum_dz_xhat};
     }
     auto [sum_dz, sum_dz_xhat] = *sums;
-    dgammas[i] = sum_dz_xhat.to(gammas[i].scalar_type());  // this rank's sums, as torch's SyncBatchNorm gives
-    dbetas[i] = sum_dz.to(betas[i].scalar_type());
+    // this rank's sums, as torch's SyncBatchNorm gives
+    dgammas[i] = converted("dγ to γ's dtype", sum_dz_xhat, sum_dz_xhat.to(gammas[i].scalar_type()));
+    dbetas[i] = converted("dβ to β's dtype", sum_dz, sum_dz.to(betas[i].scalar_type()));
     if (u.sync_group != 0 && u.batch_stats) {
       std::tie(sum_dz, sum_dz_xhat) = sync_grad_sums(u, sum_dz, sum_dz_xhat, rstd[i]);
       // dbn_apply divides by this rank's count: the group's sums scaled by local / group count give Σ/M_group
@@ -352,10 +379,17 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     if (dgrad || wgrad) {
       auto [d, w_grad, unused] = at::convolution_backward(da, input, weights[i], std::nullopt, u.stride, u.padding,
                                                           u.dilation, false, {0, 0}, u.groups, {dgrad, wgrad, false});
-      if (dgrad) d_inp = nhwc(d);
-      if (wgrad) dw = w_grad;
+      const int64_t flops = account::conv_flops(weights[i].sizes(), da.sizes());
+      if (dgrad) {
+        account::launch("conv dgrad", "conv", {da, weights[i]}, {d}, flops);
+        d_inp = nhwc(as_cudnn_writes(d));
+      }
+      if (wgrad) {
+        account::launch("conv wgrad", "conv", {da, input}, {w_grad}, flops);
+        dw = w_grad;
+      }
     }
-    dws[i] = dw.contiguous(weights[i].suggest_memory_format());
+    dws[i] = converted("to the weight's layout", dw, dw.contiguous(weights[i].suggest_memory_format()));
     return {d_inp, sums};
   };
   // The projection's unit first, then the main path's from the last: every backend reduces synchronised
@@ -389,10 +423,11 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     d_residual = residual_grad(std::nullopt, dyc, yc, yc, {});
   } else if (spec.shortcut == Shortcut::kProjection && need_input_grad) {
     dx = at::add(dx, d_sc);
+    account::launch("add the projection's gradient", "elementwise", {dx, d_sc}, {dx});
   }
   const auto fmt = format_of(x);
-  std::vector<at::Tensor> out{dx.defined() ? dx.contiguous(fmt) : x.new_empty({0}),
-                              d_residual.defined() ? d_residual.contiguous(fmt) : x.new_empty({0})};
+  std::vector<at::Tensor> out{dx.defined() ? in_format(dx, fmt) : x.new_empty({0}),
+                              d_residual.defined() ? in_format(d_residual, fmt) : x.new_empty({0})};
   out.insert(out.end(), dws.begin(), dws.end());
   out.insert(out.end(), dgammas.begin(), dgammas.end());
   out.insert(out.end(), dbetas.begin(), dbetas.end());

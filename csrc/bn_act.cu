@@ -61,24 +61,24 @@ struct BnActOp {
 };
 
 template <typename T, int VEC, int RES, bool RELU>
-void run(const BnActOp<T, 1, kResidualNone, false>& args, int64_t n, bool cuda) {
+void run(const BnActOp<T, 1, kResidualNone, false>& args, int64_t n, Runs runs) {
   BnActOp<T, VEC, RES, RELU> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
                                 args.P, args.Q, args.H, args.W, args.C_in, args.stride_h, args.stride_w};
-  for_each_index(op, n / VEC, cuda);
+  for_each_index(op, n / VEC, runs);
 }
 
 template <typename T, int VEC, int RES>
-void run_relu(const BnActOp<T, 1, kResidualNone, false>& args, bool relu, int64_t n, bool cuda) {
-  relu ? run<T, VEC, RES, true>(args, n, cuda) : run<T, VEC, RES, false>(args, n, cuda);
+void run_relu(const BnActOp<T, 1, kResidualNone, false>& args, bool relu, int64_t n, Runs runs) {
+  relu ? run<T, VEC, RES, true>(args, n, runs) : run<T, VEC, RES, false>(args, n, runs);
 }
 
 template <typename T, int VEC>
-void run_mode(const BnActOp<T, 1, kResidualNone, false>& args, int res, bool relu, int64_t n, bool cuda) {
+void run_mode(const BnActOp<T, 1, kResidualNone, false>& args, int res, bool relu, int64_t n, Runs runs) {
   switch (res) {
-    case kResidualNone: run_relu<T, VEC, kResidualNone>(args, relu, n, cuda); break;
-    case kResidualTensor: run_relu<T, VEC, kResidualTensor>(args, relu, n, cuda); break;
-    case kResidualAffine: run_relu<T, VEC, kResidualAffine>(args, relu, n, cuda); break;
-    default: run_relu<T, VEC, kResidualOptionA>(args, relu, n, cuda); break;
+    case kResidualNone: run_relu<T, VEC, kResidualNone>(args, relu, n, runs); break;
+    case kResidualTensor: run_relu<T, VEC, kResidualTensor>(args, relu, n, runs); break;
+    case kResidualAffine: run_relu<T, VEC, kResidualAffine>(args, relu, n, runs); break;
+    default: run_relu<T, VEC, kResidualOptionA>(args, relu, n, runs); break;
   }
 }
 
@@ -98,16 +98,16 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
                                               : kResidualTensor;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_act", [&] {
     using T = scalar_t;
-    BnActOp<T, 1, kResidualNone, false> args{static_cast<const T*>(a.const_data_ptr()),
-                                             scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
-                                             nullptr, nullptr, nullptr, static_cast<T*>(y.mutable_data_ptr()),
+    BnActOp<T, 1, kResidualNone, false> args{read_ptr<T>(a),
+                                             read_ptr<float>(scale), read_ptr<float>(shift),
+                                             nullptr, nullptr, nullptr, write_ptr<T>(y),
                                              C, 1, 1, 1, 1, 0, 1, 1};
     int64_t c_in = C;
     if (residual.has_value()) {
-      args.r = static_cast<const T*>(residual->const_data_ptr());
+      args.r = read_ptr<T>(*residual);
       if (res == kResidualAffine) {
-        args.rs = residual_scale->const_data_ptr<float>();
-        args.rt = residual_shift->const_data_ptr<float>();
+        args.rs = read_ptr<float>(*residual_scale);
+        args.rt = read_ptr<float>(*residual_shift);
       }
       if (option_a) {  // a: [N, C, P, Q], residual: [N, C_in, H, W], both channels_last
         args.P = a.size(2);
@@ -121,9 +121,13 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
     }
     constexpr int VEC = 16 / sizeof(T);
     const bool vec = vector_width<T>(C, {args.a, args.y, args.r}) == VEC && c_in % VEC == 0;
-    if (vec) run_mode<T, VEC>(args, res, relu, a.numel(), a.is_cuda());
-    else run_mode<T, 1>(args, res, relu, a.numel(), a.is_cuda());
+    if (vec) run_mode<T, VEC>(args, res, relu, a.numel(), runs_on(a));
+    else run_mode<T, 1>(args, res, relu, a.numel(), runs_on(a));
   });
+  account::launch("bn_act", "elementwise",
+                  {a, scale, shift, residual.value_or(at::Tensor()), residual_scale.value_or(at::Tensor()),
+                   residual_shift.value_or(at::Tensor())},
+                  {y});
   return y;
 }
 

@@ -224,31 +224,36 @@ struct RunningUpdateOp {
 template <int V>
 using Vec = std::integral_constant<int, V>;
 
-// mean, var, scale, shift of the channels `flagged` marks (nullptr: all) by the shifted Welford pass over a; the
+// mean, var, scale, shift of the channels `flags` marks (undefined: all) by the shifted Welford pass over a; the
 // other channels' scale and shift from the mean and var already written.
 void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                   const float* flagged, const std::vector<at::Tensor>& out) {
-  const bool cuda = a.is_cuda();
+                   const at::Tensor& flags, const std::vector<at::Tensor>& out) {
+  const Runs runs = runs_on(a);
+  const float* flagged = flags.defined() ? read_ptr<float>(flags) : nullptr;
   const int64_t C = a.size(1), M = a.numel() / C;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats", [&] {
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       const int64_t groups = C / V;
-      const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
+      const ReduceGeometry geo = reduce_geometry(M, groups, runs);
       at::Tensor partials = at::empty({3, geo.parts, C}, out[0].options());
-      float* pc = partials[0].data_ptr<float>();
-      float* pm = partials[1].data_ptr<float>();
-      float* p2 = partials[2].data_ptr<float>();
-      const auto* data = static_cast<const scalar_t*>(a.const_data_ptr());
-      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged}, M, groups, cuda, geo);
-      const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, gamma.const_data_ptr<float>(),
-                                            beta.const_data_ptr<float>(), geo.parts, C, static_cast<float>(eps),
-                                            out[0].data_ptr<float>(), out[1].data_ptr<float>(),
-                                            out[2].data_ptr<float>(), out[3].data_ptr<float>()};
-      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged}, C, cuda);
+      float* pc = write_ptr<float>(partials[0]);
+      float* pm = write_ptr<float>(partials[1]);
+      float* p2 = write_ptr<float>(partials[2]);
+      const auto* data = read_ptr<scalar_t>(a);
+      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged}, M, groups, runs, geo);
+      // flagged channels only read a again (the account counts none: a flag is a property of the data)
+      account::launch(flags.defined() ? "bn_stats flagged partials" : "bn_stats partials", "reduction",
+                      {flags.defined() ? at::Tensor() : a}, {partials});
+      const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, read_ptr<float>(gamma),
+                                            read_ptr<float>(beta), geo.parts, C, static_cast<float>(eps),
+                                            write_ptr<float>(out[0]), write_ptr<float>(out[1]),
+                                            write_ptr<float>(out[2]), write_ptr<float>(out[3])};
+      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged}, C, runs);
+      account::launch("bn_stats finalize", "elementwise", {partials, gamma, beta}, {out[0], out[1], out[2], out[3]});
     };
     constexpr int VEC = 16 / sizeof(scalar_t);
-    if (vector_width<scalar_t>(C, {a.const_data_ptr()}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
+    if (vector_width<scalar_t>(C, {read_ptr<scalar_t>(a)}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
   });
 }
 
@@ -269,7 +274,7 @@ std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& g
                                         double eps) {
   const c10::OptionalDeviceGuard guard(a.device());
   std::vector<at::Tensor> out = stats_outputs(a);
-  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, nullptr, out);
+  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, at::Tensor(), out);
   return out;
 }
 
@@ -280,10 +285,11 @@ std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at:
   if (a.numel() == 0) return out;
   const int64_t C = a.size(1), M = a.numel() / C;
   at::Tensor flagged = at::empty({C}, out[0].options());
-  for_each_index(SumsOp{sum.const_data_ptr<float>(), sq_sum.const_data_ptr<float>(), static_cast<float>(M),
-                        out[0].data_ptr<float>(), out[1].data_ptr<float>(), flagged.data_ptr<float>()},
-                 C, a.is_cuda());
-  welford_stats(a, gamma, beta, eps, flagged.const_data_ptr<float>(), out);
+  for_each_index(SumsOp{read_ptr<float>(sum), read_ptr<float>(sq_sum), static_cast<float>(M),
+                        write_ptr<float>(out[0]), write_ptr<float>(out[1]), write_ptr<float>(flagged)},
+                 C, runs_on(a));
+  account::launch("bn_stats from sums", "elementwise", {sum, sq_sum}, {out[0], out[1], flagged});
+  welford_stats(a, gamma, beta, eps, flagged, out);
   return out;
 }
 
@@ -291,10 +297,11 @@ std::vector<at::Tensor> bn_scale_shift_launch(const at::Tensor& gamma, const at:
                                               const at::Tensor& var, double eps) {
   const c10::OptionalDeviceGuard guard(mean.device());
   at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean), rstd = at::empty_like(mean);
-  for_each_index(ScaleShiftOp{gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-                              var.const_data_ptr<float>(), static_cast<float>(eps), scale.data_ptr<float>(),
-                              shift.data_ptr<float>(), rstd.data_ptr<float>()},
-                 mean.numel(), mean.is_cuda());
+  for_each_index(ScaleShiftOp{read_ptr<float>(gamma), read_ptr<float>(beta), read_ptr<float>(mean),
+                              read_ptr<float>(var), static_cast<float>(eps), write_ptr<float>(scale),
+                              write_ptr<float>(shift), write_ptr<float>(rstd)},
+                 mean.numel(), runs_on(mean));
+  account::launch("bn_scale_shift", "elementwise", {gamma, beta, mean, var}, {scale, shift, rstd});
   return {scale, shift, rstd};
 }
 
@@ -302,16 +309,21 @@ void bn_running_update_launch(const at::Tensor& running_mean, const at::Tensor& 
                               const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
                               const at::Tensor& var, int64_t count, std::optional<double> momentum) {
   const c10::OptionalDeviceGuard guard(mean.device());
-  if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
-  const int64_t* nbt = momentum.has_value() ? nullptr : num_batches_tracked->const_data_ptr<int64_t>();
+  if (num_batches_tracked.has_value()) {
+    num_batches_tracked->add_(1);
+    account::launch("num_batches_tracked += 1", "elementwise", {*num_batches_tracked}, {*num_batches_tracked});
+  }
+  const int64_t* nbt = momentum.has_value() ? nullptr : read_ptr<int64_t>(*num_batches_tracked);
   const double m = momentum.value_or(0.0);
   const float unbiased = static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1));
   FR_DISPATCH_FLOATING(running_mean.scalar_type(), "bn_running_update", [&] {
-    for_each_index(RunningUpdateOp<scalar_t>{running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), nbt,
-                                             mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
+    for_each_index(RunningUpdateOp<scalar_t>{write_ptr<scalar_t>(running_mean), write_ptr<scalar_t>(running_var), nbt,
+                                             read_ptr<float>(mean), read_ptr<float>(var),
                                              static_cast<float>(1.0 - m), static_cast<float>(m), unbiased},
-                   mean.numel(), mean.is_cuda());
+                   mean.numel(), runs_on(mean));
   });
+  account::launch("bn_running_update", "elementwise", {running_mean, running_var, mean, var},
+                  {running_mean, running_var});
 }
 
 }  // namespace fused_resnet

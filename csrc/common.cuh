@@ -8,7 +8,8 @@
 //     row lanes in shared memory and writing one fp32 partial per block row; on the CPU a loop over the same row
 //     slices. A per-channel finalize functor then merges the partials (same code on both).
 // The CPU path exists so that the op logic and every kernel body are exercised by the CPU test suite; it is a
-// correctness path, not a fast one.
+// correctness path, not a fast one. On meta tensors nothing runs: that is the launch account's dry run, where the
+// launchers record each launch instead (account.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +23,27 @@
 #include <cstdint>
 #include <vector>
 
+#include "account.h"
+
 namespace fused_resnet {
+
+// Where a launcher's kernels run, decided by its tensors' device.
+enum class Runs { kGpu, kHost, kNowhere };
+inline Runs runs_on(const at::Tensor& t) {
+  return t.is_cuda() ? Runs::kGpu : t.is_meta() ? Runs::kNowhere : Runs::kHost;
+}
+// The account sizes partial buffers as on the GPUs it describes (H100 and H200: 132 SMs).
+constexpr int64_t kAccountSms = 132;
+
+// A tensor's data for a kernel: nullptr for a meta tensor (the account's dry run runs no kernel to read it).
+template <typename T>
+const T* read_ptr(const at::Tensor& t) {
+  return t.is_meta() ? nullptr : static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* write_ptr(const at::Tensor& t) {
+  return t.is_meta() ? nullptr : static_cast<T*>(t.mutable_data_ptr());
+}
 
 // 16 bytes of T (VEC = 16 / sizeof(T)), or one element when VEC = 1.
 template <typename T, int VEC>
@@ -99,11 +120,11 @@ __global__ void elementwise_kernel(Op op, int64_t n) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) op(i);
 }
 
-// op(i) for every i in [0, n): on the current CUDA stream when `cuda`, else a parallel host loop.
+// op(i) for every i in [0, n): on the current CUDA stream, in a parallel host loop, or (meta) not at all.
 template <typename Op>
-void for_each_index(const Op& op, int64_t n, bool cuda) {
-  if (n <= 0) return;
-  if (!cuda) {
+void for_each_index(const Op& op, int64_t n, Runs runs) {
+  if (n <= 0 || runs == Runs::kNowhere) return;
+  if (runs == Runs::kHost) {
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) op(i);
     });
@@ -126,12 +147,14 @@ struct ReduceGeometry {
   int64_t parts = 1;
 };
 
-inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, bool cuda) {
+inline ReduceGeometry reduce_geometry(int64_t M, int64_t groups, Runs runs) {
   ReduceGeometry g;
   g.lanes = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(groups, 32)));
   g.rows = std::max(1, 256 / g.lanes);
   g.lane_blocks = std::max<int64_t>(1, (groups + g.lanes - 1) / g.lanes);
-  const int64_t target_blocks = cuda ? static_cast<int64_t>(sm_count()) * 4 : 16;
+  const int64_t target_blocks = runs == Runs::kGpu      ? static_cast<int64_t>(sm_count()) * 4
+                                : runs == Runs::kNowhere ? kAccountSms * 4
+                                                         : 16;
   const int64_t by_rows = (M + g.rows - 1) / g.rows;
   g.parts = std::max<int64_t>(1, std::min<int64_t>({by_rows, std::max<int64_t>(1, target_blocks / g.lane_blocks),
                                                     65535}));
@@ -172,9 +195,9 @@ __global__ void reduce_kernel(Op op, int64_t M, int64_t groups) {
 
 // Runs the partial pass over the geometry `g` (from reduce_geometry; the caller's finalize reads g.parts).
 template <typename Op>
-void reduce_partials(const Op& op, int64_t M, int64_t groups, bool cuda, const ReduceGeometry& g) {
-  if (groups == 0) return;  // no channels: nothing to reduce (the finalize has no channel to write either)
-  if (!cuda) {  // the kernel's algorithm, thread by thread: per row lane an accumulator, then the same tree
+void reduce_partials(const Op& op, int64_t M, int64_t groups, Runs runs, const ReduceGeometry& g) {
+  if (groups == 0 || runs == Runs::kNowhere) return;  // no channels: the finalize has no channel to write either
+  if (runs == Runs::kHost) {  // the kernel's algorithm, thread by thread: per row lane an accumulator, then the same tree
     at::parallel_for(0, g.parts * groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<typename Op::Acc> lanes(g.rows);
       for (int64_t job = begin; job < end; ++job) {

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "account.h"
 #include "ops.h"  // shape_str
 
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
@@ -103,7 +104,9 @@ std::vector<int64_t> conv_out_sizes(at::IntArrayRef x, at::IntArrayRef w, const 
 // cuDNN reads operands with vector loads: every pointer 16-byte aligned, every tensor dense in its layout.
 at::Tensor dense(const at::Tensor& t, at::MemoryFormat fmt) {
   at::Tensor c = t.contiguous(fmt);
-  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone(fmt);
+  if (!c.is_meta() && reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone(fmt);
+  if (!c.is_same(t)) account::launch("dense copy for cuDNN", "copy", {t}, {c});
+  return c;
 }
 
 at::Tensor vec32(const at::Tensor& v) { return dense(v.to(at::kFloat), at::MemoryFormat::Contiguous); }
@@ -123,14 +126,14 @@ bool deterministic_now() {
 
 bool stats_in_graph(const UnitSpec& u) { return u.batch_stats && !deterministic_now(); }
 
-std::string key(const Request& r, int64_t device) {
+std::string key(const Request& r, const at::Device& device) {
   const UnitSpec& u = r.unit;
   return label(r.graph, r.features) + " " + c10::toString(r.dtype) + " x" + join(r.x) + " w" + join(r.w) + " s" +
-         join(u.stride) + " p" + join(u.padding) + " d" + join(u.dilation) + " dev" + std::to_string(device) +
+         join(u.stride) + " p" + join(u.padding) + " d" + join(u.dilation) + " " + device.str() +
          (r.deterministic ? " deterministic" : "");
 }
 
-std::string key_on(const Request& r, const at::Tensor& x) { return key(r, x.device().index()); }
+std::string key_on(const Request& r, const at::Tensor& x) { return key(r, x.device()); }
 
 void set_refused(Graph g, Refusal at) { g_refused[static_cast<int>(g)].store(static_cast<int>(at)); }
 bool set_cpu_twins(bool on) { return g_cpu_twins.exchange(on); }
@@ -172,7 +175,8 @@ std::optional<std::string> config_ineligible(const at::Tensor& x, const at::Tens
 
 std::optional<std::string> ineligible(const at::Tensor& x, const at::Tensor& w, const UnitSpec& u, bool graphs) {
   if (auto why = config_ineligible(x, w, u, graphs)) return why;
-  if (!x.is_cuda() && !(x.is_cpu() && g_cpu_twins.load())) {
+  // meta tensors: the launch account's dry run, which counts each unit's graphs as planned for the GPU
+  if (!x.is_cuda() && !x.is_meta() && !(x.is_cpu() && g_cpu_twins.load())) {
     return std::string("tensors on ") + x.device().str() + " (cuDNN runs on CUDA tensors)";
   }
   return std::nullopt;
@@ -419,6 +423,14 @@ std::string guarded(F f) {
 // A graph's tensors by role for one call; the handles keep them alive until the call returns.
 using Bindings = std::vector<std::pair<const char*, at::Tensor>>;
 
+// The roles a graph writes (every other role it reads).
+bool is_output(const std::string& role) {
+  for (const char* out : {"y", "sum", "sq_sum", "dz", "r", "sum_dz", "sum_dz_xhat", "dw"}) {
+    if (role == out) return true;
+  }
+  return false;
+}
+
 const at::Tensor& bound(const Bindings& b, const char* role) {
   for (const auto& [r, t] : b) {
     if (std::string(r) == role) return t;
@@ -483,10 +495,11 @@ struct Entry {
   std::atomic<bool> attempted{false};
   std::shared_ptr<Description> d;  // the cuDNN graph and its plan
   bool twin = false;               // the CPU twin runs instead
+  bool planned = false;            // meta tensors (the launch account): recorded, nothing runs
   std::string why;                 // no graph (the calls fall back)
   Request request;
   std::string k, lbl;
-  bool usable() const { return d != nullptr || twin; }
+  bool usable() const { return d != nullptr || twin || planned; }
 };
 
 // The bounded cache: key → entry, least recently used first out. Evicting an entry in use is safe (the callers
@@ -524,7 +537,9 @@ std::shared_ptr<Entry> find_or_insert(const std::string& k, const Request& r, co
 
 void build(Entry& e, const at::Device& device) {
   const auto start = std::chrono::steady_clock::now();
-  if (!device.is_cuda()) {
+  if (device.is_meta()) {
+    e.planned = true;
+  } else if (!device.is_cuda()) {
     if (g_cpu_twins.load()) {
       e.twin = true;
     } else {
@@ -559,7 +574,7 @@ std::shared_ptr<Entry> graph_for(const Request& r, const at::Device& device) {
     count(lbl, false);
     return nullptr;
   }
-  std::shared_ptr<Entry> e = find_or_insert(key(r, device.index()), r, device);
+  std::shared_ptr<Entry> e = find_or_insert(key(r, device), r, device);
   std::lock_guard<std::mutex> lock(e->m);
   if (!e->attempted) build(*e, device);
   if (!e->usable()) {
@@ -572,6 +587,14 @@ std::shared_ptr<Entry> graph_for(const Request& r, const at::Device& device) {
 // Runs the entry's graph on these tensors: true when it ran; false when its execution failed, which removes the
 // graph from this key for good (remembered with cuDNN's message) and counts the call as a fallback.
 bool execute(Entry& e, const Bindings& bindings, const at::Device& device) {
+  std::vector<at::Tensor> reads, writes;
+  for (const auto& [role, tensor] : bindings) (is_output(role) ? writes : reads).push_back(tensor);
+  const std::vector<int64_t> y = conv_out_sizes(e.request.x, e.request.w, e.request.unit);
+  account::launch("cudnn " + e.lbl, "graph", reads, writes, account::conv_flops(e.request.w, y));
+  if (e.planned) {
+    count(e.lbl, true);
+    return true;
+  }
   std::shared_ptr<Description> d;
   {
     std::lock_guard<std::mutex> lock(e.m);
@@ -615,8 +638,13 @@ at::Tensor activation_like(const at::Tensor& x, at::IntArrayRef sizes) {
   return at::empty(sizes, x.options().memory_format(kNHWC));
 }
 
-// The reductions accumulate into their outputs: they start from zero.
-at::Tensor sum_like(const at::Tensor& x, int64_t C) { return at::zeros({C}, x.options().dtype(at::kFloat)); }
+// A graph's two reductions accumulate into their outputs: both start from zero, set in one launch (rows padded to
+// 16 bytes: cuDNN reads every operand 16-byte aligned).
+std::pair<at::Tensor, at::Tensor> zeroed_sums(const at::Tensor& x, int64_t C) {
+  at::Tensor sums = at::zeros({2, (C + 3) / 4 * 4}, x.options().dtype(at::kFloat));
+  account::launch("zero the sums", "elementwise", {}, {sums});
+  return {sums[0].narrow(0, 0, C), sums[1].narrow(0, 0, C)};
+}
 
 // What the caller passes is checked before cuDNN reads it: a wrong size would be an out-of-bounds read there.
 at::Tensor channels_arg(const char* what, const at::Tensor& v, int64_t C) {
@@ -657,8 +685,7 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
     b.emplace_back("shift", channels_arg("the prologue's shift", prologue->shift, C));
   }
   if (stats) {
-    out.sum = sum_like(xc, K);
-    out.sq_sum = sum_like(xc, K);
+    std::tie(out.sum, out.sq_sum) = zeroed_sums(xc, K);
     b.insert(b.end(), {{"sum", out.sum}, {"sq_sum", out.sq_sum}});
   }
   if (bias) b.emplace_back("bias", channels_arg("the bias", *bias, K));
@@ -678,7 +705,8 @@ std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec& u, const at::Tensor& dy
   auto e = graph_for(request_for(Graph::kDgrad, 0, ac, wc.sizes(), u), ac.device());
   if (e == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
-  DgradOut out{activation_like(ac, ac.sizes()), sum_like(ac, C), sum_like(ac, C), activation_like(ac, ac.sizes())};
+  DgradOut out{activation_like(ac, ac.sizes()), {}, {}, activation_like(ac, ac.sizes())};
+  std::tie(out.sum_dz, out.sum_dz_xhat) = zeroed_sums(ac, C);
   const Bindings b{{"dy", dyc}, {"w", wc}, {"a", ac},
                    {"scale", channels_arg("the scale", below.scale, C)},
                    {"shift", channels_arg("the shift", below.shift, C)},

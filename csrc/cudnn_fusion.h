@@ -58,7 +58,7 @@ bool deterministic_now();
 // has no fprop engine with deterministic reductions on sm_90 and the extension's fixed-order kernel reduces them.
 bool stats_in_graph(const UnitSpec& u);
 // The key a graph is cached under: label, dtype, sizes, conv geometry, device, determinism.
-std::string key(const Request& r, int64_t device);
+std::string key(const Request& r, const at::Device& device);
 
 // "cudnn-frontend <version>" when compiled with it, else "not built: <why>".
 std::string build_info();

@@ -175,7 +175,7 @@ struct ResidualGradOp {
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
                                                 const at::Tensor& scale, const at::Tensor& shift) {
-  const bool cuda = a.is_cuda();
+  const Runs runs = runs_on(a);
   const c10::OptionalDeviceGuard guard(a.device());
   const int64_t C = a.size(1);
   const int64_t M = C == 0 ? 0 : a.numel() / C;
@@ -183,23 +183,26 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
   at::Tensor sum_dz = at::empty({C}, f32), sum_dz_xhat = at::empty({C}, f32);
   FR_DISPATCH_FLOATING(a.scalar_type(), "drelu_dbn_reduce", [&] {
     using T = scalar_t;
-    const T* pg = static_cast<const T*>(g.const_data_ptr());
-    const T* py = y.has_value() ? static_cast<const T*>(y->const_data_ptr()) : nullptr;
-    const T* pa = static_cast<const T*>(a.const_data_ptr());
+    const T* pg = read_ptr<T>(g);
+    const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
+    const T* pa = read_ptr<T>(a);
     auto run = [&](auto vec, auto mask_y) {
       constexpr int V = decltype(vec)::value;
       const int64_t groups = C / V;
-      const ReduceGeometry geo = reduce_geometry(M, groups, cuda);
+      const ReduceGeometry geo = reduce_geometry(M, groups, runs);
       at::Tensor partials = at::empty({2, geo.parts, C}, f32);
-      float* p1 = partials[0].data_ptr<float>();
-      float* p2 = partials[1].data_ptr<float>();
-      reduce_partials(DreluReduceOp<T, V, decltype(mask_y)::value>{pg, py, pa, mean.const_data_ptr<float>(),
-                                                                   scale.const_data_ptr<float>(),
-                                                                   shift.const_data_ptr<float>(), C, p1, p2},
-                      M, groups, cuda, geo);
-      for_each_index(DreluFinalizeOp{p1, p2, rstd.const_data_ptr<float>(), geo.parts, C, sum_dz.data_ptr<float>(),
-                                     sum_dz_xhat.data_ptr<float>()},
-                     C, cuda);
+      float* p1 = write_ptr<float>(partials[0]);
+      float* p2 = write_ptr<float>(partials[1]);
+      reduce_partials(DreluReduceOp<T, V, decltype(mask_y)::value>{pg, py, pa, read_ptr<float>(mean),
+                                                                   read_ptr<float>(scale),
+                                                                   read_ptr<float>(shift), C, p1, p2},
+                      M, groups, runs, geo);
+      account::launch("drelu_dbn_reduce partials", "reduction",
+                      {g, y.value_or(at::Tensor()), a, mean, scale, shift}, {partials});
+      for_each_index(DreluFinalizeOp{p1, p2, read_ptr<float>(rstd), geo.parts, C, write_ptr<float>(sum_dz),
+                                     write_ptr<float>(sum_dz_xhat)},
+                     C, runs);
+      account::launch("drelu_dbn_reduce finalize", "elementwise", {partials, rstd}, {sum_dz, sum_dz_xhat});
     };
     constexpr int VEC = 16 / sizeof(T);
     const bool vec = vector_width<T>(C, {pg, py, pa}) == VEC;
@@ -222,17 +225,17 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
   const float count = C == 0 ? 1.f : static_cast<float>(a.numel() / C);
   FR_DISPATCH_FLOATING(a.scalar_type(), "dbn_apply", [&] {
     using T = scalar_t;
-    const T* pg = static_cast<const T*>(g.const_data_ptr());
-    const T* py = y.has_value() ? static_cast<const T*>(y->const_data_ptr()) : nullptr;
-    const T* pa = static_cast<const T*>(a.const_data_ptr());
-    T* pd = static_cast<T*>(da.mutable_data_ptr());
+    const T* pg = read_ptr<T>(g);
+    const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
+    const T* pa = read_ptr<T>(a);
+    T* pd = write_ptr<T>(da);
     auto run = [&](auto vec, auto mask_y, auto batch) {
       constexpr int V = decltype(vec)::value;
       DbnApplyOp<T, V, decltype(mask_y)::value, decltype(batch)::value> op{
-          pg, py, pa, mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-          shift.const_data_ptr<float>(), sum_dz.const_data_ptr<float>(), sum_dz_xhat.const_data_ptr<float>(),
+          pg, py, pa, read_ptr<float>(mean), read_ptr<float>(rstd), read_ptr<float>(scale),
+          read_ptr<float>(shift), read_ptr<float>(sum_dz), read_ptr<float>(sum_dz_xhat),
           count, pd, C};
-      for_each_index(op, a.numel() / V, a.is_cuda());
+      for_each_index(op, a.numel() / V, runs_on(a));
     };
     auto with_vec = [&](auto vec) {
       if (py != nullptr) {
@@ -244,6 +247,8 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
     constexpr int VEC = 16 / sizeof(T);
     if (vector_width<T>(C, {pg, py, pa, pd}) == VEC) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
   });
+  account::launch("dbn_apply", "elementwise",
+                  {g, y.value_or(at::Tensor()), a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat}, {da});
   return da;
 }
 
@@ -255,9 +260,9 @@ at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const a
   FR_DISPATCH_FLOATING(dy.scalar_type(), "residual_grad", [&] {
     using T = scalar_t;
     ResidualGradOp<T, 1, false, false> args{
-        d_main.has_value() ? static_cast<const T*>(d_main->const_data_ptr()) : nullptr,
-        static_cast<const T*>(dy.const_data_ptr()), static_cast<const T*>(y.const_data_ptr()),
-        static_cast<T*>(out.mutable_data_ptr()), like.size(1), dy.size(1), 1, 1, 1, 1, 1, 1};
+        d_main.has_value() ? read_ptr<T>(*d_main) : nullptr,
+        read_ptr<T>(dy), read_ptr<T>(y),
+        write_ptr<T>(out), like.size(1), dy.size(1), 1, 1, 1, 1, 1, 1};
     if (option_a) {
       args.H = like.size(2);
       args.W = like.size(3);
@@ -271,7 +276,7 @@ at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const a
       ResidualGradOp<T, V, decltype(has_main)::value, decltype(is_option_a)::value> op{
           args.d_main, args.dy, args.y, args.out, args.C_x, args.C_y, args.H, args.W, args.P, args.Q,
           args.stride_h, args.stride_w};
-      for_each_index(op, out.numel() / V, out.is_cuda());
+      for_each_index(op, out.numel() / V, runs_on(out));
     };
     auto with_vec = [&](auto vec) {
       if (args.d_main != nullptr) {
@@ -285,6 +290,7 @@ at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const a
                      args.C_y % VEC == 0;
     if (vec) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
   });
+  account::launch("residual_grad", "elementwise", {d_main.value_or(at::Tensor()), dy, y}, {out});
   return out;
 }
 

@@ -9,6 +9,7 @@
 
 #include <Python.h>
 
+#include "account.h"
 #include "cudnn_fusion.h"
 #include "kernels.h"
 #include "spec.h"
@@ -28,7 +29,8 @@ bool channels_innermost(const at::Tensor& x) {
 namespace {
 
 void check_act(const char* op, const char* what, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda() || x.is_cpu(), op, ": expected ", what, " on a CUDA (or CPU) device, got ", x.device());
+  TORCH_CHECK(x.is_cuda() || x.is_cpu() || x.is_meta(), op, ": expected ", what, " on a CUDA (or CPU) device, got ",
+              x.device());  // meta: the launch account's dry run
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               op, ": expected ", what, " in float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(channels_innermost(x), op, ": expected ", what,
@@ -212,6 +214,26 @@ at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tens
   return residual_grad_launch(d_main, dy, y, like, option_a_stride);
 }
 
+// ------------------------------------------------------------------ the launch account (account.h)
+namespace {
+
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>,
+           std::vector<int64_t>>
+account_take() {
+  std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>,
+             std::vector<int64_t>> out;
+  for (const account::Record& r : account::take()) {
+    std::get<0>(out).push_back(r.name);
+    std::get<1>(out).push_back(r.kind);
+    std::get<2>(out).push_back(r.reads);
+    std::get<3>(out).push_back(r.writes);
+    std::get<4>(out).push_back(r.flops);
+  }
+  return out;
+}
+
+}  // namespace
+
 // ------------------------------------------------------------------ cuDNN fusion graphs (cudnn_fusion.h)
 namespace {
 
@@ -276,10 +298,10 @@ void fusion_reset() { fusion::reset(); }
 
 std::string fusion_key(const std::string& graph, int64_t features, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       at::ScalarType dtype, int64_t device, bool deterministic) {
+                       at::ScalarType dtype, const std::string& device, bool deterministic) {
   return fusion::key(
       request_of("fusion_key", graph, features, x_sizes, w_sizes, stride, padding, dilation, dtype, deterministic),
-      device);
+      at::Device(device));
 }
 
 std::tuple<std::string, std::string> fusion_validate(const std::string& graph, int64_t features,
@@ -372,15 +394,29 @@ TORCH_LIBRARY(fused_resnet_C, m) {
         "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats) -> Tensor");
   m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] option_a_stride) -> Tensor");
   // The block ops' inputs are fused_resnet.tensors.FORWARD_INPUTS / BACKWARD_INPUTS (tests check the names).
-  m.def("block_forward(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
-        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) -> Tensor[]");
-  m.def("block_inference(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
-        "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) -> Tensor");
-  m.def("block_inference_folded(Tensor x, Tensor[] weights, Tensor[] shifts, Tensor? residual, int[] spec, "
-        "float[] spec_floats, bool graphs) -> Tensor");
-  m.def("block_backward(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
-        "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, bool need_input_grad, "
-        "bool graphs, Tensor? counts=None) -> Tensor[]");
+  // Each also exists as <name>_account: the same function as a catch-all kernel, so that meta tensors reach it
+  // (the op itself sends them to its fake) — the launch account's dry run (account.h).
+  const std::vector<std::pair<std::string, std::string>> block_ops{
+      {"block_forward", "(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
+                        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) "
+                        "-> Tensor[]"},
+      {"block_inference", "(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
+                          "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) "
+                          "-> Tensor"},
+      {"block_inference_folded", "(Tensor x, Tensor[] weights, Tensor[] shifts, Tensor? residual, int[] spec, "
+                                 "float[] spec_floats, bool graphs) -> Tensor"},
+      {"block_backward", "(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
+                         "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, "
+                         "bool need_input_grad, bool graphs, Tensor? counts=None) -> Tensor[]"},
+  };
+  for (const auto& [name, args] : block_ops) m.def((name + args).c_str());
+  m.def(("block_forward_account" + block_ops[0].second).c_str(), &block_forward);
+  m.def(("block_inference_account" + block_ops[1].second).c_str(), &block_inference);
+  m.def(("block_inference_folded_account" + block_ops[2].second).c_str(), &block_inference_folded);
+  m.def(("block_backward_account" + block_ops[3].second).c_str(), &block_backward);
+  m.def("bn_running_update_account(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? "
+        "num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) -> ()", &bn_running_update);
+  m.def("account_take() -> (str[], str[], int[], int[], int[])", &account_take);
   // cuDNN fusion graphs: state and checks of cudnn_fusion.cpp (no tensors computed)
   m.def("fusion_info() -> str", &fusion_info);
   m.def("fusion_set_refused(str graph, str at) -> ()", &fusion_set_refused);
@@ -390,7 +426,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("fusion_unsupported() -> (str[], str[])", &fusion_unsupported);
   m.def("fusion_reset() -> ()", &fusion_reset);
   m.def("fusion_key(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
-        "int[] dilation, ScalarType dtype, int device, bool deterministic) -> str", &fusion_key);
+        "int[] dilation, ScalarType dtype, str device, bool deterministic) -> str", &fusion_key);
   m.def("fusion_validate(str graph, int features, int[] x_sizes, int[] w_sizes, int[] stride, int[] padding, "
         "int[] dilation, ScalarType dtype) -> (str, str)", &fusion_validate);
   m.def("fusion_device_properties() -> str", &fusion_device_properties);
