@@ -638,12 +638,14 @@ at::Tensor activation_like(const at::Tensor& x, at::IntArrayRef sizes) {
   return at::empty(sizes, x.options().memory_format(kNHWC));
 }
 
-// A graph's two reductions accumulate into their outputs: both start from zero, set in one launch (rows padded to
-// 16 bytes: cuDNN reads every operand 16-byte aligned).
+// A graph's two reductions accumulate into their outputs: both start from zero. Two buffers, not one: the block
+// ops return the sums as dγ and dβ, and an op's outputs may not share storage.
 std::pair<at::Tensor, at::Tensor> zeroed_sums(const at::Tensor& x, int64_t C) {
-  at::Tensor sums = at::zeros({2, (C + 3) / 4 * 4}, x.options().dtype(at::kFloat));
-  account::launch("zero the sums", "elementwise", {}, {sums});
-  return {sums[0].narrow(0, 0, C), sums[1].narrow(0, 0, C)};
+  std::pair<at::Tensor, at::Tensor> sums{at::zeros({C}, x.options().dtype(at::kFloat)),
+                                         at::zeros({C}, x.options().dtype(at::kFloat))};
+  account::launch("zero a sum", "elementwise", {}, {sums.first});
+  account::launch("zero a sum", "elementwise", {}, {sums.second});
+  return sums;
 }
 
 // What the caller passes is checked before cuDNN reads it: a wrong size would be an out-of-bounds read there.

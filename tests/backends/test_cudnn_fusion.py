@@ -269,11 +269,11 @@ def test_validation_of_an_unknown_graph_is_refused():
 
 def test_graph_keys_tell_every_input_apart():
     base = ("fprop", PROLOGUE | STATS, [256, 64, 56, 56], [64, 64, 3, 3], [1, 1], [1, 1], [1, 1], torch.bfloat16,
-            0, False)
+            "cuda:0", False)
     key = _ops().fusion_key(*base)
     assert key == _ops().fusion_key(*base) and key.startswith("fprop+prologue+stats BFloat16 ")
     variants = [(0, "wgrad"), (1, STATS), (2, [128, 64, 56, 56]), (3, [64, 64, 1, 1]), (4, [2, 2]), (5, [0, 0]),
-                (6, [2, 2]), (7, torch.float16), (8, 1), (9, True)]
+                (6, [2, 2]), (7, torch.float16), (8, "cuda:1"), (9, True)]
     keys = {key}
     for pos, value in variants:
         args = list(base)
