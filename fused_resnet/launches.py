@@ -95,13 +95,14 @@ def tensor_bytes(t: Tensor) -> int:
 
 
 def _identity(t: Tensor) -> tuple:
-    # Meta and fake tensors have no data pointer: the storage object's address, the offset and the view's
-    # geometry tell distinct data apart (two views of one storage at different places are different data).
+    # Meta and fake tensors have no data pointer. Views that cover the same elements (x, x.t(), x.view(-1)) are the
+    # same data: same storage, first element, element count and last element; x[:2] and x[:, :4] are not.
     try:
         storage = t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):
         storage = id(t)
-    return storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return storage, t.storage_offset(), tensor_bytes(t), last, t.element_size()
 
 
 def _distinct_bytes(tensors: Sequence[Optional[Tensor]]) -> int:

@@ -25,7 +25,7 @@ def test_record_counts_each_distinct_tensor_once():
     v = torch.empty(8, dtype=torch.float32).expand(4, 8)  # stride 0: 8 distinct floats, 32 bytes
     with launches.recording(dry=False) as rec, launches.located("layer1.0"):
         assert launches.active() is rec and not launches.dry()
-        launches.record("add", "elementwise", [x, x, v, None], [x])
+        launches.record("add", "elementwise", [x, x.t(), x.view(-1), v, None], [x])  # views of the same data
         launches.record("halves", "copy", [x[:2], x[2:]], [x[:2]])  # two views of one storage, different data
         with launches.located("layer1.0.bn1"):
             launches.record_counts("bn", "reduction", 10, 20, 30)
