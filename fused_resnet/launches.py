@@ -8,7 +8,7 @@ backends' launchers (Triton launchers, the extension's C++ ops through ``record_
 What a launch counts (the account's definition of compulsory traffic): each DISTINCT tensor the kernel reads once
 and each distinct tensor it writes once, whatever its access pattern inside the kernel (re-reads, L2 hits and
 misses are not modelled). A tensor's bytes are its distinct elements (dimensions of stride 0, e.g. an expanded
-per-channel vector, count once) times its element size. FLOPs are 2 × MACs of tensor-core work (convolutions,
+per-channel vector, count once) times its element size; views of the same elements are one tensor. FLOPs are 2 × MACs of tensor-core work (convolutions,
 matmuls); memory-bound kernels report 0.
 
 ``dry`` tells launchers whether to run: a dry recording (the default) holds meta or fake tensors, and a launcher
