@@ -20,7 +20,7 @@ def _summary_rows(accounts: List[Account], gpu: str, cal: roofline.Calibration) 
         t = a.totals()
         p = roofline.predict(a, g, cal)
         lines.append(f"| {a.provider} | {a.config.model} | {a.config.mode} | {t['launches']} | {len(a.aten_ops)} | "
-                     f"{t['bytes_per_image'] / 1e9:.3f} | {t['flops_per_image'] / 1e9:.2f} | {t['intensity']:.1f} | "
+                     f"{t['bytes_per_image'] / 1e9:.3g} | {t['flops_per_image'] / 1e9:.3g} | {t['intensity']:.1f} | "
                      f"{p['img_per_s']:,.0f} |")
     return lines
 
