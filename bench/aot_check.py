@@ -59,7 +59,7 @@ def trace(model_name: str, dtype: str, size: int) -> list:
     found = {}
     path = []  # the path being traced, named in each launch it makes
 
-    def record(kernel, grid, kwargs, gemm_mnk, caps):
+    def record(kernel, grid, kwargs, gemm_mnk, caps, **_traffic):
         entry = {"kernel": kernel.__name__, "args": aot.describe(kwargs), "gemm_mnk": list(gemm_mnk)}
         paths = found.setdefault(json.dumps(entry, sort_keys=True), dict(entry, paths=[]))["paths"]
         if path[-1] not in paths:

@@ -8,6 +8,7 @@ namespace account {
 namespace {
 
 thread_local std::vector<Record> t_records;
+thread_local bool t_recording = false;
 
 int64_t distinct_bytes(const std::vector<at::Tensor>& ts) {
   std::unordered_set<const void*> seen;  // meta tensors share address 0: a tensor is its TensorImpl
@@ -29,7 +30,7 @@ bool dry(const std::vector<at::Tensor>& writes) {
 
 void launch(const std::string& name, const char* kind, const std::vector<at::Tensor>& reads,
             const std::vector<at::Tensor>& writes, int64_t flops) {
-  if (!dry(writes)) return;
+  if (!t_recording && !dry(writes)) return;
   t_records.push_back({name, kind, distinct_bytes(reads), distinct_bytes(writes), flops});
 }
 
@@ -43,6 +44,12 @@ int64_t conv_flops(at::IntArrayRef w, at::IntArrayRef y) {
   for (int64_t v : y) macs *= v;  // N·K·P·Q
   for (size_t d = 1; d < w.size(); ++d) macs *= w[d];  // (C/groups)·R·S
   return 2 * macs;
+}
+
+bool set_recording(bool on) {
+  const bool previous = t_recording;
+  t_recording = on;
+  return previous;
 }
 
 std::vector<Record> take() {

@@ -17,8 +17,8 @@ struct Record {
   int64_t reads = 0, writes = 0, flops = 0;
 };
 
-// Records one launch when its outputs are meta tensors (undefined tensors are skipped; a tensor listed twice
-// counts once); otherwise does nothing.
+// Records one launch when its outputs are meta tensors, or while this thread records real launches too
+// (set_recording; undefined tensors are skipped, a tensor listed twice counts once); otherwise does nothing.
 void launch(const char* name, const char* kind, std::initializer_list<at::Tensor> reads,
             std::initializer_list<at::Tensor> writes, int64_t flops = 0);
 // The same from lists (the fusion graphs' bindings).
@@ -28,6 +28,9 @@ void launch(const std::string& name, const char* kind, const std::vector<at::Ten
 int64_t conv_flops(at::IntArrayRef w, at::IntArrayRef y);
 // This thread's records since the last take(), in launch order.
 std::vector<Record> take();
+// Whether this thread records the launches of real (not meta) calls as well; returns the previous setting. A run
+// on real tensors then records exactly what its dry run on meta tensors records (the account cannot drift).
+bool set_recording(bool on);
 
 }  // namespace account
 }  // namespace fused_resnet

@@ -417,6 +417,7 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("bn_running_update_account(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? "
         "num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) -> ()", &bn_running_update);
   m.def("account_take() -> (str[], str[], int[], int[], int[])", &account_take);
+  m.def("account_set_recording(bool on) -> bool", &account::set_recording);
   // cuDNN fusion graphs: state and checks of cudnn_fusion.cpp (no tensors computed)
   m.def("fusion_info() -> str", &fusion_info);
   m.def("fusion_set_refused(str graph, str at) -> ()", &fusion_set_refused);

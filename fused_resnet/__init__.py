@@ -1,8 +1,9 @@
 """fused_resnet: fused conv → BatchNorm → ReLU (+ residual add) ResNet blocks with matching backward passes.
 
 Public API: ``FusedBasicBlock``, ``FusedBottleneck`` (drop-in for torchvision's blocks), ``convert`` / ``revert``,
-``warm_up`` (build per-shape plans ahead, e.g. before a CUDA graph capture), ``available_backends``, ``models`` (resnet18..152, cifar_resnet), ``BlockSpec`` / ``Shortcut`` (what a block is,
-apart from its tensors) and ``backends`` (the registry; ``backends.reference`` is the pure-PyTorch backend).
+``warm_up`` (build per-shape plans ahead, e.g. before a CUDA graph capture), ``available_backends``, ``models``
+(resnet18..152, cifar_resnet), ``BlockSpec`` / ``Shortcut`` (what a block is, apart from its tensors) and
+``backends`` (the registry; ``backends.reference`` is the pure-PyTorch backend).
 
 Layers: spec → ops (torch.library) → functional → blocks → convert → models; ``backends/`` runs the ops,
 ``testing/`` checks them, ``tools/`` holds the command line (never imported by the library).

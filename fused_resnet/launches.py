@@ -8,8 +8,8 @@ backends' launchers (Triton launchers, the extension's C++ ops through ``record_
 What a launch counts (the account's definition of compulsory traffic): each DISTINCT tensor the kernel reads once
 and each distinct tensor it writes once, whatever its access pattern inside the kernel (re-reads, L2 hits and
 misses are not modelled). A tensor's bytes are its distinct elements (dimensions of stride 0, e.g. an expanded
-per-channel vector, count once) times its element size; views of the same elements are one tensor. FLOPs are 2 × MACs of tensor-core work (convolutions,
-matmuls); memory-bound kernels report 0.
+per-channel vector, count once) times its element size; views of the same elements are one tensor. FLOPs are
+2 × MACs of tensor-core work (convolutions, matmuls); memory-bound kernels report 0.
 
 ``dry`` tells launchers whether to run: a dry recording (the default) holds meta or fake tensors, and a launcher
 must return outputs of the right shape without launching anything.
@@ -22,6 +22,9 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence
 from torch import Tensor
 
 KINDS = ("conv", "gemm", "elementwise", "reduction", "graph", "copy")
+# The GPU an account describes has this many SMs (H100 SXM and H200): launchers that size their grids or partial
+# buffers from the SM count use it in a dry run (csrc/common.cuh kAccountSms is the C++ side's).
+ACCOUNT_SMS = 132
 
 
 class Launch(NamedTuple):

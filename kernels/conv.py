@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import launches
 from ..spec import Residual
 from . import autotune_mode
 
@@ -578,10 +579,20 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
 
-def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int]):
+def conv_flops(n: int, k: int, c: int, r: int, s: int, p: int, q: int) -> int:
+    """2·MACs of a convolution's fprop, dgrad or wgrad: each is one N·P·Q × K × C·R·S product."""
+    return 2 * n * p * q * k * c * r * s
+
+
+def _launch(kernel, grid, kwargs, gemm_mnk: Tuple[int, int, int], interpret_caps: Tuple[int, int, int],
+            reads: Sequence[Optional[torch.Tensor]], writes: Sequence[Optional[torch.Tensor]], flops: int):
     """On the GPU ``_launch_tuned``. Under the interpreter, whose cost is per program and per loop step rather
     than per element, one tile fitted to the problem (capped by ``interpret_caps``) is launched directly:
-    measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64."""
+    measured on a 2-core CPU, a 2x16x32x32 3x3 fprop takes 2.8 s with 32x32x16 tiles and 0.33 s with 1024x64x64.
+    The launch is reported to ``fused_resnet.launches`` (what it reads and writes) and, in a dry run, skipped."""
+    launches.record(kernel.__name__, "conv", reads, writes, flops)
+    if launches.dry():
+        return
     if not INTERPRET:
         _launch_tuned(kernel, grid, kwargs, gemm_mnk)
         return
@@ -760,6 +771,9 @@ def conv_fprop(
              R=r, S=s, ROW=row, CP=cp, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
              RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (m, k, s * cp if row else c), (1024, 256, 256),
+        reads=[x_st, w_st, bias, res_st if residual is not None else None,
+               *(in_affine if in_affine is not None else ())],
+        writes=[y_st, *((means, m2s, tile) if stats else ())], flops=conv_flops(n, k, c, r, s, p, q),
     )
     if stats:
         return (y, *merge_tile_stats(means, m2s, tile, m))
@@ -853,9 +867,10 @@ def conv_dgrad(
     def grid(meta):
         return (triton.cdiv(m_phase, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), phases)
 
+    dy_st, w_st = _nhwc(dy), _nhwc(w)
     _launch(
         conv_dgrad_kernel, grid,
-        dict(dy_ptr=_nhwc(dy), w_ptr=_nhwc(w), dx_ptr=dx_st, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha,
+        dict(dy_ptr=dy_st, w_ptr=w_st, dx_ptr=dx_st, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha,
              beta_ptr=beta, gamma_ptr=gamma, prev_ptr=prev, prev_s_ptr=ps, prev_t_ptr=pt, prev_mean_ptr=pmean,
              prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, relu_ptr=relu_st, res_ptr=res,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
@@ -864,6 +879,10 @@ def conv_dgrad(
              RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
         (m_phase, c, k), (1024, 256, 256),
+        reads=[dy_st, w_st, *(dbn if dbn is not None else ()), *(relu_of if relu_of is not None else ()),
+               res if residual is not None else None],
+        writes=[dx_st, relu_st if relu_out else None, *((sums, sumx, tile) if stats else ())],
+        flops=conv_flops(n, k, c, r, s, p, q),
     )
     out = (dx,)
     if stats:  # per phase, the rows of the partial buffers that the launched row tiles wrote
@@ -879,7 +898,7 @@ def _wgrad_split(m: int, tiles: int, device: torch.device) -> int:
     one under the interpreter (fewer, larger programs run faster there)."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = launches.ACCOUNT_SMS if launches.dry() else torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, (4 * sms) // max(tiles, 1))
     split = max(1, min(want, m // 1024, 64))
     return 1 << (split.bit_length() - 1)  # a power of two: few distinct autotune keys
@@ -929,15 +948,18 @@ def conv_wgrad(
         cols = triton.cdiv(r * s * cp, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
         return (triton.cdiv(k, meta["BLOCK_M"]), cols, split)
 
+    dy_st = _nhwc(dy)
     _launch(
         conv_wgrad_kernel, grid,
-        dict(dy_ptr=_nhwc(dy), x_ptr=x_st, ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
+        dict(dy_ptr=dy_st, x_ptr=x_st, ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
              gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
              N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], chunk=chunk,
              R=r, S=s, FLAT=flat, CP=cp, DBN=dbn is not None, PROLOGUE=in_affine is not None,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (k, r * s * cp if flat else c, chunk), (256, 256, 256),
+        reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],
+        writes=[ws], flops=conv_flops(n, k, c, r, s, p, q),
     )
     dw = ws[0] if split == 1 else ws.sum(dim=0)
     if flat and cp != c:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import launches
 from .bn_act import _rows_by_channels
 from .conv import _sum_rows, _vectors
 
@@ -63,6 +64,10 @@ def drelu_dbn_reduce(
     tiles = triton.cdiv(m, block_m)
     sums = torch.empty((tiles, c), dtype=torch.float32, device=g.device)
     sumx = torch.empty_like(sums)
+    launches.record("drelu_dbn_reduce_kernel", "reduction", [g, y, a, mean, rstd],
+                    [dz if y is not None else None, sums, sumx])
+    if launches.dry():
+        return dz, sums.sum(0), sumx.sum(0)
     drelu_dbn_reduce_kernel[(tiles, triton.cdiv(c, block_c))](
         g_ptr=g2, y_ptr=_rows_by_channels(y, "y") if y is not None else g2, a_ptr=_rows_by_channels(a, "a"),
         mean_ptr=mean, rstd_ptr=rstd, dz_ptr=_rows_by_channels(dz, "dz"), sum_ptr=sums, sumx_ptr=sumx, M=m, C=c,

@@ -9,9 +9,10 @@ mapped to the kernels eager PyTorch launches for it on a CUDA GPU (``kernel_tabl
 well.
 
 Providers (``PROVIDERS``): ``eager`` (torchvision's model), ``reference`` (the model converted to backend
-reference: the fused ops' pure-torch twin, each of its aten ops mapped like eager's), and the fused backends, which
-account their blocks from their own launchers (``triton``, ``cuda``, ``cuda-unfused``: not reporting yet, an
-explicit error). Ops outside the blocks (max-pool, average pool, fc, loss, optimizer) are mapped like eager's in
+reference: the fused ops' pure-torch twin, each of its aten ops mapped like eager's), and the fused backends
+``triton``, ``cuda`` and ``cuda-unfused``, whose blocks run their own methods on the fake tensors: their aten ops
+are mapped like eager's, and their launchers report each kernel they would launch (the Triton launchers in
+kernels/, the extension's C++ block ops through their dry run on meta tensors, csrc/account.h). Ops outside the blocks (max-pool, average pool, fc, loss, optimizer) are mapped like eager's in
 every provider.
 
 Where a launch belongs (``Launch.where``): the module path that issued it (``layer1.0.bn2``; a fused op: its block,
@@ -64,19 +65,13 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- providers
-class ProviderMissing(NotImplementedError):
-    """A provider whose launches cannot be accounted yet; the message names what is missing."""
-
-
 class Provider(NamedTuple):
     """How one provider's step is accounted. ``backend``: convert the model to this backend (None: torchvision's
-    model as it is); ``fused_op(mode, call)``: account one ``fused_resnet::`` op and return its outputs;
-    ``missing``: why this provider cannot be accounted yet (None: it can)."""
+    model as it is); ``fused_op(mode, call)``: account one ``fused_resnet::`` op and return its outputs."""
 
     name: str
     backend: Optional[str]
     fused_op: Optional[Callable[["StepMode", kernel_table.Call], object]]
-    missing: Optional[str] = None
 
 
 PROVIDERS: Dict[str, Provider] = {}
@@ -86,11 +81,15 @@ def register_provider(provider: Provider) -> None:
     PROVIDERS[provider.name] = provider
 
 
-def _reference_fused_op(mode: "StepMode", call: kernel_table.Call):
-    """Run the reference backend's method for a fused op on the fake tensors (what the op's own implementation
-    calls), its aten ops recorded like eager's."""
+def _backend_fused_op(name: str) -> Callable[["StepMode", kernel_table.Call], object]:
+    """Account a fused op by running backend ``name``'s method for it on the fake tensors (what the op's own
+    implementation calls): its aten ops recorded like eager's, its launchers' kernels reported by the launchers
+    themselves (Triton's, the extension's C++ ops, in a dry run)."""
+    return lambda mode, call: _run_backend(backends.get(name), mode, call)
+
+
+def _run_backend(backend, mode: "StepMode", call: kernel_table.Call):
     a = call.args
-    backend = backends.get("reference")
     with mode:  # the backend's aten ops go through this mode again
         if call.name == "fused_resnet::bn_running_update":
             count = a["count"] if a["group_count"] is None else a["group_count"]
@@ -110,33 +109,19 @@ def _reference_fused_op(mode: "StepMode", call: kernel_table.Call):
             saved = Forward(a["y"], a["acts"], a["means"], a["variances"], a["counts"])
             return pack_grads(backend.block_backward(spec, a["dy"], a["x"], params, saved, a["need_input_grad"]),
                               a["x"])
-    raise kernel_table.UnmappedOp(f"the reference provider has no route for {call.func}")
-
-
-def _not_reporting(backend: str, where: str) -> str:
-    return (f"provider {backend!r} cannot be accounted yet: backend {backend}'s launches are not reported to "
-            f"fused_resnet.launches ({where} must call launches.record / record_counts for each launch, and skip "
-            f"the launch under launches.dry()); its numbers are not estimated")
+    raise kernel_table.UnmappedOp(f"backend {backend.name!r} has no route for {call.func}")
 
 
 register_provider(Provider("eager", None, None))
-register_provider(Provider("reference", "reference", _reference_fused_op))
-register_provider(Provider("triton", "triton", None, _not_reporting("triton", "the Triton kernel launchers in "
-                                                                              "kernels/")))
-register_provider(Provider("cuda", "cuda", None, _not_reporting("cuda", "the extension's C++ block ops in csrc/, "
-                                                                        "with their cuDNN graphs")))
-register_provider(Provider("cuda-unfused", "cuda", None,
-                           _not_reporting("cuda-unfused", "the extension's C++ block ops in csrc/, graphs off")))
+for _name in ("reference", "triton", "cuda", "cuda-unfused"):
+    register_provider(Provider(_name, _name, _backend_fused_op(_name)))
 
 
 def provider(name: str) -> Provider:
-    """The registered provider ``name``; raises ProviderMissing for one that cannot be accounted yet."""
+    """The registered provider ``name``."""
     if name not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; expected one of {sorted(PROVIDERS)}")
-    p = PROVIDERS[name]
-    if p.missing is not None:
-        raise ProviderMissing(p.missing)
-    return p
+    return PROVIDERS[name]
 
 
 # ---------------------------------------------------------------------------------------------- the dispatch mode
@@ -279,7 +264,12 @@ def build(config: Config, prov: Provider) -> Tuple[nn.Module, Tuple[int, ...]]:
     if config.channels_last and config.dim == 2:
         model = model.to(memory_format=torch.channels_last)
     if prov.backend is not None:
-        model = convert(model, backend=prov.backend, inplace=True)
+        # Converted as for the provider's backend, which need not run here (no GPU): the account never calls it
+        # through the op layer's resolution, only its methods, on fake tensors.
+        model = convert(model, backend="reference", inplace=True)
+        for m in model.modules():
+            if getattr(m, "backend", None) is not None:
+                m.backend = prov.backend
     return model, shape
 
 

@@ -149,6 +149,18 @@ TABLE: Dict[str, Tuple[Kernel, ...]] = {
     "aten::gt": _pointwise("gt"),
     "aten::where": _pointwise("where", ("condition", "self", "other")),
     "aten::pow": _pointwise("pow"),
+    "aten::rsub": _pointwise("rsub"),
+    "aten::neg": _pointwise("neg", ("self",)),
+    "aten::sqrt": _pointwise("sqrt", ("self",)),
+    "aten::reciprocal": _pointwise("reciprocal", ("self",)),
+    "aten::minimum": _pointwise("minimum"),
+    "aten::maximum": _pointwise("maximum"),
+    "aten::clamp": _pointwise("clamp", ("self",)),
+    "aten::clamp_min": _pointwise("clamp_min", ("self",)),
+    "aten::lt": _pointwise("lt"),
+    "aten::ge": _pointwise("ge"),
+    "aten::eq": _pointwise("eq"),
+    "aten::addcmul": _pointwise("addcmul", ("self", "tensor1", "tensor2")),
     # ------------------------------------------------------------------ pooling
     "aten::max_pool2d_with_indices": (
         _k("max_pool2d (values + int64 indices)", "elementwise", ("self",), ("out0", "out1")),
@@ -185,6 +197,7 @@ TABLE: Dict[str, Tuple[Kernel, ...]] = {
     "aten::new_ones": (_fill("fill (new_ones)"),),
     "aten::full": (_fill("fill (full)"),),
     "aten::fill_": (_fill("fill", "self"),),
+    "aten::arange": (_fill("arange"),),
     "aten::zero_": (_fill("fill (zero)", "self"),),
     "aten::constant_pad_nd": (
         _fill("fill (pad value)"),

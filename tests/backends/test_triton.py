@@ -272,7 +272,7 @@ def test_block_ops_launch_under_the_inputs_device_guard(monkeypatch):
 
     real = kernels._launch
     monkeypatch.setattr(triton_backend, "_device_guard", guard)
-    monkeypatch.setattr(kernels, "_launch", lambda *args: events.append(("launch", None)) or real(*args))
+    monkeypatch.setattr(kernels, "_launch", lambda *args, **kw: events.append(("launch", None)) or real(*args, **kw))
     triton_backend._kernels.cache_clear()
     case = testing.BLOCK_CASES[1]  # a basic block with a projection shortcut: every kind of conv launch
     n, h, w = case[5]

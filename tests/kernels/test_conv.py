@@ -265,9 +265,9 @@ def _launches(K, monkeypatch, *calls):
     seen = []
     real = K._launch
 
-    def spy(kernel, grid, kwargs, gemm_mnk, caps):
+    def spy(kernel, grid, kwargs, gemm_mnk, caps, **traffic):
         seen.append((kernel, dict(kwargs)))
-        return real(kernel, grid, kwargs, gemm_mnk, caps)
+        return real(kernel, grid, kwargs, gemm_mnk, caps, **traffic)
 
     monkeypatch.setattr(K, "_launch", spy)
     for call in calls:
@@ -378,8 +378,8 @@ def test_spilling_configurations_are_never_benchmarked_or_chosen(K, monkeypatch)
     monkeypatch.setattr(tuned, "cache", {})
     monkeypatch.setattr(tuned, "cache_results", False)
     monkeypatch.setattr(tuned, "_bench", bench)
-    monkeypatch.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: K._launch_tuned(kernel, grid, kwargs,
-                                                                                                mnk))
+    monkeypatch.setattr(K, "_launch",
+                        lambda kernel, grid, kwargs, mnk, caps, **_: K._launch_tuned(kernel, grid, kwargs, mnk))
     launched = _launched_tiles(K, monkeypatch, kernel)
     run, want = _residual_fprop(K)
     with K.spill_probe(spills):
@@ -396,8 +396,8 @@ def test_heuristic_mode_launches_the_first_tile_that_does_not_spill(K, monkeypat
     padding does)."""
     kernel = K.conv_fprop_kernel
     monkeypatch.setenv("FUSED_RESNET_AUTOTUNE", "heuristic")
-    monkeypatch.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: K._launch_tuned(kernel, grid, kwargs,
-                                                                                                mnk))
+    monkeypatch.setattr(K, "_launch",
+                        lambda kernel, grid, kwargs, mnk, caps, **_: K._launch_tuned(kernel, grid, kwargs, mnk))
     launched = _launched_tiles(K, monkeypatch, kernel)
     first, second = K.heuristic_order(K._GEMM_TILES, (64, 16, 144))[:2]
     spills = _Spills({first: 8})
@@ -415,7 +415,7 @@ def _recorded_kwargs(K, call):
     """The keyword arguments of the one conv-kernel launch ``call`` makes (nothing runs)."""
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps: seen.append(kwargs))
+        mp.setattr(K, "_launch", lambda kernel, grid, kwargs, mnk, caps, **_: seen.append(kwargs))
         call()
     return seen[0]
 

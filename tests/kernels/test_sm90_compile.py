@@ -26,7 +26,7 @@ def _record(call, kernels) -> list:
 
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(conv, "_launch", lambda kernel, grid, kwargs, mnk, caps: seen.append((kernel, kwargs)))
+        mp.setattr(conv, "_launch", lambda kernel, grid, kwargs, mnk, caps, **_: seen.append((kernel, kwargs)))
         for k in kernels:
             mp.setattr(k, "run", lambda *a, _k=k, grid, warmup, **kwargs: seen.append((_k, kwargs)))
         call()

@@ -31,7 +31,10 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import _disable_current_modes
 
+from ... import launches
 from ...spec import BlockSpec
 from ...tensors import Forward, Grads, Params, unpack_forward, unpack_grads
 from .. import extension, folding, reference
@@ -65,6 +68,33 @@ def _cpu_twins_for_testing() -> None:
 extension.on_load(_cpu_twins_for_testing)
 
 
+def _like(t, device):
+    """An uninitialised tensor with t's sizes, strides and dtype on ``device`` (non-tensors as they are)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device) if isinstance(t, Tensor) else t
+
+
+def run(name: str, device: torch.device, *args):
+    """The extension's op ``name``. In a dry launch account (fused_resnet.launches) the same C++ function runs as
+    its ``_account`` twin on meta copies of the arguments — every kernel, conv and graph it would launch recorded,
+    nothing computed — and outputs shaped like the op's come back on ``device``; in a recording that is not dry the
+    op runs and records the same launches. Either way the records are reported."""
+    if launches.active() is None:
+        return getattr(cpp(), name)(*args)
+    if launches.dry():
+        with _disable_current_modes():  # plain meta tensors reach the C++ code, outside any fake or dispatch mode
+            meta_out = getattr(cpp(), f"{name}_account")(*tree_map(lambda t: _like(t, "meta"), args))
+        out = tree_map(lambda t: _like(t, device), meta_out)  # under the caller's modes: fake ones in an account
+    else:
+        previous = cpp().account_set_recording(True)
+        try:
+            out = getattr(cpp(), name)(*args)
+        finally:
+            cpp().account_set_recording(previous)
+    for record in zip(*cpp().account_take()):
+        launches.record_counts(*record)
+    return out
+
+
 class CudaBackend(Backend):
     """``graphs``: units may run cuDNN fusion graphs (backend cuda), or never (cuda-unfused)."""
 
@@ -92,28 +122,30 @@ class CudaBackend(Backend):
         return torch.channels_last
 
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
-        flat = cpp().block_forward(x, *params, residual, spec.ints, spec.floats, self.graphs)
+        flat = run("block_forward", x.device, x, *params, residual, spec.ints, spec.floats, self.graphs)
         return unpack_forward(flat, len(spec.units))
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
-        if x.is_cuda and x.dtype in _FOLDED_DTYPES and self.graphs:  # BN folded into the weights, cached
+        # On the GPU (and in its launch account) float16 / bfloat16 eval folds BN into the weights, cached
+        if (x.is_cuda or launches.dry()) and x.dtype in _FOLDED_DTYPES and self.graphs:
             folded = folding.fold_block(params, spec.units)
-            return cpp().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], residual,
-                                                spec.ints, spec.floats, self.graphs)
-        return cpp().block_inference(x, *params, residual, spec.ints, spec.floats, self.graphs)
+            return run("block_inference_folded", x.device, x, [w for w, _ in folded], [t for _, t in folded],
+                       residual, spec.ints, spec.floats, self.graphs)
+        return run("block_inference", x.device, x, *params, residual, spec.ints, spec.floats, self.graphs)
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
-        flat = cpp().block_backward(dy, x, saved.y, params.weights, params.gammas, params.betas, saved.acts,
-                                    saved.means, saved.variances, spec.ints, spec.floats, need_input_grad,
-                                    self.graphs, saved.counts)
+        flat = run("block_backward", x.device, dy, x, saved.y, params.weights, params.gammas, params.betas,
+                   saved.acts, saved.means, saved.variances, spec.ints, spec.floats, need_input_grad, self.graphs,
+                   saved.counts)
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         if isinstance(count, Tensor):  # a synchronised BN's group count, on the device: a few torch ops
             reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
             return
-        cpp().bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        run("bn_running_update", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
+            momentum)
 
     def prepare(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
         return fusion.prepare(spec, x, weights, train, self.graphs)
