@@ -155,15 +155,27 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
   const at::Tensor xc = nhwc(x);
   Forward out;
   std::vector<at::Tensor> scales, shifts;
+  // every fused unit's statistics sums zeroed at once
+  std::vector<bool> fuses(n);
+  std::vector<int64_t> sum_channels;
+  for (size_t i = 0; i < n; ++i) {
+    fuses[i] = !fusion::ineligible(xc, weights[i], spec.units[i], graphs);
+    if (fuses[i] && fusion::stats_in_graph(spec.units[i])) sum_channels.push_back(weights[i].size(0));
+  }
+  const std::vector<fusion::Sums> sums = sum_channels.empty() ? std::vector<fusion::Sums>{}
+                                                              : fusion::zeroed_sums(xc, sum_channels);
+  size_t next_sums = 0;
   for (size_t i = 0; i < n; ++i) {
     const UnitSpec& u = spec.units[i];
     const bool below = i > 0 && i < n_main;  // the conv reads r_{i-1} = relu(a_{i-1}·s + t), else the block input
     at::Tensor a, sum, sq_sum;
-    if (!fusion::ineligible(xc, weights[i], u, graphs)) {
+    if (fuses[i]) {
       const std::optional<fusion::Prologue> prologue =
           below ? std::optional<fusion::Prologue>(fusion::Prologue{scales[i - 1], shifts[i - 1]}) : std::nullopt;
-      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue,
-                                 fusion::stats_in_graph(u), std::nullopt, std::nullopt, false)) {
+      const std::optional<fusion::Sums> unit_sums =
+          fusion::stats_in_graph(u) ? std::optional<fusion::Sums>(sums[next_sums++]) : std::nullopt;
+      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue, unit_sums, std::nullopt,
+                                 std::nullopt, false)) {
         std::tie(a, sum, sq_sum) = std::tie(f->y, f->sum, f->sq_sum);
       }
     }
@@ -222,7 +234,7 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
       w = (weights[i] * s[i].view({-1, 1, 1, 1})).to(weights[i].scalar_type());
       account::launch("fold W·s", "elementwise", {weights[i], s[i]}, {w});
     }
-    auto f = fusion::fprop(spec.units[i], input, w, std::nullopt, false, t[i], res, relu);
+    auto f = fusion::fprop(spec.units[i], input, w, std::nullopt, std::nullopt, t[i], res, relu);
     return f ? std::optional<at::Tensor>(f->y) : std::nullopt;
   };
   // the projection first: its output is the closing unit's shortcut

@@ -100,27 +100,28 @@ struct StatsFinalizeOp {
   }
 };
 
-// Statistics from per-channel sums a conv epilogue produced (cuDNN's genstats, fp32): mean = Σ/M and
+// Statistics from per-channel sums a conv epilogue produced (cuDNN's reductions, fp32): mean = Σ/M and
 // var = Σx²/M − mean². The difference cancels as mean²/var grows (relative error ≈ fp32 eps · (1 + mean²/var)):
-// a channel past kCancellation, or with var ≤ 0, is flagged and gets the exact shifted Welford statistics of
-// bn_stats instead, computed on the flagged channels' lanes only (the others skip every row).
+// a channel past kCancellation, or with var ≤ 0, needs the exact shifted Welford statistics of bn_stats instead,
+// computed on those channels' lanes only (the others skip every row). Without sums (sum == nullptr) every channel
+// takes Welford's (bn_stats itself). The decision is recomputed from the sums on the device wherever it is
+// needed: no flag buffer, no launch of its own.
 constexpr float kCancellation = 16.f;
 
-struct SumsOp {
-  const float* sum;
-  const float* sq_sum;
-  float count;
-  float* mean;
-  float* var;
-  float* flagged;
+struct FromSums {
+  const float* sum = nullptr;
+  const float* sq_sum = nullptr;
+  float count = 0.f;
 
-  C10_HOST_DEVICE void operator()(int64_t c) const {
-    const float m = sum[c] / count;
-    const float v = sq_sum[c] / count - m * m;
-    const bool exact_needed = !(v > 0.f) || !(m * m <= kCancellation * v);  // NaN-safe
-    mean[c] = m;
-    var[c] = v;
-    flagged[c] = exact_needed ? 1.f : 0.f;
+  C10_HOST_DEVICE void stats(int64_t c, float& m, float& v) const {
+    m = sum[c] / count;
+    v = sq_sum[c] / count - m * m;
+  }
+  C10_HOST_DEVICE bool needs_exact(int64_t c) const {
+    if (sum == nullptr) return true;
+    float m, v;
+    stats(c, m, v);
+    return !(v > 0.f) || !(m * m <= kCancellation * v);  // NaN-safe
   }
 };
 
@@ -129,17 +130,17 @@ struct GatedAcc : WelfordAcc<VEC> {
   bool active = false;
 };
 
-// The Welford pass on the channels `flagged` marks (nullptr: every channel, bn_stats itself).
+// The Welford pass on the channels that need it.
 template <typename T, int VEC>
 struct FlaggedStatsPartialOp {
   using Acc = GatedAcc<VEC>;
   StatsPartialOp<T, VEC> exact;
-  const float* flagged;
+  FromSums sums;
 
   C10_HOST_DEVICE void init(Acc& acc, int64_t group) const {
-    acc.active = flagged == nullptr;
+    acc.active = false;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) acc.active = acc.active || flagged[group * VEC + k] != 0.f;
+    for (int k = 0; k < VEC; ++k) acc.active = acc.active || sums.needs_exact(group * VEC + k);
     if (acc.active) exact.init(acc, group);
   }
   C10_HOST_DEVICE void accumulate(Acc& acc, int64_t row, int64_t group) const {
@@ -148,18 +149,22 @@ struct FlaggedStatsPartialOp {
   C10_HOST_DEVICE void store(const Acc& acc, int64_t part, int64_t group) const { exact.store(acc, part, group); }
 };
 
+// mean, var, s, t per channel: Welford's merged partials where needed, else from the sums.
 template <typename T>
 struct FlaggedFinalizeOp {
-  StatsFinalizeOp<T> exact;  // writes mean, var, scale, shift of a flagged channel
-  const float* flagged;
+  StatsFinalizeOp<T> exact;
+  FromSums sums;
 
   C10_HOST_DEVICE void operator()(int64_t c) const {
-    if (flagged == nullptr || flagged[c] != 0.f) {
+    if (sums.needs_exact(c)) {
       exact(c);
       return;
     }
-    float s, t, rstd;
-    scale_shift(exact.gamma[c], exact.beta[c], exact.mean[c], exact.var[c], exact.eps, s, t, rstd);
+    float m, v, s, t, rstd;
+    sums.stats(c, m, v);
+    scale_shift(exact.gamma[c], exact.beta[c], m, v, exact.eps, s, t, rstd);
+    exact.mean[c] = m;
+    exact.var[c] = v;
     exact.scale[c] = s;
     exact.shift[c] = t;
   }
@@ -202,6 +207,7 @@ struct RunningUpdateOp {
   RT* running_mean;
   RT* running_var;
   const int64_t* num_batches_tracked;  // read when cumulative (already incremented); else nullptr
+  int64_t* increment;                  // num_batches_tracked, incremented here by channel 0; else nullptr
   const float* mean;
   const float* var;
   float keep;      // 1 − momentum
@@ -218,18 +224,22 @@ struct RunningUpdateOp {
     const float rv = static_cast<float>(running_var[c]);
     running_mean[c] = static_cast<RT>(add_rn(mul_rn(rm, k), mul_rn(mean[c], f)));
     running_var[c] = static_cast<RT>(add_rn(mul_rn(rv, k), mul_rn(mul_rn(var[c], unbiased), f)));
+    if (increment != nullptr && c == 0) *increment += 1;
   }
 };
 
 template <int V>
 using Vec = std::integral_constant<int, V>;
 
-// mean, var, scale, shift of the channels `flags` marks (undefined: all) by the shifted Welford pass over a; the
-// other channels' scale and shift from the mean and var already written.
+// mean, var, scale, shift: by the shifted Welford pass over a for the channels that need it (all, without
+// sums), from the sums for the others. `sums`: the sum and sq_sum tensors, or undefined.
 void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tensor& beta, double eps,
-                   const at::Tensor& flags, const std::vector<at::Tensor>& out) {
+                   const at::Tensor& sum, const at::Tensor& sq_sum, const std::vector<at::Tensor>& out) {
   const Runs runs = runs_on(a);
-  const float* flagged = flags.defined() ? read_ptr<float>(flags) : nullptr;
+  const int64_t rows = a.size(1) == 0 ? 0 : a.numel() / a.size(1);
+  const FromSums from_sums = sum.defined() ? FromSums{read_ptr<float>(sum), read_ptr<float>(sq_sum),
+                                                      static_cast<float>(rows)}
+                                           : FromSums{};
   const int64_t C = a.size(1), M = a.numel() / C;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_stats", [&] {
     auto run = [&](auto vec) {
@@ -241,16 +251,17 @@ void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tenso
       float* pm = write_ptr<float>(partials[1]);
       float* p2 = write_ptr<float>(partials[2]);
       const auto* data = read_ptr<scalar_t>(a);
-      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, flagged}, M, groups, runs, geo);
-      // flagged channels only read a again (the account counts none: a flag is a property of the data)
-      account::launch(flags.defined() ? "bn_stats flagged partials" : "bn_stats partials", "reduction",
-                      {flags.defined() ? at::Tensor() : a}, {partials});
+      reduce_partials(FlaggedStatsPartialOp<scalar_t, V>{{data, C, pc, pm, p2}, from_sums}, M, groups, runs, geo);
+      // with sums, only the channels that need Welford's read a (the account counts none: that is the data's)
+      account::launch(sum.defined() ? "bn_stats exact partials" : "bn_stats partials", "reduction",
+                      {sum.defined() ? sum : a, sq_sum}, {partials});
       const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, read_ptr<float>(gamma),
                                             read_ptr<float>(beta), geo.parts, C, static_cast<float>(eps),
                                             write_ptr<float>(out[0]), write_ptr<float>(out[1]),
                                             write_ptr<float>(out[2]), write_ptr<float>(out[3])};
-      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, flagged}, C, runs);
-      account::launch("bn_stats finalize", "elementwise", {partials, gamma, beta}, {out[0], out[1], out[2], out[3]});
+      for_each_index(FlaggedFinalizeOp<scalar_t>{exact, from_sums}, C, runs);
+      account::launch("bn_stats finalize", "elementwise", {partials, gamma, beta, sum, sq_sum},
+                      {out[0], out[1], out[2], out[3]});
     };
     constexpr int VEC = 16 / sizeof(scalar_t);
     if (vector_width<scalar_t>(C, {read_ptr<scalar_t>(a)}) == VEC) run(Vec<VEC>{}); else run(Vec<1>{});
@@ -274,7 +285,7 @@ std::vector<at::Tensor> bn_stats_launch(const at::Tensor& a, const at::Tensor& g
                                         double eps) {
   const c10::OptionalDeviceGuard guard(a.device());
   std::vector<at::Tensor> out = stats_outputs(a);
-  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, at::Tensor(), out);
+  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, at::Tensor(), at::Tensor(), out);
   return out;
 }
 
@@ -282,14 +293,7 @@ std::vector<at::Tensor> bn_stats_from_sums_launch(const at::Tensor& a, const at:
                                                   const at::Tensor& gamma, const at::Tensor& beta, double eps) {
   const c10::OptionalDeviceGuard guard(a.device());
   std::vector<at::Tensor> out = stats_outputs(a);
-  if (a.numel() == 0) return out;
-  const int64_t C = a.size(1), M = a.numel() / C;
-  at::Tensor flagged = at::empty({C}, out[0].options());
-  for_each_index(SumsOp{read_ptr<float>(sum), read_ptr<float>(sq_sum), static_cast<float>(M),
-                        write_ptr<float>(out[0]), write_ptr<float>(out[1]), write_ptr<float>(flagged)},
-                 C, runs_on(a));
-  account::launch("bn_stats from sums", "elementwise", {sum, sq_sum}, {out[0], out[1], flagged});
-  welford_stats(a, gamma, beta, eps, flagged, out);
+  if (a.numel() != 0) welford_stats(a, gamma, beta, eps, sum, sq_sum, out);
   return out;
 }
 
@@ -309,21 +313,26 @@ void bn_running_update_launch(const at::Tensor& running_mean, const at::Tensor& 
                               const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
                               const at::Tensor& var, int64_t count, std::optional<double> momentum) {
   const c10::OptionalDeviceGuard guard(mean.device());
-  if (num_batches_tracked.has_value()) {
+  // With a momentum the count is not read here: channel 0 increments it in the same kernel. Cumulative averaging
+  // reads it in every channel, incremented first: its own launch (one kernel could not order them across blocks).
+  const bool separate = num_batches_tracked.has_value() && (!momentum.has_value() || mean.numel() == 0);
+  if (separate) {
     num_batches_tracked->add_(1);
     account::launch("num_batches_tracked += 1", "elementwise", {*num_batches_tracked}, {*num_batches_tracked});
   }
+  int64_t* increment = num_batches_tracked.has_value() && !separate ? write_ptr<int64_t>(*num_batches_tracked)
+                                                                     : nullptr;
   const int64_t* nbt = momentum.has_value() ? nullptr : read_ptr<int64_t>(*num_batches_tracked);
   const double m = momentum.value_or(0.0);
   const float unbiased = static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1));
   FR_DISPATCH_FLOATING(running_mean.scalar_type(), "bn_running_update", [&] {
     for_each_index(RunningUpdateOp<scalar_t>{write_ptr<scalar_t>(running_mean), write_ptr<scalar_t>(running_var), nbt,
-                                             read_ptr<float>(mean), read_ptr<float>(var),
+                                             increment, read_ptr<float>(mean), read_ptr<float>(var),
                                              static_cast<float>(1.0 - m), static_cast<float>(m), unbiased},
                    mean.numel(), runs_on(mean));
   });
   account::launch("bn_running_update", "elementwise", {running_mean, running_var, mean, var},
-                  {running_mean, running_var});
+                  {running_mean, running_var, increment != nullptr ? *num_batches_tracked : at::Tensor()});
 }
 
 }  // namespace fused_resnet

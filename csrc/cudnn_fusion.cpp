@@ -223,6 +223,21 @@ std::vector<Request> block_requests(const BlockSpec& spec, const at::Tensor& x, 
   return out;
 }
 
+std::vector<Sums> zeroed_sums(const at::Tensor& like, const std::vector<int64_t>& channels) {
+  int64_t total = 0;
+  for (int64_t c : channels) total += 2 * ((c + 3) / 4 * 4);
+  const at::Tensor buffer = at::zeros({std::max<int64_t>(total, 1)}, like.options().dtype(at::kFloat));
+  account::launch("zero the sums", "elementwise", {}, {buffer});
+  std::vector<Sums> out;
+  int64_t offset = 0;
+  for (int64_t c : channels) {
+    const int64_t stride = (c + 3) / 4 * 4;
+    out.push_back({buffer.narrow(0, offset, c), buffer.narrow(0, offset + stride, c)});
+    offset += 2 * stride;
+  }
+  return out;
+}
+
 #ifdef FUSED_RESNET_WITH_CUDNN_FRONTEND
 
 namespace fe = cudnn_frontend;
@@ -638,9 +653,9 @@ at::Tensor activation_like(const at::Tensor& x, at::IntArrayRef sizes) {
   return at::empty(sizes, x.options().memory_format(kNHWC));
 }
 
-// A graph's two reductions accumulate into their outputs: both start from zero. Two buffers, not one: the block
-// ops return the sums as dγ and dβ, and an op's outputs may not share storage.
-std::pair<at::Tensor, at::Tensor> zeroed_sums(const at::Tensor& x, int64_t C) {
+// The dgrad graph's two reductions accumulate into their outputs: both start from zero. Two buffers, not one: the
+// block ops return these sums as dγ and dβ, and an op's outputs may not share storage.
+std::pair<at::Tensor, at::Tensor> zeroed_grad_sums(const at::Tensor& x, int64_t C) {
   std::pair<at::Tensor, at::Tensor> sums{at::zeros({C}, x.options().dtype(at::kFloat)),
                                          at::zeros({C}, x.options().dtype(at::kFloat))};
   account::launch("zero a sum", "elementwise", {}, {sums.first});
@@ -669,11 +684,11 @@ std::string build_info() {
 }
 
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
-                              const std::optional<Prologue>& prologue, bool stats,
+                              const std::optional<Prologue>& prologue, const std::optional<Sums>& sums,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                               bool relu) {
   const c10::OptionalDeviceGuard guard(x.device());  // plans, handle and workspace on x's device
-  const int64_t features = (prologue ? kPrologue : 0) | (stats ? kStats : 0) | (bias ? kBias : 0) |
+  const int64_t features = (prologue ? kPrologue : 0) | (sums ? kStats : 0) | (bias ? kBias : 0) |
                            (residual ? kResidual : 0) | (relu ? kRelu : 0);
   const at::Tensor xc = dense(x, kNHWC), wc = dense(w, kNHWC);
   auto e = graph_for(request_for(Graph::kFprop, features, xc, wc.sizes(), u), xc.device());
@@ -686,8 +701,11 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
     b.emplace_back("scale", channels_arg("the prologue's scale", prologue->scale, C));
     b.emplace_back("shift", channels_arg("the prologue's shift", prologue->shift, C));
   }
-  if (stats) {
-    std::tie(out.sum, out.sq_sum) = zeroed_sums(xc, K);
+  if (sums) {
+    TORCH_CHECK(sums->sum.numel() == K && sums->sq_sum.numel() == K, "cudnn fusion: expected the sums' buffers "
+                "with ", K, " values (one per output channel)");
+    out.sum = sums->sum;
+    out.sq_sum = sums->sq_sum;
     b.insert(b.end(), {{"sum", out.sum}, {"sq_sum", out.sq_sum}});
   }
   if (bias) b.emplace_back("bias", channels_arg("the bias", *bias, K));
@@ -708,7 +726,7 @@ std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec& u, const at::Tensor& dy
   if (e == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
   DgradOut out{activation_like(ac, ac.sizes()), {}, {}, activation_like(ac, ac.sizes())};
-  std::tie(out.sum_dz, out.sum_dz_xhat) = zeroed_sums(ac, C);
+  std::tie(out.sum_dz, out.sum_dz_xhat) = zeroed_grad_sums(ac, C);
   const Bindings b{{"dy", dyc}, {"w", wc}, {"a", ac},
                    {"scale", channels_arg("the scale", below.scale, C)},
                    {"shift", channels_arg("the shift", below.shift, C)},
@@ -879,7 +897,8 @@ std::string build_info() {
 }
 
 std::optional<FpropOut> fprop(const UnitSpec&, const at::Tensor&, const at::Tensor&, const std::optional<Prologue>&,
-                              bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool) {
+                              const std::optional<Sums>&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, bool) {
   return std::nullopt;
 }
 

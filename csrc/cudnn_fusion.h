@@ -90,8 +90,12 @@ std::vector<std::string> prepare(const std::vector<Request>& requests, const at:
 // The keys of these requests with no plan built (or known to have none) on x's device.
 std::vector<std::string> missing(const std::vector<Request>& requests, const at::Tensor& x);
 
-// y = conv(operand, w) [+ bias][+ residual][ReLU], with `stats` also Σy and Σy² per channel (fp32 [K]).
-// nullopt: no engine for this key (counted); the caller computes it unfused.
+// y = conv(operand, w) [+ bias][+ residual][ReLU]; with `sums` (zeroed fp32 [K] buffers the graph accumulates
+// into: zeroed_sums) also Σy and Σy² per channel. nullopt: no engine for this key (counted); the caller computes
+// it unfused.
+struct Sums {
+  at::Tensor sum, sq_sum;
+};
 struct FpropOut {
   at::Tensor y, sum, sq_sum;
 };
@@ -99,9 +103,12 @@ struct Prologue {  // relu(x·scale + shift): the BN-apply + ReLU of the unit th
   at::Tensor scale, shift;
 };
 std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::Tensor& w,
-                              const std::optional<Prologue>& prologue, bool stats,
+                              const std::optional<Prologue>& prologue, const std::optional<Sums>& sums,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                               bool relu);
+// Zeroed fp32 (Σ, Σ²) buffers for fprop graphs with channel counts `channels`, from one buffer and one fill (each
+// [C] view 16-byte aligned, as cuDNN reads its operands): a block's forward zeroes all its units' sums at once.
+std::vector<Sums> zeroed_sums(const at::Tensor& like, const std::vector<int64_t>& channels);
 
 // The unit below's BN as its backward reads it: the mask [a·scale + shift > 0] (the forward's BN-apply) and
 // x̂ = (a − mean)·rstd for Σdz·x̂ (fp32 [C] each).
