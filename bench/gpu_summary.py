@@ -6,7 +6,9 @@ results.json: {"env", "autotune", "dry_run", "stages": [{"name", "exit", "second
 "failures", "errors", "skipped"}, "verify": [{"model", "backend", "dtype", "layout", "ok", "worst"}], "runs":
 [rows in the results schema of ``fused-resnet bench``], "not_measured": [{"model", "mode", "provider"}]}.
 summary.md: the stage times, the test and verify outcome, and the model table with each fused provider's
-throughput and peak memory as ratios to eager and to torch.compile measured in the same process.
+throughput and peak memory as ratios to eager and to torch.compile measured in the same process, each beside the
+launch account's roofline prediction for that GPU (``fused-resnet account``: a model, calibrated on one eager
+measurement; "predicted" in results.json's runs; none for torch.compile, whose kernels the account does not see).
 
     python bench/gpu_summary.py OUT
 """
@@ -61,13 +63,37 @@ def _rows(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _count(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "–"
+
+
+def _gpu_key(name: str) -> str:
+    return "h200" if "H200" in name.upper() else "h100"
+
+
+def predict(runs: List[dict], gpu: str) -> None:
+    """Each run's predicted img/s from the launch account of the same configuration (in place: "predicted")."""
+    from fused_resnet.tools import accounting, roofline
+
+    cal = roofline.calibration()
+    for r in runs:
+        if r["provider"] not in accounting.PROVIDERS:
+            continue
+        config = accounting.Config(model=r["model"], batch=r["batch"], dtype=r["dtype"],
+                                   channels_last=r.get("layout") == "channels_last",
+                                   mode="train" if r["mode"] == "train" else "eval", amp=bool(r.get("amp")))
+        acc = accounting.account(config, r["provider"])
+        r["predicted"] = round(roofline.predict(acc, roofline.GPUS[gpu], cal)["img_per_s"], 1)
 
 
 def summarize(out: Path) -> dict:
     env = _json(out / "env.json", {})
     runs = _rows(out / "rows.jsonl")
+    predict(runs, _gpu_key(env.get("gpu", "")))
     measured = {(r["model"], r["mode"], r["provider"]) for r in runs}
     models = sorted({r["model"] for r in runs}) or []
     missing = [{"model": m, "mode": mode, "provider": p} for m in models for mode in MODES for p in PROVIDERS
@@ -103,13 +129,14 @@ def markdown(res: dict) -> str:
         return next((o for o in runs if (o["model"], o["mode"], o["provider"]) == (r["model"], r["mode"], provider)),
                     None)
 
-    lines += ["", "| model | mode | provider | img/s | vs eager | vs compile | peak GiB | mem vs eager | "
-              "first step s | host ms/step | step ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | mode | provider | img/s | predicted img/s (model) | vs eager | vs compile | peak GiB | "
+              "mem vs eager | first step s | host ms/step | step ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         eager, comp = find(r, "eager"), find(r, "compile")
         peak = r.get("peak_mem_gib")
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['provider']} | {r['img_per_s']:,.0f} | "
+            f"{_count(r.get('predicted'))} | "
             f"{_ratio(r['img_per_s'], eager and eager['img_per_s'])} | "
             f"{_ratio(r['img_per_s'], comp and comp['img_per_s'])} | {'–' if peak is None else f'{peak:.2f}'} | "
             f"{_ratio(peak, eager and eager.get('peak_mem_gib'))} | {r['first_step_s']:.1f} | "
