@@ -173,5 +173,7 @@ def test_bringup_rehearsal_produces_every_stage_and_file(tmp_path):
     assert {(r["mode"], r["provider"]) for r in res["runs"]} == {
         (m, p) for m in ("train", "infer") for p in ("eager", "cuda", "compile", "triton", "cuda-unfused")}
     assert not res["not_measured"] and all(SCHEMA <= set(r) and r["host_ms"] > 0 for r in res["runs"])
+    # beside each measurement the account's prediction, except for torch.compile (the account cannot see it)
+    assert all((r.get("predicted", 0) > 0) == (r["provider"] != "compile") for r in res["runs"])
     summary = (tmp_path / "summary.md").read_text()
     assert "CPU rehearsal" in summary and "| cifar_resnet8 | train | compile |" in summary
