@@ -91,6 +91,22 @@ def test_compile_fullgraph_matches_eager(build, shape):
     torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
+def test_compile_dynamic_shapes_matches_eager():
+    """dynamic=True: batch and image sizes are symbols (the specs hold none: a shape never enters a spec); two
+    input sizes give eager's numbers and running statistics in training and in eval."""
+    torch._dynamo.reset()
+    model = models.cifar_resnet(8, shortcut="B", num_classes=4, width=4, backend="reference")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(eager, mode)()
+        for shape in ((4, 3, 16, 16), (6, 3, 12, 20)):
+            x = torch.randn(*shape)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for (n, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_compiled_op_pins_a_symbolic_spec():
     """A spec that enters a compiled frame as an input (code calling the op layer itself, or a graph break between
     a block's spec and its op) reaches the fakes as SymInts / SymFloats under dynamic=True, as it does under
