@@ -1,4 +1,5 @@
-"""The torch.library op layer: opcheck on every op, and torch.compile(fullgraph=True) of converted models."""
+"""The torch.library op layer: opcheck on every op, torch.compile(fullgraph=True) and torch.export of converted
+models."""
 import copy
 import dataclasses
 
@@ -105,6 +106,27 @@ def test_compile_dynamic_shapes_matches_eager():
             torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     for (n, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_export_keeps_the_fused_ops_and_running_statistics(mode):
+    """torch.export of a converted model: the graph calls the fused ops (nothing falls back to the block's own
+    modules), and the exported module, after run_decompositions as well, gives eager's output and running
+    statistics (training: every BN buffer is a mutated output of the graph)."""
+    model = getattr(models.cifar_resnet(8, shortcut="A", num_classes=4, width=4, backend="reference"), mode)()
+    x = torch.randn(4, 3, 16, 16)
+    exported = torch.export.export(model, (x,))
+    decomposed = exported.run_decompositions()
+    targets = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
+    assert "fused_resnet.block_forward.default" in targets and not any("batch_norm" in t for t in targets)
+    n_buffers = len(list(model.buffers()))
+    assert len(decomposed.graph_signature.buffers_to_mutate) == (n_buffers if mode == "train" else 0)
+    for program in (exported, decomposed):
+        eager, run = copy.deepcopy(model), program.module()
+        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
+        buffers = dict(run.named_buffers())
+        for name, b in eager.named_buffers():
+            torch.testing.assert_close(buffers[name], b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_compiled_op_pins_a_symbolic_spec():
