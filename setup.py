@@ -46,10 +46,24 @@ setup(
     packages=["fused_resnet", "fused_resnet.backends", "fused_resnet.backends.cuda", "fused_resnet.testing",
               "fused_resnet.tools", "fused_resnet.kernels"],
     package_dir={"fused_resnet": "fused_resnet", "fused_resnet.kernels": "kernels"},
+    # Supported and tested (README "Supported versions"): Python 3.10-3.12, torch 2.11-2.14, Triton 3.6-3.8. Only
+    # the lower bounds are requirements: an upper cap would make pip downgrade torch (gigabytes, and a rebuild of
+    # the extension) or refuse a newer Python where the package may well work; the classifiers name what is tested.
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "torchvision>=0.20"],
+    install_requires=["torch>=2.11", "torchvision>=0.26"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Operating System :: POSIX :: Linux",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],
         "train": ["mnist1d", "matplotlib", "tqdm"],  # fused-resnet train / experiment (imported only there)
         "test": ["pytest", "pytest-benchmark", "mnist1d", "matplotlib", "tqdm", "timm"],  # timm: its ResNets convert
         "build": ["ninja", "pybind11"],

@@ -212,10 +212,8 @@ def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) ->
     return guard.blocker(units, activations, fused_away(units, activations, downsample))
 
 
-# Under torch.fx.symbolic_trace, not torch.export or torch.compile (they trace the fused op itself). Older torch
-# has only is_fx_tracing, which symbolic_trace alone set there.
-_is_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or \
-    torch.fx._symbolic_trace.is_fx_tracing
+# Under torch.fx.symbolic_trace, not torch.export or torch.compile (they trace the fused op itself).
+_is_fx_tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing
 
 
 def _runs_eagerly(backend: str, x: Tensor) -> bool:

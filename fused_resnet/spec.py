@@ -81,12 +81,17 @@ class BlockSpec:
     option_a_stride: Tuple[int, int] = (1, 1)
     dim: int = 2
 
+    # torch.compile traces this whenever a block's spec is (re)built inside a compiled forward (a stem's first call,
+    # train() / eval(), a changed momentum): nothing here may be what dynamo cannot trace on some supported torch
+    # (2.11 traces neither an enum's constructor nor hash() of a tuple), so the shortcut is checked, not coerced,
+    # and the hash is taken on first use, outside the traced code.
     def __post_init__(self) -> None:
+        if not isinstance(self.shortcut, Shortcut):
+            raise TypeError(f"shortcut must be a Shortcut, got {self.shortcut!r}")
         if not self.units:
             raise ValueError("a block needs at least one unit")
         if self.shortcut == Shortcut.PROJECTION and len(self.units) < 2:
             raise ValueError("a projection shortcut needs its unit after the main path's")
-        object.__setattr__(self, "shortcut", Shortcut(self.shortcut))
         ints = [self.dim, int(self.shortcut), *self.option_a_stride, len(self.units)]
         floats: List[float] = []
         for u in self.units:
@@ -95,11 +100,14 @@ class BlockSpec:
             floats += [float(u.eps), math.nan if u.momentum is None else float(u.momentum)]
         # the schema form, computed once (not a cached_property: torch.compile cannot trace its lock)
         object.__setattr__(self, "_schema", (tuple(ints), tuple(floats)))
-        # the spec is a cache key on every op call: hash it once (the schema form determines the fields)
-        object.__setattr__(self, "_hash", hash(self._schema[0]) ^ hash(tuple(u.eps for u in self.units)))
 
     def __hash__(self) -> int:
-        return self._hash
+        # the spec is a cache key on every op call: hash it once (the schema form determines the fields)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._schema[0]) ^ hash(tuple(u.eps for u in self.units))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def n_main(self) -> int:
@@ -133,7 +141,14 @@ class BlockSpec:
 
     @staticmethod
     def from_schema(ints: Sequence[int], floats: Sequence[float]) -> "BlockSpec":
-        return _from_schema(tuple(ints), tuple(floats))
+        """The spec of these schema lists. Under torch.compile a fake kernel may get them as SymInts / SymFloats
+        (dynamic=True, or dynamo's automatic dynamic when a spec travels as a compiled frame's input and changes
+        between calls): a spec is configuration, not a shape, so each is pinned to its value, which guards the
+        graph on it (a different spec recompiles) and keeps the spec hashable."""
+        ints, floats = tuple(ints), tuple(floats)
+        if not _PLAIN_NUMBERS.issuperset(map(type, ints + floats)):  # a per-element isinstance costs 10x more
+            ints, floats = tuple(int(v) for v in ints), tuple(float(v) for v in floats)
+        return _from_schema(ints, floats)
 
     # ------------------------------------------------------------------ shapes
     def output_shapes(self, x_shape: Sequence[int], weight_shapes: Sequence[Sequence[int]]) -> List[List[int]]:
@@ -146,6 +161,9 @@ class BlockSpec:
             w = conv_out_size(w, ws[3], u.stride[1], u.padding[1], u.dilation[1])
             shapes.append([x_shape[0], ws[0], h, w])
         return shapes
+
+
+_PLAIN_NUMBERS = frozenset((int, float))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet
 
-from conftest import requires_gpu
+from conftest import GPU, requires_gpu
 
 BACKENDS = ["reference", "triton", "cuda"]
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
@@ -122,14 +122,46 @@ def test_captured_training_step_replays_like_eager_steps(backend):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@requires_gpu
-def test_reduce_overhead_compile_matches_eager():
-    device = torch.device("cuda")
-    eager = _model("A", "auto").to(device)
+_GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "reference"),
+    pytest.param("cuda", "cuda", marks=_GPU_ONLY),
+    pytest.param("cuda", "triton", marks=_GPU_ONLY),
+])
+def test_reduce_overhead_compile_matches_eager(device, backend):
+    """torch.compile(mode="reduce-overhead", fullgraph=True): train steps (forward, backward, running statistics)
+    then eval calls, against eager. On a CPU inductor traces and lowers the same graphs without CUDA graphs; on a
+    GPU every graph must also be captured (no cudagraph skip: a host read, a CPU tensor or an unsupported input
+    mutation in a fused op would make inductor run it uncaptured)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _model("B", backend).to(device)
     compiled_model = copy.deepcopy(eager)
-    step = torch.compile(lambda x: compiled_model(x), mode="reduce-overhead")
-    for x, _ in _data(3, device):
-        torch.testing.assert_close(step(x), eager(x), rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(compiled_model, mode="reduce-overhead", fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, compiled_model)]
+    for x, y in _data(3, device):
+        torch.compiler.cudagraph_mark_step_begin()
+        losses = []
+        for run, opt in ((eager, opts[0]), (compiled, opts[1])):
+            loss = torch.nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    eager.eval(), compiled_model.eval()
+    with torch.no_grad():
+        for x, _ in _data(2, device):
+            torch.compiler.cudagraph_mark_step_begin()
+            torch.testing.assert_close(compiled(x).clone(), eager(x), rtol=1e-4, atol=1e-5)
+    if device == "cuda":
+        assert counters["inductor"]["cudagraph_skips"] == 0, "a graph ran without CUDA graphs (TORCH_LOGS=perf_hints)"
 
 
 def _change_in_place(model, scale):

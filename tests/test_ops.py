@@ -1,11 +1,14 @@
-"""The torch.library op layer: opcheck on every op, and torch.compile(fullgraph=True) of converted models."""
+"""The torch.library op layer: opcheck on every op, torch.compile(fullgraph=True) and torch.export of converted
+models."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from fused_resnet import models, ops
 from fused_resnet.spec import Shortcut
+from fused_resnet.tensors import Params
 
 from conftest import DEVICES, GRADCHECK_CASES, block_problem, op_args
 
@@ -63,7 +66,9 @@ def test_opcheck_block_inference_and_running_update(device):
 ], ids=["resnet18", "cifar20-A", "cifar20-B-1d"])
 def test_compile_fullgraph_matches_eager(build, shape):
     """torch.compile(fullgraph=True) traces a converted model with no graph break; a train step and an eval
-    forward give the eager results and the same running statistics."""
+    forward give the eager results and the same running statistics. The specs are built inside the compiled code
+    (the stem's on its first call, every block's again after eval() and train()), and the ones it leaves on the
+    modules serve the uncompiled model."""
     torch._dynamo.reset()
     model = build()
     x = torch.randn(*shape)
@@ -81,3 +86,66 @@ def test_compile_fullgraph_matches_eager(build, shape):
     model.eval(), eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+    model.train(), eager.train()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_dynamic_shapes_matches_eager():
+    """dynamic=True: batch and image sizes are symbols (the specs hold none: a shape never enters a spec); two
+    input sizes give eager's numbers and running statistics in training and in eval."""
+    torch._dynamo.reset()
+    model = models.cifar_resnet(8, shortcut="B", num_classes=4, width=4, backend="reference")
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(eager, mode)()
+        for shape in ((4, 3, 16, 16), (6, 3, 12, 20)):
+            x = torch.randn(*shape)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for (n, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_export_keeps_the_fused_ops_and_running_statistics(mode):
+    """torch.export of a converted model: the graph calls the fused ops (nothing falls back to the block's own
+    modules), and the exported module, after run_decompositions as well, gives eager's output and running
+    statistics (training: every BN buffer is a mutated output of the graph)."""
+    model = getattr(models.cifar_resnet(8, shortcut="A", num_classes=4, width=4, backend="reference"), mode)()
+    x = torch.randn(4, 3, 16, 16)
+    exported = torch.export.export(model, (x,))
+    decomposed = exported.run_decompositions()
+    targets = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
+    assert "fused_resnet.block_forward.default" in targets and not any("batch_norm" in t for t in targets)
+    n_buffers = len(list(model.buffers()))
+    assert len(decomposed.graph_signature.buffers_to_mutate) == (n_buffers if mode == "train" else 0)
+    for program in (exported, decomposed):
+        eager, run = copy.deepcopy(model), program.module()
+        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
+        buffers = dict(run.named_buffers())
+        for name, b in eager.named_buffers():
+            torch.testing.assert_close(buffers[name], b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_op_pins_a_symbolic_spec():
+    """A spec that enters a compiled frame as an input (code calling the op layer itself, or a graph break between
+    a block's spec and its op) reaches the fakes as SymInts / SymFloats under dynamic=True, as it does under
+    automatic dynamic once it changes between calls: the op layer pins it to its values, so each spec gets its
+    own guarded graph and none runs another's configuration."""
+    torch._dynamo.reset()
+
+    def run(spec, x, params):
+        return ops.inference(spec, x, params, None, "reference")
+
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=True)
+    a = block_problem(Shortcut.IDENTITY, 2, False)
+    x = a["x"].detach()
+    params = Params(*([t.detach() for t in a[k]] for k in ("weights", "gammas", "betas", "running_means",
+                                                            "running_vars")))
+    base = a["spec"]
+    variants = [base, dataclasses.replace(base, shortcut=Shortcut.NONE),
+                dataclasses.replace(base, units=(dataclasses.replace(base.units[0], eps=5.0),) + base.units[1:])]
+    for spec in variants:
+        torch.testing.assert_close(compiled(spec, x, params), run(spec, x, params), msg=str(spec))

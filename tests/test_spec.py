@@ -47,6 +47,20 @@ def test_malformed_schema_is_refused():
         BlockSpec.from_schema(bad, good.floats)
     with pytest.raises(ValueError, match="projection shortcut needs"):
         BlockSpec((UnitSpec(),), Shortcut.PROJECTION)
+    with pytest.raises(TypeError, match="shortcut must be a Shortcut"):
+        BlockSpec((UnitSpec(),), 1)
+
+
+def test_compiled_code_builds_specs():
+    """A compiled forward builds specs whenever a block's settings change (eval(), train(), a new momentum):
+    from_modules traces with fullgraph=True on every supported torch (2.11 traces neither an enum's constructor
+    nor hash() of a tuple), and what it returns is the eager spec, hash included."""
+    torch._dynamo.reset()
+    convs = [nn.Conv2d(4, 8, 3, 2, 1, bias=False), nn.Conv2d(4, 8, 1, 2, bias=False)]
+    bns = [nn.BatchNorm2d(8, momentum=None), nn.BatchNorm2d(8).eval()]
+    build = torch.compile(lambda c, b: from_modules(c, b, Shortcut.PROJECTION), backend="eager", fullgraph=True)
+    traced, eager = build(convs, bns), from_modules(convs, bns, Shortcut.PROJECTION)
+    assert traced == eager and hash(traced) == hash(eager) and traced.ints == eager.ints
 
 
 def _header():
