@@ -29,32 +29,8 @@ def requires_gpu(test):
     return pytest.mark.gpu(_NEEDS_GPU(test))
 
 
-def interpreter_numpy_conflict():
-    """Why the Triton interpreter cannot run here, or None. Triton 3.6's interpreter takes a loop bound's 1-element
-    array as a Python int with int(array), which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to
-    Python scalars"); 3.7 squeezes the array first. Every interpreted kernel would fail with that message alone."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    from importlib import metadata
-
-    import numpy
-    from packaging.version import Version
-
-    try:
-        triton_version = Version(metadata.version("triton"))
-    except metadata.PackageNotFoundError:
-        return None
-    if triton_version < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
-        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1, the CPU tests) needs numpy < 2.4, "
-                f"found numpy {numpy.__version__}: pip install 'numpy<2.4' (or Triton >= 3.7)")
-    return None
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs only on a CUDA GPU (selected by bench/gpu_suite.sh quick)")
-    conflict = interpreter_numpy_conflict()
-    if conflict is not None:
-        raise pytest.UsageError(conflict)
 DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 
 
