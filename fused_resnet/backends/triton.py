@@ -51,9 +51,9 @@ def _interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The Triton kernel modules (imported on first use: importing them imports Triton)."""
-    from ..kernels import bn_act, conv, drelu_dbn
+    from ..kernels import bn_act, bn_finalize, conv, drelu_dbn
 
-    return conv, bn_act, drelu_dbn
+    return conv, bn_act, drelu_dbn, bn_finalize
 
 
 def _device_guard(device: torch.device):
@@ -98,8 +98,10 @@ class TritonBackend(Backend):
         return _CL
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-        """A handful of per-channel torch ops: no Triton kernel of its own (the update is not on any hot path)."""
-        reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        """One launch per BN (kernels/bn_finalize.py; twin: reference.bn_running_update, ~15 torch launches)."""
+        with _device_guard(mean.device):
+            _kernels()[3].bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                            momentum)
 
     @_on_input_device
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
@@ -107,7 +109,7 @@ class TritonBackend(Backend):
         statistics in its epilogue (per-tile partials merged exactly), and applies the previous unit's BN + ReLU
         while loading its input (r_i is never written); the block output is one BN-apply + shortcut + ReLU
         kernel (dual affine for a projection, in-place read for option A)."""
-        conv, bn_act, _ = _kernels()
+        conv, bn_act, _, _ = _kernels()
         n_main = spec.n_main
         acts, means, variances, affine, counts = [], [], [], [], []
         for i, unit in enumerate(spec.units):
@@ -148,7 +150,7 @@ class TritonBackend(Backend):
         operand; each dgrad's epilogue applies the previous unit's ReLU mask (recomputed from its pre-BN output),
         sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input relu(a·s + t), which its wgrad then reads
         (dgrad runs first); the block's first dgrad adds the shortcut's gradient in its epilogue."""
-        conv, _, drelu_dbn = _kernels()
+        conv, _, drelu_dbn, _ = _kernels()
         units, n_main, n = spec.units, spec.n_main, len(spec.units)
         weights, acts = params.weights, saved.acts
         means = [m.contiguous() for m in saved.means]
