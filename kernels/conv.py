@@ -32,7 +32,7 @@ import contextlib
 import inspect
 import os
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -395,6 +395,25 @@ def conv_wgrad_kernel(
         acc = _mma(acc, a, b, UPCAST, PRECISION)
     ws_off = pid_split * K * RSC + offs_k[:, None].to(tl.int64) * RSC + offs_j[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _reduce_split(ws_ptr, dw_ptr, block, split, total, C, CP, BLOCK: tl.constexpr):
+    """Block ``block`` of dw[k, r, s, c] = Σ_i ws[i, k, r, s, c] over the split chunks, in fp32 and in order (as
+    torch's sum over the outer dimension), c < C of the workspace's CP channels, stored once in dw's dtype."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    ptrs = ws_ptr + ((offs // C).to(tl.int64) * CP + offs % C)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, _bound(split)):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += total // C * CP  # one chunk's partial: K·R·S·CP elements
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["split"])
+def wgrad_reduce_kernel(ws_ptr, dw_ptr, split, total, C, CP, BLOCK: tl.constexpr):
+    _reduce_split(ws_ptr, dw_ptr, tl.program_id(0), split, total, C, CP, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -907,10 +926,11 @@ def _wgrad_split(m: int, tiles: int, device: torch.device) -> int:
 def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
-    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> torch.Tensor:
+    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, defer: bool = False,
+):
     """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
-    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype.
+    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype. ``defer``: return the
+    unreduced ``WgradWorkspace`` instead, for a later launch to reduce (``wgrad_reduce``).
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
     is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading). Backend triton
@@ -961,7 +981,49 @@ def conv_wgrad(
         reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],
         writes=[ws], flops=conv_flops(n, k, c, r, s, p, q),
     )
-    dw = ws[0] if split == 1 else ws.sum(dim=0)
-    if flat and cp != c:
-        dw = dw[..., :c].contiguous()
-    return dw.to(x.dtype).permute(0, 3, 1, 2)
+    work = WgradWorkspace(ws, c, x.dtype)
+    if defer:
+        return work
+    return work.direct() if work.direct() is not None else wgrad_reduce(work)
+
+
+class WgradWorkspace(NamedTuple):
+    """A wgrad's fp32 workspace [split, K, R, S, CP] (one partial per chunk of the reduction, channels padded to
+    CP ≥ c) and what dW [K, c, R, S] is made of it: the chunks summed, the padding dropped, cast to ``dtype``."""
+
+    ws: torch.Tensor
+    c: int
+    dtype: torch.dtype
+
+    def direct(self) -> Optional[torch.Tensor]:
+        """dW when the workspace is dW already (one chunk, no padding, float32), else None."""
+        split, k, r, s, cp = self.ws.shape
+        return self.ws[0].permute(0, 3, 1, 2) if split == 1 and cp == self.c and self.dtype == torch.float32 else None
+
+    def output(self) -> torch.Tensor:
+        """The buffer dW [K, R, S, c] is reduced into (every element written by the reduction)."""
+        k, r, s = self.ws.shape[1:4]
+        return _alloc((k, r, s, self.c), self.dtype, self.ws.device)
+
+    def reduce_args(self, dw: torch.Tensor) -> dict:
+        return dict(ws_ptr=self.ws, dw_ptr=dw, split=self.ws.shape[0], total=dw.numel(), C=self.c,
+                    CP=self.ws.shape[4])
+
+
+REDUCE_BLOCK = 1024
+
+
+def wgrad_reduce(work: WgradWorkspace) -> torch.Tensor:
+    """dW [K, c, R, S] (channels_last) from a wgrad workspace: the chunks summed, sliced and cast in one launch
+    (three torch launches before: a sum, a slice, a cast). Twin: ``wgrad_reduce_reference``."""
+    dw = work.output()
+    launches.record("wgrad_reduce_kernel", "reduction", [work.ws], [dw])
+    if not launches.dry() and dw.numel():
+        block = min(REDUCE_BLOCK, triton.next_power_of_2(dw.numel()))
+        wgrad_reduce_kernel[(triton.cdiv(dw.numel(), block),)](**work.reduce_args(dw), BLOCK=block)
+    return dw.permute(0, 3, 1, 2)
+
+
+def wgrad_reduce_reference(work: WgradWorkspace) -> torch.Tensor:
+    """``wgrad_reduce`` with torch ops (what conv_wgrad ran before: a sum, a slice and a cast)."""
+    return work.ws.sum(dim=0)[..., :work.c].contiguous().to(work.dtype).permute(0, 3, 1, 2)

@@ -191,6 +191,38 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     assert r_in.is_contiguous(memory_format=torch.channels_last)
 
 
+def _workspace(split, c, cp, dtype, seed):
+    from fused_resnet.kernels import conv
+
+    ws = torch.randn(split, 6, 3, 2, cp, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return conv.WgradWorkspace(ws, c, dtype)
+
+
+def _check_dw(dw, work):
+    from fused_resnet.kernels import conv
+
+    k, r, s = work.ws.shape[1:4]
+    assert dw.shape == (k, work.c, r, s) and dw.dtype == work.dtype
+    assert dw.is_contiguous(memory_format=torch.channels_last)
+    twin = conv.wgrad_reduce_reference(work)
+    ref64 = work.ws.double().sum(0)[..., :work.c].permute(0, 3, 1, 2)
+    _assert_rule("dW", dw, ref64, twin, work.dtype)
+    # the same fp32 additions, perhaps in another order (torch's reduction picks its own), then one rounding
+    eps = torch.finfo(work.dtype).eps
+    torch.testing.assert_close(dw, twin, rtol=2 * eps, atol=2 * eps * twin.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split,c,cp", [(3, 24, 24), (1, 3, 8), (5, 3, 4)], ids=str)
+def test_wgrad_reduce_sums_slices_and_casts_the_workspace(K, split, c, cp, dtype):
+    """The wgrad workspace's split partials summed in fp32, the padded channels dropped and the result cast, in
+    one launch (its output poisoned first), against the twin (sum, slice, cast) and float64. No dot product:
+    bf16 runs under the interpreter too."""
+    work = _workspace(split, c, cp, dtype, split * c)
+    assert work.direct() is None or (split == 1 and c == cp and dtype == torch.float32)
+    _check_dw(K.wgrad_reduce(work), work)
+
+
 def test_dgrad_option_a_shortcut_gradient(K):
     """dx += the option-A shortcut's gradient: dz[:, :C_in] scattered back to the subsampled positions."""
     shape = testing.ConvShape(2, 8, 7, 6, 8, 3, 3, 1, (1, 1))
