@@ -39,6 +39,13 @@ at::Tensor converted(const char* what, const at::Tensor& t, const at::Tensor& re
 
 at::Tensor nhwc(const at::Tensor& t) { return converted("to channels_last", t, t.contiguous(kNHWC)); }
 at::Tensor f32(const at::Tensor& v) { return converted("to float32", v, v.to(at::kFloat).contiguous()); }
+// γ or β as the per-channel kernels read it: in its own dtype where that is float32, bf16 or fp16 (ops.cpp's
+// check_param), else in float32.
+at::Tensor param(const at::Tensor& v) {
+  const at::ScalarType t = v.scalar_type();
+  return (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) ? converted("contiguous", v, v.contiguous())
+                                                                    : f32(v);
+}
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
   return converted("to the input's layout", t, t.contiguous(fmt));
 }
@@ -183,7 +190,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
       const at::Tensor input = below ? bn_relu(out.acts[i - 1], scales[i - 1], shifts[i - 1]) : xc;
       a = conv_fprop(u, input, weights[i]);
     }
-    const at::Tensor gamma = f32(gammas[i]), beta = f32(betas[i]);
+    const at::Tensor gamma = param(gammas[i]), beta = param(betas[i]);
     at::Tensor mean, var, s, t, rstd;
     const int64_t local = per_channel(a);
     at::Tensor count;  // filled on the device: a synchronised spec's forward returns them all
@@ -296,8 +303,8 @@ at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::Tens
   std::vector<at::Tensor> s(spec.units.size()), t(spec.units.size());
   for (size_t i = 0; i < spec.units.size(); ++i) {
     at::Tensor rstd;
-    std::tie(s[i], t[i], rstd) = bn_scale_shift(f32(gammas[i]), f32(betas[i]), running_f32(running_means[i]),
-                                                running_f32(running_vars[i]), spec.units[i].eps);
+    std::tie(s[i], t[i], rstd) = bn_scale_shift(param(gammas[i]), param(betas[i]), f32(running_means[i]),
+                                                f32(running_vars[i]), spec.units[i].eps);
   }
   return in_format(inference(spec, x, weights, s, t, false, residual, graphs), format_of(x));
 }
@@ -336,7 +343,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     a[i] = nhwc(acts[i]);
     mean[i] = f32(means[i]);
     std::tie(s[i], t[i], rstd[i]) =
-        bn_scale_shift(f32(gammas[i]), f32(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
+        bn_scale_shift(param(gammas[i]), param(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
   }
   // Unit i's BN + ReLU backward: da_i from g, the gradient at the unit's ReLU output, with the mask [y > 0] when
   // `mask_y` is given, else [a_i·s_i + t_i > 0]. `sums`: Σdz, Σdz·x̂ already reduced by the fused dgrad above.
@@ -368,6 +375,26 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   // Unit i's conv backward: dw_i, and when need_inp the gradient at its input — the block input, or
   // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU, reduces its sums and writes
   // r_below, which the wgrad then reads (else r_below is recomputed for the wgrad).
+  // The fused dgrads' sums of units 0 .. n_main − 2 in one zeroed buffer (one fill per block) where the block
+  // returns dγ and dβ as conversions of them (a bf16 / fp16 model); float32 parameters take the sums themselves
+  // as dγ and dβ, which must then own their storage (dgrad_drelu_sums zeroes two buffers).
+  std::vector<std::optional<fusion::Sums>> grad_sums(n);
+  {
+    std::vector<size_t> shared;
+    std::vector<int64_t> channels;
+    for (size_t b = 0; b + 1 < n_main; ++b) {
+      if (gammas[b].scalar_type() != at::kFloat && betas[b].scalar_type() != at::kFloat &&
+          !fusion::ineligible(xc, weights[b + 1], spec.units[b + 1], graphs) &&
+          !fusion::ineligible(xc, weights[b], spec.units[b], graphs)) {
+        shared.push_back(b);
+        channels.push_back(a[b].size(1));
+      }
+    }
+    if (shared.size() > 1) {
+      const std::vector<fusion::Sums> zeroed = fusion::zeroed_sums(xc, channels);
+      for (size_t k = 0; k < shared.size(); ++k) grad_sums[shared[k]] = zeroed[k];
+    }
+  }
   auto conv_backward = [&](size_t i, const at::Tensor& da, std::optional<size_t> below,
                            bool need_inp) -> std::pair<at::Tensor, std::optional<Sums>> {
     const UnitSpec& u = spec.units[i];
@@ -376,7 +403,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     std::optional<Sums> sums;
     if (may_fuse && need_inp && below && !fusion::ineligible(xc, weights[*below], spec.units[*below], graphs)) {
       const size_t b = *below;
-      if (auto f = fusion::dgrad_drelu_sums(u, da, weights[i], a[b], {s[b], t[b], mean[b], rstd[b]})) {
+      if (auto f = fusion::dgrad_drelu_sums(u, da, weights[i], a[b], {s[b], t[b], mean[b], rstd[b]}, grad_sums[b])) {
         d_inp = f->dz;
         sums = Sums{f->sum_dz, f->sum_dz_xhat};
         r_below = f->r;

@@ -76,8 +76,8 @@ struct StatsFinalizeOp {
   const float* p_count;
   const float* p_mean;
   const float* p_m2;
-  const float* gamma;
-  const float* beta;
+  ChannelParam gamma;
+  ChannelParam beta;
   int64_t parts;
   int64_t C;
   float eps;
@@ -171,8 +171,8 @@ struct FlaggedFinalizeOp {
 };
 
 struct ScaleShiftOp {
-  const float* gamma;
-  const float* beta;
+  ChannelParam gamma;
+  ChannelParam beta;
   const float* mean;
   const float* var;
   float eps;
@@ -255,8 +255,8 @@ void welford_stats(const at::Tensor& a, const at::Tensor& gamma, const at::Tenso
       // with sums, only the channels that need Welford's read a (the account counts none: that is the data's)
       account::launch(sum.defined() ? "bn_stats exact partials" : "bn_stats partials", "reduction",
                       {sum.defined() ? sum : a, sq_sum}, {partials});
-      const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, read_ptr<float>(gamma),
-                                            read_ptr<float>(beta), geo.parts, C, static_cast<float>(eps),
+      const StatsFinalizeOp<scalar_t> exact{data, pc, pm, p2, param_ptr(gamma),
+                                            param_ptr(beta), geo.parts, C, static_cast<float>(eps),
                                             write_ptr<float>(out[0]), write_ptr<float>(out[1]),
                                             write_ptr<float>(out[2]), write_ptr<float>(out[3])};
       for_each_index(FlaggedFinalizeOp<scalar_t>{exact, from_sums}, C, runs);
@@ -301,7 +301,7 @@ std::vector<at::Tensor> bn_scale_shift_launch(const at::Tensor& gamma, const at:
                                               const at::Tensor& var, double eps) {
   const c10::OptionalDeviceGuard guard(mean.device());
   at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean), rstd = at::empty_like(mean);
-  for_each_index(ScaleShiftOp{read_ptr<float>(gamma), read_ptr<float>(beta), read_ptr<float>(mean),
+  for_each_index(ScaleShiftOp{param_ptr(gamma), param_ptr(beta), read_ptr<float>(mean),
                               read_ptr<float>(var), static_cast<float>(eps), write_ptr<float>(scale),
                               write_ptr<float>(shift), write_ptr<float>(rstd)},
                  mean.numel(), runs_on(mean));

@@ -45,6 +45,25 @@ T* write_ptr(const at::Tensor& t) {
   return t.is_meta() ? nullptr : static_cast<T*>(t.mutable_data_ptr());
 }
 
+// A BN parameter vector (γ or β) read as float from the module's own dtype: a bf16 or fp16 model's parameters
+// reach the per-channel kernels without a conversion launch per vector per step.
+struct ChannelParam {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+
+  C10_HOST_DEVICE float operator[](int64_t c) const {
+    switch (dtype) {
+      case at::kBFloat16:
+        return static_cast<float>(static_cast<const at::BFloat16*>(data)[c]);
+      case at::kHalf:
+        return static_cast<float>(static_cast<const at::Half*>(data)[c]);
+      default:
+        return static_cast<const float*>(data)[c];
+    }
+  }
+};
+inline ChannelParam param_ptr(const at::Tensor& t) { return {read_ptr<void>(t), t.scalar_type()}; }
+
 // 16 bytes of T (VEC = 16 / sizeof(T)), or one element when VEC = 1.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {

@@ -721,14 +721,22 @@ std::optional<FpropOut> fprop(const UnitSpec& u, const at::Tensor& x, const at::
 }
 
 std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
-                                         const at::Tensor& a, const BelowBN& below) {
+                                         const at::Tensor& a, const BelowBN& below,
+                                         const std::optional<Sums>& into) {
   const c10::OptionalDeviceGuard guard(a.device());
   const at::Tensor dyc = dense(dy, kNHWC), wc = dense(w, kNHWC), ac = dense(a, kNHWC);
   auto e = graph_for(request_for(Graph::kDgrad, 0, ac, wc.sizes(), u), ac.device());
   if (e == nullptr) return std::nullopt;
   const int64_t C = ac.size(1);
   DgradOut out{activation_like(ac, ac.sizes()), {}, {}, activation_like(ac, ac.sizes())};
-  std::tie(out.sum_dz, out.sum_dz_xhat) = zeroed_grad_sums(ac, C);
+  if (into) {
+    TORCH_CHECK(into->sum.numel() == C && into->sq_sum.numel() == C, "cudnn fusion: expected dgrad sums of ", C,
+                " channels");
+    out.sum_dz = into->sum;
+    out.sum_dz_xhat = into->sq_sum;
+  } else {
+    std::tie(out.sum_dz, out.sum_dz_xhat) = zeroed_grad_sums(ac, C);
+  }
   const Bindings b{{"dy", dyc}, {"w", wc}, {"a", ac},
                    {"scale", channels_arg("the scale", below.scale, C)},
                    {"shift", channels_arg("the shift", below.shift, C)},
@@ -939,7 +947,7 @@ std::optional<FpropOut> fprop(const UnitSpec&, const at::Tensor&, const at::Tens
 }
 
 std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const BelowBN&) {
+                                         const BelowBN&, const std::optional<Sums>&) {
   return std::nullopt;
 }
 

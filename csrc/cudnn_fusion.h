@@ -117,11 +117,14 @@ struct BelowBN {
 };
 // dz = dReLU(dgrad(dy, w)) with the mask of the unit below (a: its pre-BN output), that unit's Σdz and Σdz·x̂
 // (fp32 [C]), and r = relu(a·scale + shift) in the activations' dtype (this unit's conv input, for its wgrad).
+// The sums accumulate into `into` (zeroed: zeroed_sums, {Σdz, Σdz·x̂}) where given, else into two buffers zeroed
+// here: a sum the block op returns as dγ or dβ itself must own its storage.
 struct DgradOut {
   at::Tensor dz, sum_dz, sum_dz_xhat, r;
 };
 std::optional<DgradOut> dgrad_drelu_sums(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& w,
-                                         const at::Tensor& a, const BelowBN& below);
+                                         const at::Tensor& a, const BelowBN& below,
+                                         const std::optional<Sums>& into);
 
 // dw = wgrad(dy, x) in w's layout and dtype.
 std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w);

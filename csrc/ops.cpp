@@ -52,6 +52,15 @@ void check_vec(const char* op, const char* what, const at::Tensor& v, int64_t C,
               v.scalar_type(), " ", shape_str(v.sizes()), " on ", v.device());
 }
 
+// γ and β: float32, or the low-precision dtype of a bf16 / fp16 model (the kernels read them as float).
+void check_param(const char* op, const char* what, const at::Tensor& v, int64_t C, const at::Device& device) {
+  const at::ScalarType t = v.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && v.dim() == 1 && v.size(0) == C &&
+                  v.is_contiguous() && v.device() == device,
+              op, ": expected ", what, " as a contiguous float32, bfloat16 or float16 [", C, "] tensor on ", device,
+              ", got ", t, " ", shape_str(v.sizes()), " on ", v.device());
+}
+
 void check_option_a_stride(const char* op, at::IntArrayRef option_a_stride) {
   TORCH_CHECK(option_a_stride.size() == 2 && option_a_stride[0] > 0 && option_a_stride[1] > 0, op,
               ": expected option_a_stride as two positive strides (option A) or empty, got ",
@@ -74,8 +83,8 @@ void check_option_a(const char* op, const at::Tensor& x, const at::Tensor& y, at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats(const at::Tensor& a, const at::Tensor& gamma,
                                                                     const at::Tensor& beta, double eps) {
   check_act("bn_stats", "the activations a", a);
-  check_vec("bn_stats", "gamma", gamma, a.size(1), a.device());
-  check_vec("bn_stats", "beta", beta, a.size(1), a.device());
+  check_param("bn_stats", "gamma", gamma, a.size(1), a.device());
+  check_param("bn_stats", "beta", beta, a.size(1), a.device());
   auto out = bn_stats_launch(a, gamma, beta, eps);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -87,9 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_from_sums(co
                                                                               const at::Tensor& beta, double eps) {
   const char* op = "bn_stats_from_sums";
   check_act(op, "the activations a", a);
-  for (auto [what, v] : {std::pair{"sum", &sum}, {"sq_sum", &sq_sum}, {"gamma", &gamma}, {"beta", &beta}}) {
-    check_vec(op, what, *v, a.size(1), a.device());
-  }
+  for (auto [what, v] : {std::pair{"sum", &sum}, {"sq_sum", &sq_sum}}) check_vec(op, what, *v, a.size(1), a.device());
+  check_param(op, "gamma", gamma, a.size(1), a.device());
+  check_param(op, "beta", beta, a.size(1), a.device());
   auto out = bn_stats_from_sums_launch(a, sum, sq_sum, gamma, beta, eps);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -99,9 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& 
                                                               double eps) {
   TORCH_CHECK(mean.dim() == 1, "bn_scale_shift: expected mean as a 1-D [C] tensor, got ", shape_str(mean.sizes()));
   const int64_t C = mean.size(0);
-  for (auto [what, v] : {std::pair{"gamma", &gamma}, {"beta", &beta}, {"mean", &mean}, {"var", &var}}) {
-    check_vec("bn_scale_shift", what, *v, C, mean.device());
-  }
+  check_param("bn_scale_shift", "gamma", gamma, C, mean.device());
+  check_param("bn_scale_shift", "beta", beta, C, mean.device());
+  check_vec("bn_scale_shift", "mean", mean, C, mean.device());
+  check_vec("bn_scale_shift", "var", var, C, mean.device());
   auto out = bn_scale_shift_launch(gamma, beta, mean, var, eps);
   return {out[0], out[1], out[2]};
 }
