@@ -77,11 +77,14 @@ def load_driver_shim(mode: str) -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return "no C compiler to build the driver stand-in: runtime-compiled engines will read 'unknown'"
-    out = os.path.join(tempfile.mkdtemp(prefix="cudnn_shim_"), "libcuda.so.1")
-    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", out,
-                    os.path.join(ROOT, "bench", "cudnn_driver_shim.c")], check=True)
-    ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)  # cuDNN's dlopen("libcuda.so.1") now finds it by its soname
-    return f"driver stand-in loaded ({out})"
+    with tempfile.TemporaryDirectory(prefix="cudnn_shim_") as folder:
+        out = os.path.join(folder, "libcuda.so.1")
+        subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", out,
+                        os.path.join(ROOT, "bench", "cudnn_driver_shim.c")], check=True)
+        # Loaded once, the library stays mapped after its file goes; cuDNN's dlopen("libcuda.so.1") finds it by
+        # its soname.
+        ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)
+    return "driver stand-in loaded (built from bench/cudnn_driver_shim.c)"
 
 
 def check(graphs: List[dict], dtype: torch.dtype, props: str, deterministic: bool, compile_kinds: bool) -> None:

@@ -20,6 +20,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <exception>
+#include <thread>
 #include <unordered_map>
 
 #include "account.h"
@@ -747,13 +749,47 @@ std::optional<at::Tensor> wgrad(const UnitSpec& u, const at::Tensor& dy, const a
   return dw.contiguous(w.suggest_memory_format());
 }
 
+namespace {
+
+// Threads for building several plans at once: NVRTC's compile of a runtime-compiled engine (1–2 s, CPU-bound)
+// dominates a build, and one block asks for several (FUSED_RESNET_CUDNN_BUILD_THREADS; 1 builds in the caller).
+size_t build_threads(size_t jobs) {
+  const char* v = std::getenv("FUSED_RESNET_CUDNN_BUILD_THREADS");
+  const size_t wanted = v != nullptr && std::atoll(v) > 0 ? static_cast<size_t>(std::atoll(v))
+                                                           : std::min<size_t>(std::thread::hardware_concurrency(), 16);
+  return std::max<size_t>(1, std::min(wanted, jobs));
+}
+
+}  // namespace
+
 std::vector<std::string> prepare(const std::vector<Request>& requests, const at::Tensor& x) {
-  const c10::OptionalDeviceGuard guard(x.device());
+  const at::Device device = x.device();
+  std::vector<std::shared_ptr<Entry>> entries;
+  for (const Request& r : requests) entries.push_back(find_or_insert(key_on(r, x), r, device));
+  // Each thread builds on its own cuDNN handle (ATen's, per thread and device) under its own device guard; what one
+  // throws is rethrown here once every thread has stopped.
+  std::atomic<size_t> next{0};
+  std::mutex failure_mutex;
+  std::exception_ptr failure;
+  auto work = [&] {
+    try {
+      const c10::OptionalDeviceGuard guard(device);
+      for (size_t i = next++; i < entries.size(); i = next++) {
+        std::lock_guard<std::mutex> lock(entries[i]->m);
+        if (!entries[i]->attempted) build(*entries[i], device);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t t = 1; t < build_threads(entries.size()); ++t) threads.emplace_back(work);
+  work();
+  for (auto& t : threads) t.join();
+  if (failure) std::rethrow_exception(failure);
   std::vector<std::string> none;
-  for (const Request& r : requests) {
-    std::shared_ptr<Entry> e = find_or_insert(key_on(r, x), r, x.device());
-    std::lock_guard<std::mutex> lock(e->m);
-    if (!e->attempted) build(*e, x.device());
+  for (const auto& e : entries) {
     if (!e->usable()) none.push_back(e->k + ": " + e->why);
   }
   return none;

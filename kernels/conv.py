@@ -32,7 +32,7 @@ import contextlib
 import inspect
 import os
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -397,6 +397,25 @@ def conv_wgrad_kernel(
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
 
 
+@triton.jit
+def _reduce_split(ws_ptr, dw_ptr, block, split, total, C, CP, BLOCK: tl.constexpr):
+    """Block ``block`` of dw[k, r, s, c] = Σ_i ws[i, k, r, s, c] over the split chunks, in fp32 and in order (as
+    torch's sum over the outer dimension), c < C of the workspace's CP channels, stored once in dw's dtype."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    ptrs = ws_ptr + ((offs // C).to(tl.int64) * CP + offs % C)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, _bound(split)):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += total // C * CP  # one chunk's partial: K·R·S·CP elements
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["split"])
+def wgrad_reduce_kernel(ws_ptr, dw_ptr, split, total, C, CP, BLOCK: tl.constexpr):
+    _reduce_split(ws_ptr, dw_ptr, tl.program_id(0), split, total, C, CP, BLOCK)
+
+
 # --------------------------------------------------------------------------------------------- host side
 _TILES = {conv_fprop_kernel: _GEMM_TILES, conv_dgrad_kernel: _GEMM_TILES, conv_wgrad_kernel: _WGRAD_TILES}
 _TILE_ARGS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
@@ -663,6 +682,24 @@ def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return out
 
 
+class TilePartials(NamedTuple):
+    """Two fp32 per-row-tile partials of an epilogue's reduction over ``m`` rows per group, ``groups`` groups of
+    ``rows`` buffer rows each ([groups·rows, C]): per tile (mean, M2) of a conv output, or (Σdz, Σdz·x̂).
+    ``tile``: rows per tile, an int or the 1-element int32 tensor the kernel wrote its BLOCK_M to (autotuning
+    picks it); a group's first cdiv(m, tile) buffer rows hold tiles, the rest were never written. Merged on the
+    device by ``fused_resnet.kernels.bn_finalize`` (torch twins: ``merge_tile_stats``, ``sum_tile_partials``)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    tile: Union[torch.Tensor, int]
+    m: int
+    groups: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.first.shape[0] // self.groups
+
+
 def _tile_counts(rows: int, tile: torch.Tensor, m: int) -> torch.Tensor:
     """[rows, 1] fp32: how many of the m rows each row tile of ``tile[0]`` rows held (0 past the last tile)."""
     idx = torch.arange(rows, device=tile.device)
@@ -674,17 +711,27 @@ def _tile_rows(rows: int, tile: torch.Tensor, m: int) -> torch.Tensor:
     return _tile_counts(rows, tile, m) > 0
 
 
-def merge_tile_stats(means: torch.Tensor, m2s: torch.Tensor, tile: torch.Tensor, m: int):
-    """Per-channel (mean, biased variance) over m rows from per-row-tile partials (Chan's parallel merge:
-    M2 = Σ M2_i + Σ n_i·(mean_i − mean)²), in fp32 on the device, no host synchronisation. ``tile`` holds the
-    BLOCK_M the kernel ran with (autotuning picks it), which fixes each tile's row count; rows of the partial
-    buffers beyond the tiles that ran are ignored."""
+def merge_tile_stats(partials: TilePartials):
+    """Per-channel (mean, biased variance) over m rows from per-row-tile (mean, M2) partials (Chan's parallel
+    merge: M2 = Σ M2_i + Σ n_i·(mean_i − mean)²) with torch ops: the twin of ``bn_finalize.bn_finalize``, which
+    the backend launches instead (one kernel, not ~20). ``tile`` holds the BLOCK_M the kernel ran with, which
+    fixes each tile's row count; rows of the partial buffers beyond the tiles that ran are ignored."""
+    means, m2s, tile, m = partials.first, partials.second, partials.tile, partials.m
     counts = _tile_counts(means.shape[0], tile, m)
     valid = counts > 0
     mean = (torch.where(valid, means, 0.0) * counts).sum(0) / m
     dev = torch.where(valid, means - mean, 0.0)
     m2 = torch.where(valid, m2s, 0.0).sum(0) + (dev * dev * counts).sum(0)
     return mean, m2 / m
+
+
+def sum_tile_partials(partials: TilePartials) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sums of both partials over the rows each group's tiles wrote, with torch ops: the twin of the
+    sums ``bn_finalize.dbn_finalize`` forms on the device."""
+    p = partials
+    tile = p.tile if isinstance(p.tile, torch.Tensor) else torch.tensor([p.tile], device=p.first.device)
+    valid = _tile_rows(p.rows, tile, p.m)
+    return tuple(torch.where(valid, v.view(p.groups, -1, v.shape[1]), 0.0).sum((0, 1)) for v in p[:2])
 
 
 def _min_block_m(m: int) -> int:
@@ -712,8 +759,9 @@ def conv_fprop(
 
     x [N, C, H, W], w [K, C, R, S] in one dtype; bias fp32 [K]. ``residual``: an [N, K, P, Q] tensor, or, with
     ``option_a_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
-    appended up to K), read inside the kernel. With ``stats`` returns (y, mean, var): the per-channel fp32 mean
-    and biased variance of y as stored, from per-tile partials written by the epilogue."""
+    appended up to K), read inside the kernel. With ``stats`` returns (y, partials): the epilogue's per-row-tile
+    fp32 mean and M2 of y as stored (``TilePartials``), which ``bn_finalize`` merges into the mean and biased
+    variance on the device."""
     _check(x, w, "conv_fprop")
     n, c, h, wd = x.shape
     k, c_w, r, s = w.shape
@@ -776,7 +824,7 @@ def conv_fprop(
         writes=[y_st, *((means, m2s, tile) if stats else ())], flops=conv_flops(n, k, c, r, s, p, q),
     )
     if stats:
-        return (y, *merge_tile_stats(means, m2s, tile, m))
+        return y, TilePartials(means, m2s, tile, m)
     return y
 
 
@@ -812,7 +860,8 @@ def conv_dgrad(
     tensor, or with ``option_a_stride`` the option-A shortcut's gradient taken from that [N, K', P', Q']
     tensor). ``relu_of`` = (prev, s, t[, mean, rstd]): dx is multiplied by the ReLU mask [prev·s + t > 0] of
     the previous unit (prev: its pre-BN output, x's shape); with mean and rstd also returns that BN's Σdz and
-    Σdz·x̂ per channel: (dz, Σdz, Σdz·x̂). ``relu_out`` (with ``relu_of``): the epilogue, which has prev in
+    Σdz·x̂ as per-row-tile partials (``TilePartials``, summed by ``bn_finalize.dbn_finalize``): (dz, partials).
+    ``relu_out`` (with ``relu_of``): the epilogue, which has prev in
     registers already, also writes relu(prev·s + t) — this conv's input, which the forward never wrote —
     returned last, channels_last: the wgrad reads it as a plain operand instead of recomputing it (a wgrad with
     both operands transformed on load waits for every wgmma on sm_90; with one it keeps one in flight)."""
@@ -885,9 +934,8 @@ def conv_dgrad(
         flops=conv_flops(n, k, c, r, s, p, q),
     )
     out = (dx,)
-    if stats:  # per phase, the rows of the partial buffers that the launched row tiles wrote
-        valid = _tile_rows(sums.shape[0] // phases, tile, m_phase)
-        out += tuple(torch.where(valid, v.view(phases, -1, c), 0.0).sum((0, 1)) for v in (sums, sumx))
+    if stats:  # one group of row tiles per stride phase, each sized for the largest phase
+        out += (TilePartials(sums, sumx, tile, m_phase, phases),)
     if relu_out:
         out += (relu,)
     return out if len(out) > 1 else dx
@@ -907,10 +955,12 @@ def _wgrad_split(m: int, tiles: int, device: torch.device) -> int:
 def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
-    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> torch.Tensor:
+    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, defer: bool = False,
+):
     """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
-    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype.
+    the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype. ``defer``: return the
+    unreduced ``WgradWorkspace`` instead, for a later launch to reduce (``wgrad_reduce``, or the backward's next
+    dBN launch, which does it in the same launch).
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
     is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading). Backend triton
@@ -961,7 +1011,50 @@ def conv_wgrad(
         reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],
         writes=[ws], flops=conv_flops(n, k, c, r, s, p, q),
     )
-    dw = ws[0] if split == 1 else ws.sum(dim=0)
-    if flat and cp != c:
-        dw = dw[..., :c].contiguous()
-    return dw.to(x.dtype).permute(0, 3, 1, 2)
+    work = WgradWorkspace(ws, c, x.dtype)
+    if defer:
+        return work
+    return work.direct() if work.direct() is not None else wgrad_reduce(work)
+
+
+class WgradWorkspace(NamedTuple):
+    """A wgrad's fp32 workspace [split, K, R, S, CP] (one partial per chunk of the reduction, channels padded to
+    CP ≥ c) and what dW [K, c, R, S] is made of it: the chunks summed, the padding dropped, cast to ``dtype``."""
+
+    ws: torch.Tensor
+    c: int
+    dtype: torch.dtype
+
+    def direct(self) -> Optional[torch.Tensor]:
+        """dW when the workspace is dW already (one chunk, no padding, float32), else None."""
+        split, k, r, s, cp = self.ws.shape
+        return self.ws[0].permute(0, 3, 1, 2) if split == 1 and cp == self.c and self.dtype == torch.float32 else None
+
+    def output(self) -> torch.Tensor:
+        """The buffer dW [K, R, S, c] is reduced into (every element written by the reduction)."""
+        k, r, s = self.ws.shape[1:4]
+        return _alloc((k, r, s, self.c), self.dtype, self.ws.device)
+
+    def reduce_args(self, dw: torch.Tensor) -> dict:
+        return dict(ws_ptr=self.ws, dw_ptr=dw, split=self.ws.shape[0], total=dw.numel(), C=self.c,
+                    CP=self.ws.shape[4])
+
+
+REDUCE_BLOCK = 1024
+
+
+def wgrad_reduce(work: WgradWorkspace) -> torch.Tensor:
+    """dW [K, c, R, S] (channels_last) from a wgrad workspace: the chunks summed, sliced and cast in one launch
+    (``bn_finalize.dbn_finalize(reduce=...)`` does it inside the next dBN launch instead). Twin:
+    ``wgrad_reduce_reference``."""
+    dw = work.output()
+    launches.record("wgrad_reduce_kernel", "reduction", [work.ws], [dw])
+    if not launches.dry() and dw.numel():
+        block = min(REDUCE_BLOCK, triton.next_power_of_2(dw.numel()))
+        wgrad_reduce_kernel[(triton.cdiv(dw.numel(), block),)](**work.reduce_args(dw), BLOCK=block)
+    return dw.permute(0, 3, 1, 2)
+
+
+def wgrad_reduce_reference(work: WgradWorkspace) -> torch.Tensor:
+    """``wgrad_reduce`` with torch ops (what conv_wgrad ran before: a sum, a slice and a cast)."""
+    return work.ws.sum(dim=0)[..., :work.c].contiguous().to(work.dtype).permute(0, 3, 1, 2)

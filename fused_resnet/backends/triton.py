@@ -7,15 +7,23 @@
   input (identity), the projection conv's output (computed first, by the same kernel with its BN folded), the
   option-A shortcut read from the block input inside the epilogue, or a residual tensor.
 * Training forward (``block_forward``): each conv writes its pre-BN output and per-tile fp32 mean / M2 partials
-  of it from its epilogue (merged exactly, Chan's formula); the next conv applies that BN + ReLU while loading
-  its input, so the BN/ReLU output is never written; the block output y = relu(a·s + t + shortcut) is one
-  Triton kernel (kernels/bn_act.py) reading the shortcut in place: the block input, the projection's pre-BN
-  output through its own BN (dual affine), or the option-A subsample of the block input.
+  of it from its epilogue; one small kernel per BN (kernels/bn_finalize.py) merges them exactly (Chan's
+  formula) and writes mean, var, s, t; the next conv applies that BN + ReLU while loading its input, so the
+  BN/ReLU output is never written; the block output y = relu(a·s + t + shortcut) is one Triton kernel
+  (kernels/bn_act.py) reading the shortcut in place: the block input, the projection's pre-BN output through
+  its own BN (dual affine), or the option-A subsample of the block input.
 * Training backward (``block_backward``): one reduction kernel (kernels/drelu_dbn.py) masks dy with [y > 0]
-  and sums Σdz, Σdz·x̂; every dgrad / wgrad applies the BN backward while loading its gradient operand; each
-  dgrad's epilogue applies the previous ReLU mask, sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input
+  and sums Σdz, Σdz·x̂ per tile (a projection's BN in the same pass); per unit one small kernel turns such sums
+  into dγ, dβ and the dBN coefficients (and the previous unit's s, t, rstd, and the previous wgrad's split
+  reduction); every dgrad / wgrad applies the BN backward while loading its gradient operand; each dgrad's
+  epilogue applies the previous ReLU mask, sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input
   relu(a·s + t) for its wgrad (which then has one transformed operand, not two: see docs/TRITON.md); the block's
   first dgrad adds the shortcut gradient.
+
+The per-channel arithmetic runs in those small kernels, not as torch ops: each torch op on a per-channel vector
+was a GPU launch and tens of microseconds of host time, and they added up to more launches than eager
+PyTorch's whole step. What torch ops remain are layout copies of tensors not in channels_last and the stem's
+channel padding.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -35,7 +43,6 @@ from torch import Tensor
 
 from .. import distributed
 from ..spec import BlockSpec, Shortcut, memory_format_of
-from . import reference
 from .folding import fold_block
 from ..tensors import Forward, Grads, Params
 from .registry import Backend, register
@@ -51,9 +58,9 @@ def _interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The Triton kernel modules (imported on first use: importing them imports Triton)."""
-    from ..kernels import bn_act, conv, drelu_dbn
+    from ..kernels import bn_act, bn_finalize, conv, drelu_dbn
 
-    return conv, bn_act, drelu_dbn
+    return conv, bn_act, drelu_dbn, bn_finalize
 
 
 def _device_guard(device: torch.device):
@@ -98,35 +105,43 @@ class TritonBackend(Backend):
         return _CL
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-        """A handful of per-channel torch ops: no Triton kernel of its own (the update is not on any hot path)."""
-        reference.bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        """One launch per BN (kernels/bn_finalize.py; twin: reference.bn_running_update, ~15 torch launches)."""
+        with _device_guard(mean.device):
+            _kernels()[3].bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                            momentum)
 
     @_on_input_device
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
         """Training forward, same outputs as reference.block_forward. Each conv computes its output's BN
-        statistics in its epilogue (per-tile partials merged exactly), and applies the previous unit's BN + ReLU
-        while loading its input (r_i is never written); the block output is one BN-apply + shortcut + ReLU
-        kernel (dual affine for a projection, in-place read for option A)."""
-        conv, bn_act, _ = _kernels()
+        statistics in its epilogue (per-tile partials, merged exactly by one small launch that also forms s and
+        t), and applies the previous unit's BN + ReLU while loading its input (r_i is never written); the block
+        output is one BN-apply + shortcut + ReLU kernel (dual affine for a projection, in-place read for option
+        A)."""
+        conv, bn_act, _, fin = _kernels()
         n_main = spec.n_main
         acts, means, variances, affine, counts = [], [], [], [], []
         for i, unit in enumerate(spec.units):
             chained = 0 < i < n_main  # reads the previous unit's pre-BN output through its BN + ReLU
             inp, in_affine = (acts[i - 1], affine[i - 1]) if chained else (x, None)
             args = (inp, params.weights[i], unit.stride, unit.padding)
-            if unit.batch_stats:
-                a, mean, var = conv.conv_fprop(*args, in_affine=in_affine, stats=True)
-            else:
+            gamma, beta = params.gammas[i], params.betas[i]
+            if not unit.batch_stats:  # fixed statistics: fp32 copies of the running ones, s and t, one launch
                 a = conv.conv_fprop(*args, in_affine=in_affine)
-                mean, var = params.running_means[i].float().clone(), params.running_vars[i].float().clone()
-            counts.append(a.numel() // a.shape[1])
-            if unit.sync_group:  # the group's statistics (batch statistics only), before anything reads them
-                mean, var, counts[i] = distributed.merge_stats(unit.sync_group, mean, var, counts[i], unit.eps)
-            s, t, _ = reference.scale_shift(params.gammas[i], params.betas[i], mean, var, unit.eps)
+                mean, var, s, t = fin.bn_finalize(gamma, beta, unit.eps,
+                                                  stats=(params.running_means[i], params.running_vars[i]))
+            else:
+                a, partials = conv.conv_fprop(*args, in_affine=in_affine, stats=True)
+                if unit.sync_group:  # the group's statistics, before anything reads them
+                    mean, var, _, _ = fin.bn_finalize(None, None, unit.eps, partials=partials)
+                    mean, var, count = distributed.merge_stats(unit.sync_group, mean, var, partials.m, unit.eps)
+                    _, _, s, t = fin.bn_finalize(gamma, beta, unit.eps, stats=(mean, var), stats_out=False)
+                else:  # the epilogue's partials merged, s and t: one launch
+                    mean, var, s, t = fin.bn_finalize(gamma, beta, unit.eps, partials=partials)
+            counts.append(count if unit.sync_group and unit.batch_stats else a.numel() // a.shape[1])
             acts.append(a)
             means.append(mean)
             variances.append(var)
-            affine.append((s.contiguous(), t.contiguous()))
+            affine.append((s, t))
         closing: dict = {}  # the closing kernel's shortcut: read in place, through its own BN for a projection
         if spec.shortcut in (Shortcut.IDENTITY, Shortcut.OPTION_A):
             closing["residual"] = x.contiguous(memory_format=_CL)
@@ -144,43 +159,65 @@ class TritonBackend(Backend):
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
         """Backward, same results as reference.block_backward. One reduction kernel masks dy with [y > 0] and sums
-        Σdz, Σdz·x̂ of the last BN; each dgrad and wgrad applies that BN's backward while loading its gradient
+        Σdz, Σdz·x̂ of the last BN (and of a projection's); per unit, one small launch turns such sums into dγ, dβ
+        and the dBN coefficients; each dgrad and wgrad applies that BN's backward while loading its gradient
         operand; each dgrad's epilogue applies the previous unit's ReLU mask (recomputed from its pre-BN output),
         sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input relu(a·s + t), which its wgrad then reads
         (dgrad runs first); the block's first dgrad adds the shortcut's gradient in its epilogue."""
-        conv, _, drelu_dbn = _kernels()
+        conv, _, drelu_dbn, fin = _kernels()
         units, n_main, n = spec.units, spec.n_main, len(spec.units)
         weights, acts = params.weights, saved.acts
         means = [m.contiguous() for m in saved.means]
-        affine = [tuple(v.contiguous() for v in reference.scale_shift(
-            params.gammas[i], params.betas[i], saved.means[i], saved.variances[i], units[i].eps)) for i in range(n)]
+        variances = [v.contiguous() for v in saved.variances]
         dws: List[Optional[Tensor]] = [None] * n
         dgammas: List[Optional[Tensor]] = [None] * n
         dbetas: List[Optional[Tensor]] = [None] * n
+        unreduced: list = []  # (unit, workspace) of the last wgrad: the next dBN launch reduces it
 
-        def dbn(i: int, sum_dz: Tensor, sum_dz_xhat: Tensor) -> Tuple[Tensor, ...]:
-            """Record unit i's dγ, dβ; return (a_i, mean_i, α, β, γ) of its BN backward
-            da = α·dz + β·(a − mean) + γ."""
-            dgammas[i] = sum_dz_xhat.to(params.gammas[i].dtype)  # this rank's sums, as torch's SyncBatchNorm
-            dbetas[i] = sum_dz.to(params.betas[i].dtype)
-            s, _, rstd = affine[i]
-            if not units[i].batch_stats:  # fixed (running) statistics: da = s·dz
-                zero = torch.zeros_like(s)
-                return acts[i], means[i], s, zero, zero
-            count = acts[i].numel() // acts[i].shape[1]
-            if units[i].sync_group:  # called for the projection first, then the main path from the last unit
-                sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(units[i].sync_group, sum_dz, sum_dz_xhat, rstd)
-                count = saved.counts[i]
-            return (acts[i], means[i], s, (-s * rstd * sum_dz_xhat / count).contiguous(),
-                    (-s * sum_dz / count).contiguous())
-
-        def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor) -> None:
-            dw = conv.conv_wgrad(grad, inp, weights[i].shape[2:], units[i].stride, units[i].padding, dbn=coeffs)
+        def set_dw(i: int, dw: Tensor) -> None:
             dws[i] = dw.contiguous(memory_format=memory_format_of(weights[i]))
 
-        dz_out, sum_dz, sum_dz_xhat = drelu_dbn.drelu_dbn_reduce(
-            dy.contiguous(memory_format=_CL), acts[n_main - 1], means[n_main - 1], affine[n_main - 1][2],
-            y=saved.y.contiguous(memory_format=_CL))
+        def dbn(i: int, sums, prev: Optional[int] = None) -> Tuple[Tuple[Tensor, ...], Optional[Tuple[Tensor, ...]]]:
+            """Unit i's BN backward from its Σdz, Σdz·x̂ (per-tile partials), one launch: records dγ, dβ and returns
+            (a_i, mean_i, α, β, γ) of da = α·dz + β·(a − mean) + γ, and unit ``prev``'s (s, t, rstd), which the
+            dgrad that runs next needs for its ReLU-mask epilogue; the same launch reduces the previous wgrad's
+            workspace into its dW."""
+            unit = units[i]
+            gamma, beta, var = params.gammas[i], params.betas[i], variances[i]
+            before = None if prev is None else (params.gammas[prev], params.betas[prev], means[prev],
+                                                variances[prev], units[prev].eps)
+            owner, work = unreduced.pop() if unreduced else (None, None)
+            if unit.batch_stats and unit.sync_group:
+                # dγ, dβ are this rank's sums (as torch's SyncBatchNorm); the coefficients take the group's
+                local = fin.dbn_finalize(sums, gamma, beta, var, unit.eps, acts[i].numel() // acts[i].shape[1],
+                                         coeffs=False, sums_out=True, reduce=work)
+                dgammas[i], dbetas[i], dw = local.dgamma, local.dbeta, local.dw
+                sum_dz, sum_dz_xhat, rstd = local.sums
+                group_sums = distributed.reduce_grad_sums(unit.sync_group, sum_dz, sum_dz_xhat, rstd)
+                out = fin.dbn_finalize(tuple(v.contiguous() for v in group_sums), gamma, beta, var, unit.eps,
+                                       saved.counts[i], grads=False, prev=before)
+            else:
+                out = fin.dbn_finalize(sums, gamma, beta, var, unit.eps, acts[i].numel() // acts[i].shape[1],
+                                       batch_stats=unit.batch_stats, prev=before, reduce=work)
+                dgammas[i], dbetas[i], dw = out.dgamma, out.dbeta, out.dw
+            if work is not None:
+                set_dw(owner, dw)
+            return (acts[i], means[i], *out.coeffs), out.prev
+
+        def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor) -> None:
+            work = conv.conv_wgrad(grad, inp, weights[i].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
+                                   defer=True)
+            if work.direct() is not None:
+                set_dw(i, work.direct())
+            else:
+                unreduced.append((i, work))
+
+        last = n_main - 1
+        projection = spec.shortcut == Shortcut.PROJECTION  # its BN's sums come from the same pass over dz
+        dz_out, sums, *sc_sums = drelu_dbn.drelu_dbn_reduce(
+            dy.contiguous(memory_format=_CL), acts[last], means[last], variances[last], units[last].eps,
+            y=saved.y.contiguous(memory_format=_CL),
+            second=(acts[n_main], means[n_main], variances[n_main], units[n_main].eps) if projection else None)
         closing: dict = {}  # the block's first dgrad adds the shortcut's gradient in its epilogue
         d_residual = None
         if spec.shortcut == Shortcut.IDENTITY:
@@ -189,19 +226,18 @@ class TritonBackend(Backend):
             closing = {"residual": dz_out, "option_a_stride": spec.option_a_stride}
         elif spec.shortcut == Shortcut.TENSOR:
             d_residual = dz_out.to(x.dtype).contiguous(memory_format=memory_format_of(x))
-        elif spec.shortcut == Shortcut.PROJECTION:
-            _, sc_sum, sc_sum_x = drelu_dbn.drelu_dbn_reduce(dz_out, acts[n_main], means[n_main], affine[n_main][2])
-            coeffs = dbn(n_main, sc_sum, sc_sum_x)
+        elif projection:
+            coeffs, _ = dbn(n_main, sc_sums[0])
             wgrad(n_main, dz_out, coeffs, x)
             if need_input_grad:
                 closing = {"residual": conv.conv_dgrad(dz_out, weights[n_main], x.shape[2:], units[n_main].stride,
                                                        units[n_main].padding, dbn=coeffs)}
         dz, dx = dz_out, None
         for i in reversed(range(n_main)):
-            coeffs = dbn(i, sum_dz, sum_dz_xhat)
+            coeffs, prev_affine = dbn(i, sums, prev=i - 1 if i > 0 else None)
             if i > 0:
-                s_prev, t_prev, rstd_prev = affine[i - 1]
-                dz_prev, sum_dz, sum_dz_xhat, inp = conv.conv_dgrad(
+                s_prev, t_prev, rstd_prev = prev_affine
+                dz_prev, sums, inp = conv.conv_dgrad(
                     dz, weights[i], acts[i - 1].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
                     relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1], rstd_prev), relu_out=True)
                 wgrad(i, dz, coeffs, inp)
@@ -212,6 +248,8 @@ class TritonBackend(Backend):
                     dx = conv.conv_dgrad(dz, weights[0], x.shape[2:], units[0].stride, units[0].padding,
                                          dbn=coeffs, **closing)
                     dx = dx.contiguous(memory_format=memory_format_of(x))
+        for i, work in unreduced:  # the block's first unit's: no dBN launch follows in this op
+            set_dw(i, conv.wgrad_reduce(work))
         return Grads(dx, d_residual, dws, dgammas, dbetas)
 
     @_on_input_device

@@ -258,11 +258,12 @@ def test_device_guard_is_the_inputs_cuda_device():
 
 
 def test_block_ops_launch_under_the_inputs_device_guard(monkeypatch):
-    """Training forward, backward and eval forward of a block each enter the guard of their input's device
-    (dy's for the backward) before their first conv-kernel launch and leave it after the last."""
+    """Training forward, backward and eval forward of a block, and each BN's running-statistics update, enter the
+    guard of their input's device (dy's for the backward) before their first kernel launch and leave it after
+    the last (every Triton launcher reports its launch to fused_resnet.launches first)."""
     import contextlib
 
-    from fused_resnet.kernels import conv as kernels
+    from fused_resnet import launches
 
     events = []
 
@@ -272,9 +273,9 @@ def test_block_ops_launch_under_the_inputs_device_guard(monkeypatch):
         yield
         events.append(("exit", device))
 
-    real = kernels._launch
+    real = launches.record
     monkeypatch.setattr(triton_backend, "_device_guard", guard)
-    monkeypatch.setattr(kernels, "_launch", lambda *args, **kw: events.append(("launch", None)) or real(*args, **kw))
+    monkeypatch.setattr(launches, "record", lambda *args, **kw: events.append(("launch", args[0])) or real(*args, **kw))
     triton_backend._kernels.cache_clear()
     case = testing.BLOCK_CASES[1]  # a basic block with a projection shortcut: every kind of conv launch
     n, h, w = case[5]
@@ -291,10 +292,12 @@ def test_block_ops_launch_under_the_inputs_device_guard(monkeypatch):
         elif kind == "exit":
             assert device == x.device
         else:
-            assert depth == 1, "a conv kernel launched outside the device guard"
+            assert depth == 1, f"{device} launched outside the device guard"
             spans[-1] += 1
         depth += {"enter": 1, "exit": -1, "launch": 0}[kind]
-    assert depth == 0 and len(spans) == 3 and all(spans), spans  # forward, backward, eval; each launches
+    # forward, a running-statistics update per BN (3), backward, eval; each launches
+    assert depth == 0 and len(spans) == 6 and all(spans), spans
+    assert spans[1:4] == [1, 1, 1]
 
 
 @requires_gpu

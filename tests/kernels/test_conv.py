@@ -111,7 +111,10 @@ def test_fprop_option_a_shortcut(K, block_in, stride, dtype):
 @pytest.mark.parametrize("shape", [testing.CONV_CASES[i] for i in (0, 1, 3, 7, 9, 10)], ids=str)
 def test_fprop_prologue_and_stats_epilogue(K, shape, dtype):
     """Training-mode fusion: relu(x·s + t) applied while loading (zero padding stays zero after the transform),
-    and the per-channel mean / biased variance of the stored output from per-tile partials (Chan merge)."""
+    and the per-channel mean / biased variance of the stored output from per-tile partials (Chan merge, by
+    kernels/bn_finalize.py on the device)."""
+    from fused_resnet.kernels.bn_finalize import bn_finalize
+
     x, w, _ = shape.problem(dtype, DEVICE, seed=2)
     stride, pad = (shape.stride,) * 2, shape.pad
     g = torch.Generator().manual_seed(4)
@@ -121,7 +124,11 @@ def test_fprop_prologue_and_stats_epilogue(K, shape, dtype):
     def act(v):
         return torch.relu(v.float() * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
 
-    y, mean, var = K.conv_fprop(x, w, stride, pad, in_affine=(s, t), stats=True)
+    y, partials = K.conv_fprop(x, w, stride, pad, in_affine=(s, t), stats=True)
+    mean, var, _, _ = bn_finalize(None, None, 0.0, partials=partials)
+    twin = K.merge_tile_stats(partials)  # the torch merge the kernel replaces: the same formula
+    for got, want in zip((mean, var), twin, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     ref64 = F.conv2d(act(x.double()).double(), w.double(), None, stride, pad)
     _assert_rule("fprop+prologue", y, ref64, F.conv2d(act(x).to(dtype), w, None, stride, pad), dtype)
     # torch's CPU var_mean accumulates fp32 input in double, so it is no fp32 yardstick here: the bound adds an
@@ -169,9 +176,10 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
         xhat = (prev.double() - chan(mean)) * chan(rstd)
         return dz, dw, dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
 
-    dz, sdz, sdzx, r_in = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad,
-                                       dbn=(a, a_mean, alpha, beta, gamma), relu_of=(prev, s, t, mean, rstd),
-                                       residual=res, relu_out=True)
+    dz, partials, r_in = K.conv_dgrad(dy, w, (shape.h, shape.w), stride, pad,
+                                      dbn=(a, a_mean, alpha, beta, gamma), relu_of=(prev, s, t, mean, rstd),
+                                      residual=res, relu_out=True)
+    sdz, sdzx = K.sum_tile_partials(partials)
     dw = K.conv_wgrad(dy, x, (shape.r, shape.s), stride, pad, dbn=(a, a_mean, alpha, beta, gamma),
                       in_affine=(s, t))
     dw_of_r = K.conv_wgrad(dy, r_in, (shape.r, shape.s), stride, pad, dbn=(a, a_mean, alpha, beta, gamma))
@@ -189,6 +197,38 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     tol = f32.eps * (prod.abs() + (prod + chan(t)).abs()) + fd.eps * exact + fd.tiny * fd.eps
     assert ((r_in.double() - exact).abs() <= tol).all()
     assert r_in.is_contiguous(memory_format=torch.channels_last)
+
+
+def _workspace(split, c, cp, dtype, seed):
+    from fused_resnet.kernels import conv
+
+    ws = torch.randn(split, 6, 3, 2, cp, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return conv.WgradWorkspace(ws, c, dtype)
+
+
+def _check_dw(dw, work):
+    from fused_resnet.kernels import conv
+
+    k, r, s = work.ws.shape[1:4]
+    assert dw.shape == (k, work.c, r, s) and dw.dtype == work.dtype
+    assert dw.is_contiguous(memory_format=torch.channels_last)
+    twin = conv.wgrad_reduce_reference(work)
+    ref64 = work.ws.double().sum(0)[..., :work.c].permute(0, 3, 1, 2)
+    _assert_rule("dW", dw, ref64, twin, work.dtype)
+    # the same fp32 additions, perhaps in another order (torch's reduction picks its own), then one rounding
+    eps = torch.finfo(work.dtype).eps
+    torch.testing.assert_close(dw, twin, rtol=2 * eps, atol=2 * eps * twin.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split,c,cp", [(3, 24, 24), (1, 3, 8), (5, 3, 4)], ids=str)
+def test_wgrad_reduce_sums_slices_and_casts_the_workspace(K, split, c, cp, dtype):
+    """The wgrad workspace's split partials summed in fp32, the padded channels dropped and the result cast, in
+    one launch (its output poisoned first), against the twin (sum, slice, cast) and float64. No dot product:
+    bf16 runs under the interpreter too."""
+    work = _workspace(split, c, cp, dtype, split * c)
+    assert work.direct() is None or (split == 1 and c == cp and dtype == torch.float32)
+    _check_dw(K.wgrad_reduce(work), work)
 
 
 def test_dgrad_option_a_shortcut_gradient(K):

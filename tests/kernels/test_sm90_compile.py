@@ -33,9 +33,18 @@ def _record(call, kernels) -> list:
     return [(k.__name__, aot.describe(kw)) for k, kw in seen]
 
 
+def _small_kernels(bn_finalize, conv) -> list:
+    """The small kernels between the GEMMs: the BN vector arithmetic and the wgrad's split reduction."""
+    return [bn_finalize.bn_finalize_kernel, bn_finalize.dbn_finalize_kernel, bn_finalize.bn_running_update_kernel,
+            conv.wgrad_reduce_kernel]
+
+
+CASES = 18  # the launches of _launches()
+
+
 def _launches() -> list:
     """[name, kernel name, described arguments, tile or None (a launch with Triton's default warps and stages)]."""
-    from fused_resnet.kernels import bn_act, conv, drelu_dbn
+    from fused_resnet.kernels import bn_act, bn_finalize, conv, drelu_dbn
 
     g = torch.Generator().manual_seed(0)
 
@@ -51,6 +60,10 @@ def _launches() -> list:
     dy, a, prev = t(2, 64, 8, 8), t(2, 64, 8, 8), t(2, 64, 8, 8)
     dbn = (a, vec(), vec(), vec(), vec())
     stem_x, stem_w, stem_dy = t(2, 3, 32, 32), t(64, 3, 7, 7), t(2, 64, 16, 16)
+    tile = torch.tensor([128], dtype=torch.int32)
+    partials = conv.TilePartials(vec(256 * 64).view(256, 64), vec(256 * 64).view(256, 64), tile, 8192)
+    phases = conv.TilePartials(vec(4 * 64 * 64).view(256, 64), vec(4 * 64 * 64).view(256, 64), tile, 4096, 4)
+    count = torch.tensor(8192.0, dtype=torch.float64)
     cases = [
         ("fprop 3x3 prologue+stats", lambda: conv.conv_fprop(x, w3, (1, 1), (1, 1), in_affine=(vec(), vec()),
                                                              stats=True), TILE),
@@ -69,12 +82,31 @@ def _launches() -> list:
         ("bn_act affine", lambda: bn_act.bn_act(a, vec(), vec(), residual=prev, residual_affine=(vec(), vec())),
          None),
         ("bn_act option A", lambda: bn_act.bn_act(a, vec(), vec(), residual=block_in, option_a_stride=(2, 2)), None),
-        ("drelu_dbn_reduce", lambda: drelu_dbn.drelu_dbn_reduce(dy, a, vec(), vec(), y=prev), None),
+        ("drelu_dbn_reduce", lambda: drelu_dbn.drelu_dbn_reduce(dy, a, vec(), vec(), 1e-5, y=prev), None),
+        ("drelu_dbn_reduce + a projection's BN", lambda: drelu_dbn.drelu_dbn_reduce(
+            dy, a, vec(), vec(), 1e-5, y=prev, second=(x, vec(), vec(), 1e-5)), None),
+        ("bn_finalize partials+affine", lambda: bn_finalize.bn_finalize(
+            t(64), t(64), 1e-5, partials=partials), None),
+        ("bn_finalize running statistics", lambda: bn_finalize.bn_finalize(
+            t(64), t(64), 1e-5, stats=(t(64), t(64))), None),
+        ("dbn_finalize phases+previous affine+dW", lambda: bn_finalize.dbn_finalize(
+            phases, t(64), t(64), vec(), 1e-5, 8192, prev=(t(64), t(64), vec(), vec(), 1e-5),
+            reduce=conv.WgradWorkspace(vec(4 * 64 * 9 * 64).view(4, 64, 3, 3, 64), 64, BF16)), None),
+        ("dbn_finalize group sums", lambda: bn_finalize.dbn_finalize(
+            (vec(), vec()), t(64), t(64), vec(), 1e-5, count, grads=False), None),
+        ("dbn_finalize local sums", lambda: bn_finalize.dbn_finalize(
+            partials, t(64), t(64), vec(), 1e-5, 8192, coeffs=False, sums_out=True), None),
+        ("bn_running_update cumulative", lambda: bn_finalize.bn_running_update(
+            t(64), t(64), torch.zeros((), dtype=torch.long), vec(), vec(), count, None), None),
+        ("dW: the wgrad split reduction", lambda: conv.wgrad_reduce(
+            conv.WgradWorkspace(vec(4 * 64 * 9 * 64).view(4, 64, 3, 3, 64), 64, BF16)), None),
     ]
-    own = [bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel]
+    own = [bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel, *_small_kernels(bn_finalize, conv)]
+    assert len(cases) == CASES
+    gemms = {k.__name__ for k in conv._TILES}
     out = []
-    for name, call, tile in cases:
-        (kernel, args), = _record(call, own)
+    for name, call, tile in cases:  # a GEMM case's one GEMM (a wgrad's split reduction follows it), or one launch
+        (kernel, args), = [r for r in _record(call, own) if (r[0] in gemms) == (tile is not None)]
         out.append([name, kernel, args, tile])
     return out
 
@@ -85,9 +117,10 @@ PRUNED = ("fprop 1x1 bias+option A+relu", "dgrad dbn+mask+stats+relu out+residua
 def compile_all(launches: list) -> list:
     """For every launch: fused_resnet.kernels.aot's analysis of its sm_90 compile, what the JIT specialised, and
     for those in PRUNED every tile's spill with what autotuning's pruning keeps (run without the interpreter)."""
-    from fused_resnet.kernels import aot, bn_act, conv, drelu_dbn
+    from fused_resnet.kernels import aot, bn_act, bn_finalize, conv, drelu_dbn
 
-    kernels = {k.__name__: k for k in [*conv._TILES, bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel]}
+    kernels = {k.__name__: k for k in [*conv._TILES, bn_act.bn_act_kernel, drelu_dbn.drelu_dbn_reduce_kernel,
+                                       *_small_kernels(bn_finalize, conv)]}
     rows = []
     for name, kernel_name, args, tile in launches:
         kernel = kernels[kernel_name]
@@ -127,7 +160,7 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("index", range(10), ids=lambda i: f"variant{i}")
+@pytest.mark.parametrize("index", range(CASES), ids=lambda i: f"variant{i}")
 def test_kernel_compiles_for_sm90(compiled, index):
     """Compiles; within Hopper's limits; a conv's dots become wgmma, its main loop is one software-pipelined loop
     fed by asynchronous copies (kernels.aot.pipelined), and nothing spills (these launches at the 128x64x64 tile,
