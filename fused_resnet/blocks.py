@@ -171,7 +171,7 @@ class _EagerForward:
         if scale is not None:
             out = out * scale  # a 0-d tensor: out keeps its dtype
         if not self.plain:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out += x if self.downsample is None else self.downsample(x)  # in place, as torchvision: no broadcast
         return self.relu(out)
 
 

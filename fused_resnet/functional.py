@@ -105,8 +105,23 @@ def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]
         raise RuntimeError(f"the shortcut tensor has shape {got}, the main path produces {out_shape}")
 
 
+def _bn_dtypes(dtype: torch.dtype) -> tuple:
+    """The dtypes torch's BatchNorm takes its parameters and buffers in for an input of ``dtype``."""
+    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+
+
+def _bn_dtype_checks(bns: Sequence[nn.Module], dtype: torch.dtype) -> None:
+    allowed = _bn_dtypes(dtype)
+    for bn in bns:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, name)
+            if t is not None and t.dtype not in allowed:  # torch's BatchNorm refuses it too
+                raise RuntimeError(f"expected the BatchNorm's {name} in {' or '.join(map(str, allowed))} for a "
+                                   f"{dtype} input, got {t.dtype}")
+
+
 def _affine(t: Optional[Tensor], shape, fill: float, x: Tensor) -> Tensor:
-    return torch.full((shape[1],), fill, device=x.device) if t is None else t
+    return torch.full((shape[1],), fill, dtype=_bn_dtypes(x.dtype)[-1], device=x.device) if t is None else t
 
 
 def capturing(x: Tensor) -> bool:
@@ -131,6 +146,7 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
     for w in weights:
         if w.dtype != x.dtype:
             raise RuntimeError(f"expected the input's dtype to match the conv weights' {w.dtype}, got {x.dtype}")
+    _bn_dtype_checks(bns, x.dtype)
     if one_d:
         x = x.unsqueeze(2)
         weights = [w.unsqueeze(2) for w in weights]

@@ -220,7 +220,8 @@ def unit_reading(conv, bn) -> tuple:
     if type(stride) is not tuple or type(padding) is not tuple or type(dilation) is not tuple:
         # a list could change in place behind an equal key: frozen here
         stride, padding, dilation = _frozen(stride), _frozen(padding), _frozen(dilation)
-    head = (tc, _member(conv, conv._parameters, "weight").dim(), _member(conv, conv._parameters, "bias") is None,
+    weight = _member(conv, conv._parameters, "weight")
+    head = (tc, weight.dim() if isinstance(weight, Tensor) else None, _member(conv, conv._parameters, "bias") is None,
             conv.padding_mode, stride, padding, dilation, conv.groups, tb, bn.eps)
     buffers = bn._buffers
     if tb is FrozenBatchNorm2d:  # its forward reads its four buffers and eps, nothing else
@@ -266,7 +267,7 @@ def unit_from_reading(reading: tuple) -> Union[UnitSpec, str]:
         return reason
     one_d = conv_t is nn.Conv1d
     if wdim != (3 if one_d else 4):
-        return f"the {conv_t.__name__}'s weight has {wdim} dimensions"
+        return f"the {conv_t.__name__}'s weight " + ("is None" if wdim is None else f"has {wdim} dimensions")
     if not no_bias:
         return "conv has a bias (ResNet convs feeding a BN have none)"
     if padding_mode != "zeros" or isinstance(padding, str):
@@ -282,6 +283,8 @@ def unit_from_reading(reading: tuple) -> Union[UnitSpec, str]:
             return "a FrozenBatchNorm2d buffer is None"
         return UnitSpec(*geometry, groups, float(eps), None, False, False)
     training, track, momentum, no_mean, no_var, no_count, sync = bn_state
+    if training and not eps > 0:
+        return f"eps {eps!r} in training (torch's BatchNorm refuses it)"
     if momentum is not None and type(momentum) not in (int, float):
         return f"momentum {momentum!r} is not a number"
     if no_mean != no_var:
