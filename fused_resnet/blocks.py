@@ -267,12 +267,23 @@ def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
     return cached[1]
 
 
+# torch.jit.script compiles a forward from its Python source: a fused module's is Python around torch.library ops
+NO_SCRIPT = ("torch.jit.script cannot compile fused_resnet's modules: script fused_resnet.revert(model) (torch's own "
+             "modules), or capture the converted model with torch.export.export (or torch.jit.trace)")
+
+
+def _refuse_script(self) -> None:
+    raise RuntimeError(NO_SCRIPT)
+
+
 class _FusedForward:
     """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`), or, for a call the
     kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
     a setting such as a conv bias, see :func:`fused_resnet.spec.unit_reading`; an empty batch), the exact eager
     computation of the submodules. A block layout other than torchvision's overrides ``_structure_blocker`` and
     ``_eager`` (fused_resnet.timm_blocks)."""
+
+    __prepare_scriptable__ = _refuse_script
 
     def _structure_blocker(self) -> Optional[str]:
         return structure_blocker(self, self._units())
@@ -397,6 +408,11 @@ class FusedStemMixin:
     ``self.backend`` is a backend name, and as plain torch modules when it is None."""
 
     backend: Optional[str] = None
+
+    def __prepare_scriptable__(self):
+        if self.backend is not None:
+            _refuse_script(self)
+        return self
 
     def _stem_blocker(self) -> Optional[str]:
         """Why the stem cannot run fused now, or None."""
