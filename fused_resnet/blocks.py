@@ -20,8 +20,8 @@ import torchvision
 from torch import Tensor, nn
 
 from . import backends, guard
-from .functional import block_spec, conv_bn_relu, run_block, unit_unsupported_reason
-from .spec import Shortcut
+from .functional import block_plan, block_spec, run_block, unit_unsupported_reason
+from .spec import Shortcut, unit_types_reason
 
 _GUARD_ATTR = "_fused_resnet_guard"  # (signature, blocker) in the module's __dict__
 
@@ -171,13 +171,16 @@ class _EagerForward:
         if scale is not None:
             out = out * scale  # a 0-d tensor: out keeps its dtype
         if not self.plain:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            out += x if self.downsample is None else self.downsample(x)  # in place, as torchvision: no broadcast
         return self.relu(out)
 
 
 def _is_projection(module: nn.Module) -> bool:
+    """A downsample the op computes itself: Sequential(conv, BN) of the types the kernels implement (its settings
+    are read on every call with the other units')."""
     return (
-        type(module) is nn.Sequential and len(module) == 2 and unit_unsupported_reason(module[0], module[1]) is None
+        type(module) is nn.Sequential and len(module) == 2
+        and unit_types_reason(type(module[0]), type(module[1])) is None
     )
 
 
@@ -205,11 +208,31 @@ def geometry_reason(units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
     return None
 
 
-def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
-    """Why this residual block (fused or torchvision's) cannot run fused now, or None."""
+def structure_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
+    """Why the submodules of this residual block (fused or torchvision's) are not what the kernels implement (types,
+    activations, hooks), or None; their settings are :func:`settings_reason`'s."""
     activations = {"relu": block.relu}
     downsample = None if getattr(block, "plain", False) else block.downsample
     return guard.blocker(units, activations, fused_away(units, activations, downsample))
+
+
+def settings_reason(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
+    """Why the settings of these units, or of the block's projection shortcut, keep the fused op from computing them
+    as torch would (a conv bias, a circular padding, ...), naming the submodule; or None."""
+    ds = None if getattr(block, "plain", False) else getattr(block, "downsample", None)
+    pairs = list(units) + ([(ds[0], ds[1])] if ds is not None and _is_projection(ds) else [])
+    names = None
+    for conv, bn in pairs:
+        reason = unit_unsupported_reason(conv, bn)
+        if reason is not None:
+            names = names or {id(m): n for n, m in block.named_modules()}
+            return f"{names.get(id(conv), 'conv')} / {names.get(id(bn), 'bn')}: {reason}"
+    return None
+
+
+def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
+    """Why this residual block (fused or torchvision's) cannot run fused now, or None."""
+    return structure_blocker(block, units) or settings_reason(block, units)
 
 
 # Under torch.fx.symbolic_trace, not torch.export or torch.compile (they trace the fused op itself).
@@ -217,13 +240,16 @@ _is_fx_tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing
 
 
 def _runs_eagerly(backend: str, x: Tensor) -> bool:
-    return backend == "auto" and backends.auto_runs_eager(x.device.type)
+    """Whether this call runs the modules' own forward whatever they are: under torch.fx symbolic tracing (asked
+    first: x is then a Proxy, whose device a traced program cannot branch on; feature extraction sees the
+    submodules), or for backend auto away from a GPU."""
+    return _is_fx_tracing() or (backend == "auto" and backends.auto_runs_eager(x.device.type))
 
 
-def _empty_unsynced(spec_of: Callable, x: Tensor) -> bool:
+def _empty_unsynced(spec, x: Tensor) -> bool:
     """An empty batch runs eagerly, unless a BN is synchronised over a process group: then the rank still takes
     part in the group's collectives, through the fused op (see ``_backend_for``)."""
-    return x.numel() == 0 and not spec_of().synced
+    return x.numel() == 0 and not spec.synced
 
 
 def _backend_for(backend: str, x: Tensor) -> str:
@@ -241,14 +267,26 @@ def _guarded(owner: nn.Module, key: tuple, find_blocker) -> Optional[str]:
     return cached[1]
 
 
+# torch.jit.script compiles a forward from its Python source: a fused module's is Python around torch.library ops
+NO_SCRIPT = ("torch.jit.script cannot compile fused_resnet's modules: script fused_resnet.revert(model) (torch's own "
+             "modules), or capture the converted model with torch.export.export (or torch.jit.trace)")
+
+
+def _refuse_script(self) -> None:
+    raise RuntimeError(NO_SCRIPT)
+
+
 class _FusedForward:
     """Forward through the fused op layer (see :func:`fused_resnet.functional.run_block`), or, for a call the
     kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
-    an empty batch), the exact eager computation of the submodules. A block layout other than torchvision's
-    overrides ``_blocker`` and ``_eager`` (fused_resnet.timm_blocks)."""
+    a setting such as a conv bias, see :func:`fused_resnet.spec.unit_reading`; an empty batch), the exact eager
+    computation of the submodules. A block layout other than torchvision's overrides ``_structure_blocker`` and
+    ``_eager`` (fused_resnet.timm_blocks)."""
 
-    def _blocker(self) -> Optional[str]:
-        return block_blocker(self, self._units())
+    __prepare_scriptable__ = _refuse_script
+
+    def _structure_blocker(self) -> Optional[str]:
+        return structure_blocker(self, self._units())
 
     def _eager(self, x: Tensor) -> Tensor:
         return _EagerForward.forward(self, x)
@@ -263,22 +301,36 @@ class _FusedForward:
         self.block_spec()
 
     def _plan(self):
-        """(why this call cannot run fused, or None; else the block's structure, see ``_structure``), kept while
-        the signature of the submodules (and option A's stride) stays the same."""
+        """(why the submodules are not what the kernels implement, or None; else the block's structure, see
+        ``_structure``), kept while the signature of the submodules (and option A's stride) stays the same."""
         ds = self.downsample
         watched = [*self._modules.values(), *(ds._modules.values() if ds is not None else ())]
         key = (self.plain, getattr(ds, "stride", None)) + guard.signature(watched)
         cached = self.__dict__.get(_GUARD_ATTR)
         if cached is None or cached[0] != key:
-            reason = self._blocker()
+            reason = self._structure_blocker()
             cached = (key, reason, None if reason is not None else self._structure())
             self.__dict__[_GUARD_ATTR] = cached
-        if cached[1] is not None:
-            guard.warn_eager(self, cached[1])
         return cached[1], cached[2]
 
+    def _call_plan(self):
+        """What the next call runs, as forward decides it: (None, (structure, spec)) for the fused op, or (why it
+        runs the eager computation, None). The structure is kept while the submodules' signature stays; every
+        unit's settings are read again (``block_plan``)."""
+        reason, structure = self._plan()
+        if reason is not None:
+            return reason, None
+        plan = block_plan(self, *structure)
+        if isinstance(plan, str):
+            return plan, None
+        return None, (structure, plan)
+
+    def _blocker(self) -> Optional[str]:
+        """Why the next call runs the eager computation (the submodules or their settings), or None."""
+        return self._call_plan()[0]
+
     def _eager_reason(self) -> Optional[str]:
-        return self._plan()[0]
+        return self._blocker()
 
     def _structure(self):
         """(convs, bns, shortcut kind, option A's stride) of the block as its submodules are now."""
@@ -301,15 +353,16 @@ class _FusedForward:
         return block_spec(self, convs, bns, kind, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Eager also for backend auto away from a GPU, for an empty batch (torch leaves the running statistics as
-        # they are, and counts the batch), and under torch.fx symbolic tracing (feature extraction sees submodules).
-        if _runs_eagerly(self.backend, x) or _is_fx_tracing() or _empty_unsynced(self.block_spec, x):
+        # Eager also for an empty batch (torch leaves the running statistics as they are, and counts the batch).
+        if _runs_eagerly(self.backend, x):
             return self._eager(x)
-        reason, structure = self._plan()
+        reason, planned = self._call_plan()
         if reason is not None:
+            guard.warn_eager(self, reason)
             return self._eager(x)
-        convs, bns, kind, stride = structure
-        spec = block_spec(self, convs, bns, kind, stride)
+        (convs, bns, kind, stride), spec = planned
+        if _empty_unsynced(spec, x):
+            return self._eager(x)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
         return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self),
                          guard.name_of(self))
@@ -356,20 +409,33 @@ class FusedStemMixin:
 
     backend: Optional[str] = None
 
+    def __prepare_scriptable__(self):
+        if self.backend is not None:
+            _refuse_script(self)
+        return self
+
     def _stem_blocker(self) -> Optional[str]:
         """Why the stem cannot run fused now, or None."""
         return guard.blocker([(self.conv1, self.bn1)], {"relu": self.relu},
                              {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu})
 
+    def _stem_plan(self):
+        """What the stem's next call runs: (None, spec) for the fused op, or (why it runs eagerly, None)."""
+        reason = _guarded(self, guard.signature([self.conv1, self.bn1, self.relu]), self._stem_blocker)
+        if reason is not None:
+            return reason, None
+        plan = block_plan(self, [self.conv1], [self.bn1], Shortcut.NONE)
+        return (plan, None) if isinstance(plan, str) else (None, plan)
+
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and not _runs_eagerly(self.backend, x) and not _is_fx_tracing() and \
-                not _empty_unsynced(lambda: block_spec(self, [self.conv1], [self.bn1], Shortcut.NONE), x):
-            key = guard.signature([self.conv1, self.bn1, self.relu])
-            reason = _guarded(self, key, self._stem_blocker)
+        if self.backend is not None and not _runs_eagerly(self.backend, x):
+            reason, spec = self._stem_plan()
             if reason is None:
-                return conv_bn_relu(self, x, self.conv1, self.bn1, _backend_for(self.backend, x),
-                                    f"{guard.name_of(self)} stem")
-            guard.warn_eager(self, f"stem: {reason}")
+                if not _empty_unsynced(spec, x):
+                    return run_block(x, spec, [self.conv1], [self.bn1], backend=_backend_for(self.backend, x),
+                                     name=f"{guard.name_of(self)} stem")
+            else:
+                guard.warn_eager(self, f"stem: {reason}")
         return self.relu(self.bn1(self.conv1(x)))
 
 

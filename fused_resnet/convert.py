@@ -68,7 +68,7 @@ def _fuse(m: nn.Module, fused_cls: type, backend: str, path: str) -> None:
 
 def _retarget(m: nn.Module, backend: str, path: str) -> None:
     m.backend = backend
-    m.block_spec()
+    m._call_plan()  # the spec, built now rather than on the first call
     guard.set_name(m, path or "<root>")
 
 
@@ -146,7 +146,8 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
         timm_blocks = _timm_blocks(t)
         if isinstance(m, _FusedForward):
             reason = m._blocker()
-            status = f"fused, backend {m.backend!r}" if reason is None else f"fused, runs eagerly now: {reason}"
+            status = (f"fused, backend {m.backend!r}{_auto_note(m)}" if reason is None
+                      else f"fused, runs eagerly now: {reason}")
         elif t in _TO_FUSED:
             status = f"not fused: {_unfusable_reason(m) or 'convert has not run on it'}"
         elif timm_blocks is not None and t in timm_blocks.TO_FUSED:
@@ -154,8 +155,9 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
         elif isinstance(m, FusedStemMixin):
             status = "stem fused" if m.backend is not None else "stem not fused"
             if m.backend is not None:
-                reason = m._stem_blocker()
-                status += f", backend {m.backend!r}" if reason is None else f", runs eagerly now: {reason}"
+                reason = m._stem_plan()[0]
+                status += (f", backend {m.backend!r}{_auto_note(m)}" if reason is None
+                           else f", runs eagerly now: {reason}")
         else:
             continue
         lines.append(f"{path:<24} {t.__name__:<22} {status}")
@@ -163,6 +165,15 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
     if not lines:
         return f"no residual block or stem that fused_resnet knows in this {type(model).__name__}"
     return "\n".join(lines)
+
+
+def _auto_note(m: nn.Module) -> str:
+    """What backend auto runs for a module whose parameters are off the GPU (what its next call gets)."""
+    if m.backend != "auto":
+        return ""
+    device = next(m.parameters(), None)
+    device_type = "cpu" if device is None else device.device.type
+    return f" (on {device_type} tensors: torch's own modules)" if backends.auto_runs_eager(device_type) else ""
 
 
 def _forget(m: nn.Module) -> None:

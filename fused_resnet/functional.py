@@ -1,7 +1,9 @@
 """Functional entry point of every fused module: a chain of (conv, BN) units with ReLUs, a shortcut, a final ReLU.
 
-``block_spec`` gives a block's :class:`~fused_resnet.spec.BlockSpec`, built once and kept while the settings it
-reads stay the same (a BN switched to eval, a new momentum or a changed conv stride make a new one). ``run_block``
+``block_plan`` gives a block's :class:`~fused_resnet.spec.BlockSpec`, or why its units cannot run fused now: it
+reads every unit's settings on every call (``spec.unit_reading``), keeps the spec while they stay the same and
+builds it from that reading alone (a BN switched to eval, a new momentum or a changed conv stride make a new one;
+a conv given a bias or a circular padding makes a reason, and the call runs the modules' own forward). ``run_block``
 validates the input (torch's error types and messages, raised before any state changes), applies autocast, maps
 1-D convs onto the 2-D ops (a Conv1d is a Conv2d with H = 1), calls the op layer, then updates the BN running
 statistics exactly as torch's BatchNorm does. Layout: the ops accept NCHW and channels_last and return y in the
@@ -9,53 +11,50 @@ input's layout; no copy is made here.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import backends, distributed, ops
-from .spec import BlockSpec, Shortcut, conv_out_size, from_modules
+from . import backends, ops
+from .spec import BlockSpec, Shortcut, conv_out_size, spec_from_readings, unit_from_reading, unit_reading
 from .tensors import Params
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
-# A frozen BN: running statistics, no update. A SyncBatchNorm: statistics over its process group where torch
-# synchronises them (fused_resnet.distributed).
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm)
-_SPEC_ATTR = "_fused_resnet_spec"  # (key, spec) in the owning module's __dict__
+_SPEC_ATTR = "_fused_resnet_spec"  # (key, spec or why not) in the owning module's __dict__
 
 
 def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """None if (conv, bn) can run as a fused unit, else why not."""
-    if type(conv) not in _CONV_TYPES:
-        return f"conv is {type(conv).__name__}, expected nn.Conv1d or nn.Conv2d"
-    if conv.bias is not None:
-        return "conv has a bias (ResNet convs feeding a BN have none)"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (need explicit zero padding)"
-    if type(bn) not in _BN_TYPES:
-        return (f"norm layer is {type(bn).__name__}, expected nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm or "
-                f"FrozenBatchNorm2d")
-    if type(bn) is not nn.SyncBatchNorm and (type(conv) is nn.Conv1d) != (type(bn) is nn.BatchNorm1d):
-        return f"{type(conv).__name__} followed by {type(bn).__name__}"
-    return None
+    """None if (conv, bn) can run as a fused unit as they are now, else why not."""
+    unit = unit_from_reading(unit_reading(conv, bn))
+    return unit if isinstance(unit, str) else None
+
+
+def block_plan(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
+               option_a_stride: int = 1) -> Union[BlockSpec, str]:
+    """The spec of ``owner``'s units, or why the fused op cannot compute them now (naming the submodule). Read on
+    every call: the key is every unit's :func:`~fused_resnet.spec.unit_reading`, and the spec is built from
+    that key alone, so an equal key is an equal spec; a changed setting makes a new spec (or a reason) on the
+    next call."""
+    key = (shortcut, option_a_stride) + tuple(unit_reading(c, b) for c, b in zip(convs, bns))
+    cached = owner.__dict__.get(_SPEC_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = spec_from_readings(key[2:], shortcut, option_a_stride)
+    if not isinstance(plan, BlockSpec):
+        i, reason = plan
+        names = {id(m): n for n, m in owner.named_modules()}
+        plan = f"{names.get(id(convs[i]), 'conv')} / {names.get(id(bns[i]), 'bn')}: {reason}"
+    owner.__dict__[_SPEC_ATTR] = (key, plan)
+    return plan
 
 
 def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
                option_a_stride: int = 1) -> BlockSpec:
-    """The spec of ``owner``'s units, cached on ``owner`` and rebuilt only when a setting it reads changed (the
-    key holds everything ``from_modules`` reads, so an equal key means an equal spec)."""
-    key = (shortcut, option_a_stride) + tuple(
-        (type(c), c.stride, c.padding, c.dilation, c.groups, b.training, getattr(b, "track_running_stats", None),
-         getattr(b, "momentum", None), b.eps, b.running_mean is None, distributed.sync_handle(b))
-        for c, b in zip(convs, bns))
-    cached = owner.__dict__.get(_SPEC_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    spec = from_modules(convs, bns, shortcut, option_a_stride)
-    owner.__dict__[_SPEC_ATTR] = (key, spec)
-    return spec
+    """:func:`block_plan`'s spec; ValueError naming the reason where the units cannot run fused now."""
+    plan = block_plan(owner, convs, bns, shortcut, option_a_stride)
+    if isinstance(plan, str):
+        raise ValueError(f"{type(owner).__name__} cannot run fused now: {plan}")
+    return plan
 
 
 def _input_checks(x: Tensor, w: Tensor, groups: int, dim: int) -> None:
@@ -106,6 +105,25 @@ def _shape_checks(spec: BlockSpec, x: Tensor, shapes, residual: Optional[Tensor]
         raise RuntimeError(f"the shortcut tensor has shape {got}, the main path produces {out_shape}")
 
 
+def _bn_dtypes(dtype: torch.dtype) -> tuple:
+    """The dtypes torch's BatchNorm takes its parameters and buffers in for an input of ``dtype``."""
+    return (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+
+
+def _bn_dtype_checks(bns: Sequence[nn.Module], dtype: torch.dtype) -> None:
+    allowed = _bn_dtypes(dtype)
+    for bn in bns:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, name)
+            if t is not None and t.dtype not in allowed:  # torch's BatchNorm refuses it too
+                raise RuntimeError(f"expected the BatchNorm's {name} in {' or '.join(map(str, allowed))} for a "
+                                   f"{dtype} input, got {t.dtype}")
+
+
+def _affine(t: Optional[Tensor], shape, fill: float, x: Tensor) -> Tensor:
+    return torch.full((shape[1],), fill, dtype=_bn_dtypes(x.dtype)[-1], device=x.device) if t is None else t
+
+
 def capturing(x: Tensor) -> bool:
     """Whether a CUDA graph is being captured on x's stream now (never asked while torch.compile traces)."""
     return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
@@ -128,6 +146,7 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
     for w in weights:
         if w.dtype != x.dtype:
             raise RuntimeError(f"expected the input's dtype to match the conv weights' {w.dtype}, got {x.dtype}")
+    _bn_dtype_checks(bns, x.dtype)
     if one_d:
         x = x.unsqueeze(2)
         weights = [w.unsqueeze(2) for w in weights]
@@ -135,9 +154,10 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
 
     shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
     _shape_checks(spec, x, shapes, residual)
-    affine = [getattr(bn, "affine", True) for bn in bns]  # FrozenBatchNorm2d: weight and bias are buffers
-    gammas = [bn.weight if a else torch.ones(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
-    betas = [bn.bias if a else torch.zeros(bn.num_features, device=x.device) for bn, a in zip(bns, affine)]
+    # what torch's BN passes on: its weight and bias whatever ``affine`` says (an attribute its forward never
+    # reads), None standing for γ = 1, β = 0 (FrozenBatchNorm2d: buffers)
+    gammas = [_affine(bn.weight, shape, 1.0, x) for bn, shape in zip(bns, shapes)]
+    betas = [_affine(bn.bias, shape, 0.0, x) for bn, shape in zip(bns, shapes)]
     if residual_scale is not None:
         # α·bn(a) is the BN with γ·α and β·α: α folds into the closing kernel's scale and shift on every backend,
         # and autograd takes dα = Σ γ·dγ' + β·dβ' from the op's own fused reductions; the statistics do not move.
@@ -167,8 +187,3 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
                     ops.running_update(bn, out.means[i], out.variances[i], count, unit.momentum, backend)
     return y.squeeze(2) if one_d else y
 
-
-def conv_bn_relu(owner: nn.Module, x: Tensor, conv: nn.Module, bn: nn.Module, backend: str = "auto",
-                 name: str = "a fused stem") -> Tensor:
-    """relu(bn(conv(x))) as one fused unit (the ResNet stem); the spec is cached on ``owner``."""
-    return run_block(x, block_spec(owner, [conv], [bn], Shortcut.NONE), [conv], [bn], backend=backend, name=name)

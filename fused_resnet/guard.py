@@ -5,8 +5,10 @@ while the submodules are the ones the kernels implement: convs of the plain type
 BatchNorms of the plain types, ``nn.ReLU`` as the activation, and no hooks (a module hook, a pruning or other
 forward pre-hook, a global module hook) that would expect those forwards to run. ``blocker`` says what breaks
 that; a fused module keeps its answer until a cheap ``signature`` of its submodules (identity, type, hook counts)
-changes, and for a call that cannot run fused it runs the exact eager computation of its submodules instead,
-after one warning naming the module and the reason (``warn_eager``).
+changes. Their settings (a conv's bias, padding mode, stride; a BN's mode, momentum, buffers) can change behind an
+unchanged signature, so they are read on every call (``spec.unit_reading``, through ``functional.block_plan``).
+A call that cannot run fused runs the exact eager computation of its submodules instead, after one warning naming
+the module and the reason (``warn_eager``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .functional import unit_unsupported_reason
+from .spec import unit_types_reason
 
 _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
                  _module._global_backward_pre_hooks)
@@ -39,10 +41,12 @@ def signature(modules: Iterable[Optional[nn.Module]]) -> tuple:
 
 def blocker(units: Sequence[Tuple[nn.Module, nn.Module]], activations: Dict[str, nn.Module],
             fused_away: Dict[str, nn.Module]) -> Optional[str]:
-    """None when the units, the activations (name → module) and the modules whose forward the fused op replaces
-    (``fused_away``: name → module, the units and the activations included) can run fused; else why not."""
+    """None when the units' types, the activations (name → module) and the modules whose forward the fused op
+    replaces (``fused_away``: name → module, the units and the activations included) are what the kernels
+    implement; else why not. The units' settings (a conv bias, a padding mode, ...) are read on every call
+    instead (``functional.block_plan``): a setting changes behind an unchanged signature."""
     for conv, bn in units:
-        reason = unit_unsupported_reason(conv, bn)
+        reason = unit_types_reason(type(conv), type(bn))
         if reason is not None:
             return reason
     for name, act in activations.items():

@@ -38,12 +38,13 @@ def _spec(spec_ints: Sequence[int], spec_floats: Sequence[float]) -> BlockSpec:
 # --------------------------------------------------------------------------------------------- block_forward
 @torch.library.custom_op("fused_resnet::block_forward", mutates_args=())
 def block_forward(
-    x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    running_means: List[Optional[Tensor]], running_vars: List[Optional[Tensor]], residual: Optional[Tensor],
-    spec: List[int], spec_floats: List[float], backend: str,
+    x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor],
+    running_vars: List[Tensor], residual: Optional[Tensor], spec: List[int], spec_floats: List[float], backend: str,
 ) -> List[Tensor]:
+    """``running_means`` / ``running_vars``: an empty tensor for a BN without running statistics (see
+    :func:`forward`)."""
     block = _spec(spec, spec_floats)
-    params = Params(weights, gammas, betas, running_means, running_vars)
+    params = Params(weights, gammas, betas, _present(running_means), _present(running_vars))
     return pack_forward(backends.resolve(backend, x, block).block_forward(block, x, params, residual))
 
 
@@ -133,9 +134,18 @@ def sync_grad_sums(sum_dz: Tensor, sum_dz_xhat: Tensor, rstd: Tensor, group: int
 
 
 # --------------------------------------------------------------------------------------------- the calls
+def _present(stats: List[Tensor]) -> List[Optional[Tensor]]:
+    return [None if t.numel() == 0 else t for t in stats]
+
+
 def forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor], backend: str) -> Forward:
     """The training op on structured arguments."""
-    flat = torch.ops.fused_resnet.block_forward(x, *params, residual, spec.ints, spec.floats, backend)
+    # No Tensor?[] in the schema (torch.jit.trace cannot record one): an empty tensor stands for a missing running
+    # statistic, never a real one (a BN has at least one channel).
+    absent = x.new_empty(0)
+    means, variances = ([absent if t is None else t for t in ts] for ts in (params.running_means, params.running_vars))
+    flat = torch.ops.fused_resnet.block_forward(x, params.weights, params.gammas, params.betas, means, variances,
+                                                residual, spec.ints, spec.floats, backend)
     return unpack_forward(flat, len(spec.units))
 
 

@@ -18,10 +18,11 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import distributed
 
@@ -181,28 +182,154 @@ def _from_schema(ints: Tuple[int, ...], floats: Tuple[float, ...]) -> BlockSpec:
     return BlockSpec(tuple(units), Shortcut(ints[1]), (ints[2], ints[3]), ints[0])
 
 
+# --------------------------------------------------------------------------------------------- reading modules
+CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+# A frozen BN: running statistics, no update. A SyncBatchNorm: statistics over its process group where torch
+# synchronises them (fused_resnet.distributed), else a BatchNorm.
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def unit_types_reason(conv_t: type, bn_t: type) -> Optional[str]:
+    """Why a conv of type ``conv_t`` followed by a norm layer of type ``bn_t`` is no unit the kernels implement, or
+    None."""
+    if conv_t not in CONV_TYPES:
+        return f"conv is {conv_t.__name__}, expected nn.Conv1d or nn.Conv2d"
+    if bn_t not in BN_TYPES:
+        return (f"norm layer is {bn_t.__name__}, expected nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm or "
+                f"FrozenBatchNorm2d")
+    one_d = conv_t is nn.Conv1d
+    if (bn_t is nn.BatchNorm1d and not one_d) or (one_d and bn_t in (nn.BatchNorm2d, FrozenBatchNorm2d)):
+        return f"{conv_t.__name__} followed by {bn_t.__name__}"
+    return None
+
+
+def unit_reading(conv, bn) -> tuple:
+    """Every setting of a (conv, BN) pair that the fused computation depends on, as plain values, read the way
+    torch's forward of these modules reads them: the one place the blocks look at their submodules' settings.
+
+    It is both a unit's cache key and the only input of its spec (:func:`unit_from_reading`), so the two cannot
+    disagree: a setting left out here is one the spec cannot depend on. Tensor values, shapes and dtypes are not
+    settings: the op reads them on every call. Attributes torch's forward does not read (a conv's kernel_size,
+    in_channels, output_padding; a BN's affine, num_features) are left out for the same reason — changing them
+    changes nothing torch computes (tests/test_settings.py changes every attribute to show it). Runs on every
+    call, also inside torch.compile: plain attribute reads only."""
+    tc, tb = type(conv), type(bn)
+    if tc not in CONV_TYPES or tb not in BN_TYPES:
+        return (tc, tb)  # unit_types_reason says why
+    stride, padding, dilation = conv.stride, conv.padding, conv.dilation
+    if type(stride) is not tuple or type(padding) is not tuple or type(dilation) is not tuple:
+        # a list could change in place behind an equal key: frozen here
+        stride, padding, dilation = _frozen(stride), _frozen(padding), _frozen(dilation)
+    weight = _member(conv, conv._parameters, "weight")
+    head = (tc, weight.dim() if isinstance(weight, Tensor) else None, _member(conv, conv._parameters, "bias") is None,
+            conv.padding_mode, stride, padding, dilation, conv.groups, tb, bn.eps)
+    buffers = bn._buffers
+    if tb is FrozenBatchNorm2d:  # its forward reads its four buffers and eps, nothing else
+        return head + (any(_member(bn, buffers, k) is None for k in ("weight", "bias", "running_mean", "running_var")),)
+    return head + (bn.training, bn.track_running_stats, bn.momentum, _member(bn, buffers, "running_mean") is None,
+                   _member(bn, buffers, "running_var") is None, _member(bn, buffers, "num_batches_tracked") is None,
+                   distributed.sync_handle(bn))
+
+
+def _member(module, registered: dict, name: str):
+    """``getattr(module, name)`` for a parameter or buffer, through the registry it lives in: nn.Module's
+    ``__getattr__`` fallback costs ten times more, on every call. A name no longer registered (deleted, then set
+    as a plain attribute) is read as torch's forward reads it."""
+    return registered[name] if name in registered else getattr(module, name)
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _pair(value, one_d: bool, least: int) -> Optional[Tuple[int, int]]:
+    """A conv's stride / padding / dilation as the (h, w) pair of the 2-D ops, or None where torch's own conv must
+    judge it (a string padding, a wrong length, a value torch refuses: the eager call raises torch's error)."""
+    if type(value) is int:
+        value = (value,) if one_d else (value, value)
+    if type(value) is not tuple or len(value) != (1 if one_d else 2) or not all(
+            type(v) is int and v >= least for v in value):
+        return None
+    return ((1 if least else 0, value[0]) if one_d else value)
+
+
+def unit_from_reading(reading: tuple) -> Union[UnitSpec, str]:
+    """The spec of a unit from its :func:`unit_reading`, or why the fused op cannot compute that unit as torch
+    would (then the call runs the modules' own forward). torch's BN rules: batch statistics in training or when
+    there are no running buffers; running statistics updated in training when tracked; momentum None is the
+    cumulative average, and with no num_batches_tracked torch's factor is 0. A frozen BN (torchvision's
+    FrozenBatchNorm2d) always normalises with its buffers."""
+    if len(reading) == 2:
+        return unit_types_reason(*reading)
+    conv_t, wdim, no_bias, padding_mode, stride, padding, dilation, groups, bn_t, eps, *bn_state = reading
+    reason = unit_types_reason(conv_t, bn_t)
+    if reason is not None:
+        return reason
+    one_d = conv_t is nn.Conv1d
+    if wdim != (3 if one_d else 4):
+        return f"the {conv_t.__name__}'s weight " + ("is None" if wdim is None else f"has {wdim} dimensions")
+    if not no_bias:
+        return "conv has a bias (ResNet convs feeding a BN have none)"
+    if padding_mode != "zeros" or isinstance(padding, str):
+        return f"conv padding {padding!r} / padding_mode {padding_mode!r} (need explicit zero padding)"
+    geometry = (_pair(stride, one_d, 1), _pair(padding, one_d, 0), _pair(dilation, one_d, 1))
+    if None in geometry or type(groups) is not int or groups < 1:
+        return (f"conv stride {stride!r}, padding {padding!r}, dilation {dilation!r}, groups {groups!r}: left to "
+                f"torch's own conv")
+    if type(eps) not in (int, float):
+        return f"eps {eps!r} is not a number"
+    if bn_t is FrozenBatchNorm2d:
+        if bn_state[0]:
+            return "a FrozenBatchNorm2d buffer is None"
+        return UnitSpec(*geometry, groups, float(eps), None, False, False)
+    training, track, momentum, no_mean, no_var, no_count, sync = bn_state
+    if training and not eps > 0:
+        return f"eps {eps!r} in training (torch's BatchNorm refuses it)"
+    if momentum is not None and type(momentum) not in (int, float):
+        return f"momentum {momentum!r} is not a number"
+    if no_mean != no_var:
+        return "one of running_mean / running_var is None"
+    if no_mean and training and track and not no_count:
+        return "num_batches_tracked without running statistics (torch counts the batch)"
+    update = bool(training and track and not no_mean)
+    if update and momentum is None and no_count:
+        momentum = 0.0  # torch's exponential_average_factor stays 0: the running statistics do not move
+    return UnitSpec(*geometry, groups, float(eps), None if momentum is None else float(momentum),
+                    batch_stats=bool(training or no_mean), update_running=update, sync_group=sync)
+
+
 def unit_from_modules(conv, bn) -> UnitSpec:
-    """A unit's spec from its torch conv (Conv1d or Conv2d) and BatchNorm, with torch's BN rules: batch statistics
-    in training or when there are no running buffers; running statistics updated in training when tracked. A
-    frozen BN (torchvision's FrozenBatchNorm2d: no ``track_running_stats``) always normalises with its buffers."""
-    one_d = conv.weight.dim() == 3
-    stride, padding, dilation = (((1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])) if one_d
-                                 else (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)))
-    if not hasattr(bn, "track_running_stats"):
-        return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), None, False, False)
-    no_buffers = bn.running_mean is None and bn.running_var is None
-    return UnitSpec(stride, padding, dilation, conv.groups, float(bn.eps), bn.momentum,
-                    batch_stats=bool(bn.training or no_buffers),
-                    update_running=bool(bn.training and bn.track_running_stats and not no_buffers),
-                    sync_group=distributed.sync_handle(bn))
+    """A unit's spec from its torch conv (Conv1d or Conv2d) and BatchNorm; ValueError naming the reason where the
+    fused op cannot compute it."""
+    unit = unit_from_reading(unit_reading(conv, bn))
+    if isinstance(unit, str):
+        raise ValueError(unit)
+    return unit
+
+
+def spec_from_readings(readings: Sequence[tuple], shortcut: Shortcut,
+                       option_a_stride: int = 1) -> Union[BlockSpec, Tuple[int, str]]:
+    """The spec of a block whose units have these readings (the projection's last), or (index of the first unit
+    that cannot run fused, why)."""
+    units = []
+    for i, reading in enumerate(readings):
+        unit = unit_from_reading(reading)
+        if isinstance(unit, str):
+            return i, unit
+        units.append(unit)
+    dim = 1 if readings[0][0] is nn.Conv1d else 2
+    stride = (1, option_a_stride) if dim == 1 else (option_a_stride, option_a_stride)
+    return BlockSpec(tuple(units), shortcut, stride if shortcut == Shortcut.OPTION_A else (1, 1), dim)
 
 
 def from_modules(convs: Sequence, bns: Sequence, shortcut: Shortcut, option_a_stride: int = 1) -> BlockSpec:
-    """The spec of a block whose units are these (conv, bn) modules (the projection's last)."""
-    dim = 1 if convs[0].weight.dim() == 3 else 2
-    stride = (1, option_a_stride) if dim == 1 else (option_a_stride, option_a_stride)
-    return BlockSpec(tuple(unit_from_modules(c, b) for c, b in zip(convs, bns, strict=True)), shortcut,
-                     stride if shortcut == Shortcut.OPTION_A else (1, 1), dim)
+    """The spec of a block whose units are these (conv, bn) modules (the projection's last); ValueError naming
+    the reason where the fused op cannot compute one of them."""
+    spec = spec_from_readings([unit_reading(c, b) for c, b in zip(convs, bns, strict=True)], shortcut,
+                              option_a_stride)
+    if not isinstance(spec, BlockSpec):
+        raise ValueError(f"unit {spec[0]}: {spec[1]}")
+    return spec
 
 
 # --------------------------------------------------------------------------------------------- conventions

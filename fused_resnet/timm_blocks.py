@@ -18,7 +18,7 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from . import guard
-from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason
+from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason, settings_reason
 
 _OPTIONAL_IDENTITIES = ("drop_block", "aa")  # nn.Identity when unused
 _ABSENT = ("se", "drop_path")  # None when unused
@@ -30,7 +30,12 @@ def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
 
 
 def unfusable_reason(block: nn.Module) -> Optional[str]:
-    """Why this timm block (fused or not) cannot run fused, or None."""
+    """Why convert leaves this timm block unfused (or why a fused one runs its eager computation now), or None."""
+    return geometry_reason(_units(block)) or structure_reason(block) or settings_reason(block, _units(block))
+
+
+def structure_reason(block: nn.Module) -> Optional[str]:
+    """Why the submodules of this timm block are not what the kernels implement (slots, types, hooks), or None."""
     if block.se is not None:
         return f"se is {type(block.se).__name__} (attention runs between BN and the residual add)"
     if block.drop_path is not None:
@@ -39,9 +44,6 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
         if type(getattr(block, name)) is not nn.Identity:
             return f"{name} is {type(getattr(block, name)).__name__}"
     units = _units(block)
-    reason = geometry_reason(units)
-    if reason is not None:
-        return reason
     activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, len(units) + 1)}
     away = fused_away(units, activations, block.downsample)
     away.update({name: getattr(block, name) for name in _OPTIONAL_IDENTITIES})
@@ -56,8 +58,8 @@ class _TimmLayout:
     def _units(self) -> List[Tuple[nn.Module, nn.Module]]:
         return _units(self)
 
-    def _blocker(self) -> Optional[str]:
-        return unfusable_reason(self)
+    def _structure_blocker(self) -> Optional[str]:
+        return structure_reason(self)
 
     def _eager(self, x: Tensor) -> Tensor:
         return self._timm_cls.forward(self, x)

@@ -54,7 +54,7 @@ def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
     """Every fused block and stem of ``model`` that will call a fused op for input ``example``, in call order."""
     fused = {name: m for name, m in model.named_modules()
              if (isinstance(m, _FusedForward) and m._blocker() is None)
-             or (isinstance(m, FusedStemMixin) and m.backend is not None and m._stem_blocker() is None)}
+             or (isinstance(m, FusedStemMixin) and m.backend is not None and m._stem_plan()[0] is None)}
     shapes: Dict[str, torch.Size] = {}
 
     def record(name):

@@ -19,7 +19,7 @@ CPU_DTYPES = ["float32", "float16", "bfloat16", "float64"]
 def _compare(reference_block, case, dtype, device, channels_last=False, steps=2, autocast=False):
     n, h, w = case[5]
     gen = torch.Generator().manual_seed(7)
-    testing.randomize_batchnorm(reference_block, gen)
+    testing.randomize_batchnorm(reference_block, gen, every=True)  # a small last γ would hide errors of that BN
     x = torch.randn(n, case[1], h, w, generator=gen)
     return testing.compare_models(
         reference_block, lambda m: fused_resnet.convert(m, backend="reference", inplace=True), x,

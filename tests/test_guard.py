@@ -212,15 +212,17 @@ def test_a_model_with_nothing_to_fuse_says_so():
         fused_resnet.convert(TV.BasicBlock(4, 4))
 
 
-def test_fx_feature_extraction_traces_a_converted_model_and_matches():
-    """torchvision's create_feature_extractor traces a converted ResNet (the blocks trace their submodules) and
-    gives torch's features; the converted model itself stays fused."""
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_fx_feature_extraction_traces_a_converted_model_and_matches(backend):
+    """torchvision's create_feature_extractor traces a converted ResNet on every backend, the default included (the
+    blocks trace their submodules, never asking a Proxy for its device) and gives torch's features; the converted
+    model itself stays fused."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     tv = torchvision.models.resnet18(num_classes=4).eval()
-    fused = fused_resnet.convert(tv, backend="reference")
+    fused = fused_resnet.convert(tv, backend=backend)
     nodes = ["layer1", "layer3.1.relu_1", "layer4"]
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     got, want = create_feature_extractor(fused, nodes)(x), create_feature_extractor(tv, nodes)(x)
     for k in nodes:
         torch.testing.assert_close(got[k], want[k])

@@ -71,3 +71,23 @@ def test_revert_gives_timms_classes_and_state_back():
     assert {type(m) for m in back.modules() if isinstance(m, TIMM)} <= set(TIMM)
     assert not any(isinstance(m, FUSED) or hasattr(m, "backend") for m in back.modules())
     back.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_timm_fx_feature_extraction_runs_forward_and_backward_on_the_default_backend():
+    """timm's own FX route (timm.models._features_fx, which its forward_fx / backward_fx model tests use) traces a
+    model converted for the default backend, in train and eval mode, and gives timm's outputs and gradients."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    model = _model("resnet18")
+    fused = fused_resnet.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    for train in (True, False):
+        outs = []
+        for m in (model, fused):
+            m.train(train)
+            last = get_graph_node_names(m)[0 if train else 1][-1]
+            xi = x.clone().requires_grad_(True)
+            y = create_feature_extractor(m, [last])(xi)[last]
+            y.square().sum().backward()
+            outs.append((y, xi.grad))
+        torch.testing.assert_close(outs[0], outs[1])

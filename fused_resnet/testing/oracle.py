@@ -73,18 +73,20 @@ def worst(name: str, checks: List[Check]) -> Check:
     return Check(f"{name} ({w.name})", w.err_fused, w.err_torch, w.bound)
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator, every: bool = False) -> nn.Module:
     """Give every BatchNorm random affine parameters and running statistics, in place.
 
     Default BN initialisation (γ = 1, β = 0, mean 0, var 1) would hide any mix-up of γ, β and the statistics.
     The last BN of each residual branch gets a small γ in [0.1, 0.4] (near-identity blocks, the intent of
     zero_init_residual without zeroing gradients): a freshly initialised deep ResNet in train-mode BN otherwise
-    has a chaotic gradient whose float32 error against float64 is ~1e-2 for PyTorch itself (see NUMERICS.md)."""
+    has a chaotic gradient whose float32 error against float64 is ~1e-2 for PyTorch itself (see NUMERICS.md).
+    ``every``: that BN too gets γ in [0.5, 1.5] (``fused-resnet verify --random-bn``), the harder oracle that a
+    timm-style zero-initialised γ would otherwise hide."""
     last_bns = set()
     for m in model.modules():
         units = [getattr(m, f"bn{i}", None) for i in (1, 2, 3)]
         units = [u for u in units if isinstance(u, nn.modules.batchnorm._BatchNorm)]
-        if hasattr(m, "downsample") and len(units) >= 2:
+        if hasattr(m, "downsample") and len(units) >= 2 and not every:
             last_bns.add(units[-1])
 
     def uniform(t: torch.Tensor, lo: float, hi: float) -> None:

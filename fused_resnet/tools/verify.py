@@ -24,14 +24,15 @@ def _reference_model(name: str, args: argparse.Namespace):
     torch.manual_seed(args.seed)
     if name in models.IMAGENET_NAMES:
         model = getattr(torchvision.models, name)(num_classes=args.num_classes)
-        return randomize_batchnorm(model, gen), torch.randn(args.batch, 3, args.size, args.size, generator=gen)
+        return (randomize_batchnorm(model, gen, args.random_bn),
+                torch.randn(args.batch, 3, args.size, args.size, generator=gen))
     depth = models.cifar_depth(name)
     if depth in CIFAR_DEPTHS:
         in_ch = 3 if args.dim == 2 else 1
         model = models.cifar_resnet(depth, shortcut=args.shortcut, plain=args.plain,
                                     num_classes=args.num_classes, in_channels=in_ch, dim=args.dim, backend=None)
         shape = (args.batch, in_ch, 32, 32) if args.dim == 2 else (args.batch, in_ch, 40)
-        return randomize_batchnorm(model, gen), torch.randn(*shape, generator=gen)
+        return randomize_batchnorm(model, gen, args.random_bn), torch.randn(*shape, generator=gen)
     raise SystemExit(f"fused-resnet verify: unknown model {name!r}; expected one of {models.IMAGENET_NAMES} or "
                      f"cifar_resnet{{{CIFAR_DEPTHS}}}")
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         failed += [f"{name}: {c.name}" for c in checks if not c.ok]
         records.append({"model": name, "backend": args.backend, "dtype": args.dtype, "autocast": args.autocast,
                         "device": str(device), "layout": layout, "input": list(x.shape), "passes": args.steps,
-                        "seed": args.seed, "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks]})
+                        "seed": args.seed, "random_bn": args.random_bn, "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks]})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device_name": _device_name(device), "runs": records}, f,
@@ -124,5 +125,8 @@ def add_command(sub) -> None:
     verify.add_argument("--plain", action="store_true", help="CIFAR models without shortcuts")
     verify.add_argument("--dim", type=int, default=2, choices=(1, 2), help="CIFAR models: 1 for Conv1d on length 40")
     verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--random-bn", action="store_true",
+                        help="every BN's γ in [0.5, 1.5], the last of each residual branch too (default: that one "
+                             "gets a small γ; docs/NUMERICS.md)")
     verify.add_argument("--json", default=None, help="also write every check to this JSON file")
     verify.set_defaults(func=run)

@@ -19,7 +19,8 @@ def test_info_runs(capsys):
 @pytest.mark.parametrize("args", [["--model", "cifar_resnet20"],
                                   ["--model", "cifar_resnet20", "--dim", "1", "--shortcut", "B"],
                                   ["--model", "cifar_resnet20", "--dtype", "float16", "--channels-last"],
-                                  ["--model", "resnet18", "--size", "32", "--dtype", "float64"]])
+                                  ["--model", "resnet18", "--size", "32", "--dtype", "float64"],
+                                  ["--model", "cifar_resnet20", "--random-bn"]])
 def test_verify_passes(args, capsys):
     assert cli.main(["verify", "--device", "cpu"] + args) == 0
     assert "all checks passed" in capsys.readouterr().out
