@@ -29,8 +29,8 @@ def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
-def unfusable_reason(block: nn.Module) -> Optional[str]:
-    """Why this timm block (fused or not) cannot run fused, or None."""
+def unfusable_reason(block: nn.Module, backend: Optional[str] = None) -> Optional[str]:
+    """Why this timm block (fused or not) cannot run fused on ``backend`` (None: its own, or auto), or None."""
     if block.se is not None:
         return f"se is {type(block.se).__name__} (attention runs between BN and the residual add)"
     if block.drop_path is not None:
@@ -39,7 +39,7 @@ def unfusable_reason(block: nn.Module) -> Optional[str]:
         if type(getattr(block, name)) is not nn.Identity:
             return f"{name} is {type(getattr(block, name)).__name__}"
     units = _units(block)
-    reason = geometry_reason(units)
+    reason = geometry_reason(units, backend or getattr(block, "backend", "auto"))
     if reason is not None:
         return reason
     activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, len(units) + 1)}

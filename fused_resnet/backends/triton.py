@@ -45,9 +45,8 @@ from .. import distributed
 from ..spec import BlockSpec, Shortcut, memory_format_of
 from .folding import fold_block
 from ..tensors import Forward, Grads, Params
-from .registry import Backend, register
+from .registry import Backend, Capabilities, register
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CL = torch.channels_last
 
 
@@ -81,6 +80,7 @@ def _on_input_device(op):
 class TritonBackend(Backend):
     name = "triton"
     auto_rank = 1
+    capabilities = Capabilities()
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -90,15 +90,9 @@ class TritonBackend(Backend):
                     "first import, runs them on CPU tensors for testing)")
         return None
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: Optional[BlockSpec]) -> Optional[str]:
+    def device_refusal(self, device_type: str) -> Optional[str]:
         if device_type != "cuda" and not _interpreting():
             return f"input on {device_type}; the Triton kernels need CUDA tensors"
-        if dtype not in _DTYPES:
-            return f"dtype {dtype} (the Triton engine runs float32, float16 and bfloat16)"
-        if spec is not None and any(u.groups != 1 for u in spec.units):
-            return f"groups {[u.groups for u in spec.units]} (the Triton engine implements groups=1)"
-        if spec is not None and any(u.dilation != (1, 1) for u in spec.units):
-            return f"dilation {[u.dilation for u in spec.units]} (the Triton engine implements dilation 1)"
         return None
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
