@@ -151,6 +151,16 @@ def _dbn_on_load(g, a_ptrs, ok, mean_ptr, alpha_ptr, beta_ptr, gamma_ptr, ch, ch
 
 
 @triton.jit
+def _group_bases(group, C, K, GROUPED: tl.constexpr):
+    """The first input and output channel of a group's GEMM: each group reads its own channels of x / dx, w and
+    y / dy (row strides stay the whole tensors'). Ungrouped, constant zeros: the compiler then keeps what it
+    proves of the channel offsets (contiguity, 16-byte alignment), which a program id times C would hide."""
+    if GROUPED:
+        return group * C, group * K
+    return 0, 0
+
+
+@triton.jit
 def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
         a = a.to(tl.float32)
@@ -166,15 +176,14 @@ def conv_fprop_kernel(
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G,
     RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
-    R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, PROLOGUE: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
+    PROLOGUE: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     pid_m, offs_m, offs_n, m_ok, n_ok = _output_tile(N * P * Q, K, BLOCK_M, BLOCK_N, GROUP_M)
-    # groups: program_id(1) is the group, one GEMM each over its own channels of x, w and y (1: x, y whole)
-    c_base = tl.program_id(1) * C
-    k_base = tl.program_id(1) * K
+    c_base, k_base = _group_bases(tl.program_id(1), C, K, GROUPED)
     CX = C * G
     KY = K * G
     img, p, q = _split_pixels(offs_m, P, Q)
@@ -197,7 +206,8 @@ def conv_fprop_kernel(
             w = w0[:, None] + (kk // CP)[None, :] * dil_w
             a_ok = (m_ok & (h >= 0) & (h < H))[:, None] & k_ok[None, :] & (w >= 0) & (w < W)
             # dilated: the window's taps are dil_w pixels apart (a dil_w of 1, a constant, folds the term away)
-            a_off = (((img.to(tl.int64) * H + h) * W + w0) * CP)[:, None] + (kk + (kk // CP) * ((dil_w - 1) * CP))[None, :]
+            a_off = ((((img.to(tl.int64) * H + h) * W + w0) * CP)[:, None]
+                     + (kk + (kk // CP) * ((dil_w - 1) * CP))[None, :])
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
             if PROLOGUE:
                 c = kk % CP
@@ -262,7 +272,9 @@ def conv_dgrad_kernel(
     res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
-    R: tl.constexpr, S: tl.constexpr, EVERY_TAP: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, EVERY_TAP: tl.constexpr, DBN: tl.constexpr,
+    MASK: tl.constexpr,
+    STATS: tl.constexpr,
     RELU_OUT: tl.constexpr, RES_MODE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -273,9 +285,8 @@ def conv_dgrad_kernel(
     # layer does the MMAs it needs, not four times as many; stride 1 is the single phase with every tap. Dilation
     # d puts tap r at h + pad − r·d: with stride 1 or d = 1 the same phases hold; with both above 1 on an axis
     # (EVERY_TAP, no ResNet has it) each phase loops over every tap and masks those that land between pixels.
-    # Groups: program_id(2) is the group, its own channels of dy, w and dx.
-    c_base = tl.program_id(2) * C
-    k_base = tl.program_id(2) * K
+    # Groups: program_id(2) is the group.
+    c_base, k_base = _group_bases(tl.program_id(2), C, K, GROUPED)
     CX = C * G
     KY = K * G
     phase = tl.program_id(1)
@@ -367,18 +378,21 @@ def conv_wgrad_kernel(
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, chunk,
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, DBN: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
+    DBN: tl.constexpr,
     PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM rows: output channels k (BLOCK_M); columns: (r, s, c) (BLOCK_N); reduction: output pixels (BLOCK_K),
     # split into chunks of ``chunk`` pixels, one fp32 partial [K, R·S·C] per chunk in the workspace. Groups:
     # program_id(0) runs over (group, row tile), each group its own channels of dy and x and rows of the workspace.
-    k_tiles = tl.cdiv(K, BLOCK_M)
-    group = tl.program_id(0) // k_tiles
-    pid_k = tl.program_id(0) % k_tiles
-    c_base = group * C
-    k_base = group * K
+    if GROUPED:
+        k_tiles = tl.cdiv(K, BLOCK_M)
+        pid_k = tl.program_id(0) % k_tiles
+        c_base, k_base = _group_bases(tl.program_id(0) // k_tiles, C, K, GROUPED)
+    else:
+        pid_k = tl.program_id(0)
+        c_base, k_base = _group_bases(0, C, K, GROUPED)
     KY = K * G
     pid_j = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -866,7 +880,7 @@ def conv_fprop(
              in_scale_ptr=scale, in_shift_ptr=shift, mean_ptr=means, m2_ptr=m2s, tile_ptr=tile,
              N=n, H=h, W=wd, C=c_w, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
-             R=r, S=s, ROW=row, CP=cp, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             R=r, S=s, ROW=row, CP=cp, GROUPED=groups > 1, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
              RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (m, kg, s * cp if row else c_w), (1024, 256, 256),
         reads=[x_st, w_st, bias, res_st if residual is not None else None,
@@ -903,7 +917,8 @@ def conv_dgrad(
     option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False,
     dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
-    """dx of y = conv2d(x, w, stride, padding, dilation, groups) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
+    """dx of y = conv2d(x, w, stride, padding, dilation, groups) given dy [N, K, P, Q]; x's spatial size is
+    ``input_hw`` (it is not
     implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ): the gradient operand is α·dy + β·(a − mean) + γ per
@@ -982,7 +997,8 @@ def conv_dgrad(
              N=n, H=h, W=wd, C=c_w, K=k // groups, P=p, Q=q, stride_h=stride[0], stride_w=stride[1],
              pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
              partial_rows=sums.shape[0] // phases if stats else 0,
-             R=r, S=s, EVERY_TAP=every_tap, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RELU_OUT=relu_out,
+             R=r, S=s, GROUPED=groups > 1, EVERY_TAP=every_tap, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats,
+             RELU_OUT=relu_out,
              RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
         (m_phase, c_w, k // groups), (1024, 256, 256),
@@ -1016,7 +1032,8 @@ def conv_wgrad(
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, defer: bool = False,
     dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
-    """dW [K, C / groups, R, S] of y = conv2d(x, W, stride, padding, dilation, groups) given dy [N, K, P, Q]; accumulated in fp32 (split over
+    """dW [K, C / groups, R, S] of y = conv2d(x, W, stride, padding, dilation, groups) given dy [N, K, P, Q];
+    accumulated in fp32 (split over
     the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype. ``defer``: return the
     unreduced ``WgradWorkspace`` instead, for a later launch to reduce (``wgrad_reduce``, or the backward's next
     dBN launch, which does it in the same launch).
@@ -1071,7 +1088,7 @@ def conv_wgrad(
              gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
              N=n, H=h, W=wd, C=cg, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
              pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, chunk=chunk,
-             R=r, S=s, FLAT=flat, CP=cp, DBN=dbn is not None, PROLOGUE=in_affine is not None,
+             R=r, S=s, FLAT=flat, CP=cp, GROUPED=groups > 1, DBN=dbn is not None, PROLOGUE=in_affine is not None,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (kg, r * s * cp if flat else cg, chunk), (256, 256, 256),
         reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],
