@@ -25,6 +25,9 @@ was a GPU launch and tens of microseconds of host time, and they added up to mor
 PyTorch's whole step. What torch ops remain are layout copies of tensors not in channels_last and the stem's
 channel padding.
 
+Grouped convs (one GEMM per group, a grid axis) and dilated ones (the taps' offsets) run in the same kernels: the
+backend declares both in its capabilities.
+
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
 Every block op runs under its input's device guard: Triton launches on the current device and stream, which
