@@ -40,6 +40,7 @@ import sys
 import time
 
 PATHS = ("train", "eval", "eval+autograd")
+DILATED = "-dilated"  # a torchvision ResNet as DeepLabV3's backbone: its last two stages dilated, not strided
 LAYOUTS = ("nchw", "channels_last")
 
 
@@ -67,8 +68,10 @@ def trace(model_name: str, dtype: str, size: int) -> list:
 
     conv._launch = record
     depth = models.cifar_depth(model_name)
+    dilated = model_name.endswith(DILATED)
     base = (models.cifar_resnet(depth, backend=None) if depth is not None
-            else getattr(torchvision.models, model_name)(num_classes=10))
+            else getattr(torchvision.models, model_name.removesuffix(DILATED))(
+                num_classes=10, **({"replace_stride_with_dilation": [False, True, True]} if dilated else {})))
     dt = getattr(torch, dtype)
     for layout in LAYOUTS:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -211,7 +214,9 @@ def _child(args: list, interpret: bool) -> object:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50", help="resnet18..152 or cifar_resnet<6n+2>")
+    parser.add_argument("--model", default="resnet50",
+                        help="resnet18..152, resnext50_32x4d, wide_resnet50_2, ..., cifar_resnet<6n+2>; a "
+                             f"torchvision ResNet name + '{DILATED}' dilates its last two stages (DeepLabV3's)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--arch", default="sm_90", help="sm_90 (Hopper) or sm_80 (Ampere)")
     parser.add_argument("--size", type=int, default=32, help="traced input size (the kernels do not depend on it)")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import backends, guard
 from .functional import block_plan, block_spec, run_block, unit_unsupported_reason
-from .spec import Shortcut, unit_types_reason
+from .spec import BlockSpec, Shortcut, UnitSpec, unit_types_reason
 
 _GUARD_ATTR = "_fused_resnet_guard"  # (signature, blocker) in the module's __dict__
 
@@ -198,14 +198,15 @@ def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, 
     return mods
 
 
-def geometry_reason(units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
-    """Why convert leaves these units unfused for their conv geometry (groups > 1: ResNeXt; dilation > 1), or None."""
-    for conv, _ in units:
-        if conv.groups != 1:
-            return f"groups={conv.groups}"
-        if any(d != 1 for d in conv.dilation):
-            return f"dilation={tuple(conv.dilation)}"
-    return None
+def geometry_reason(units: List[Tuple[nn.Module, nn.Module]], backend: str = "auto",
+                    residual_scale: bool = False) -> Optional[str]:
+    """Why convert leaves these units unfused on ``backend``: what their convs need (groups, dilation,
+    dimensionality; a residual scale) that the backends serving it do not declare (backends.block_refusal), or
+    None."""
+    dim = 1 if units[0][0].weight.dim() == 3 else 2
+    spec = BlockSpec(tuple(UnitSpec(dilation=((1,) + tuple(c.dilation))[-2:], groups=c.groups) for c, _ in units),
+                     Shortcut.NONE, dim=dim)
+    return backends.block_refusal(backend, spec, residual_scale)
 
 
 def structure_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:

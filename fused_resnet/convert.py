@@ -37,9 +37,12 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _unfusable_reason(block: nn.Module) -> Optional[str]:
+_ASKED_ATTR = "_fused_resnet_asked"  # in the __dict__ of a block convert left unfused: the backend it was asked for
+
+
+def _unfusable_reason(block: nn.Module, backend: str) -> Optional[str]:
     units = block._units() if hasattr(block, "_units") else _tv_units(block)
-    return geometry_reason(units) or block_blocker(block, units)
+    return block_blocker(block, units) or geometry_reason(units, backend, residual_scale_of(block) is not None)
 
 
 def _tv_units(block: nn.Module):
@@ -62,6 +65,7 @@ def _fuse(m: nn.Module, fused_cls: type, backend: str, path: str) -> None:
     """Turn block ``m`` into ``fused_cls`` in place (a subclass of its class: same submodules and state)."""
     if not hasattr(m, "plain"):  # torchvision's and timm's blocks: always a shortcut, always 2-D
         m.plain, m.dim = False, 2
+    m.__dict__.pop(_ASKED_ATTR, None)
     m.__class__ = fused_cls
     _retarget(m, backend, path)
 
@@ -78,9 +82,10 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
     if isinstance(m, _FusedForward):
         _retarget(m, backend, path)
     elif t in _TO_FUSED or (timm_blocks is not None and t in timm_blocks.TO_FUSED):
-        reason = _unfusable_reason(m) if t in _TO_FUSED else timm_blocks.unfusable_reason(m)
+        reason = _unfusable_reason(m, backend) if t in _TO_FUSED else timm_blocks.unfusable_reason(m, backend)
         if reason is not None:
             skipped.append(f"{path or '<root>'} ({reason})")
+            m.__dict__[_ASKED_ATTR] = backend  # conversion_report says why for the backend convert was asked for
             return
         _fuse(m, _TO_FUSED[t] if t in _TO_FUSED else timm_blocks.TO_FUSED[t], backend, path)
         return
@@ -99,8 +104,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync
             process_group=None) -> nn.Module:
     """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
     the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
-    ``backend``. Blocks that cannot be fused (groups > 1, dilation > 1, a norm layer other than BatchNorm, another
-    activation than nn.ReLU, hooks on their submodules) stay as they are, with one warning listing them and why;
+    ``backend``. Blocks that cannot be fused (a conv geometry the backend does not declare in its capabilities, such
+    as groups > 1 on a backend without grouped convs; a norm layer other than BatchNorm, another activation than
+    nn.ReLU, hooks on their submodules) stay as they are, with one warning listing them and why;
     a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning saying so.
 
     ``sync_bn=True`` first turns every BatchNorm into ``nn.SyncBatchNorm`` over ``process_group`` (None: the
@@ -149,9 +155,9 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
             status = (f"fused, backend {m.backend!r}{_auto_note(m)}" if reason is None
                       else f"fused, runs eagerly now: {reason}")
         elif t in _TO_FUSED:
-            status = f"not fused: {_unfusable_reason(m) or 'convert has not run on it'}"
+            status = f"not fused: {_unfusable_reason(m, _asked(m)) or 'convert has not run on it'}"
         elif timm_blocks is not None and t in timm_blocks.TO_FUSED:
-            status = f"not fused: {timm_blocks.unfusable_reason(m) or 'convert has not run on it'}"
+            status = f"not fused: {timm_blocks.unfusable_reason(m, _asked(m)) or 'convert has not run on it'}"
         elif isinstance(m, FusedStemMixin):
             status = "stem fused" if m.backend is not None else "stem not fused"
             if m.backend is not None:
@@ -174,6 +180,10 @@ def _auto_note(m: nn.Module) -> str:
     device = next(m.parameters(), None)
     device_type = "cpu" if device is None else device.device.type
     return f" (on {device_type} tensors: torch's own modules)" if backends.auto_runs_eager(device_type) else ""
+
+
+def _asked(block: nn.Module) -> str:
+    return block.__dict__.get(_ASKED_ATTR, "auto")
 
 
 def _forget(m: nn.Module) -> None:

@@ -107,7 +107,7 @@ def bn_running_update(
 ) -> None:
     """``group_count``: a synchronised BN's element count over its group (0-d, on the device), used instead of
     ``count``."""
-    backends.resolve(backend, mean, None).bn_running_update(
+    backends.resolve_running_update(backend, mean).bn_running_update(
         running_mean, running_var, num_batches_tracked, mean, var, count if group_count is None else group_count,
         momentum)
 

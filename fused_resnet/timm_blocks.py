@@ -29,9 +29,12 @@ def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
-def unfusable_reason(block: nn.Module) -> Optional[str]:
-    """Why convert leaves this timm block unfused (or why a fused one runs its eager computation now), or None."""
-    return geometry_reason(_units(block)) or structure_reason(block) or settings_reason(block, _units(block))
+def unfusable_reason(block: nn.Module, backend: Optional[str] = None) -> Optional[str]:
+    """Why this timm block (fused or not) cannot run fused on ``backend`` (None: its own, or auto), or why a fused
+    one runs its eager computation now, or None."""
+    units = _units(block)
+    return (geometry_reason(units, backend or getattr(block, "backend", "auto")) or structure_reason(block)
+            or settings_reason(block, units))
 
 
 def structure_reason(block: nn.Module) -> Optional[str]:

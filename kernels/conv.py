@@ -151,6 +151,16 @@ def _dbn_on_load(g, a_ptrs, ok, mean_ptr, alpha_ptr, beta_ptr, gamma_ptr, ch, ch
 
 
 @triton.jit
+def _group_bases(group, C, K, GROUPED: tl.constexpr):
+    """The first input and output channel of a group's GEMM: each group reads its own channels of x / dx, w and
+    y / dy (row strides stay the whole tensors'). Ungrouped, constant zeros: the compiler then keeps what it
+    proves of the channel offsets (contiguity, 16-byte alignment), which a program id times C would hide."""
+    if GROUPED:
+        return group * C, group * K
+    return 0, 0
+
+
+@triton.jit
 def _mma(acc, a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
         a = a.to(tl.float32)
@@ -163,15 +173,19 @@ def conv_fprop_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: per input channel fp32 scale / shift applied on load, then ReLU
     mean_ptr, m2_ptr, tile_ptr,  # STATS: per (row tile, channel) fp32 mean and M2 of the stored output; BLOCK_M
-    N, H, W, C, K, P, Q,
-    stride_h, stride_w, pad_h, pad_w,
+    N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G,
     RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
-    R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, PROLOGUE: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
+    PROLOGUE: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     pid_m, offs_m, offs_n, m_ok, n_ok = _output_tile(N * P * Q, K, BLOCK_M, BLOCK_N, GROUP_M)
+    c_base, k_base = _group_bases(tl.program_id(1), C, K, GROUPED)
+    CX = C * G
+    KY = K * G
     img, p, q = _split_pixels(offs_m, P, Q)
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
@@ -188,10 +202,12 @@ def conv_fprop_kernel(
             r = t // chunks
             kk = (t - r * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < row_len
-            h = h0 + r
-            w = w0[:, None] + (kk // CP)[None, :]
+            h = h0 + r * dil_h
+            w = w0[:, None] + (kk // CP)[None, :] * dil_w
             a_ok = (m_ok & (h >= 0) & (h < H))[:, None] & k_ok[None, :] & (w >= 0) & (w < W)
-            a_off = (((img.to(tl.int64) * H + h) * W + w0) * CP)[:, None] + kk[None, :]
+            # dilated: the window's taps are dil_w pixels apart (a dil_w of 1, a constant, folds the term away)
+            a_off = ((((img.to(tl.int64) * H + h) * W + w0) * CP)[:, None]
+                     + (kk + (kk // CP) * ((dil_w - 1) * CP))[None, :])
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
             if PROLOGUE:
                 c = kk % CP
@@ -207,29 +223,30 @@ def conv_fprop_kernel(
             tap = t // chunks
             c = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
             r = tap // S
-            h = h0 + r
-            w = w0 + (tap - r * S)
+            h = h0 + r * dil_h
+            w = w0 + (tap - r * S) * dil_w
             c_ok = c < C
             a_ok = (m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + (((img.to(tl.int64) * H + h) * W + w) * C)[:, None] + c[None, :], mask=a_ok,
-                        other=0.0)
+            a = tl.load(x_ptr + (((img.to(tl.int64) * H + h) * W + w) * CX + c_base)[:, None] + c[None, :],
+                        mask=a_ok, other=0.0)
             if PROLOGUE:
-                a = _bn_relu_on_load(a, a_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
-            b = tl.load(w_ptr + offs_n[None, :] * RSC + (tap * C + c)[:, None], mask=c_ok[:, None] & n_ok[None, :],
-                        other=0.0)
+                a = _bn_relu_on_load(a, a_ok, in_scale_ptr + c_base, in_shift_ptr + c_base, c, c_ok)
+            b = tl.load(w_ptr + (k_base + offs_n)[None, :] * RSC + (tap * C + c)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, PRECISION)
 
     # epilogue: (+ bias) (+ residual) (ReLU), in fp32, one store
     out_ok = m_ok[:, None] & n_ok[None, :]
-    out_off = offs_m[:, None].to(tl.int64) * K + offs_n[None, :]
+    k_out = k_base + offs_n
+    out_off = offs_m[:, None].to(tl.int64) * KY + k_out[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc += tl.load(bias_ptr + k_out, mask=n_ok, other=0.0)[None, :]
     if RES_MODE == RES_TENSOR:
         acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
     if RES_MODE == RES_OPTION_A:
         pix = (img.to(tl.int64) * RES_H + p * res_stride_h) * RES_W + q * res_stride_w
-        r_ok = m_ok[:, None] & (offs_n < RES_C)[None, :]
-        acc += tl.load(res_ptr + pix[:, None] * RES_C + offs_n[None, :], mask=r_ok, other=0.0).to(tl.float32)
+        r_ok = m_ok[:, None] & (k_out < RES_C)[None, :]
+        acc += tl.load(res_ptr + pix[:, None] * RES_C + k_out[None, :], mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = acc.to(y_ptr.dtype.element_ty)
@@ -239,7 +256,7 @@ def conv_fprop_kernel(
         count = tl.sum(m_ok.to(tl.float32), axis=0)
         mean = _sum_rows(v, BLOCK_M) / count
         d = tl.where(out_ok, v - mean[None, :], 0.0)
-        part = pid_m.to(tl.int64) * K + offs_n
+        part = pid_m.to(tl.int64) * KY + k_out
         tl.store(mean_ptr + part, mean, mask=n_ok)
         tl.store(m2_ptr + part, _sum_rows(d * d, BLOCK_M), mask=n_ok)
         tl.store(tile_ptr, BLOCK_M)
@@ -253,9 +270,11 @@ def conv_dgrad_kernel(
     sum_ptr, sumx_ptr, tile_ptr,  # STATS: per (phase, row tile, channel) Σdz and Σdz·x̂ of prev's BN; BLOCK_M
     relu_ptr,  # RELU_OUT: relu(prev·s + t) written out, x's shape (the conv's input, for the wgrad)
     res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
-    N, H, W, C, K, P, Q,
-    stride_h, stride_w, pad_h, pad_w, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
-    R: tl.constexpr, S: tl.constexpr, DBN: tl.constexpr, MASK: tl.constexpr, STATS: tl.constexpr,
+    N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
+    R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, EVERY_TAP: tl.constexpr, DBN: tl.constexpr,
+    MASK: tl.constexpr,
+    STATS: tl.constexpr,
     RELU_OUT: tl.constexpr, RES_MODE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -263,7 +282,13 @@ def conv_dgrad_kernel(
     # GEMM rows: input pixels (n, h, w) of one stride phase (h mod stride_h, w mod stride_w: program_id(1));
     # columns: input channels c; reduction: the taps that land on an output pixel from this phase × output
     # channels k. Only r ≡ h + pad_h (mod stride_h) does, so each phase loops over its own taps and a stride-2
-    # layer does the MMAs it needs, not four times as many; stride 1 is the single phase with every tap.
+    # layer does the MMAs it needs, not four times as many; stride 1 is the single phase with every tap. Dilation
+    # d puts tap r at h + pad − r·d: with stride 1 or d = 1 the same phases hold; with both above 1 on an axis
+    # (EVERY_TAP, no ResNet has it) each phase loops over every tap and masks those that land between pixels.
+    # Groups: program_id(2) is the group.
+    c_base, k_base = _group_bases(tl.program_id(2), C, K, GROUPED)
+    CX = C * G
+    KY = K * G
     phase = tl.program_id(1)
     ph = phase // stride_w
     pw = phase % stride_w
@@ -275,10 +300,18 @@ def conv_dgrad_kernel(
     img, hh, ww = _split_pixels(offs_m, hs, ws)
     h_in = hh * stride_h + ph
     w_in = ww * stride_w + pw
-    r0 = (ph + pad_h) % stride_h
-    s0 = (pw + pad_w) % stride_w
-    taps_s = (S - s0 + stride_w - 1) // stride_w
-    taps = ((R - r0 + stride_h - 1) // stride_h) * taps_s
+    if EVERY_TAP:
+        r0 = ph * 0
+        s0 = pw * 0
+        r_step = 1
+        s_step = 1
+    else:
+        r0 = (ph + pad_h) % stride_h
+        s0 = (pw + pad_w) % stride_w
+        r_step = stride_h
+        s_step = stride_w
+    taps_s = (S - s0 + s_step - 1) // s_step
+    taps = ((R - r0 + r_step - 1) // r_step) * taps_s
     RSC = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     chunks = tl.cdiv(K, BLOCK_K)
@@ -286,42 +319,47 @@ def conv_dgrad_kernel(
         tap = t // chunks
         kk = (t - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         i = tap // taps_s
-        r = r0 + i * stride_h
-        s = s0 + (tap - i * taps_s) * stride_w
-        p = (h_in + pad_h - r) // stride_h  # exact: the phase makes h + pad − r a multiple of the stride
-        q = (w_in + pad_w - s) // stride_w
+        r = r0 + i * r_step
+        s = s0 + (tap - i * taps_s) * s_step
+        hp = h_in + pad_h - r * dil_h
+        wq = w_in + pad_w - s * dil_w
+        p = hp // stride_h  # exact where a multiple of the stride: the phase makes it one (EVERY_TAP: masked)
+        q = wq // stride_w
         tap_ok = m_ok & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-        base = ((img.to(tl.int64) * P + p) * Q + q) * K
+        if EVERY_TAP:
+            tap_ok = tap_ok & (hp % stride_h == 0) & (wq % stride_w == 0)
+        base = ((img.to(tl.int64) * P + p) * Q + q) * KY + k_base
         k_ok = kk < K
         a_ok = tap_ok[:, None] & k_ok[None, :]
         a = tl.load(dy_ptr + base[:, None] + kk[None, :], mask=a_ok, other=0.0)
         if DBN:
             a = _dbn_on_load(a, a_ptr + base[:, None] + kk[None, :], a_ok, amean_ptr, alpha_ptr, beta_ptr,
-                             gamma_ptr, kk, k_ok, 1)
-        b = tl.load(w_ptr + kk[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
+                             gamma_ptr, k_base + kk, k_ok, 1)
+        b = tl.load(w_ptr + (k_base + kk)[:, None] * RSC + (r * S + s) * C + offs_c[None, :],
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, UPCAST, PRECISION)
     out_ok = m_ok[:, None] & c_ok[None, :]
-    out_off = (((img.to(tl.int64) * H + h_in) * W + w_in) * C)[:, None] + offs_c[None, :]
+    c_out = c_base + offs_c
+    out_off = (((img.to(tl.int64) * H + h_in) * W + w_in) * CX)[:, None] + c_out[None, :]
     if RES_MODE == RES_TENSOR:
         acc += tl.load(res_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
     if RES_MODE == RES_OPTION_A:  # dx[n, h, w, c] += dz[n, h / s, w / s, c] where the stride divides h and w
         sub = m_ok & (h_in % res_stride_h == 0) & (w_in % res_stride_w == 0)
         pix = (img.to(tl.int64) * RP + h_in // res_stride_h) * RQ + w_in // res_stride_w
-        acc += tl.load(res_ptr + pix[:, None] * RK + offs_c[None, :], mask=sub[:, None] & c_ok[None, :],
+        acc += tl.load(res_ptr + pix[:, None] * RK + c_out[None, :], mask=sub[:, None] & c_ok[None, :],
                        other=0.0).to(tl.float32)
     out = acc.to(dx_ptr.dtype.element_ty)
     if MASK:  # the previous unit's ReLU, recomputed from its pre-BN output: dz = dr·[prev·s + t > 0]
         prev = tl.load(prev_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
-        ps = tl.load(prev_s_ptr + offs_c, mask=c_ok, other=0.0)
-        pt = tl.load(prev_t_ptr + offs_c, mask=c_ok, other=0.0)
+        ps = tl.load(prev_s_ptr + c_out, mask=c_ok, other=0.0)
+        pt = tl.load(prev_t_ptr + c_out, mask=c_ok, other=0.0)
         out = tl.where(prev * ps[None, :] + pt[None, :] > 0, out, 0.0).to(dx_ptr.dtype.element_ty)
         tl.store(dx_ptr + out_off, out, mask=out_ok)
         if STATS:  # Σdz and Σdz·x̂ of the previous BN, per tile
-            mean = tl.load(prev_mean_ptr + offs_c, mask=c_ok, other=0.0)
-            rstd = tl.load(prev_rstd_ptr + offs_c, mask=c_ok, other=0.0)
+            mean = tl.load(prev_mean_ptr + c_out, mask=c_ok, other=0.0)
+            rstd = tl.load(prev_rstd_ptr + c_out, mask=c_ok, other=0.0)
             dz = tl.where(out_ok, out.to(tl.float32), 0.0)
-            part = (phase * partial_rows + pid_m).to(tl.int64) * C + offs_c
+            part = (phase * partial_rows + pid_m).to(tl.int64) * CX + c_out
             tl.store(sum_ptr + part, _sum_rows(dz, BLOCK_M), mask=c_ok)
             tl.store(sumx_ptr + part, _sum_rows(dz * (prev - mean[None, :]) * rstd[None, :], BLOCK_M), mask=c_ok)
             tl.store(tile_ptr, BLOCK_M)
@@ -338,15 +376,24 @@ def conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr,
     a_ptr, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # DBN: dy operand α·dy + β·(a − mean) + γ per channel
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
-    N, H, W, C, K, P, Q,
-    stride_h, stride_w, pad_h, pad_w, chunk,
-    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, DBN: tl.constexpr,
+    N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, chunk,
+    R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
+    DBN: tl.constexpr,
     PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # GEMM rows: output channels k (BLOCK_M); columns: (r, s, c) (BLOCK_N); reduction: output pixels (BLOCK_K),
-    # split into chunks of ``chunk`` pixels, one fp32 partial [K, R·S·C] per chunk in the workspace.
-    pid_k = tl.program_id(0)
+    # split into chunks of ``chunk`` pixels, one fp32 partial [K, R·S·C] per chunk in the workspace. Groups:
+    # program_id(0) runs over (group, row tile), each group its own channels of dy and x and rows of the workspace.
+    if GROUPED:
+        k_tiles = tl.cdiv(K, BLOCK_M)
+        pid_k = tl.program_id(0) % k_tiles
+        c_base, k_base = _group_bases(tl.program_id(0) // k_tiles, C, K, GROUPED)
+    else:
+        pid_k = tl.program_id(0)
+        c_base, k_base = _group_bases(0, C, K, GROUPED)
+    KY = K * G
     pid_j = tl.program_id(1)
     pid_split = tl.program_id(2)
     offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -363,7 +410,7 @@ def conv_wgrad_kernel(
         tap_r = offs_j // (CP * S)
         c_ok = j_ok & (c < C)
     else:  # columns are a C block of one filter tap
-        XC = C
+        XC = C * G
         RSC = R * S * C
         c_blocks = tl.cdiv(C, BLOCK_N)
         tap = pid_j // c_blocks
@@ -382,18 +429,20 @@ def conv_wgrad_kernel(
         mm_ok = mm < end
         img, p, q = _split_pixels(mm, P, Q)
         a_ok = k_ok[:, None] & mm_ok[None, :]
-        a_off = mm[None, :].to(tl.int64) * K + offs_k[:, None]
+        a_off = mm[None, :].to(tl.int64) * KY + (k_base + offs_k)[:, None]
         a = tl.load(dy_ptr + a_off, mask=a_ok, other=0.0)
         if DBN:
-            a = _dbn_on_load(a, a_ptr + a_off, a_ok, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr, offs_k, k_ok, 0)
-        h = (p * stride_h - pad_h)[:, None] + tap_r[None, :]
-        w = (q * stride_w - pad_w)[:, None] + tap_s[None, :]
+            a = _dbn_on_load(a, a_ptr + a_off, a_ok, amean_ptr, alpha_ptr, beta_ptr, gamma_ptr, k_base + offs_k, k_ok,
+                             0)
+        h = (p * stride_h - pad_h)[:, None] + tap_r[None, :] * dil_h
+        w = (q * stride_w - pad_w)[:, None] + tap_s[None, :] * dil_w
         b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * XC + c[None, :], mask=b_ok, other=0.0)
+        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * XC + c_base + c[None, :], mask=b_ok,
+                    other=0.0)
         if PROLOGUE:
-            b = _bn_relu_on_load(b, b_ok, in_scale_ptr, in_shift_ptr, c, c_ok)
+            b = _bn_relu_on_load(b, b_ok, in_scale_ptr + c_base, in_shift_ptr + c_base, c, c_ok)
         acc = _mma(acc, a, b, UPCAST, PRECISION)
-    ws_off = pid_split * K * RSC + offs_k[:, None].to(tl.int64) * RSC + offs_j[None, :]
+    ws_off = pid_split * KY * RSC + (k_base + offs_k)[:, None].to(tl.int64) * RSC + offs_j[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=k_ok[:, None] & j_ok[None, :])
 
 
@@ -674,12 +723,19 @@ def _check(x: torch.Tensor, w: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} expects tensors on one device, got {x.device} and {w.device}")
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    out = (size + 2 * pad - kernel) // stride + 1
+def _out_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
     if out < 1:
         raise ValueError(f"conv output size would be {out} (input {size}, kernel {kernel}, stride {stride}, "
-                         f"padding {pad})")
+                         f"padding {pad}, dilation {dilation})")
     return out
+
+
+def _groups(what: str, channels: int, per_group: int, out_channels: int, groups: int) -> None:
+    """Each of ``groups`` GEMMs takes ``per_group`` of the ``channels`` and makes out_channels / groups."""
+    if groups < 1 or per_group * groups != channels or out_channels % groups:
+        raise ValueError(f"{what}: groups={groups} does not split {channels} input channels ({per_group} per "
+                         f"group in the weight) and {out_channels} output channels evenly")
 
 
 class TilePartials(NamedTuple):
@@ -752,12 +808,16 @@ def conv_fprop(
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
     option_a_stride: Optional[Sequence[int]] = None,
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False,
+    dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
-    """y = [relu](conv2d(x', w, stride, padding) [+ bias] [+ residual]), returned channels_last, where
+    """y = [relu](conv2d(x', w, stride, padding, dilation, groups) [+ bias] [+ residual]), returned channels_last,
+    where
     x' = relu(x·s + t) per input channel when ``in_affine`` = (s, t) (fp32; the previous BN-apply + ReLU done
     while loading, zero padding staying zero) and x' = x otherwise.
 
-    x [N, C, H, W], w [K, C, R, S] in one dtype; bias fp32 [K]. ``residual``: an [N, K, P, Q] tensor, or, with
+    x [N, C, H, W], w [K, C / groups, R, S] in one dtype; bias fp32 [K]. ``groups``: one GEMM per group (the
+    grid's second axis), depth-wise (groups = C) included: correct, but each GEMM then reduces over R·S values
+    only, so the tensor cores mostly multiply zero padding. ``residual``: an [N, K, P, Q] tensor, or, with
     ``option_a_stride``, the block input of the option-A shortcut (x_blk[:, :, ::s, ::s] with zero channels
     appended up to K), read inside the kernel. With ``stats`` returns (y, partials): the epilogue's per-row-tile
     fp32 mean and M2 of y as stored (``TilePartials``), which ``bn_finalize`` merges into the mean and biased
@@ -765,10 +825,12 @@ def conv_fprop(
     _check(x, w, "conv_fprop")
     n, c, h, wd = x.shape
     k, c_w, r, s = w.shape
-    if c_w != c:
-        raise ValueError(f"conv_fprop: weight {tuple(w.shape)} expects {c_w} input channels, got input "
-                         f"{tuple(x.shape)}")
-    p, q = _out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])
+    if c_w * groups != c:
+        raise ValueError(f"conv_fprop: weight {tuple(w.shape)} with groups={groups} expects {c_w * groups} input "
+                         f"channels, got input {tuple(x.shape)}")
+    _groups("conv_fprop", c, c_w, k, groups)
+    p = _out_size(h, r, stride[0], padding[0], dilation[0])
+    q = _out_size(wd, s, stride[1], padding[1], dilation[1])
     y, y_st = _empty_nchw_view(n, k, p, q, x)
     x_st, w_st = _nhwc(x), _nhwc(w)
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (k,)):
@@ -803,10 +865,12 @@ def conv_fprop(
         means = m2s = tile = y_st
     scale, shift = in_affine if in_affine is not None else (y_st, y_st)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
+    kg = k // groups
 
-    row = c < FLAT_BELOW
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    row = c < FLAT_BELOW and groups == 1
     cp = _row_channels(c, x.dtype) if row else 1  # a constexpr: 1 keeps one variant for every larger C
     if row and cp != c:  # the row layout's zero channels (the stem's input and weights: a small copy)
         x_st, w_st = (F.pad(t, (0, cp - c)) for t in (x_st, w_st))
@@ -814,14 +878,14 @@ def conv_fprop(
         conv_fprop_kernel, grid,
         dict(x_ptr=x_st, w_ptr=w_st, bias_ptr=bias if bias is not None else y_st, res_ptr=res_st, y_ptr=y_st,
              in_scale_ptr=scale, in_shift_ptr=shift, mean_ptr=means, m2_ptr=m2s, tile_ptr=tile,
-             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], **res_dims,
-             R=r, S=s, ROW=row, CP=cp, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             N=n, H=h, W=wd, C=c_w, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
+             R=r, S=s, ROW=row, CP=cp, GROUPED=groups > 1, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
              RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
-        (m, k, s * cp if row else c), (1024, 256, 256),
+        (m, kg, s * cp if row else c_w), (1024, 256, 256),
         reads=[x_st, w_st, bias, res_st if residual is not None else None,
                *(in_affine if in_affine is not None else ())],
-        writes=[y_st, *((means, m2s, tile) if stats else ())], flops=conv_flops(n, k, c, r, s, p, q),
+        writes=[y_st, *((means, m2s, tile) if stats else ())], flops=conv_flops(n, k, c_w, r, s, p, q),
     )
     if stats:
         return y, TilePartials(means, m2s, tile, m)
@@ -851,8 +915,10 @@ def conv_dgrad(
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
     option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False,
+    dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
-    """dx of y = conv2d(x, w, stride, padding) given dy [N, K, P, Q]; x's spatial size is ``input_hw`` (it is not
+    """dx of y = conv2d(x, w, stride, padding, dilation, groups) given dy [N, K, P, Q]; x's spatial size is
+    ``input_hw`` (it is not
     implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ): the gradient operand is α·dy + β·(a − mean) + γ per
@@ -867,11 +933,15 @@ def conv_dgrad(
     both operands transformed on load waits for every wgmma on sm_90; with one it keeps one in flight)."""
     _check(dy, w, "conv_dgrad")
     n, k, p, q = dy.shape
-    k_w, c, r, s = w.shape
+    k_w, c_w, r, s = w.shape
+    c = c_w * groups
     h, wd = input_hw
-    if k_w != k or (_out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])) != (p, q):
+    _groups("conv_dgrad", c, c_w, k, groups)
+    if k_w != k or (_out_size(h, r, stride[0], padding[0], dilation[0]),
+                    _out_size(wd, s, stride[1], padding[1], dilation[1])) != (p, q):
         raise ValueError(f"conv_dgrad: dy {tuple(dy.shape)} does not match weight {tuple(w.shape)}, input size "
-                         f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}")
+                         f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}, dilation "
+                         f"{tuple(dilation)}")
     dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
     phases = stride[0] * stride[1]  # the kernel's program_id(1): one stride phase of dx each
     m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(wd, stride[1])  # rows of the largest phase
@@ -914,7 +984,9 @@ def conv_dgrad(
             res_dims = dict(RP=rp, RQ=rq, RK=rk, res_stride_h=ss[0], res_stride_w=ss[1])
 
     def grid(meta):
-        return (triton.cdiv(m_phase, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), phases)
+        return (triton.cdiv(m_phase, meta["BLOCK_M"]) * triton.cdiv(c_w, meta["BLOCK_N"]), phases, groups)
+
+    every_tap = any(d > 1 and st > 1 for d, st in zip(dilation, stride))
 
     dy_st, w_st = _nhwc(dy), _nhwc(w)
     _launch(
@@ -922,16 +994,18 @@ def conv_dgrad(
         dict(dy_ptr=dy_st, w_ptr=w_st, dx_ptr=dx_st, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha,
              beta_ptr=beta, gamma_ptr=gamma, prev_ptr=prev, prev_s_ptr=ps, prev_t_ptr=pt, prev_mean_ptr=pmean,
              prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, relu_ptr=relu_st, res_ptr=res,
-             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], **res_dims, partial_rows=sums.shape[0] // phases if stats else 0,
-             R=r, S=s, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats, RELU_OUT=relu_out,
+             N=n, H=h, W=wd, C=c_w, K=k // groups, P=p, Q=q, stride_h=stride[0], stride_w=stride[1],
+             pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
+             partial_rows=sums.shape[0] // phases if stats else 0,
+             R=r, S=s, GROUPED=groups > 1, EVERY_TAP=every_tap, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats,
+             RELU_OUT=relu_out,
              RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
-        (m_phase, c, k), (1024, 256, 256),
+        (m_phase, c_w, k // groups), (1024, 256, 256),
         reads=[dy_st, w_st, *(dbn if dbn is not None else ()), *(relu_of if relu_of is not None else ()),
                res if residual is not None else None],
         writes=[dx_st, relu_st if relu_out else None, *((sums, sumx, tile) if stats else ())],
-        flops=conv_flops(n, k, c, r, s, p, q),
+        flops=conv_flops(n, k, c_w, r, s, p, q),
     )
     out = (dx,)
     if stats:  # one group of row tiles per stride phase, each sized for the largest phase
@@ -956,8 +1030,10 @@ def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, defer: bool = False,
+    dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
-    """dW [K, C, R, S] of y = conv2d(x, W, stride, padding) given dy [N, K, P, Q]; accumulated in fp32 (split over
+    """dW [K, C / groups, R, S] of y = conv2d(x, W, stride, padding, dilation, groups) given dy [N, K, P, Q];
+    accumulated in fp32 (split over
     the N·P·Q reduction, partials summed in fp32), returned channels_last in x's dtype. ``defer``: return the
     unreduced ``WgradWorkspace`` instead, for a later launch to reduce (``wgrad_reduce``, or the backward's next
     dBN launch, which does it in the same launch).
@@ -970,20 +1046,27 @@ def conv_wgrad(
     n, c, h, wd = x.shape
     n_dy, k, p, q = dy.shape
     r, s = kernel_size
-    if n_dy != n or (_out_size(h, r, stride[0], padding[0]), _out_size(wd, s, stride[1], padding[1])) != (p, q):
+    if groups < 1 or c % groups:
+        raise ValueError(f"conv_wgrad: groups={groups} does not split {c} input channels evenly")
+    cg = c // groups
+    _groups("conv_wgrad", c, cg, k, groups)
+    if n_dy != n or (_out_size(h, r, stride[0], padding[0], dilation[0]),
+                     _out_size(wd, s, stride[1], padding[1], dilation[1])) != (p, q):
         raise ValueError(f"conv_wgrad: dy {tuple(dy.shape)} does not match input {tuple(x.shape)}, kernel "
-                         f"{tuple(kernel_size)}, stride {tuple(stride)}, padding {tuple(padding)}")
-    flat = c < FLAT_BELOW
+                         f"{tuple(kernel_size)}, stride {tuple(stride)}, padding {tuple(padding)}, dilation "
+                         f"{tuple(dilation)}")
+    flat = c < FLAT_BELOW and groups == 1
     cp = _row_channels(c, x.dtype) if flat else 1  # flat: x and the workspace padded to cp channels
     x_st = _nhwc(x)
     if flat and cp != c:
         x_st = F.pad(x_st, (0, cp - c))
     m = n * p * q
-    cols = triton.cdiv(r * s * cp, 128) if flat else r * s * triton.cdiv(c, 128)
-    split = _wgrad_split(m, triton.cdiv(k, 128) * cols, x.device)
+    kg = k // groups
+    cols = triton.cdiv(r * s * cp, 128) if flat else r * s * triton.cdiv(cg, 128)
+    split = _wgrad_split(m, groups * triton.cdiv(kg, 128) * cols, x.device)
     chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128  # a multiple of every BLOCK_K
     split = triton.cdiv(m, chunk)
-    ws = _alloc((split, k, r, s, cp if flat else c), torch.float32, x.device)
+    ws = _alloc((split, k, r, s, cp if flat else cg), torch.float32, x.device)
     a = amean = alpha = beta = gamma = scale = shift = ws
     if dbn is not None:
         a, amean, alpha, beta, gamma = dbn
@@ -995,23 +1078,23 @@ def conv_wgrad(
         _vectors("conv_wgrad's in_affine", c, scale, shift)
 
     def grid(meta):
-        cols = triton.cdiv(r * s * cp, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(c, meta["BLOCK_N"])
-        return (triton.cdiv(k, meta["BLOCK_M"]), cols, split)
+        cols = triton.cdiv(r * s * cp, meta["BLOCK_N"]) if flat else r * s * triton.cdiv(cg, meta["BLOCK_N"])
+        return (groups * triton.cdiv(kg, meta["BLOCK_M"]), cols, split)
 
     dy_st = _nhwc(dy)
     _launch(
         conv_wgrad_kernel, grid,
         dict(dy_ptr=dy_st, x_ptr=x_st, ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
              gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
-             N=n, H=h, W=wd, C=c, K=k, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], chunk=chunk,
-             R=r, S=s, FLAT=flat, CP=cp, DBN=dbn is not None, PROLOGUE=in_affine is not None,
+             N=n, H=h, W=wd, C=cg, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
+             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, chunk=chunk,
+             R=r, S=s, FLAT=flat, CP=cp, GROUPED=groups > 1, DBN=dbn is not None, PROLOGUE=in_affine is not None,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
-        (k, r * s * cp if flat else c, chunk), (256, 256, 256),
+        (kg, r * s * cp if flat else cg, chunk), (256, 256, 256),
         reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],
-        writes=[ws], flops=conv_flops(n, k, c, r, s, p, q),
+        writes=[ws], flops=conv_flops(n, k, cg, r, s, p, q),
     )
-    work = WgradWorkspace(ws, c, x.dtype)
+    work = WgradWorkspace(ws, cg, x.dtype)
     if defer:
         return work
     return work.direct() if work.direct() is not None else wgrad_reduce(work)

@@ -8,10 +8,11 @@ import torchvision
 from torch import nn
 
 import fused_resnet
-from fused_resnet import models, testing
+from fused_resnet import backends, models, testing
+from fused_resnet.backends import reference
 from fused_resnet.blocks import FusedBasicBlock, FusedBottleneck
 
-from conftest import assert_checks
+from conftest import assert_checks, registered
 
 TV = torchvision.models.resnet
 
@@ -64,19 +65,32 @@ def test_unavailable_backend_is_a_clear_error():
         FusedBasicBlock(8, 8, backend=missing[0])
 
 
-def test_unfusable_blocks_stay_with_one_warning():
-    model = torchvision.models.resnext50_32x4d(num_classes=10)  # groups=32 in every bottleneck
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = fused_resnet.convert(model)
-    relevant = [w for w in caught if "left" in str(w.message) and "unfused" in str(w.message)]
-    assert len(relevant) == 1 and "groups=32" in str(relevant[0].message)
-    assert _count(fused, TV.Bottleneck) == 16 and _count(fused, FusedBottleneck) == 0
-    dilated = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
-    with pytest.warns(RuntimeWarning, match="dilation"):
-        fused = fused_resnet.convert(dilated)
-    # layer1 (3), layer2 (4) and layer3.0, whose 3x3 keeps the previous stage's dilation 1 (torchvision)
-    assert _count(fused, FusedBottleneck) == 8
+class _NoGroupsNoDilation(reference.ReferenceBackend):
+    """The reference math declaring the default capabilities: no grouped and no dilated convs."""
+
+    name = "triton"
+    capabilities = backends.Capabilities()
+
+
+def test_blocks_a_backend_does_not_declare_stay_unfused_with_one_warning():
+    """convert asks the backend's capabilities: ResNeXt's grouped 3x3s and a dilated ResNet's stay torch's blocks
+    on a backend without those capabilities, and fuse on one that declares them."""
+    with registered(_NoGroupsNoDilation()):
+        model = torchvision.models.resnext50_32x4d(num_classes=10)  # groups=32 in every bottleneck
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused = fused_resnet.convert(model, backend="triton")
+        relevant = [w for w in caught if "left" in str(w.message) and "unfused" in str(w.message)]
+        assert len(relevant) == 1 and "capability 'groups' (groups [1, 32, 1])" in str(relevant[0].message)
+        assert _count(fused, TV.Bottleneck) == 16 and _count(fused, FusedBottleneck) == 0
+        report = fused_resnet.conversion_report(fused)
+        assert "capability 'groups'" in report.splitlines()[1]
+        dilated = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+        with pytest.warns(RuntimeWarning, match="capability 'dilation'"):
+            fused = fused_resnet.convert(dilated, backend="triton")
+        # layer1 (3), layer2 (4) and layer3.0, whose 3x3 keeps the previous stage's dilation 1 (torchvision)
+        assert _count(fused, FusedBottleneck) == 8
+        assert _count(fused_resnet.convert(model, backend="reference"), FusedBottleneck) == 16
 
 
 def test_wide_resnet_converts_and_matches():

@@ -11,6 +11,7 @@ from torch import nn
 import fused_resnet
 from fused_resnet import backends
 from fused_resnet.backends import reference
+from fused_resnet.spec import BlockSpec, UnitSpec
 
 from conftest import registered
 
@@ -106,7 +107,7 @@ def test_unsupported_config_falls_back_to_reference_with_one_warning(declining_b
 
 def test_auto_on_cpu_is_reference_even_when_triton_exists(declining_backend):
     x = torch.randn(2, 4, 5, 5)
-    assert backends.resolve("auto", x, None).name == "reference"
+    assert backends.resolve("auto", x, BlockSpec((UnitSpec(),))).name == "reference"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])

@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import distributed
 from ..spec import BlockSpec, Shortcut, UnitSpec, acc_dtype, memory_format_of
 from ..tensors import Forward, Grads, Params
-from .registry import Backend, register
+from .registry import FLOAT_DTYPES, Backend, Capabilities, register
 
 
 def _channel_view(v: Tensor) -> Tensor:
@@ -253,6 +253,7 @@ class ReferenceBackend(Backend):
     """Pure PyTorch, any device and dtype: the semantics every backend matches, and the oracle's twin."""
 
     name = "reference"
+    capabilities = Capabilities(dtypes=FLOAT_DTYPES, groups=True, dilation=True, running_update_dtypes=FLOAT_DTYPES)
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
         return memory_format_of(x)

@@ -5,6 +5,12 @@ running-statistics update, each taking a :class:`~fused_resnet.spec.BlockSpec` a
 defines the semantics. Registration checks that every method is there: a backend never inherits another's
 computation silently.
 
+What a backend runs is data, its :class:`Capabilities` (dtypes, grouped and dilated convs, dimensionality,
+shortcut kinds, synchronised BN, residual scale, the running-statistics update's dtypes): dispatch
+(``resolve``), ``convert`` and ``conversion_report`` (``block_refusal``) all ask ``Capabilities.refusal``, the one
+place that compares a block with what a backend declares. Only where a backend runs (its device types, probed
+at run time) is code, ``device_refusal``.
+
 Decided once: whether a backend can run on this machine is probed once per process (``refresh()`` probes again,
 e.g. after a just-in-time build of the extension), and which backend serves a call is cached per (requested name,
 device type, dtype, spec). An explicitly requested backend that cannot take a configuration falls back to the
@@ -12,31 +18,121 @@ reference backend, and ``auto`` to the next candidate, each with a one-time warn
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..spec import BlockSpec
+from ..spec import BlockSpec, Shortcut
 from ..tensors import Forward, Grads, Params
+
+KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+FLOAT_DTYPES = KERNEL_DTYPES | {torch.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend computes exactly, as data. Each field is one capability (its name is what a refusal
+    names): ``dtypes`` of the block ops' tensors; ``groups``: convs with groups > 1 (depth-wise included);
+    ``dilation``: convs with dilation > 1; ``dims``: the user's dimensionalities (1: Conv1d / BatchNorm1d);
+    ``shortcuts``: the closing kinds; ``synced_bn``: BNs synchronised over a process group; ``residual_scale``:
+    y = relu(α·bn(...) + shortcut); ``running_update_dtypes``: the dtypes of the batch statistics the
+    running-statistics update takes."""
+
+    dtypes: FrozenSet[torch.dtype] = KERNEL_DTYPES
+    groups: bool = False
+    dilation: bool = False
+    dims: FrozenSet[int] = frozenset({1, 2})
+    shortcuts: FrozenSet[Shortcut] = frozenset(Shortcut)
+    synced_bn: bool = True
+    residual_scale: bool = True
+    running_update_dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32})
+
+    def refusal(self, spec: BlockSpec, dtype: Optional[torch.dtype] = None, residual_scale: bool = False
+                ) -> Optional[str]:
+        """None when a block of ``spec`` (in ``dtype``; None: any; with a residual scale α) is within these
+        capabilities, else the first it lacks, named: "capability 'groups' (groups [1, 32, 1])"."""
+        if dtype is not None and dtype not in self.dtypes:
+            return f"capability 'dtypes' (dtype {dtype}; runs {_names(self.dtypes)})"
+        if not self.groups and any(u.groups != 1 for u in spec.units):
+            return f"capability 'groups' (groups {[u.groups for u in spec.units]})"
+        if not self.dilation and any(u.dilation != (1, 1) for u in spec.units):
+            return f"capability 'dilation' (dilation {[u.dilation for u in spec.units]})"
+        if spec.dim not in self.dims:
+            return f"capability 'dims' ({spec.dim}-D; runs {sorted(self.dims)}-D)"
+        if spec.shortcut not in self.shortcuts:
+            return f"capability 'shortcuts' (shortcut {spec.shortcut.name})"
+        if not self.synced_bn and spec.synced:
+            return "capability 'synced_bn' (a BN synchronised over a process group)"
+        if not self.residual_scale and residual_scale:
+            return "capability 'residual_scale' (a residual scale α)"
+        return None
+
+    def running_update_refusal(self, dtype: torch.dtype) -> Optional[str]:
+        if dtype not in self.running_update_dtypes:
+            return (f"capability 'running_update_dtypes' (batch statistics in {dtype}; takes "
+                    f"{_names(self.running_update_dtypes)})")
+        return None
+
+
+def _names(dtypes) -> str:
+    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+
+
+def _within_capabilities(op):
+    """A block op that refuses, with NotImplementedError naming the capability, a spec or dtype its backend does
+    not declare: a direct call never computes what the backend does not claim (dispatch never makes one). Checked
+    once per (spec, dtype)."""
+    @functools.wraps(op)
+    def checked(self, spec, first, *args, **kwargs):
+        accepted = self.__dict__.setdefault("_accepted", set())
+        key = (spec, first.dtype)
+        if key not in accepted:
+            reason = self.capabilities.refusal(spec, first.dtype)
+            if reason is not None:
+                raise NotImplementedError(f"backend {self.name!r} does not run this block: it lacks {reason}")
+            accepted.add(key)
+        return op(self, spec, first, *args, **kwargs)
+    checked.within_capabilities = True
+    return checked
 
 
 class Backend:
-    """Interface of a backend. Subclasses set ``name`` and implement every method below that raises."""
+    """Interface of a backend. Subclasses set ``name`` and ``capabilities`` and implement every method below that
+    raises."""
 
     name = ""
     # Where ``auto`` tries this backend on a CUDA tensor: lower first; None: never picked by auto.
     auto_rank: Optional[int] = None
+    capabilities = Capabilities()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for op in ("block_forward", "block_inference", "block_backward"):
+            fn = cls.__dict__.get(op)
+            if fn is not None and not getattr(fn, "within_capabilities", False):
+                setattr(cls, op, _within_capabilities(fn))
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the backend can run on this machine, else a sentence saying why not (probed once)."""
         return None
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: Optional[BlockSpec]) -> Optional[str]:
-        """None when this backend takes tensors of this device type and dtype with this spec (None: the
-        running-statistics update alone), else why not."""
+    def device_refusal(self, device_type: str) -> Optional[str]:
+        """None when this backend takes tensors of this device type here, else why not."""
         return None
+
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: BlockSpec) -> Optional[str]:
+        """None when this backend runs the block ops on tensors of this device type and dtype with this spec,
+        else why not (its device, or the capability it lacks)."""
+        return self.device_refusal(device_type) or self.capabilities.refusal(spec, dtype)
+
+    def running_update_unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        """None when this backend runs the running-statistics update on batch statistics of this device type and
+        dtype, else why not."""
+        return self.device_refusal(device_type) or self.capabilities.running_update_refusal(dtype)
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
         """The layout of the pre-BN outputs a training forward saves for backward."""
@@ -172,16 +268,48 @@ def _candidates(name: str, device_type: str) -> List[str]:
     return [n for _, n in ranked] + ["reference"]
 
 
-def resolve(name: str, x: Tensor, spec: Optional[BlockSpec]) -> Backend:
-    """The backend that runs a call on x (the first candidate that takes it), cached; falling back past a
+def gpu_candidates(name: str) -> List[str]:
+    """The backends that would serve ``name`` on a GPU, before the reference fallback: ``name`` itself, or for
+    ``auto`` its ranked candidates (those usable here; where none is, every ranked one: a GPU machine's)."""
+    if name != "auto":
+        return [name]
+    ranked = [n for n in _candidates("auto", "cuda") if n != "reference"]
+    return ranked or [n for _, n in sorted((b.auto_rank, n) for n, b in _REGISTRY.items() if b.auto_rank is not None)]
+
+
+def block_refusal(name: str, spec: BlockSpec, residual_scale: bool = False) -> Optional[str]:
+    """Why ``convert`` leaves a block of ``spec`` unfused for backend ``name`` (for ``auto``: no backend that
+    auto picks on a GPU declares what the block needs), or None. The reference backend runs everything, but a
+    block that only it would run is left as torch's modules, which are faster."""
+    reasons = []
+    for cand in gpu_candidates(name):
+        reason = _REGISTRY[cand].capabilities.refusal(spec, residual_scale=residual_scale)
+        if reason is None:
+            return None
+        reasons.append(f"backend {cand!r} lacks {reason}")
+    return "; ".join(reasons) or None
+
+
+def resolve(name: str, x: Tensor, spec: BlockSpec) -> Backend:
+    """The backend that runs a block op on x (the first candidate that takes it), cached; falling back past a
     candidate warns once, naming the reason and the backend that runs instead."""
-    key = (name, x.device.type, x.dtype, spec)
+    return _resolve(name, x, spec, lambda b: b.unsupported_reason(x.device.type, x.dtype, spec))
+
+
+def resolve_running_update(name: str, stats: Tensor) -> Backend:
+    """``resolve`` for the running-statistics update, given the batch statistics."""
+    return _resolve(name, stats, "running update",
+                    lambda b: b.running_update_unsupported_reason(stats.device.type, stats.dtype))
+
+
+def _resolve(name: str, x: Tensor, what, refusal) -> Backend:
+    key = (name, x.device.type, x.dtype, what)
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit
     skipped = []
     for cand in _candidates(name, x.device.type):
-        reason = _REGISTRY[cand].unsupported_reason(x.device.type, x.dtype, spec)
+        reason = refusal(_REGISTRY[cand])
         if reason is None:
             if skipped:
                 _warn_once((name, cand, tuple(skipped)),

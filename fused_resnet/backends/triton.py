@@ -25,6 +25,9 @@ was a GPU launch and tens of microseconds of host time, and they added up to mor
 PyTorch's whole step. What torch ops remain are layout copies of tensors not in channels_last and the stem's
 channel padding.
 
+Grouped convs (one GEMM per group, a grid axis) and dilated ones (the taps' offsets) run in the same kernels: the
+backend declares both in its capabilities.
+
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
 Every block op runs under its input's device guard: Triton launches on the current device and stream, which
@@ -45,9 +48,8 @@ from .. import distributed
 from ..spec import BlockSpec, Shortcut, memory_format_of
 from .folding import fold_block
 from ..tensors import Forward, Grads, Params
-from .registry import Backend, register
+from .registry import Backend, Capabilities, register
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CL = torch.channels_last
 
 
@@ -69,6 +71,11 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _geometry(unit) -> dict:
+    """The conv kernels' keywords for a unit's dilation and groups (stride and padding go positionally)."""
+    return {"dilation": unit.dilation, "groups": unit.groups}
+
+
 def _on_input_device(op):
     """Runs a block op under the device guard of its first tensor argument (x, or dy for the backward)."""
     @functools.wraps(op)
@@ -81,6 +88,7 @@ def _on_input_device(op):
 class TritonBackend(Backend):
     name = "triton"
     auto_rank = 1
+    capabilities = Capabilities(groups=True, dilation=True)
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -90,15 +98,9 @@ class TritonBackend(Backend):
                     "first import, runs them on CPU tensors for testing)")
         return None
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: Optional[BlockSpec]) -> Optional[str]:
+    def device_refusal(self, device_type: str) -> Optional[str]:
         if device_type != "cuda" and not _interpreting():
             return f"input on {device_type}; the Triton kernels need CUDA tensors"
-        if dtype not in _DTYPES:
-            return f"dtype {dtype} (the Triton engine runs float32, float16 and bfloat16)"
-        if spec is not None and any(u.groups != 1 for u in spec.units):
-            return f"groups {[u.groups for u in spec.units]} (the Triton engine implements groups=1)"
-        if spec is not None and any(u.dilation != (1, 1) for u in spec.units):
-            return f"dilation {[u.dilation for u in spec.units]} (the Triton engine implements dilation 1)"
         return None
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
@@ -126,11 +128,11 @@ class TritonBackend(Backend):
             args = (inp, params.weights[i], unit.stride, unit.padding)
             gamma, beta = params.gammas[i], params.betas[i]
             if not unit.batch_stats:  # fixed statistics: fp32 copies of the running ones, s and t, one launch
-                a = conv.conv_fprop(*args, in_affine=in_affine)
+                a = conv.conv_fprop(*args, in_affine=in_affine, **_geometry(unit))
                 mean, var, s, t = fin.bn_finalize(gamma, beta, unit.eps,
                                                   stats=(params.running_means[i], params.running_vars[i]))
             else:
-                a, partials = conv.conv_fprop(*args, in_affine=in_affine, stats=True)
+                a, partials = conv.conv_fprop(*args, in_affine=in_affine, stats=True, **_geometry(unit))
                 if unit.sync_group:  # the group's statistics, before anything reads them
                     mean, var, _, _ = fin.bn_finalize(None, None, unit.eps, partials=partials)
                     mean, var, count = distributed.merge_stats(unit.sync_group, mean, var, partials.m, unit.eps)
@@ -206,7 +208,7 @@ class TritonBackend(Backend):
 
         def wgrad(i: int, grad: Tensor, coeffs: Tuple[Tensor, ...], inp: Tensor) -> None:
             work = conv.conv_wgrad(grad, inp, weights[i].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
-                                   defer=True)
+                                   defer=True, **_geometry(units[i]))
             if work.direct() is not None:
                 set_dw(i, work.direct())
             else:
@@ -231,7 +233,8 @@ class TritonBackend(Backend):
             wgrad(n_main, dz_out, coeffs, x)
             if need_input_grad:
                 closing = {"residual": conv.conv_dgrad(dz_out, weights[n_main], x.shape[2:], units[n_main].stride,
-                                                       units[n_main].padding, dbn=coeffs)}
+                                                       units[n_main].padding, dbn=coeffs,
+                                                       **_geometry(units[n_main]))}
         dz, dx = dz_out, None
         for i in reversed(range(n_main)):
             coeffs, prev_affine = dbn(i, sums, prev=i - 1 if i > 0 else None)
@@ -239,14 +242,15 @@ class TritonBackend(Backend):
                 s_prev, t_prev, rstd_prev = prev_affine
                 dz_prev, sums, inp = conv.conv_dgrad(
                     dz, weights[i], acts[i - 1].shape[2:], units[i].stride, units[i].padding, dbn=coeffs,
-                    relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1], rstd_prev), relu_out=True)
+                    relu_of=(acts[i - 1], s_prev, t_prev, means[i - 1], rstd_prev), relu_out=True,
+                    **_geometry(units[i]))
                 wgrad(i, dz, coeffs, inp)
                 dz = dz_prev
             else:
                 wgrad(0, dz, coeffs, x)
                 if need_input_grad:
                     dx = conv.conv_dgrad(dz, weights[0], x.shape[2:], units[0].stride, units[0].padding,
-                                         dbn=coeffs, **closing)
+                                         dbn=coeffs, **closing, **_geometry(units[0]))
                     dx = dx.contiguous(memory_format=memory_format_of(x))
         for i, work in unreduced:  # the block's first unit's: no dBN launch follows in this op
             set_dw(i, conv.wgrad_reduce(work))
@@ -263,7 +267,8 @@ class TritonBackend(Backend):
             closing = {"residual": x}
         elif spec.shortcut == Shortcut.PROJECTION:
             w_sc, b_sc = folded[n_main]
-            closing = {"residual": conv_fprop(x, w_sc, units[n_main].stride, units[n_main].padding, bias=b_sc)}
+            closing = {"residual": conv_fprop(x, w_sc, units[n_main].stride, units[n_main].padding, bias=b_sc,
+                                              **_geometry(units[n_main]))}
         elif spec.shortcut == Shortcut.OPTION_A:
             closing = {"residual": x, "option_a_stride": spec.option_a_stride}
         elif spec.shortcut == Shortcut.TENSOR:
@@ -271,7 +276,7 @@ class TritonBackend(Backend):
         h = x
         for i in range(n_main):
             w_i, b_i = folded[i]
-            h = conv_fprop(h, w_i, units[i].stride, units[i].padding, bias=b_i, relu=True,
+            h = conv_fprop(h, w_i, units[i].stride, units[i].padding, bias=b_i, relu=True, **_geometry(units[i]),
                            **(closing if i == n_main - 1 else {}))
         return h.contiguous(memory_format=memory_format_of(x))
 

@@ -99,3 +99,30 @@ def test_an_explicit_backend_falls_back_to_reference_and_says_so():
 def test_unknown_and_unavailable_backends_are_clear_errors():
     with pytest.raises(ValueError, match="unknown backend 'fastest'"):
         backends.resolve("fastest", torch.randn(2), SPEC)
+
+
+class _Declaring(reference.ReferenceBackend):
+    def __init__(self, name, auto_rank, **capabilities):
+        self.name, self.auto_rank = name, auto_rank
+        self.capabilities = registry.Capabilities(**capabilities)
+
+
+def test_convert_asks_the_capabilities_of_the_backend_auto_picks_on_a_gpu():
+    """block_refusal for ``auto``: a block fuses when a backend auto tries on a GPU declares what it needs; the
+    reason names each candidate and the capability it lacks."""
+    grouped = BlockSpec((UnitSpec(groups=4),))
+    with registered(_Declaring("cuda", 0)), registered(_Declaring("triton", 1, groups=True)):
+        assert backends.block_refusal("auto", grouped) is None
+        assert "backend 'cuda' lacks capability 'groups'" in backends.block_refusal("cuda", grouped)
+        assert backends.block_refusal("reference", grouped) is None
+    with registered(_Declaring("cuda", 0)), registered(_Declaring("triton", 1)):
+        reason = backends.block_refusal("auto", grouped)
+        assert "backend 'cuda' lacks capability 'groups'" in reason and "backend 'triton'" in reason
+
+
+def test_the_running_statistics_update_resolves_on_its_own():
+    with registered(_Declaring("triton", None)):
+        stats = torch.zeros(3, dtype=torch.float64)
+        with pytest.warns(RuntimeWarning, match="capability 'running_update_dtypes'"):
+            assert backends.resolve_running_update("triton", stats).name == "reference"
+        assert backends.resolve_running_update("triton", stats.float()).name == "triton"

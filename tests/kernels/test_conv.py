@@ -199,6 +199,88 @@ def test_dgrad_wgrad_training_fusion(K, shape, dtype):
     assert r_in.is_contiguous(memory_format=torch.channels_last)
 
 
+# (N, C, H, W, K, R, stride, padding, dilation, groups): ResNeXt's grouped 3x3 (with its stride-2 form), a
+# depth-wise one, DeepLab's dilated 3x3s (stride 1, dilation 2 and 4), and both at once with stride and dilation
+# above 1 on one axis (dgrad's every-tap loop; no ResNet has it); the stem's small-C row layout dilated.
+GEOMETRIES = [(2, 8, 7, 6, 8, 3, 1, 1, 1, 2), (2, 8, 9, 8, 16, 3, 2, 1, 1, 4), (2, 8, 7, 6, 8, 3, 1, 1, 1, 8),
+              (2, 8, 7, 6, 8, 3, 1, 2, 2, 1), (1, 8, 9, 9, 8, 3, 1, 4, 4, 1), (2, 8, 9, 8, 8, 3, 2, 2, 2, 2),
+              (2, 3, 9, 8, 8, 3, 1, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "n{}c{}h{}w{}k{}r{}s{}p{}d{}g{}".format(*g))
+def test_grouped_and_dilated_convs(K, geometry, dtype):
+    """fprop (with the training prologue, statistics epilogue, bias, residual and ReLU), dgrad (with the dBN
+    operand, the previous ReLU mask and its sums, the written input, a residual) and wgrad (dBN operand) of
+    grouped and dilated convs against torch in float64, by the float64 rule; every output element written."""
+    n, c, h, wd, k, r, st, pad, dil, groups = geometry
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape, lo=None, hi=None):
+        v = torch.randn(*shape, generator=g) if lo is None else torch.rand(*shape, generator=g) * (hi - lo) + lo
+        return v.to(DEVICE)
+
+    x = rnd(n, c, h, wd).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = rnd(k, c // groups, r, r).to(dtype)
+    stride, padding, dilation = (st, st), (pad, pad), (dil, dil)
+    s_in, t_in = rnd(c, lo=0.5, hi=1.5), rnd(c, lo=-0.3, hi=0.5)
+    bias = rnd(k)
+
+    def chan(v, dt):
+        return v.to(dt).view(1, -1, 1, 1)
+
+    def fprop(dt):
+        xin = torch.relu(x.to(dt) * chan(s_in, dt) + chan(t_in, dt)).to(dtype if dt != torch.float64 else dt)
+        return F.conv2d(xin, w.to(xin.dtype), None, stride, padding, dilation, groups)
+
+    y_plain = fprop(torch.float64)
+    res = rnd(*y_plain.shape).to(dtype)
+    y, partials = K.conv_fprop(x, w, stride, padding, in_affine=(s_in, t_in), stats=True, dilation=dilation,
+                               groups=groups)
+    _assert_rule("fprop", y, y_plain, fprop(torch.float32).to(dtype), dtype)
+    mean, var = K.merge_tile_stats(partials)
+    y64 = y.double()
+    torch.testing.assert_close(mean.double(), y64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), y64.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-5)
+    y_epi = K.conv_fprop(x, w, stride, padding, bias=bias, residual=res, relu=True, dilation=dilation,
+                         groups=groups)
+    want = F.conv2d(x.double(), w.double(), bias.double(), stride, padding, dilation, groups)
+    same = F.conv2d(x, w, None, stride, padding, dilation, groups).float() + chan(bias, torch.float32)
+    _assert_rule("fprop epilogue", y_epi, (want + res.double()).relu(), (same + res.float()).relu().to(dtype),
+                 dtype)
+
+    dy = rnd(*y_plain.shape).to(dtype)
+    a = rnd(*y_plain.shape).to(dtype)
+    alpha, beta, gamma, a_mean = (rnd(k, lo=0.5, hi=1.5), rnd(k, lo=-0.3, hi=0.3), rnd(k, lo=-0.2, hi=0.2),
+                                  rnd(k, lo=1.0, hi=3.0))
+    prev, s, t = x, rnd(c, lo=0.5, hi=1.5), rnd(c, lo=-0.3, hi=0.5)
+    pmean, prstd = rnd(c, lo=-0.2, hi=0.2), rnd(c, lo=0.8, hi=1.2)
+    dres = rnd(n, c, h, wd).to(dtype)
+
+    def unfused(round_to):
+        da = (dy.double() * chan(alpha, torch.float64) + (a.double() - chan(a_mean, torch.float64))
+              * chan(beta, torch.float64) + chan(gamma, torch.float64)).to(round_to)
+        dr, dw, _ = torch.ops.aten.convolution_backward(
+            da, x.to(round_to), w.to(round_to), None, list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [True, True, False])
+        dr = (dr.double() + dres.double()).to(round_to).double()
+        dz = dr * (prev.double() * chan(s, torch.float64) + chan(t, torch.float64) > 0)
+        xhat = (prev.double() - chan(pmean, torch.float64)) * chan(prstd, torch.float64)
+        return dz, dw, dz.sum((0, 2, 3)), (dz * xhat).sum((0, 2, 3))
+
+    dbn = (a, a_mean, alpha, beta, gamma)
+    dz, sums, r_in = K.conv_dgrad(dy, w, (h, wd), stride, padding, dbn=dbn, relu_of=(prev, s, t, pmean, prstd),
+                                  residual=dres, relu_out=True, dilation=dilation, groups=groups)
+    dw = K.conv_wgrad(dy, x, (r, r), stride, padding, dbn=dbn, dilation=dilation, groups=groups)
+    assert dw.shape == w.shape and dz.shape == x.shape
+    ref, same = unfused(torch.float64), unfused(dtype)
+    for name, got, r64, r_same in zip(("dz", "dW", "sum dz", "sum dz*xhat"), (dz, dw, *K.sum_tile_partials(sums)),
+                                      ref, same, strict=True):
+        _assert_rule(name, got, r64, r_same.to(dtype) if name in ("dz", "dW") else r_same, dtype)
+    exact = torch.relu(prev.double() * chan(s, torch.float64) + chan(t, torch.float64))
+    torch.testing.assert_close(r_in.double(), exact, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
 def _workspace(split, c, cp, dtype, seed):
     from fused_resnet.kernels import conv
 

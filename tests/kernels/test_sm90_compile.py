@@ -2,7 +2,8 @@
 JIT compiles them there, and the conv kernels' dots become wgmma. The interpreter runs the kernels' Python, not
 Triton's GPU compiler: a kernel that only fails to compile for a GPU (a non-constexpr global, a type error in a
 branch the interpreter skips) is caught here. One launch per kernel family and epilogue kind, bf16, recorded from
-the kernels' host functions in this (interpreted) session on ResNet's 3x3 / 1x1 / stem shapes, then compiled in a
+the kernels' host functions in this (interpreted) session on ResNet's 3x3 / 1x1 / stem shapes (and a grouped
+fprop and a dilated dgrad: ResNeXt's and DeepLab's 3x3s), then compiled in a
 child process without TRITON_INTERPRET through the JIT's own argument binding (fused_resnet.kernels.aot): stride
 and padding 1 are constants there, channel counts of 64 divisible by 16, as on the GPU. The same child runs the
 spill pruning of autotuning with the spill read from the sm_90 cubins."""
@@ -39,7 +40,7 @@ def _small_kernels(bn_finalize, conv) -> list:
             conv.wgrad_reduce_kernel]
 
 
-CASES = 18  # the launches of _launches()
+CASES = 20  # the launches of _launches()
 
 
 def _launches() -> list:
@@ -56,6 +57,7 @@ def _launches() -> list:
         return t(c, dtype=torch.float32)
 
     x, w3, w1 = t(2, 64, 8, 8), t(64, 64, 3, 3), t(64, 64, 1, 1)
+    xg, wg = t(2, 128, 8, 8), t(128, 64, 3, 3)  # two groups of 64 channels (ResNeXt's wider stages)
     block_in = t(2, 32, 16, 16)
     dy, a, prev = t(2, 64, 8, 8), t(2, 64, 8, 8), t(2, 64, 8, 8)
     dbn = (a, vec(), vec(), vec(), vec())
@@ -77,6 +79,11 @@ def _launches() -> list:
          TILE),
         ("wgrad dbn+prologue", lambda: conv.conv_wgrad(dy, x, (3, 3), (1, 1), (1, 1), dbn=dbn,
                                                        in_affine=(vec(), vec())), TILE),
+        ("fprop 3x3 grouped prologue+stats", lambda: conv.conv_fprop(xg, wg, (1, 1), (1, 1), in_affine=(vec(128),
+                                                                    vec(128)), stats=True, groups=2), TILE),
+        ("dgrad dilated dbn+mask+stats+relu out+residual", lambda: conv.conv_dgrad(
+            dy, w3, (8, 8), (1, 1), (2, 2), dbn=dbn, relu_of=(prev, vec(), vec(), vec(), vec()),
+            residual=t(2, 64, 8, 8), relu_out=True, dilation=(2, 2)), TILE),
         ("wgrad 7x7 stem (flat, padded channels)", lambda: conv.conv_wgrad(
             stem_dy, stem_x, (7, 7), (2, 2), (3, 3), dbn=(stem_dy, vec(), vec(), vec(), vec())), TILE),
         ("bn_act affine", lambda: bn_act.bn_act(a, vec(), vec(), residual=prev, residual_affine=(vec(), vec())),

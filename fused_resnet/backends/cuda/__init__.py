@@ -38,12 +38,11 @@ from ... import launches
 from ...spec import BlockSpec
 from ...tensors import Forward, Grads, Params, unpack_forward, unpack_grads
 from .. import extension, folding, reference
-from ..registry import Backend, register
+from ..registry import Backend, Capabilities, register
 from . import fusion
 from .ops import cpp
 
 ENV_ON_CPU = "FUSED_RESNET_EXT_ON_CPU"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FOLDED_DTYPES = (torch.float16, torch.bfloat16)  # the fusion graphs' dtypes: eval folds BN into the weights
 
 
@@ -98,6 +97,10 @@ def run(name: str, device: torch.device, *args):
 class CudaBackend(Backend):
     """``graphs``: units may run cuDNN fusion graphs (backend cuda), or never (cuda-unfused)."""
 
+    # The convs are ATen's, so grouped and dilated ones run (a grouped unit's cuDNN graph is refused, and the
+    # unit runs the unfused path: fusion.routes says so).
+    capabilities = Capabilities(groups=True, dilation=True)
+
     def __init__(self, name: str, graphs: bool, auto_rank: Optional[int]):
         self.name, self.graphs, self.auto_rank = name, graphs, auto_rank
 
@@ -109,14 +112,10 @@ class CudaBackend(Backend):
                     f"registrations, for testing)")
         return None
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype, spec: Optional[BlockSpec]) -> Optional[str]:
+    def device_refusal(self, device_type: str) -> Optional[str]:
         if not runs_on(device_type):
             return f"input on {device_type}; backend {self.name!r} needs CUDA tensors"
-        if dtype not in _DTYPES and spec is not None:
-            return f"dtype {dtype} (the extension's kernels run float32, float16 and bfloat16)"
-        if spec is None and dtype != torch.float32:
-            return f"running statistics computed in {dtype} (the update kernel takes float32 statistics)"
-        return None  # groups and dilation: the convs are ATen's
+        return None
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
         return torch.channels_last
