@@ -209,7 +209,8 @@ def unit_reading(conv, bn) -> tuple:
 
     It is both a unit's cache key and the only input of its spec (:func:`unit_from_reading`), so the two cannot
     disagree: a setting left out here is one the spec cannot depend on. Tensor values, shapes and dtypes are not
-    settings: the op reads them on every call. Attributes torch's forward does not read (a conv's kernel_size,
+    settings: the op reads them on every call (but for a FrozenBatchNorm2d's buffers' dtypes, which set the
+    dtype its forward computes in). Attributes torch's forward does not read (a conv's kernel_size,
     in_channels, output_padding; a BN's affine, num_features) are left out for the same reason — changing them
     changes nothing torch computes (tests/test_settings.py changes every attribute to show it). Runs on every
     call, also inside torch.compile: plain attribute reads only."""
@@ -224,11 +225,19 @@ def unit_reading(conv, bn) -> tuple:
     head = (tc, weight.dim() if isinstance(weight, Tensor) else None, _member(conv, conv._parameters, "bias") is None,
             conv.padding_mode, stride, padding, dilation, conv.groups, tb, bn.eps)
     buffers = bn._buffers
-    if tb is FrozenBatchNorm2d:  # its forward reads its four buffers and eps, nothing else
-        return head + (any(_member(bn, buffers, k) is None for k in ("weight", "bias", "running_mean", "running_var")),)
+    if tb is FrozenBatchNorm2d:
+        # its forward reads its four buffers and eps, nothing else; its output's dtype is the promotion of its
+        # input's and its buffers' (no BatchNorm dtype rule), so their dtypes are settings here, read beside the
+        # conv weight's (the input's outside autocast)
+        frozen = [_member(bn, buffers, k) for k in _FROZEN_BUFFERS]
+        return head + (any(t is None for t in frozen), weight.dtype if isinstance(weight, Tensor) else None,
+                       tuple(t.dtype for t in frozen if isinstance(t, Tensor)))
     return head + (bn.training, bn.track_running_stats, bn.momentum, _member(bn, buffers, "running_mean") is None,
                    _member(bn, buffers, "running_var") is None, _member(bn, buffers, "num_batches_tracked") is None,
                    distributed.sync_handle(bn))
+
+
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _member(module, registered: dict, name: str):
@@ -279,12 +288,18 @@ def unit_from_reading(reading: tuple) -> Union[UnitSpec, str]:
     if type(eps) not in (int, float):
         return f"eps {eps!r} is not a number"
     if bn_t is FrozenBatchNorm2d:
-        if bn_state[0]:
+        missing, weight_dtype, dtypes = bn_state
+        if missing:
             return "a FrozenBatchNorm2d buffer is None"
+        if any(d != weight_dtype for d in dtypes):
+            return (f"FrozenBatchNorm2d buffers in {', '.join(sorted({str(d) for d in dtypes}))} beside a "
+                    f"{weight_dtype} conv weight (its forward computes in their promoted dtype)")
         return UnitSpec(*geometry, groups, float(eps), None, False, False)
     training, track, momentum, no_mean, no_var, no_count, sync = bn_state
     if training and not eps > 0:
         return f"eps {eps!r} in training (torch's BatchNorm refuses it)"
+    if bn_t is nn.SyncBatchNorm and training and track and no_count:
+        return "num_batches_tracked is None in training (torch's SyncBatchNorm refuses it)"
     if momentum is not None and type(momentum) not in (int, float):
         return f"momentum {momentum!r} is not a number"
     if no_mean != no_var:

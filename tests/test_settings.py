@@ -12,9 +12,10 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fused_resnet
-from fused_resnet import ops
+from fused_resnet import ops, spec
 
 TV = torchvision.models.resnet
 _ALTERNATIVES = {  # beyond the changes every value of a type gets (see _changes)
@@ -97,14 +98,57 @@ def _block():
             lambda fused: int(fused._blocker() is None))
 
 
+def _block_1d():
+    """fused_resnet's 1-D block (Conv1d / BatchNorm1d, ``dim=1``), a projection shortcut too."""
+    down = nn.Sequential(nn.Conv1d(4, 8, 1, stride=2, bias=False), nn.BatchNorm1d(8))
+    return (fused_resnet.blocks.EagerBasicBlock(4, 8, stride=2, downsample=down, dim=1), (2, 4, 9),
+            ["conv1", "bn1", "relu", "conv2", "bn2", "downsample.0", "downsample.1"],
+            lambda fused: int(fused._blocker() is None))
+
+
+def _block_sync():
+    """Every BN an nn.SyncBatchNorm: one process, no process group initialised, so torch computes a BatchNorm (and
+    refuses what its own forward refuses)."""
+    down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.SyncBatchNorm(8))
+    return (TV.BasicBlock(4, 8, stride=2, downsample=down, norm_layer=nn.SyncBatchNorm), (2, 4, 6, 6),
+            ["conv1", "bn1", "relu", "conv2", "bn2", "downsample.0", "downsample.1"],
+            lambda fused: int(fused._blocker() is None))
+
+
+def _block_frozen():
+    """Every BN torchvision's FrozenBatchNorm2d (detection backbones), its buffers away from the identity."""
+    down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), FrozenBatchNorm2d(8))
+    block = TV.BasicBlock(4, 8, stride=2, downsample=down, norm_layer=FrozenBatchNorm2d)
+    for bn in (block.bn1, block.bn2, down[1]):
+        for name, low in (("weight", 0.5), ("bias", -0.5), ("running_mean", -0.5), ("running_var", 0.5)):
+            getattr(bn, name).copy_(torch.rand(8) + low)
+    return (block, (2, 4, 6, 6), ["conv1", "bn1", "relu", "conv2", "bn2", "downsample.0", "downsample.1"],
+            lambda fused: int(fused._blocker() is None))
+
+
 def _stem():
     """A ResNet's stem, the same way: its three blocks run fused whatever the stem's settings."""
     return (fused_resnet.models.cifar_resnet(8, width=4, num_classes=4, backend=None), (2, 3, 8, 8),
             ["conv1", "bn1", "relu"], lambda fused: 3 + int(fused._stem_plan()[0] is None))
 
 
+CASES = {"block": _block, "block-1d": _block_1d, "block-syncbn": _block_sync, "block-frozenbn": _block_frozen,
+         "stem": _stem}
+
+
+def test_the_cases_walk_every_submodule_type_a_unit_can_hold():
+    """Every conv and norm type the kernels implement (spec.CONV_TYPES, spec.BN_TYPES) and nn.ReLU is walked by
+    some case below: a type added there without a case here fails."""
+    torch.manual_seed(0)
+    walked = set()
+    for make in CASES.values():
+        model, _, paths, _ = make()
+        walked |= {type(model.get_submodule(p)) for p in paths}
+    assert set(spec.CONV_TYPES) | set(spec.BN_TYPES) | {nn.ReLU} <= walked
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("make", [_block, _stem], ids=["block", "stem"])
+@pytest.mark.parametrize("make", list(CASES.values()), ids=list(CASES))
 def test_every_setting_changed_after_a_first_forward_gives_torchs_numbers(make, mode, monkeypatch):
     calls = []
     real = ops.forward
