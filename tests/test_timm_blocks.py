@@ -1,7 +1,9 @@
 """timm's ResNet family fused in place (fused_resnet/timm_blocks.py): every block of resnet18, resnet50d (avg-pool
 downsample, deep stem), resnet26t and wide_resnet50_2 fuses, and the converted model matches timm's against the
 float64 oracle over training passes; blocks with squeeze-excitation or stochastic depth are left as timm's with
-a warning; a block changed after convert runs timm's own forward; revert gives timm's classes back."""
+a warning; a block changed after convert runs timm's own forward; revert gives timm's classes back; timm's feature
+APIs (features_only=True models, forward_intermediates) on converted models give the unconverted model's features
+and gradients in float64."""
 import warnings
 
 import pytest
@@ -91,3 +93,88 @@ def test_timm_fx_feature_extraction_runs_forward_and_backward_on_the_default_bac
             y.square().sum().backward()
             outs.append((y, xi.grad))
         torch.testing.assert_close(outs[0], outs[1])
+
+
+def _fused_calls(monkeypatch):
+    """Every call of the fused training and inference ops."""
+    calls = []
+    for name in ("forward", "inference"):
+        real = getattr(fused_resnet.ops, name)
+        monkeypatch.setattr(fused_resnet.ops, name, lambda *a, _real=real: calls.append(1) or _real(*a))
+    return calls
+
+
+def _features_pass(model, x, run, train):
+    """(features, input grad, parameter grads, buffers) of one pass of ``run(model, x)`` (a list of feature maps):
+    in training, the backward of a fixed random weighting of every feature; in eval, the features only."""
+    model.train(train)
+    x = x.clone().requires_grad_(train)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(train):
+        feats = run(model, x)
+    if not train:
+        return feats
+    gen = torch.Generator().manual_seed(1)
+    sum((f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum() for f in feats).backward()
+    return (feats, x.grad, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers()))
+
+
+def _far(got, want, where=""):
+    """Where ``got`` differs from ``want`` by more than float64's floor of the oracle rule (1e-10 relative to the
+    tensor's norm: sums reassociated through train-mode BNs over few values), as strings."""
+    if isinstance(want, dict):
+        return [e for k in want for e in _far(got[k], want[k], f"{where}[{k!r}]")]
+    if isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        return [e for i, (g, w) in enumerate(zip(got, want)) for e in _far(g, w, f"{where}[{i}]")]
+    if want is None or got is None:  # a parameter the call does not reach has no gradient
+        return [] if got is want else [f"{where}: {got!r:.20} where timm gives {want!r:.20}"]
+    err = testing.rel_error(got, want)
+    return [] if err <= testing.TOLERANCE[torch.float64][1] and got.dtype == want.dtype else [f"{where}: {err:.1e}"]
+
+
+def _assert_same_features(timm_model, fused, x, run, calls, blocks):
+    for train in (True, False):
+        calls.clear()
+        got, want = _features_pass(fused, x, run, train), _features_pass(timm_model, x, run, train)
+        far = _far(got, want)
+        assert not far, f"{'train' if train else 'eval'}: {far}"
+        assert len(calls) == blocks, f"{len(calls)} fused op calls, expected {blocks}"
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet26d", 8)])
+def test_features_only_models_convert_and_give_timms_features(name, blocks, backend, monkeypatch):
+    """timm.create_model(..., features_only=True) (a FeatureListNet holding the model's stages): convert fuses
+    every block, and the converted model gives the unconverted one's feature maps, input and parameter gradients
+    and running statistics (train), and feature maps (eval), in float64 with every BN randomised."""
+    model = _model(name, features_only=True).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = fused_resnet.convert(model, backend=backend)
+    assert sum(isinstance(m, FUSED) for m in fused.modules()) == blocks
+    calls = _fused_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    # backend auto on a CPU runs timm's modules (no fused op call); reference, the fused op of every block
+    _assert_same_features(model, fused, x, lambda m, xi: m(xi), calls, blocks if backend == "reference" else 0)
+    assert len(fused(x)) == len(model.feature_info.channels()) == 5
+
+
+@pytest.mark.skipif(not hasattr(timm.models.resnet.ResNet, "forward_intermediates"),
+                    reason="this timm has no forward_intermediates")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kwargs,blocks", [({}, 8), ({"indices": [1, 3], "stop_early": True}, 6)],
+                         ids=["all", "stop-early"])
+def test_forward_intermediates_of_a_converted_model_gives_timms(kwargs, blocks, backend, monkeypatch):
+    """model.forward_intermediates on a converted resnet18 runs the fused blocks and gives timm's final features and
+    intermediates (train: with gradients), in float64 with every BN randomised."""
+    model = _model("resnet18").double()
+    fused = fused_resnet.convert(model, backend=backend)
+    calls = _fused_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(m, xi):
+        out = m.forward_intermediates(xi, **kwargs)
+        return [*out[1]] + ([] if kwargs.get("stop_early") else [out[0]])
+
+    _assert_same_features(model, fused, x, run, calls, blocks if backend == "reference" else 0)
