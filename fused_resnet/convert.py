@@ -104,10 +104,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync
             process_group=None) -> nn.Module:
     """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
     the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
-    ``backend``. Blocks that cannot be fused (a conv geometry the backend does not declare in its capabilities, such
-    as groups > 1 on a backend without grouped convs; a norm layer other than BatchNorm, another activation than
-    nn.ReLU, hooks on their submodules) stay as they are, with one warning listing them and why;
-    a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning saying so.
+    ``backend``. Blocks that cannot be fused (a conv geometry the backend does not declare in its capabilities:
+    every registered backend declares groups and dilation, one registered with fewer may not; a norm layer other
+    than BatchNorm, another activation than nn.ReLU, hooks on their submodules) stay as they are, with one warning
+    listing them and why; a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning
+    saying so.
 
     ``sync_bn=True`` first turns every BatchNorm into ``nn.SyncBatchNorm`` over ``process_group`` (None: the
     default group), as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does; SyncBatchNorms already in the model keep

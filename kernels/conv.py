@@ -807,7 +807,7 @@ def conv_fprop(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
     option_a_stride: Optional[Sequence[int]] = None,
-    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False,
+    in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False, *,
     dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
     """y = [relu](conv2d(x', w, stride, padding, dilation, groups) [+ bias] [+ residual]), returned channels_last,
@@ -914,7 +914,7 @@ def conv_dgrad(
     dy: torch.Tensor, w: torch.Tensor, input_hw: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
-    option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False,
+    option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False, *,
     dilation: Sequence[int] = (1, 1), groups: int = 1,
 ):
     """dx of y = conv2d(x, w, stride, padding, dilation, groups) given dy [N, K, P, Q]; x's spatial size is

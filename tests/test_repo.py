@@ -5,6 +5,8 @@ import ast
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEST_COMMAND = "python -m pytest -q tests"
 
@@ -120,3 +122,197 @@ def test_docs_name_files_that_exist():
             if not (ROOT / ref).exists() and not generated:
                 missing.append(f"{doc.name}: {ref}")
     assert not missing, missing
+
+
+# --------------------------------------------------------------------------------------------- README's "Not yet"
+def _not_yet() -> dict:
+    """README's "Not yet" claims: {"gpu": bullets of what has not run on a GPU, "written": bullets of what the code
+    does not do (those of the "Not yet written" list and every "- Not yet:" bullet elsewhere), "met": the targets
+    paragraph}."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Not yet here\n", 1)[1].split("\n## ", 1)[0]
+
+    def bullets(lead: str) -> list:
+        block = section.split(f"\n{lead}", 1)[1].split("\n\n", 1)[0]
+        return [" ".join(b.split()) for b in re.split(r"\n- ", block)[1:]]
+
+    elsewhere = [" ".join(m.split()) for m in re.findall(r"^- Not yet:(.*(?:\n  .*)*)", readme, re.M)]
+    met = " ".join(section.split("\nNot yet met:", 1)[1].split("\n\n", 1)[0].split())
+    return {"gpu": bullets("Not yet run on a GPU"), "written": bullets("Not yet written:") + elsewhere, "met": met}
+
+
+def _capabilities(field: str, backends_named=("reference", "triton", "cuda", "cuda-unfused")) -> bool:
+    from fused_resnet import backends
+    from fused_resnet.spec import Shortcut
+
+    caps = [backends.get(n).capabilities for n in backends_named]
+    if field == "dims":
+        return all(c.dims >= {1, 2} for c in caps)
+    if field == "shortcuts":
+        return all(c.shortcuts == frozenset(Shortcut) for c in caps)
+    return all(getattr(c, field) for c in caps)
+
+
+def _timm_block_fuses(**slots) -> bool:
+    """Whether convert fuses a timm BasicBlock given these slots (se=..., drop_path=...)."""
+    import warnings
+
+    import fused_resnet
+    timm = pytest.importorskip("timm")
+    block = timm.models.resnet.BasicBlock(8, 8)
+    for name, make in slots.items():
+        setattr(block, name, make(timm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fused_resnet.convert(block, backend="reference")
+    return type(fused) is not type(block)
+
+
+def _double_backward_runs() -> bool:
+    import torch
+    import torchvision
+
+    import fused_resnet
+    block = fused_resnet.convert(torchvision.models.resnet.BasicBlock(4, 4), backend="reference").double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    try:
+        g.sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _reference_runs_float64() -> bool:
+    import torch
+
+    from fused_resnet import backends
+    return torch.float64 in backends.get("reference").capabilities.dtypes
+
+
+def _frozen_bn_is_a_unit() -> bool:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from fused_resnet import spec
+    return FrozenBatchNorm2d in spec.BN_TYPES
+
+
+def _sync_bn_is_a_unit() -> bool:
+    from torch import nn
+
+    from fused_resnet import spec
+    return nn.SyncBatchNorm in spec.BN_TYPES and _capabilities("synced_bn")
+
+
+# What a "Not yet" bullet may name: feature → (a pattern naming it, whether the code does it now). A "Not yet
+# written" bullet must name at least one feature the code does not do, and none that it does: a bullet with no
+# entry here, or one whose feature gets written, fails until README (or this table) says what is true.
+FEATURES = {
+    "SyncBatchNorm fused": (r"SyncBatchNorm|synchroni[sz]ed B(atch)?N", _sync_bn_is_a_unit),
+    "FrozenBatchNorm2d fused": (r"FrozenBatchNorm|frozen B(atch)?N", _frozen_bn_is_a_unit),
+    "grouped convs on every backend": (r"grouped|groups\s*>|depth-?wise|ResNeXt", lambda: _capabilities("groups")),
+    "dilated convs on every backend": (r"dilat", lambda: _capabilities("dilation")),
+    "1-D blocks on every backend": (r"Conv1d|1-D|dim=1", lambda: _capabilities("dims")),
+    "every shortcut on every backend": (r"option A|projection shortcut|plain \(no shortcut",
+                                        lambda: _capabilities("shortcuts")),
+    "residual scale on every backend": (r"residual.scale|SkipInit", lambda: _capabilities("residual_scale")),
+    "cuDNN fusion graphs": (r"cuDNN (runtime-)?fusion graph|runtime-fusion",
+                            lambda: (ROOT / "csrc" / "cudnn_fusion.cpp").exists()),
+    "float64 on reference": (r"float64", _reference_runs_float64),
+    "backend cuda's own convs": (r"own convs", lambda: any((ROOT / "csrc").glob("*conv*.c*"))),
+    "fusing around an attention module": (
+        r"attention|squeeze", lambda: _timm_block_fuses(se=lambda timm: timm.layers.SEModule(8))),
+    "fusing around stochastic depth": (
+        r"stochastic depth|drop.?path", lambda: _timm_block_fuses(drop_path=lambda timm: timm.layers.DropPath(0.1))),
+    "double backward": (r"double backward", _double_backward_runs),
+}
+
+
+def _named(text: str) -> list:
+    return [name for name, (pattern, _) in FEATURES.items() if re.search(pattern, text, re.I)]
+
+
+def _written_claims_that_fail(bullets: list) -> list:
+    """Why each "Not yet written" bullet is not what the code says, one line per such bullet (empty when every
+    bullet names only features the code lacks)."""
+    does = {}
+    problems = []
+    for bullet in bullets:
+        named = _named(bullet)
+        for name in named:
+            if name not in does:
+                does[name] = FEATURES[name][1]()
+        written = [n for n in named if does[n]]
+        if not named:
+            problems.append(f"{bullet!r} names no feature of tests/test_repo.py's FEATURES: add it with a check "
+                            f"against the code")
+        elif written:
+            problems.append(f"{bullet!r} names {', '.join(map(repr, written))}, which the code does")
+    return problems
+
+
+def test_readmes_not_yet_written_list_names_only_what_the_code_does_not_do():
+    claims = _not_yet()
+    assert len(claims["written"]) >= 3 and len(claims["gpu"]) >= 2 and claims["met"]
+    problems = _written_claims_that_fail(claims["written"])
+    assert not problems, "\n".join(problems)
+
+
+def test_the_not_yet_check_fails_a_bullet_naming_what_the_code_does():
+    """The check itself can fail: a bullet naming a written feature, or one no check covers."""
+    problems = _written_claims_that_fail(["Fusing SyncBatchNorm layers", "Grouped convs on triton",
+                                          "dilated convs", "a tensor-core teapot"])
+    assert len(problems) == 4
+    assert problems[0].endswith("names 'SyncBatchNorm fused', which the code does")
+    assert "names no feature" in problems[3]
+
+
+def _gpu_evidence() -> set:
+    """What the GPU runs committed in bench/results/ ran: the fused backends their ``fused-resnet info`` lists as
+    available, and "nccl" / "capture" where a test of that name passed (their junit.xml)."""
+    import xml.etree.ElementTree as ET
+
+    ran = set()
+    for info in (ROOT / "bench" / "results").glob("*/info.txt"):
+        text = info.read_text()
+        if re.search(r"^gpu \d", text, re.M):
+            ran |= set(re.findall(r"^\s+(triton|cuda|cuda-unfused)\s+available\b", text, re.M))
+    for junit in (ROOT / "bench" / "results").glob("*/junit.xml"):
+        for case in ET.parse(junit).iter("testcase"):
+            if not any(child.tag in ("failure", "error", "skipped") for child in case):
+                ran |= {k for k in ("nccl", "capture") if k in case.get("name", "").lower()}
+    return ran
+
+
+def test_readmes_not_yet_on_a_gpu_list_names_nothing_a_committed_gpu_run_ran():
+    ran = _gpu_evidence()
+    claims = " ".join(_not_yet()["gpu"])
+    named = set(re.findall(r"backend `(triton|cuda)`", claims, re.I)) | {k for k, pattern in (
+        ("nccl", r"NCCL"), ("capture", r"graph capture")) if re.search(pattern, claims)}
+    assert named >= {"triton", "cuda", "nccl", "capture"}, named
+    assert not named & ran, f"README says these have not run on a GPU; bench/results/ holds a run: {named & ran}"
+
+
+def test_readmes_not_yet_met_targets_are_the_accounts(tmp_path):
+    """The launches and DRAM bytes README quotes for a ResNet-50 training step are what ``fused-resnet account``
+    prints, and are indeed above half of eager's (the targets docs/PERFORMANCE.md sets). Run as a command, without
+    the Triton interpreter the tests set: under it the kernels launch other tiles, whose partial sums move other
+    bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    met = _not_yet()["met"]
+    assert "ResNet-50 training step (bs 256, bf16, channels_last)" in met
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "account.json"
+    subprocess.run([sys.executable, "-m", "fused_resnet.tools.cli", "account", "--providers", "eager,triton,cuda",
+                    "--json", str(out)], check=True, env=env, cwd=ROOT, capture_output=True)
+    totals = {a["provider"]: a["totals"] for a in json.loads(out.read_text())["accounts"]}
+    launches = re.search(r"\((\d+) and (\d+) against (\d+)\)", met).groups()
+    assert [int(n) for n in launches] == [totals[p]["launches"] for p in ("triton", "cuda", "eager")]
+    ratios = re.search(r"([\d.]+)× on triton, ([\d.]+)× on cuda", met).groups()
+    for quoted, p in zip(ratios, ("triton", "cuda")):
+        ratio = totals[p]["bytes"] / totals["eager"]["bytes"]
+        assert f"{ratio:.2f}" == quoted and ratio > 0.5 and totals[p]["launches"] > totals["eager"]["launches"] / 2
