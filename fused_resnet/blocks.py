@@ -199,13 +199,13 @@ def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, 
 
 
 def geometry_reason(units: List[Tuple[nn.Module, nn.Module]], backend: str = "auto",
-                    residual_scale: bool = False) -> Optional[str]:
+                    residual_scale: bool = False, shortcut: Shortcut = Shortcut.NONE) -> Optional[str]:
     """Why convert leaves these units unfused on ``backend``: what their convs need (groups, dilation,
-    dimensionality; a residual scale) that the backends serving it do not declare (backends.block_refusal), or
-    None."""
+    dimensionality; a residual scale; an open closing, ``shortcut=Shortcut.OPEN``) that the backends serving it do
+    not declare (backends.block_refusal), or None."""
     dim = 1 if units[0][0].weight.dim() == 3 else 2
     spec = BlockSpec(tuple(UnitSpec(dilation=((1,) + tuple(c.dilation))[-2:], groups=c.groups) for c, _ in units),
-                     Shortcut.NONE, dim=dim)
+                     shortcut, dim=dim)
     return backends.block_refusal(backend, spec, residual_scale)
 
 
@@ -217,10 +217,12 @@ def structure_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]
     return guard.blocker(units, activations, fused_away(units, activations, downsample))
 
 
-def settings_reason(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
-    """Why the settings of these units, or of the block's projection shortcut, keep the fused op from computing them
-    as torch would (a conv bias, a circular padding, ...), naming the submodule; or None."""
-    ds = None if getattr(block, "plain", False) else getattr(block, "downsample", None)
+def settings_reason(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]],
+                    shortcut: bool = True) -> Optional[str]:
+    """Why the settings of these units, or of the block's projection shortcut (unless ``shortcut`` is False: it
+    runs as itself), keep the fused op from computing them as torch would (a conv bias, a circular padding, ...),
+    naming the submodule; or None."""
+    ds = None if getattr(block, "plain", False) or not shortcut else getattr(block, "downsample", None)
     pairs = list(units) + ([(ds[0], ds[1])] if ds is not None and _is_projection(ds) else [])
     names = None
     for conv, bn in pairs:
@@ -282,7 +284,8 @@ class _FusedForward:
     kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
     a setting such as a conv bias, see :func:`fused_resnet.spec.unit_reading`; an empty batch), the exact eager
     computation of the submodules. A block layout other than torchvision's overrides ``_structure_blocker`` and
-    ``_eager`` (fused_resnet.timm_blocks)."""
+    ``_eager`` (fused_resnet.timm_blocks), and where its closing is not one the op computes (timm's se /
+    drop_path), ``_structure`` (``Shortcut.OPEN``: the op runs the units) and ``_close`` (the rest, in torch)."""
 
     __prepare_scriptable__ = _refuse_script
 
@@ -348,6 +351,23 @@ class _FusedForward:
             return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1
         return convs, bns, Shortcut.TENSOR, 1
 
+    def _close(self, y: Tensor, x: Tensor) -> Tensor:
+        """An open block's closing in torch, from the op's output y = bn_last(...) and the block input x."""
+        raise NotImplementedError(f"{type(self).__name__} has no open closing")
+
+    def _torch_children(self) -> Tuple[str, ...]:
+        """The names of the submodules this block calls itself in torch when it runs fused (an open block's
+        closing; the oracle tapes their activations)."""
+        return ()
+
+    def _torch_part(self) -> Optional[str]:
+        """What of this fused block runs in torch around the op (its closing, a downsample module), in words, or
+        None where the op computes all of it (conversion_report)."""
+        kind = self._structure()[2]
+        if kind == Shortcut.TENSOR:
+            return f"the shortcut's downsample ({type(self.downsample).__name__}) in torch, added by the op"
+        return None
+
     def block_spec(self):
         """This block's :class:`~fused_resnet.spec.BlockSpec` (built once, rebuilt when a setting changes)."""
         convs, bns, kind, stride = self._structure()
@@ -365,8 +385,9 @@ class _FusedForward:
         if _empty_unsynced(spec, x):
             return self._eager(x)
         residual = self.downsample(x) if kind == Shortcut.TENSOR else None
-        return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self),
-                         guard.name_of(self))
+        y = run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self),
+                      guard.name_of(self))
+        return self._close(y, x) if kind == Shortcut.OPEN else y
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))
