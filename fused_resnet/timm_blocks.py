@@ -7,17 +7,18 @@ A timm block fuses when its inner activations are ``nn.ReLU`` and its drop_block
 identities. Without a squeeze-excitation / attention module (``se``) and stochastic depth (``drop_path``) the op
 computes the whole block: its last activation must be ``nn.ReLU`` too, and its shortcut is the identity, a
 projection ``Sequential(conv, bn)``, or any other downsample module (the "-d" variants' avg-pool + conv + BN),
-whose output enters the op as a tensor. With either of them the block is *open* (``Shortcut.OPEN``): the op runs
-the chain of conv-BN(-ReLU) units and returns the last BN's output, and the closing runs in torch exactly as
-timm's forward does — its own ``se``, then its ``drop_path`` (timm's module: the same random draws), then its
-``downsample`` on the block input, the add and its last activation (any module). Otherwise the block is left as
+whose output enters the op as a tensor (its conv-BN computed by an op of its own, a one-unit open block, after
+the avg-pool in torch). With either of them the block is *open* (``Shortcut.OPEN``): the op runs the chain of
+conv-BN(-ReLU) units and returns the last BN's output, and the closing runs in torch exactly as timm's forward
+does — its own ``se``, then its ``drop_path`` (timm's module: the same random draws), then its shortcut on the
+block input (a projection's conv-BN again an op of its own), the add and its last activation (any module). Otherwise the block is left as
 it is (``convert`` says why); a block changed after conversion runs timm's own forward for that call.
 
 Imported by ``convert`` only when a model holds timm blocks (importing timm takes seconds).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
@@ -85,18 +86,19 @@ class _TimmLayout:
             return [c for c, _ in units], [b for _, b in units], Shortcut.OPEN, 1
         return super()._structure()
 
-    def _close(self, y: Tensor, x: Tensor) -> Tensor:
-        """timm's closing after its last BN, its own modules called in its order (their random draws are timm's)."""
+    def _close(self, y: Tensor, x: Tensor, shortcut: Callable[[], Tensor]) -> Tensor:
+        """timm's closing after its last BN, its own modules called in its order (their random draws are timm's);
+        ``shortcut()`` is its downsample's value (a fused projection's op, or the module itself)."""
         out = y
         if self.se is not None:
             out = self.se(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
+        sc = shortcut()
         if out is y or out._base is y:  # the op's output, saved for its backward: not modified in place
-            out = out + shortcut
+            out = out + sc
         else:
-            out += shortcut  # timm's in-place add
+            out += sc  # timm's in-place add
         return getattr(self, _last_activation(self))(out)
 
     def _torch_children(self) -> Tuple[str, ...]:
@@ -105,10 +107,18 @@ class _TimmLayout:
     def _torch_part(self) -> Optional[str]:
         if not is_open(self):
             return super()._torch_part()
-        parts = [f"{name} ({type(getattr(self, name)).__name__})" for name in ("se", "drop_path", "downsample")
+        reason, planned = self._call_plan()
+        shortcut = None if reason is not None else planned[2]
+        parts = [f"{name} ({type(getattr(self, name)).__name__})" for name in ("se", "drop_path")
                  if getattr(self, name) is not None]
+        units = "conv-BN units fused"
+        if shortcut is not None:
+            first = "" if shortcut[0] is None else f", after its {type(shortcut[0]).__name__} in torch"
+            units += f" (the shortcut's as an op of its own{first})"
+        elif self.downsample is not None:
+            parts.append(f"downsample ({type(self.downsample).__name__})")
         last = _last_activation(self)
-        return (f"conv-BN units fused; closing in torch: {', '.join(parts)}, + shortcut, {last} "
+        return (f"{units}; closing in torch: {', '.join(parts)}, + shortcut, {last} "
                 f"({type(getattr(self, last)).__name__})")
 
     def _eager(self, x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""The float64 oracle per model family (testing.compare_models: BN randomised, batch 2, two training passes with an
-SGD step between them, then eval) on the backends whose CPU path the suite runs: reference, and cuda through the
+"""The float64 oracle per model family (testing.compare_models: BN randomised, batch 2, channels_last as the
+kernels' layout, two training passes with an SGD step between them, then eval) on the backends whose CPU path the suite runs: reference, and cuda through the
 extension's CPU registrations (backend triton's interpreter is too slow for whole models: tests/backends/
 test_triton.py and tests/test_timm_blocks.py check it block by block). One representative per family, each built
 the way the family's big models are (their block class, grouping, dilation, se / drop_path, avg-pool shortcut and
@@ -54,5 +54,5 @@ def test_a_family_representative_matches_the_float64_oracle(family, backend):
             return fused_resnet.convert(m, backend=backend, inplace=True)
 
     checks = testing.compare_models(model, fuse, torch.randn(2, 3, size, size), torch.float32, torch.device("cpu"),
-                                    train_steps=2, lr=0.01, seed=seed)
+                                    channels_last=True, train_steps=2, lr=0.01, seed=seed)
     assert_checks(checks, f"{family} on {backend}")

@@ -63,10 +63,11 @@ def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwarg
     assert list(fused.state_dict()) == list(model.state_dict())
     report = fused_resnet.conversion_report(fused)
     part = "se (SEModule)" if name == "seresnet18" else "drop_path (DropPath)"
-    assert f"conv-BN units fused; closing in torch: {part}" in report
-    assert "downsample (Sequential), + shortcut, act2 (ReLU)" in report
-    # every main-path unit is fused; an open block's downsample is timm's own (8 blocks, 3 downsamples)
-    assert coverage.fused_unit_count(fused) == 16 and coverage.unit_count(fused) == 20
+    assert f"conv-BN units fused; closing in torch: {part}, + shortcut, act2 (ReLU)" in report
+    assert (f"conv-BN units fused (the shortcut's as an op of its own); closing in torch: {part}, + shortcut, "
+            f"act2 (ReLU)") in report  # layer2.0, layer3.0, layer4.0
+    # every unit but timm's stem: 8 blocks of 2 units, 3 projections (ops of their own)
+    assert coverage.fused_unit_count(fused) == 19 and coverage.unit_count(fused) == 20
 
 
 def _run(model, x, grad, seed):
@@ -91,7 +92,7 @@ def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs):
         model.train(train), fused.train(train)
         want, got = _run(model, x, grad, seed), _run(fused, x, grad, seed)
         for k, w in want.items():
-            err = float((got[k] - w).norm() / w.norm().clamp(min=1e-300))
+            err = float((got[k] - w).detach().norm() / w.detach().norm().clamp(min=1e-300))
             assert err < 1e-10, (train, k, err)
     for (k, b), w in zip(fused.named_buffers(), model.buffers()):
         torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12, msg=k)
@@ -118,20 +119,49 @@ def test_an_open_block_matches_the_oracle_on_triton():
 
 
 def test_an_open_blocks_closing_modules_run_as_themselves():
-    """A hook on se fires and the block stays fused (se is called, not fused away); se removed after convert
-    turns the block into one the op closes; a DropBlock is inside the chain: left as timm's, with a warning."""
+    """A hook on se fires and the block stays fused (se is called, not fused away); a hook on the downsample fires
+    too: its projection then runs as timm's modules, not as an op; se removed after convert turns the block into
+    one the op closes, the projection a unit of its op; a DropBlock is inside the chain: left as timm's, with a
+    warning."""
     fused = fused_resnet.convert(_model("seresnet18"), backend="reference")
     block, seen = fused.layer2[0], []
     block.se.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     x = torch.randn(2, 3, 32, 32)
+    assert len(block._next_ops()) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused(x)
-    assert seen == [torch.Size([2, 128, 4, 4])] and block._blocker() is None
+        block.downsample.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert block._next_ops() == [[block.bn1, block.bn2]] and "downsample (Sequential)" in block._torch_part()
+        fused(x)
+    assert seen == [torch.Size([2, 128, 4, 4])] * 3 and block._blocker() is None
     block.se = None
     assert block.block_spec().shortcut == Shortcut.PROJECTION and block._torch_part() is None
     with pytest.warns(RuntimeWarning, match="drop_block is DropBlock2d"):
         fused_resnet.convert(_model("resnet18", drop_block_rate=0.1), backend="reference")
+
+
+def test_the_avg_pool_shortcuts_conv_bn_is_an_op_of_its_own():
+    """resnet26d's "-d" shortcut (avg-pool, conv, BN): the pool runs in torch, the conv-BN as a one-unit open op
+    whose output the block's op adds; warm_up and conversion_report(model, x) see both ops; a conv given a bias
+    after convert makes the downsample run as timm's modules (no warning: exact either way)."""
+    fused = fused_resnet.convert(_model("resnet26d"), backend="cuda" if not backends.backend_status()["cuda"]
+                                 else "reference")
+    block = fused.layer2[0]
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3], [block.downsample[2]]]
+    assert "the shortcut's conv-BN fused as an op of its own after its AvgPool2d in torch" in block._torch_part()
+    x = torch.randn(2, 3, 64, 64)
+    calls = [(c.name, tuple(c.unit_names)) for c in fused_resnet.warmup.block_calls(fused, x)]
+    assert calls[:3] == [("layer1.0", ("conv1", "conv2", "conv3")), ("layer1.0", ("downsample.1",)),
+                         ("layer1.1", ("conv1", "conv2", "conv3"))]
+    assert len(calls) == 8 + 4
+    if block.backend == "cuda":
+        assert "downsample.1: " in fused_resnet.conversion_report(fused, x)
+    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
 
 
 def test_a_timm_block_changed_after_convert_runs_timms_forward():

@@ -110,16 +110,16 @@ def unfused_units(model: nn.Module) -> Tuple[int, Dict[str, int]]:
                           else _unfusable_reason(block, _asked(block)))
             why[f"units of a block left unfused ({reason})"] += len(bns)
             continue
-        inside = {id(b) for b in block._structure()[1]}
+        inside = {id(b) for op in block._next_ops() for b in op}
         fused += len(inside)
         kind = block._structure()[2]
         for b in bns:
             if id(b) in inside:
                 continue
             if kind == Shortcut.OPEN:
-                why["shortcut conv-BN of an se / drop_path block (timm's downsample, in torch after them)"] += 1
+                why["shortcut BN of an se / drop_path block (its downsample module, in torch)"] += 1
             elif kind == Shortcut.TENSOR:
-                why["shortcut conv-BN after an avg-pool (\"-d\": in torch, the op adds its output)"] += 1
+                why["shortcut BN (its downsample module, in torch; the op adds its output)"] += 1
             else:
                 why["a BN the block's op does not compute"] += 1
     stem_fused = isinstance(model, FusedStemMixin) and model.backend is not None and model._stem_plan()[0] is None
