@@ -184,6 +184,18 @@ def _is_projection(module: nn.Module) -> bool:
     )
 
 
+def shortcut_unit(downsample: Optional[nn.Module]):
+    """A downsample that is one conv-BN unit of the types the kernels implement, alone (a projection) or after one
+    module of its own that runs in torch first (timm's "-d" avg-pool): (that module or None, conv, bn); else
+    None."""
+    if type(downsample) is not nn.Sequential or len(downsample) not in (2, 3):
+        return None
+    mods = list(downsample)
+    if unit_types_reason(type(mods[-2]), type(mods[-1])) is not None:
+        return None
+    return (mods[0] if len(mods) == 3 else None), mods[-2], mods[-1]
+
+
 def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, nn.Module],
                downsample: Optional[nn.Module]) -> Dict[str, nn.Module]:
     """name → module of every submodule of a residual block whose forward the fused op replaces: the units, the
@@ -199,13 +211,13 @@ def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, 
 
 
 def geometry_reason(units: List[Tuple[nn.Module, nn.Module]], backend: str = "auto",
-                    residual_scale: bool = False) -> Optional[str]:
+                    residual_scale: bool = False, shortcut: Shortcut = Shortcut.NONE) -> Optional[str]:
     """Why convert leaves these units unfused on ``backend``: what their convs need (groups, dilation,
-    dimensionality; a residual scale) that the backends serving it do not declare (backends.block_refusal), or
-    None."""
+    dimensionality; a residual scale; an open closing, ``shortcut=Shortcut.OPEN``) that the backends serving it do
+    not declare (backends.block_refusal), or None."""
     dim = 1 if units[0][0].weight.dim() == 3 else 2
     spec = BlockSpec(tuple(UnitSpec(dilation=((1,) + tuple(c.dilation))[-2:], groups=c.groups) for c, _ in units),
-                     Shortcut.NONE, dim=dim)
+                     shortcut, dim=dim)
     return backends.block_refusal(backend, spec, residual_scale)
 
 
@@ -217,10 +229,12 @@ def structure_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]
     return guard.blocker(units, activations, fused_away(units, activations, downsample))
 
 
-def settings_reason(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) -> Optional[str]:
-    """Why the settings of these units, or of the block's projection shortcut, keep the fused op from computing them
-    as torch would (a conv bias, a circular padding, ...), naming the submodule; or None."""
-    ds = None if getattr(block, "plain", False) else getattr(block, "downsample", None)
+def settings_reason(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]],
+                    shortcut: bool = True) -> Optional[str]:
+    """Why the settings of these units, or of the block's projection shortcut (unless ``shortcut`` is False: it
+    runs as itself), keep the fused op from computing them as torch would (a conv bias, a circular padding, ...),
+    naming the submodule; or None."""
+    ds = None if getattr(block, "plain", False) or not shortcut else getattr(block, "downsample", None)
     pairs = list(units) + ([(ds[0], ds[1])] if ds is not None and _is_projection(ds) else [])
     names = None
     for conv, bn in pairs:
@@ -282,7 +296,8 @@ class _FusedForward:
     kernels cannot compute exactly (a submodule swapped or hooked after conversion, see :mod:`fused_resnet.guard`;
     a setting such as a conv bias, see :func:`fused_resnet.spec.unit_reading`; an empty batch), the exact eager
     computation of the submodules. A block layout other than torchvision's overrides ``_structure_blocker`` and
-    ``_eager`` (fused_resnet.timm_blocks)."""
+    ``_eager`` (fused_resnet.timm_blocks), and where its closing is not one the op computes (timm's se /
+    drop_path), ``_structure`` (``Shortcut.OPEN``: the op runs the units) and ``_close`` (the rest, in torch)."""
 
     __prepare_scriptable__ = _refuse_script
 
@@ -303,28 +318,66 @@ class _FusedForward:
 
     def _plan(self):
         """(why the submodules are not what the kernels implement, or None; else the block's structure, see
-        ``_structure``), kept while the signature of the submodules (and option A's stride) stays the same."""
+        ``_structure``, and its shortcut unit, see ``_shortcut_op``), kept while the signature of the submodules
+        (and option A's stride, and the backend) stays the same."""
         ds = self.downsample
         watched = [*self._modules.values(), *(ds._modules.values() if ds is not None else ())]
-        key = (self.plain, getattr(ds, "stride", None)) + guard.signature(watched)
+        key = (self.plain, getattr(ds, "stride", None), getattr(self, "backend", None)) + guard.signature(watched)
         cached = self.__dict__.get(_GUARD_ATTR)
         if cached is None or cached[0] != key:
             reason = self._structure_blocker()
-            cached = (key, reason, None if reason is not None else self._structure())
+            fused = reason is None
+            cached = (key, reason, self._structure() if fused else None, self._shortcut_op() if fused else None)
             self.__dict__[_GUARD_ATTR] = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
 
     def _call_plan(self):
-        """What the next call runs, as forward decides it: (None, (structure, spec)) for the fused op, or (why it
-        runs the eager computation, None). The structure is kept while the submodules' signature stays; every
-        unit's settings are read again (``block_plan``)."""
-        reason, structure = self._plan()
+        """What the next call runs, as forward decides it: (None, (structure, spec, shortcut)) for the fused op —
+        ``shortcut``: (the module run first in torch or None, conv, bn, spec) of a shortcut unit run as an op of its
+        own, or None — or (why it runs the eager computation, None). The structure is kept while the submodules'
+        signature stays; every unit's settings are read again (``block_plan``)."""
+        reason, structure, shortcut = self._plan()
         if reason is not None:
             return reason, None
         plan = block_plan(self, *structure)
         if isinstance(plan, str):
             return plan, None
-        return None, (structure, plan)
+        if shortcut is not None:  # a setting the op cannot compute (a bias, ...): the downsample runs as itself
+            sc_plan = block_plan(self.downsample, [shortcut[1]], [shortcut[2]], Shortcut.OPEN)
+            shortcut = None if isinstance(sc_plan, str) else (*shortcut, sc_plan)
+        return None, (structure, plan, shortcut)
+
+    def _shortcut_op(self):
+        """(module run first in torch or None, conv, bn) of a shortcut whose conv-BN unit the block runs as an op of
+        its own, a one-unit open block (``Shortcut.OPEN``), whose output the main op adds as a tensor or an open
+        block's closing adds: a downsample the main op does not compute itself (timm's "-d" avg-pool + conv + BN,
+        an open block's projection), nothing watching it (hooks: then it runs as its own modules), on a backend
+        that declares it. None otherwise."""
+        kind = self._structure()[2]
+        sc = shortcut_unit(self.downsample) if kind in (Shortcut.TENSOR, Shortcut.OPEN) else None
+        if sc is None or any(guard.hooked(m) for m in (self.downsample, sc[1], sc[2])):
+            return None
+        if geometry_reason([sc[1:]], getattr(self, "backend", "auto"), shortcut=Shortcut.OPEN) is not None:
+            return None
+        return sc
+
+    def _next_ops(self) -> List[List[nn.Module]]:
+        """The BNs of each op the next call runs (the block's, then its shortcut unit's); none when it runs its
+        eager computation."""
+        reason, planned = self._call_plan()
+        if reason is not None:
+            return []
+        (_, bns, _, _), _, shortcut = planned
+        return [list(bns)] + ([[shortcut[2]]] if shortcut is not None else [])
+
+    def _shortcut(self, x: Tensor, shortcut, backend: str) -> Tensor:
+        """The shortcut's value for block input x: its conv-BN unit's op (after its first module, in torch), or the
+        downsample module itself, or x."""
+        if shortcut is None:
+            return x if self.downsample is None else self.downsample(x)
+        first, conv, bn, spec = shortcut
+        inp = x if first is None else first(x)
+        return run_block(inp, spec, [conv], [bn], backend=backend, name=f"{guard.name_of(self)} shortcut")
 
     def _blocker(self) -> Optional[str]:
         """Why the next call runs the eager computation (the submodules or their settings), or None."""
@@ -348,6 +401,28 @@ class _FusedForward:
             return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1
         return convs, bns, Shortcut.TENSOR, 1
 
+    def _close(self, y: Tensor, x: Tensor, shortcut: Callable[[], Tensor]) -> Tensor:
+        """An open block's closing in torch, from the op's output y = bn_last(...), the block input x and
+        ``shortcut()``, which computes the shortcut's value (call it where the layout computes its downsample)."""
+        raise NotImplementedError(f"{type(self).__name__} has no open closing")
+
+    def _torch_children(self) -> Tuple[str, ...]:
+        """The names of the submodules this block calls itself in torch when it runs fused (an open block's
+        closing; the oracle tapes their activations)."""
+        return ()
+
+    def _torch_part(self) -> Optional[str]:
+        """What of this fused block runs in torch around the op (its closing, a downsample module), in words, or
+        None where the op computes all of it (conversion_report)."""
+        reason, planned = self._call_plan()
+        if reason is not None or planned[0][2] != Shortcut.TENSOR:
+            return None
+        shortcut = planned[2]
+        if shortcut is None:
+            return f"the shortcut's downsample ({type(self.downsample).__name__}) in torch, added by the op"
+        first = "" if shortcut[0] is None else f" after its {type(shortcut[0]).__name__} in torch"
+        return f"the shortcut's conv-BN fused as an op of its own{first}, added by the block's op"
+
     def block_spec(self):
         """This block's :class:`~fused_resnet.spec.BlockSpec` (built once, rebuilt when a setting changes)."""
         convs, bns, kind, stride = self._structure()
@@ -361,12 +436,15 @@ class _FusedForward:
         if reason is not None:
             guard.warn_eager(self, reason)
             return self._eager(x)
-        (convs, bns, kind, stride), spec = planned
+        (convs, bns, kind, stride), spec, shortcut = planned
         if _empty_unsynced(spec, x):
             return self._eager(x)
-        residual = self.downsample(x) if kind == Shortcut.TENSOR else None
-        return run_block(x, spec, convs, bns, residual, _backend_for(self.backend, x), residual_scale_of(self),
-                         guard.name_of(self))
+        backend = _backend_for(self.backend, x)
+        residual = self._shortcut(x, shortcut, backend) if kind == Shortcut.TENSOR else None
+        y = run_block(x, spec, convs, bns, residual, backend, residual_scale_of(self), guard.name_of(self))
+        if kind == Shortcut.OPEN:
+            return self._close(y, x, lambda: self._shortcut(x, shortcut, backend))
+        return y
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [f"backend={self.backend!r}", _BlockLayout.extra_repr(self)]))

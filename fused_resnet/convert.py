@@ -153,8 +153,9 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
         timm_blocks = _timm_blocks(t)
         if isinstance(m, _FusedForward):
             reason = m._blocker()
-            status = (f"fused, backend {m.backend!r}{_auto_note(m)}" if reason is None
-                      else f"fused, runs eagerly now: {reason}")
+            part = m._torch_part() if reason is None else None
+            status = (f"fused, backend {m.backend!r}{_auto_note(m)}{'' if part is None else f'; {part}'}"
+                      if reason is None else f"fused, runs eagerly now: {reason}")
         elif t in _TO_FUSED:
             status = f"not fused: {_unfusable_reason(m, _asked(m)) or 'convert has not run on it'}"
         elif timm_blocks is not None and t in timm_blocks.TO_FUSED:

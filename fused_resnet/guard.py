@@ -32,6 +32,11 @@ def _hook_counts(m: nn.Module) -> Tuple[int, int, int, int]:
     return len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(m._backward_pre_hooks)
 
 
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward, pre-forward or backward hook of its own."""
+    return any(_hook_counts(m))
+
+
 def signature(modules: Iterable[Optional[nn.Module]]) -> tuple:
     """Identity, type and hook counts of ``modules`` and the count of global module hooks: equal signatures mean
     an unchanged structure."""

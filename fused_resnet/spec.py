@@ -1,6 +1,7 @@
 """What a residual block is, apart from its tensors: the ``BlockSpec``, and the conventions every layer shares.
 
-One block is a chain of conv → BN units joined by ReLUs, closed by a shortcut and a final ReLU (DESIGN §1). Its
+One block is a chain of conv → BN units joined by ReLUs, closed by a shortcut and a final ReLU (DESIGN §1), or left
+open (``Shortcut.OPEN``: the last BN's output, for a module that closes the block in torch). Its
 ``BlockSpec`` holds, per unit, the conv geometry (stride, padding, dilation, groups) and the BN settings (eps,
 momentum, whether it normalises with batch statistics, whether it updates running statistics), and for the block
 the shortcut kind, option A's stride and the user's dimensionality. A 1-D block is stored as the 2-D block with
@@ -28,13 +29,21 @@ from . import distributed
 
 
 class Shortcut(enum.IntEnum):
-    """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``)."""
+    """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``, which has every kind but ``OPEN``)."""
 
     NONE = 0  # plain network: y = relu(bn(a_last))
     IDENTITY = 1  # y = relu(bn(a_last) + x)
     PROJECTION = 2  # y = relu(bn(a_last) + bn_sc(conv_sc(x))); the projection is the last unit of the spec
     OPTION_A = 3  # y = relu(bn(a_last) + x[:, :, ::s, ::s] with channels zero-filled up to the output's)
     TENSOR = 4  # y = relu(bn(a_last) + residual), the residual computed by any module outside the op
+    # y = bn(a_last): no shortcut and no final ReLU; the module closes the block itself in torch (timm's se /
+    # drop_path, its shortcut add and its last activation). The Python layers' kind only: the extension's spec
+    # parser has no 5, and backend cuda runs it through the C++ ops' NONE closing (fused_resnet/backends/cuda).
+    OPEN = 5
+
+
+# The kinds csrc/spec.h parses (tests/test_spec.py holds the two tables together).
+EXTENSION_SHORTCUTS = frozenset(Shortcut) - {Shortcut.OPEN}
 
 
 class Residual(enum.IntEnum):
@@ -116,6 +125,11 @@ class BlockSpec:
         return len(self.units) - (1 if self.shortcut == Shortcut.PROJECTION else 0)
 
     @property
+    def final_relu(self) -> bool:
+        """Whether the block ends in a ReLU (every kind but ``Shortcut.OPEN``)."""
+        return self.shortcut != Shortcut.OPEN
+
+    @property
     def synced(self) -> bool:
         """Whether some unit reduces its statistics over a process group (its forward then returns the counts)."""
         return any(u.sync_group for u in self.units)
@@ -130,6 +144,10 @@ class BlockSpec:
                                           sync_group=u.sync_group if b else 0)
                       for u, b in zip(self.units, batch_stats, strict=True))
         return dataclasses.replace(self, units=units)
+
+    def with_shortcut(self, shortcut: Shortcut) -> "BlockSpec":
+        """The same units closed by another kind (backend cuda: ``OPEN`` runs as the C++ ops' ``NONE``)."""
+        return dataclasses.replace(self, shortcut=shortcut)
 
     # ------------------------------------------------------------------ the schema form (torch.library layer only)
     @property

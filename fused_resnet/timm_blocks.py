@@ -1,27 +1,33 @@
 """timm's ResNet family (``timm.models.resnet``: resnet18..152, the "-d" and "-t" variants, wide and deep-stem
-ResNets) fused in place, like torchvision's blocks: the block keeps its class's submodules, parameters and
-state_dict keys, and runs the fused op while its structure is what the kernels implement.
+ResNets, and the SE / ECA ResNets and stochastic-depth models built from the same blocks) fused in place, like
+torchvision's blocks: the block keeps its class's submodules, parameters and state_dict keys, and runs the fused op
+while its structure is what the kernels implement.
 
-A timm block fuses when its activations (act1, act2, act3) are ``nn.ReLU``, its drop_block and anti-aliasing
-layers are identities, and it has no squeeze-excitation / attention module (``se``) and no stochastic depth
-(``drop_path``). Its shortcut is the identity, a projection ``Sequential(conv, bn)``, or any other downsample
-module (the "-d" variants' avg-pool + conv + BN), whose output enters the op as a tensor. Otherwise the block is
-left as it is (``convert`` says why); a block changed after conversion runs timm's own forward for that call.
+A timm block fuses when its inner activations are ``nn.ReLU`` and its drop_block and anti-aliasing layers are
+identities. Without a squeeze-excitation / attention module (``se``) and stochastic depth (``drop_path``) the op
+computes the whole block: its last activation must be ``nn.ReLU`` too, and its shortcut is the identity, a
+projection ``Sequential(conv, bn)``, or any other downsample module (the "-d" variants' avg-pool + conv + BN),
+whose output enters the op as a tensor (its conv-BN computed by an op of its own, a one-unit open block, after
+the avg-pool in torch). With either of them the block is *open* (``Shortcut.OPEN``): the op runs the chain of
+conv-BN(-ReLU) units and returns the last BN's output, and the closing runs in torch exactly as timm's forward
+does — its own ``se``, then its ``drop_path`` (timm's module: the same random draws), then its shortcut on the
+block input (a projection's conv-BN again an op of its own), the add and its last activation (any module). Otherwise the block is left as
+it is (``convert`` says why); a block changed after conversion runs timm's own forward for that call.
 
 Imported by ``convert`` only when a model holds timm blocks (importing timm takes seconds).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from . import guard
 from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason, settings_reason
+from .spec import Shortcut
 
 _OPTIONAL_IDENTITIES = ("drop_block", "aa")  # nn.Identity when unused
-_ABSENT = ("se", "drop_path")  # None when unused
 
 
 def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
@@ -29,32 +35,42 @@ def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
+def is_open(block: nn.Module) -> bool:
+    """Whether the block's closing runs in torch: an ``se`` module or stochastic depth (``drop_path``) sits between
+    its last BN and the residual add, which no kernel implements."""
+    return block.se is not None or block.drop_path is not None
+
+
+def _last_activation(block: nn.Module) -> str:
+    return f"act{len(_units(block))}"
+
+
 def unfusable_reason(block: nn.Module, backend: Optional[str] = None) -> Optional[str]:
     """Why this timm block (fused or not) cannot run fused on ``backend`` (None: its own, or auto), or why a fused
     one runs its eager computation now, or None."""
-    units = _units(block)
-    return (geometry_reason(units, backend or getattr(block, "backend", "auto")) or structure_reason(block)
-            or settings_reason(block, units))
+    units, open_ = _units(block), is_open(block)
+    return (geometry_reason(units, backend or getattr(block, "backend", "auto"),
+                            shortcut=Shortcut.OPEN if open_ else Shortcut.NONE)
+            or structure_reason(block) or settings_reason(block, units, shortcut=not open_))
 
 
 def structure_reason(block: nn.Module) -> Optional[str]:
-    """Why the submodules of this timm block are not what the kernels implement (slots, types, hooks), or None."""
-    if block.se is not None:
-        return f"se is {type(block.se).__name__} (attention runs between BN and the residual add)"
-    if block.drop_path is not None:
-        return f"drop_path is {type(block.drop_path).__name__} (stochastic depth)"
+    """Why the submodules of this timm block are not what the kernels implement (slots, types, hooks), or None.
+    An open block's se, drop_path, downsample and last activation run as themselves: any module, hooks allowed."""
     for name in _OPTIONAL_IDENTITIES:
         if type(getattr(block, name)) is not nn.Identity:
             return f"{name} is {type(getattr(block, name)).__name__}"
     units = _units(block)
-    activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, len(units) + 1)}
-    away = fused_away(units, activations, block.downsample)
+    fused_acts = len(units) - 1 if is_open(block) else len(units)
+    activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, fused_acts + 1)}
+    away = fused_away(units, activations, None if is_open(block) else block.downsample)
     away.update({name: getattr(block, name) for name in _OPTIONAL_IDENTITIES})
     return guard.blocker(units, activations, away)
 
 
 class _TimmLayout:
-    """The parts of a timm block the fused forward needs: its units, its blocker and its eager forward."""
+    """The parts of a timm block the fused forward needs: its units, its blocker, its structure (open where timm's
+    closing is not the op's), its closing and its eager forward."""
 
     _timm_cls: type = nn.Module
 
@@ -63,6 +79,47 @@ class _TimmLayout:
 
     def _structure_blocker(self) -> Optional[str]:
         return structure_reason(self)
+
+    def _structure(self):
+        if is_open(self):
+            units = self._units()
+            return [c for c, _ in units], [b for _, b in units], Shortcut.OPEN, 1
+        return super()._structure()
+
+    def _close(self, y: Tensor, x: Tensor, shortcut: Callable[[], Tensor]) -> Tensor:
+        """timm's closing after its last BN, its own modules called in its order (their random draws are timm's);
+        ``shortcut()`` is its downsample's value (a fused projection's op, or the module itself)."""
+        out = y
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        sc = shortcut()
+        if out is y or out._base is y:  # the op's output, saved for its backward: not modified in place
+            out = out + sc
+        else:
+            out += sc  # timm's in-place add
+        return getattr(self, _last_activation(self))(out)
+
+    def _torch_children(self) -> Tuple[str, ...]:
+        return ("se", "drop_path", "downsample", _last_activation(self)) if is_open(self) else ()
+
+    def _torch_part(self) -> Optional[str]:
+        if not is_open(self):
+            return super()._torch_part()
+        reason, planned = self._call_plan()
+        shortcut = None if reason is not None else planned[2]
+        parts = [f"{name} ({type(getattr(self, name)).__name__})" for name in ("se", "drop_path")
+                 if getattr(self, name) is not None]
+        units = "conv-BN units fused"
+        if shortcut is not None:
+            first = "" if shortcut[0] is None else f", after its {type(shortcut[0]).__name__} in torch"
+            units += f" (the shortcut's as an op of its own{first})"
+        elif self.downsample is not None:
+            parts.append(f"downsample ({type(self.downsample).__name__})")
+        last = _last_activation(self)
+        return (f"{units}; closing in torch: {', '.join(parts)}, + shortcut, {last} "
+                f"({type(getattr(self, last)).__name__})")
 
     def _eager(self, x: Tensor) -> Tensor:
         return self._timm_cls.forward(self, x)

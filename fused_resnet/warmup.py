@@ -50,11 +50,30 @@ def _units(module: nn.Module) -> tuple:
     return block_spec(module, [module.conv1], [module.bn1], Shortcut.NONE), [module.conv1]
 
 
+def _op_targets(model: nn.Module) -> Dict[str, tuple]:
+    """Module name in ``model`` whose input an op sees → (block or stem name, the block or stem, (spec, convs) of
+    that op, or None for the block's or stem's own): every fused block and stem, and every shortcut unit a block
+    runs as an op of its own (keyed by its conv)."""
+    targets = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _FusedForward):
+            reason, planned = m._call_plan()
+            if reason is not None:
+                continue
+            targets[name] = (name, m, None)
+            shortcut = planned[2]
+            if shortcut is not None:
+                conv_name = next(n for n, c in m.named_modules() if c is shortcut[1])
+                targets[f"{name}.{conv_name}" if name else conv_name] = (name, m, (shortcut[3], [shortcut[1]]))
+        elif isinstance(m, FusedStemMixin) and m.backend is not None and m._stem_plan()[0] is None:
+            targets[name] = (name, m, None)
+    return targets
+
+
 def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
-    """Every fused block and stem of ``model`` that will call a fused op for input ``example``, in call order."""
-    fused = {name: m for name, m in model.named_modules()
-             if (isinstance(m, _FusedForward) and m._blocker() is None)
-             or (isinstance(m, FusedStemMixin) and m.backend is not None and m._stem_plan()[0] is None)}
+    """Every fused op call of ``model``'s blocks, their shortcut units and stems for input ``example``, in the
+    order their modules are entered (a block before its shortcut unit, whose op runs first)."""
+    targets = _op_targets(model)
     shapes: Dict[str, torch.Size] = {}
 
     def record(name):
@@ -63,7 +82,7 @@ def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
         return hook
 
     shadow = copy.deepcopy(model).to("meta")
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in shadow.named_modules() if name in fused]
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in shadow.named_modules() if name in targets]
     for m in shadow.modules():  # the copy runs torch's modules: auto away from a GPU, a stem without a backend
         if isinstance(m, _FusedForward):
             m.backend = "auto"
@@ -74,12 +93,12 @@ def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
     for h in hooks:
         h.remove()
     calls = []
-    for name, shape in shapes.items():  # dict order: call order
-        module = fused[name]
+    for target, shape in shapes.items():  # dict order: call order
+        name, module, op = targets[target]
         x = torch.empty((), dtype=_op_dtype(example, example.dtype), device=example.device).expand(shape)
         if _runs_eagerly(module.backend, x) or x.numel() == 0:
             continue
-        spec, convs = _units(module)
+        spec, convs = _units(module) if op is None else op
         names = {id(m): n for n, m in module.named_modules()}
         weights = [c.weight.to("meta", _op_dtype(example, c.weight.dtype)) for c in convs]
         if spec.dim == 1:  # the ops see a Conv1d as a Conv2d with H = 1
@@ -113,6 +132,6 @@ def unit_routes(model: nn.Module, example: Tensor, train: Optional[bool] = None)
     for call in block_calls(model, example):
         backend = backends.resolve(call.backend, call.x, call.spec)
         routes = backend.routes(call.spec, call.x, call.weights, _train(model, train))
-        if routes is not None:
-            out[call.name] = [f"{unit}: {route}" for unit, route in zip(call.unit_names, routes)]
+        if routes is not None:  # a block's shortcut unit (an op of its own) adds its line to the block's
+            out.setdefault(call.name, []).extend(f"{unit}: {route}" for unit, route in zip(call.unit_names, routes))
     return out

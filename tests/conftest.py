@@ -119,6 +119,7 @@ GRADCHECK_CASES = [
     (Shortcut.TENSOR, 2, True, 1, 1),
     (Shortcut.NONE, 1, True, 1, 1),
     (Shortcut.NONE, 2, False, 1, 1),
+    (Shortcut.OPEN, 2, True, 1, 1),
     (Shortcut.PROJECTION, 3, False, 1, 1),
     (Shortcut.IDENTITY, 3, True, 2, 2),
 ]

@@ -1,16 +1,20 @@
 """timm's ResNet family fused in place (fused_resnet/timm_blocks.py): every block of resnet18, resnet50d (avg-pool
 downsample, deep stem), resnet26t and wide_resnet50_2 fuses, and the converted model matches timm's against the
-float64 oracle over training passes; blocks with squeeze-excitation or stochastic depth are left as timm's with
-a warning; a block changed after convert runs timm's own forward; revert gives timm's classes back; timm's feature
-APIs (features_only=True models, forward_intermediates) on converted models give the unconverted model's features
-and gradients in float64."""
+float64 oracle over training passes; blocks with squeeze-excitation / attention or stochastic depth fuse their
+units and close in torch with timm's own modules (float64: timm's numbers and gradients under the same seed, train
+and eval; the oracle on backend triton here, on reference and cuda in tests/test_model_families.py); blocks with
+DropBlock are left as timm's with a warning; a block changed after convert runs timm's own forward; revert gives
+timm's classes back; timm's feature APIs (features_only=True models, forward_intermediates) on converted models give
+the unconverted model's features and gradients in float64."""
 import warnings
 
 import pytest
 import torch
 
 import fused_resnet
-from fused_resnet import testing
+from fused_resnet import backends, testing
+from fused_resnet.spec import Shortcut
+from fused_resnet.testing import coverage
 
 from conftest import assert_checks
 
@@ -42,17 +46,124 @@ def test_timm_resnets_fuse_every_block_and_match_timm(name, blocks):
     assert_checks(checks, name)
 
 
-@pytest.mark.parametrize("name,kwargs,reason", [
-    ("seresnet50", {}, "se is SEModule"),
-    ("resnet18", {"drop_path_rate": 0.1}, "drop_path is DropPath"),
-])
-def test_blocks_timm_cannot_fuse_are_left_as_timms(name, kwargs, reason):
+OPEN = [("seresnet18", {}), ("resnet18", {"drop_path_rate": 0.2})]
+
+
+def _open_blocks(model):
+    return [m for m in model.modules() if isinstance(m, FUSED) and timm_blocks.is_open(m)]
+
+
+@pytest.mark.parametrize("name,kwargs", OPEN, ids=[n for n, _ in OPEN])
+def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwargs):
     model = _model(name, **kwargs)
-    with pytest.warns(RuntimeWarning, match=reason):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         fused = fused_resnet.convert(model, backend="reference")
     blocks = [m for m in fused.modules() if isinstance(m, TIMM)]
-    assert all(isinstance(m, FUSED) == (m.se is None and m.drop_path is None) for m in blocks)
-    assert any(not isinstance(m, FUSED) for m in blocks)
+    assert all(isinstance(m, FUSED) for m in blocks)
+    assert len(_open_blocks(fused)) == sum(m.se is not None or m.drop_path is not None for m in blocks) >= 7
+    assert list(fused.state_dict()) == list(model.state_dict())
+    report = fused_resnet.conversion_report(fused)
+    part = "se (SEModule)" if name == "seresnet18" else "drop_path (DropPath)"
+    assert f"conv-BN units fused; closing in torch: {part}, + shortcut, act2 (ReLU)" in report
+    assert (f"conv-BN units fused (the shortcut's as an op of its own); closing in torch: {part}, + shortcut, "
+            f"act2 (ReLU)") in report  # layer2.0, layer3.0, layer4.0
+    # every unit but timm's stem: 8 blocks of 2 units, 3 projections (ops of their own)
+    assert coverage.fused_unit_count(fused) == 19 and coverage.unit_count(fused) == 20
+
+
+def _run(model, x, grad, seed):
+    """y, dx and every parameter's gradient of one forward + backward, the global RNG seeded first."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = model(xi)
+    y.backward(grad)
+    return {"y": y, "dx": xi.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("name,kwargs", OPEN, ids=[n for n, _ in OPEN])
+def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs):
+    """Backend reference in float64 against the unconverted model under the same seed (DropPath's draws are
+    timm's): train (two passes: running statistics too) and eval, forward and backward, within float64 rounding."""
+    model = _model(name, **kwargs).double()
+    fused = fused_resnet.convert(model, backend="reference")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grad = torch.randn(2, 4, dtype=torch.float64)
+    for train, seed in ((True, 1), (True, 2), (False, 3)):
+        model.train(train), fused.train(train)
+        want, got = _run(model, x, grad, seed), _run(fused, x, grad, seed)
+        for k, w in want.items():
+            err = float((got[k] - w).detach().norm() / w.detach().norm().clamp(min=1e-300))
+            assert err < 1e-10, (train, k, err)
+    for (k, b), w in zip(fused.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12, msg=k)
+    if kwargs:  # the paths were dropped for some samples in training (else DropPath was never exercised)
+        torch.manual_seed(1)
+        assert any((m.drop_path(torch.ones(8, 1, 1, 1, dtype=torch.float64)) == 0).any()
+                   for m in _open_blocks(fused.train()))
+
+
+def test_an_open_block_matches_the_oracle_on_triton():
+    """One SE + DropPath Bottleneck (the Triton interpreter is slow: a block, not a model) on backend triton."""
+    if backends.backend_status()["triton"] is not None:
+        pytest.skip(f"backend 'triton' is not available here: {backends.backend_status()['triton']}")
+    from timm.layers import DropPath
+
+    torch.manual_seed(0)
+    ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+    block = timm.models.resnet.Bottleneck(8, 4, stride=2, downsample=ds, attn_layer="se", drop_path=DropPath(0.5))
+    testing.randomize_batchnorm(block, torch.Generator().manual_seed(0))
+    checks = testing.compare_models(block, lambda m: fused_resnet.convert(m, backend="triton", inplace=True),
+                                    torch.randn(4, 8, 6, 6), torch.float32, torch.device("cpu"), train_steps=2,
+                                    lr=0.01, seed=3)
+    assert_checks(checks, "SE + DropPath Bottleneck on triton")
+
+
+def test_an_open_blocks_closing_modules_run_as_themselves():
+    """A hook on se fires and the block stays fused (se is called, not fused away); a hook on the downsample fires
+    too: its projection then runs as timm's modules, not as an op; se removed after convert turns the block into
+    one the op closes, the projection a unit of its op; a DropBlock is inside the chain: left as timm's, with a
+    warning."""
+    fused = fused_resnet.convert(_model("seresnet18"), backend="reference")
+    block, seen = fused.layer2[0], []
+    block.se.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    assert len(block._next_ops()) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
+        block.downsample.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert block._next_ops() == [[block.bn1, block.bn2]] and "downsample (Sequential)" in block._torch_part()
+        fused(x)
+    assert seen == [torch.Size([2, 128, 4, 4])] * 3 and block._blocker() is None
+    block.se = None
+    assert block.block_spec().shortcut == Shortcut.PROJECTION and block._torch_part() is None
+    with pytest.warns(RuntimeWarning, match="drop_block is DropBlock2d"):
+        fused_resnet.convert(_model("resnet18", drop_block_rate=0.1), backend="reference")
+
+
+def test_the_avg_pool_shortcuts_conv_bn_is_an_op_of_its_own():
+    """resnet26d's "-d" shortcut (avg-pool, conv, BN): the pool runs in torch, the conv-BN as a one-unit open op
+    whose output the block's op adds; warm_up and conversion_report(model, x) see both ops; a conv given a bias
+    after convert makes the downsample run as timm's modules (no warning: exact either way)."""
+    fused = fused_resnet.convert(_model("resnet26d"), backend="cuda" if not backends.backend_status()["cuda"]
+                                 else "reference")
+    block = fused.layer2[0]
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3], [block.downsample[2]]]
+    assert "the shortcut's conv-BN fused as an op of its own after its AvgPool2d in torch" in block._torch_part()
+    x = torch.randn(2, 3, 64, 64)
+    calls = [(c.name, tuple(c.unit_names)) for c in fused_resnet.warmup.block_calls(fused, x)]
+    assert calls[:3] == [("layer1.0", ("conv1", "conv2", "conv3")), ("layer1.0", ("downsample.1",)),
+                         ("layer1.1", ("conv1", "conv2", "conv3"))]
+    assert len(calls) == 8 + 4
+    if block.backend == "cuda":
+        assert "downsample.1: " in fused_resnet.conversion_report(fused, x)
+    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
 
 
 def test_a_timm_block_changed_after_convert_runs_timms_forward():

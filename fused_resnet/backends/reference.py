@@ -13,7 +13,8 @@ For unit i (training mode, per output channel c, M = N·H·W elements per channe
 
 with the shortcut ``sc`` one of: none (plain network), identity (x), projection (BN_sc(conv_sc(x)), its unit
 stored after the main-path units), option A (x subsampled by the stride, channels zero-padded at the end),
-or a tensor computed outside (any other downsample module).
+or a tensor computed outside (any other downsample module). An open block (``Shortcut.OPEN``) returns
+y = a_last·s_last + t_last, no shortcut and no ReLU: its module closes it (backward: dz = dy, no mask).
 
 Backward, given dy (mask from the stored y, no mask tensor)::
 
@@ -166,13 +167,13 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
             inp = bn_act(a, s, t)
     s_last, t_last = affine[n_main - 1]
     sc = _shortcut_value(spec, x, acts, affine, residual, fmt, s_last.dtype)
-    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc), acts, means, variances,
+    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc, relu=spec.final_relu), acts, means, variances,
                    distributed.counts_tensor(counts, x) if spec.synced else None)
 
 
 def _shortcut_value(spec: BlockSpec, x, acts, affine, residual, fmt, dtype) -> Optional[Tensor]:
     kind, n_main = spec.shortcut, spec.n_main
-    if kind == Shortcut.NONE:
+    if kind in (Shortcut.NONE, Shortcut.OPEN):
         return None
     if kind == Shortcut.IDENTITY:
         return x
@@ -203,7 +204,8 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
     dgammas: List[Optional[Tensor]] = [None] * n
     dbetas: List[Optional[Tensor]] = [None] * n
 
-    dz_out = dy.to(acc) * (saved.y > 0)  # dz of the block output, shared by the last main unit and the shortcut
+    # dz of the block output, shared by the last main unit and the shortcut (an open block has no final ReLU)
+    dz_out = dy.to(acc) * (saved.y > 0) if spec.final_relu else dy.to(acc)
 
     def unit_backward(i: int, dz: Tensor, inp: Tensor, need_inp_grad: bool) -> Optional[Tensor]:
         s, _, rstd = affine[i]

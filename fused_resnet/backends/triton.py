@@ -26,7 +26,9 @@ PyTorch's whole step. What torch ops remain are layout copies of tensors not in 
 channel padding.
 
 Grouped convs (one GEMM per group, a grid axis) and dilated ones (the taps' offsets) run in the same kernels: the
-backend declares both in its capabilities.
+backend declares both in its capabilities. An open block (``Shortcut.OPEN``: its module closes it in torch) ends
+with the last BN-apply without ReLU (eval: the last conv's epilogue without ReLU), and its backward's first
+reduction reads dy unmasked.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -153,7 +155,7 @@ class TritonBackend(Backend):
             closing = {"residual": acts[n_main], "residual_affine": affine[n_main]}
         elif spec.shortcut == Shortcut.TENSOR:
             closing["residual"] = residual.to(x.dtype).contiguous(memory_format=_CL)
-        y = bn_act.bn_act(acts[n_main - 1], *affine[n_main - 1], **closing)
+        y = bn_act.bn_act(acts[n_main - 1], *affine[n_main - 1], relu=spec.final_relu, **closing)
         return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances,
                        distributed.counts_tensor(counts, x) if spec.synced else None)
 
@@ -218,7 +220,7 @@ class TritonBackend(Backend):
         projection = spec.shortcut == Shortcut.PROJECTION  # its BN's sums come from the same pass over dz
         dz_out, sums, *sc_sums = drelu_dbn.drelu_dbn_reduce(
             dy.contiguous(memory_format=_CL), acts[last], means[last], variances[last], units[last].eps,
-            y=saved.y.contiguous(memory_format=_CL),
+            y=saved.y.contiguous(memory_format=_CL) if spec.final_relu else None,  # open: dz = dy, no mask
             second=(acts[n_main], means[n_main], variances[n_main], units[n_main].eps) if projection else None)
         closing: dict = {}  # the block's first dgrad adds the shortcut's gradient in its epilogue
         d_residual = None
@@ -276,8 +278,9 @@ class TritonBackend(Backend):
         h = x
         for i in range(n_main):
             w_i, b_i = folded[i]
-            h = conv_fprop(h, w_i, units[i].stride, units[i].padding, bias=b_i, relu=True, **_geometry(units[i]),
-                           **(closing if i == n_main - 1 else {}))
+            last = i == n_main - 1
+            h = conv_fprop(h, w_i, units[i].stride, units[i].padding, bias=b_i, relu=spec.final_relu or not last,
+                           **_geometry(units[i]), **(closing if last else {}))
         return h.contiguous(memory_format=memory_format_of(x))
 
 

@@ -160,7 +160,8 @@ class BranchTape:
             s, t, _ = scale_shift(gammas[i], betas[i], out.means[i], out.variances[i], spec.units[i].eps)
             pre = out.acts[i].to(s.dtype) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
             self.entries.append((pre > 0).detach())
-        self.entries.append((out.y > 0).detach())
+        if spec.final_relu:  # an open block's last activation runs in torch, through the tape
+            self.entries.append((out.y > 0).detach())
 
     def max_pool(self, pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
         y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
@@ -193,19 +194,22 @@ class _TapeMaxPool(nn.Module):
 
 
 def _fused_units(model: nn.Module) -> int:
-    """How many fused ops one forward of ``model`` calls: its fused blocks and fused stems."""
-    return sum(isinstance(m, _FusedForward) or (isinstance(m, FusedStemMixin) and m.backend is not None)
-               for m in model.modules())
+    """How many fused ops one forward of ``model`` calls: its fused blocks (with their shortcut units run as ops
+    of their own; a block that will run eagerly counts one, so that its eager run is noticed) and fused stems."""
+    return sum((max(1, len(m._next_ops())) if isinstance(m, _FusedForward) else 0)
+               + (isinstance(m, FusedStemMixin) and m.backend is not None) for m in model.modules())
 
 
 def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
     """Every torch ReLU and max-pool through ``tape``, except the activations of fused modules: those are computed
     inside the op (its masks are recorded from its outputs), and a swapped activation would make them run their
-    eager computation instead."""
+    eager computation instead. A fused block's submodules that it calls in torch (an open block's closing:
+    ``_torch_children``) are taped like any other."""
     for parent in list(model.modules()):
-        if isinstance(parent, _FusedForward):
-            continue
+        in_torch = parent._torch_children() if isinstance(parent, _FusedForward) else None
         for name, child in list(parent.named_children()):
+            if in_torch is not None and name not in in_torch:
+                continue
             if type(child) is nn.ReLU and not (isinstance(parent, FusedStemMixin) and parent.backend is not None):
                 setattr(parent, name, _TapeReLU(tape))
             elif type(child) is nn.MaxPool2d:
@@ -243,6 +247,7 @@ def compare_models(
     train_steps: int = 1,
     autocast: bool = False,
     lr: float = 0.0,
+    seed: Optional[int] = None,
 ) -> List[Check]:
     """Compare ``make_fused(copy of reference)`` with PyTorch itself against the float64 oracle.
 
@@ -252,7 +257,8 @@ def compare_models(
     :class:`BranchTape`). Each run is measured against its own replay.
     Checks: train output, input grad, every parameter grad (worst reported), running means and variances
     (worst), num_batches_tracked (exact), branch flips (count), eval output. With ``autocast`` the models stay
-    float32 and run under torch.autocast(dtype)."""
+    float32 and run under torch.autocast(dtype). ``seed``: the global RNG is seeded with ``seed + step`` before
+    every training forward, so that stochastic modules (timm's DropPath) draw the same numbers in every run."""
     param_dtype = torch.float32 if autocast else dtype
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     keys = ("same", "fused", "ref_same", "ref_fused")
@@ -278,6 +284,8 @@ def compare_models(
             model.zero_grad(set_to_none=True)
             xin = _input(x, device, param_dtype if low else torch.float64, fmt).requires_grad_(True)
             recording = _recording_fused_blocks(tape) if key == "fused" else contextlib.nullcontext([])
+            if seed is not None:
+                torch.manual_seed(seed + step)
             with recording as calls, torch.autocast(device.type, dtype=dtype, enabled=autocast and low):
                 out = model(xin)
             if key == "fused" and (len(calls) != _fused_units(model) or not calls):

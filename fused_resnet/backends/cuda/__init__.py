@@ -20,6 +20,14 @@ graph cuDNN has no engine for runs the path above for that unit and is counted (
 ``cuda-unfused`` is the same backend with the graphs off: the unfused path, measurable beside the fused one.
 ``fused_resnet.warm_up`` builds a model's plans ahead (CUDA graph captures never build one).
 
+An open block (``Shortcut.OPEN``, y = bn(a_last) for a module that closes the block in torch: timm's se /
+drop_path) is not a kind the extension parses (csrc/spec.h); this layer runs it through the C++ ops' ``NONE``
+closing: the training op's forward (in eval too, with the running statistics: the eval op returns no pre-BN
+output) gives every unit's pre-BN output and statistics, and y = a_last·s + t is one torch op on them (the
+C++ closing's relu(a_last·s + t) is discarded); the backward op gets an all-ones y, so its final-ReLU mask
+[y > 0] passes every element (dz = dy). Exact, at the cost of that discarded output, the torch op and a fill
+(each recorded in the launch account) until the extension gains an open closing.
+
 Every op is also registered for CPU tensors, running the same kernel bodies in host loops: that is how the CPU
 test suite checks them. With ``FUSED_RESNET_EXT_ON_CPU=1`` (set by the tests on a machine without a GPU) the
 backend also accepts CPU tensors; otherwise it needs CUDA tensors. The CPU path is for testing, not for speed.
@@ -35,7 +43,7 @@ from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ... import launches
-from ...spec import BlockSpec
+from ...spec import BlockSpec, Shortcut, memory_format_of
 from ...tensors import Forward, Grads, Params, unpack_forward, unpack_grads
 from .. import extension, folding, reference
 from ..registry import Backend, Capabilities, register
@@ -121,10 +129,14 @@ class CudaBackend(Backend):
         return torch.channels_last
 
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
-        flat = run("block_forward", x.device, x, *params, residual, spec.ints, spec.floats, self.graphs)
-        return unpack_forward(flat, len(spec.units))
+        cpp_spec = _extension_spec(spec)
+        flat = run("block_forward", x.device, x, *params, residual, cpp_spec.ints, cpp_spec.floats, self.graphs)
+        out = unpack_forward(flat, len(spec.units))
+        return _opened(spec, x, params, out) if not spec.final_relu else out
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
+        if not spec.final_relu:  # an open block's eval: the training op with the running statistics
+            return self.block_forward(spec.with_batch_stats([False] * len(spec.units)), x, params, residual).y
         # On the GPU (and in its launch account) float16 / bfloat16 eval folds BN into the weights, cached
         if (x.is_cuda or launches.dry()) and x.dtype in _FOLDED_DTYPES and self.graphs:
             folded = folding.fold_block(params, spec.units)
@@ -134,9 +146,13 @@ class CudaBackend(Backend):
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool) -> Grads:
-        flat = run("block_backward", x.device, dy, x, saved.y, params.weights, params.gammas, params.betas,
-                   saved.acts, saved.means, saved.variances, spec.ints, spec.floats, need_input_grad, self.graphs,
-                   saved.counts)
+        y, cpp_spec = saved.y, _extension_spec(spec)
+        if not spec.final_relu:  # the C++ op's final-ReLU mask [y > 0] passes every element: dz = dy
+            y = torch.ones_like(saved.acts[spec.n_main - 1])
+            launches.record("open closing: all-pass mask (fill)", "elementwise", [], [y])
+        flat = run("block_backward", x.device, dy, x, y, params.weights, params.gammas, params.betas,
+                   saved.acts, saved.means, saved.variances, cpp_spec.ints, cpp_spec.floats, need_input_grad,
+                   self.graphs, saved.counts)
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
@@ -146,14 +162,32 @@ class CudaBackend(Backend):
         run("bn_running_update", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
             momentum)
 
+    # An open block runs the training op in eval too: its graphs are the training ones.
     def prepare(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
-        return fusion.prepare(spec, x, weights, train, self.graphs)
+        return fusion.prepare(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
 
     def capture_refusal(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> Optional[str]:
-        return fusion.capture_refusal(spec, x, weights, train, self.graphs)
+        return fusion.capture_refusal(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
 
     def routes(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
-        return fusion.routes(spec, x, weights, train, self.graphs)
+        return fusion.routes(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
+
+
+def _extension_spec(spec: BlockSpec) -> BlockSpec:
+    """The spec the C++ ops parse: an open block's units with the NONE closing (csrc/spec.h has no OPEN)."""
+    return spec.with_shortcut(Shortcut.NONE) if spec.shortcut == Shortcut.OPEN else spec
+
+
+def _opened(spec: BlockSpec, x: Tensor, params: Params, out: Forward) -> Forward:
+    """An open block's forward from the C++ op's NONE-closed one: y = a_last·s + t (what the C++ closing computes
+    before its ReLU: the scale and shift from the statistics the op used, in float32), in x's layout."""
+    last = spec.n_main - 1
+    a = out.acts[last]
+    s, t, _ = reference.scale_shift(params.gammas[last], params.betas[last], out.means[last], out.variances[last],
+                                    spec.units[last].eps)
+    y = reference.bn_act(a, s, t, relu=False).contiguous(memory_format=memory_format_of(x))
+    launches.record("open closing: BN-apply (torch)", "elementwise", [a, s, t], [y])
+    return out._replace(y=y)
 
 
 register(CudaBackend("cuda", graphs=True, auto_rank=0))
