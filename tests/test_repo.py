@@ -168,6 +168,27 @@ def _timm_block_fuses(**slots) -> bool:
     return type(fused) is not type(block)
 
 
+def _capability_named(*names: str) -> bool:
+    """Whether a backend capability (a field of Capabilities) has one of these names."""
+    import dataclasses
+
+    from fused_resnet.backends.registry import Capabilities
+    return any(f.name in names for f in dataclasses.fields(Capabilities))
+
+
+def _timm_stem_fuses() -> bool:
+    """Whether convert fuses the stem of timm's resnet18."""
+    import warnings
+
+    import fused_resnet
+    from fused_resnet.blocks import FusedStemMixin
+    timm = pytest.importorskip("timm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fused_resnet.convert(timm.create_model("resnet18"), backend="reference")
+    return any(isinstance(m, FusedStemMixin) and m.backend is not None for m in fused.modules())
+
+
 def _double_backward_runs() -> bool:
     import torch
     import torchvision
@@ -221,9 +242,13 @@ FEATURES = {
     "float64 on reference": (r"float64", _reference_runs_float64),
     "backend cuda's own convs": (r"own convs", lambda: any((ROOT / "csrc").glob("*conv*.c*"))),
     "fusing around an attention module": (
-        r"attention|squeeze", lambda: _timm_block_fuses(se=lambda timm: timm.layers.SEModule(8))),
+        r"fus\w* around[^.]*(attention|squeeze)", lambda: _timm_block_fuses(se=lambda timm: timm.layers.SEModule(8))),
     "fusing around stochastic depth": (
-        r"stochastic depth|drop.?path", lambda: _timm_block_fuses(drop_path=lambda timm: timm.layers.DropPath(0.1))),
+        r"fus\w* around[^.]*(stochastic depth|drop.?path)",
+        lambda: _timm_block_fuses(drop_path=lambda timm: timm.layers.DropPath(0.1))),
+    "a closing with SE / drop_path inside the fused op": (
+        r"closing[^.]*inside the fused op", lambda: _capability_named("closing", "drop_path", "se")),
+    "timm's stems fused": (r"timm's stems", _timm_stem_fuses),
     "double backward": (r"double backward", _double_backward_runs),
 }
 
