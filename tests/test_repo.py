@@ -154,11 +154,13 @@ def _capabilities(field: str, backends_named=("reference", "triton", "cuda", "cu
 
 
 def _timm_block_fuses(**slots) -> bool:
-    """Whether convert fuses a timm BasicBlock given these slots (se=..., drop_path=...)."""
+    """Whether convert fuses a timm BasicBlock given these slots (se=..., drop_path=...); a plain one must fuse (else
+    the answer would say nothing about the slots)."""
     import warnings
 
     import fused_resnet
     timm = pytest.importorskip("timm")
+    assert not slots or _timm_block_fuses(), "a plain timm BasicBlock no longer fuses"
     block = timm.models.resnet.BasicBlock(8, 8)
     for name, make in slots.items():
         setattr(block, name, make(timm))

@@ -18,6 +18,16 @@ import fused_resnet
 from fused_resnet import ops, spec
 
 TV = torchvision.models.resnet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Hundreds of passes over tiny tensors: one intra-op thread (on a loaded 2-core machine two threads made each
+    tiny conv about 14x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 _ALTERNATIVES = {  # beyond the changes every value of a type gets (see _changes)
     "padding": ["same", "valid", (0, 1)],
     "padding_mode": ["circular", "reflect", "replicate"],

@@ -206,6 +206,15 @@ def test_timm_fx_feature_extraction_runs_forward_and_backward_on_the_default_bac
         torch.testing.assert_close(outs[0], outs[1])
 
 
+@pytest.fixture
+def one_thread():
+    """Small float64 models: one intra-op thread (on a loaded 2-core machine, two made these tests 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fused_calls(monkeypatch):
     """Every call of the fused training and inference ops."""
     calls = []
@@ -256,7 +265,7 @@ def _assert_same_features(timm_model, fused, x, run, calls, blocks):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 # ops: fused op calls per forward; resnet26d's avg-pool shortcuts run their conv-BN as an op of their own
 @pytest.mark.parametrize("name,blocks,ops", [("resnet18", 8, 8), ("resnet26d", 8, 12)])
-def test_features_only_models_convert_and_give_timms_features(name, blocks, ops, backend, monkeypatch):
+def test_features_only_models_convert_and_give_timms_features(name, blocks, ops, backend, monkeypatch, one_thread):
     """timm.create_model(..., features_only=True) (a FeatureListNet holding the model's stages): convert fuses
     every block, and the converted model gives the unconverted one's feature maps, input and parameter gradients
     and running statistics (train), and feature maps (eval), in float64 with every BN randomised."""
@@ -277,7 +286,7 @@ def test_features_only_models_convert_and_give_timms_features(name, blocks, ops,
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("kwargs,blocks", [({}, 8), ({"indices": [1, 3], "stop_early": True}, 6)],
                          ids=["all", "stop-early"])
-def test_forward_intermediates_of_a_converted_model_gives_timms(kwargs, blocks, backend, monkeypatch):
+def test_forward_intermediates_of_a_converted_model_gives_timms(kwargs, blocks, backend, monkeypatch, one_thread):
     """model.forward_intermediates on a converted resnet18 runs the fused blocks and gives timm's final features and
     intermediates (train: with gradients), in float64 with every BN randomised."""
     model = _model("resnet18").double()

@@ -248,6 +248,7 @@ def compare_models(
     autocast: bool = False,
     lr: float = 0.0,
     seed: Optional[int] = None,
+    record: Optional[dict] = None,
 ) -> List[Check]:
     """Compare ``make_fused(copy of reference)`` with PyTorch itself against the float64 oracle.
 
@@ -258,7 +259,10 @@ def compare_models(
     Checks: train output, input grad, every parameter grad (worst reported), running means and variances
     (worst), num_batches_tracked (exact), branch flips (count), eval output. With ``autocast`` the models stay
     float32 and run under torch.autocast(dtype). ``seed``: the global RNG is seeded with ``seed + step`` before
-    every training forward, so that stochastic modules (timm's DropPath) draw the same numbers in every run."""
+    every training forward, so that stochastic modules (timm's DropPath) draw the same numbers in every run.
+    ``record``: a dict filled with the last pass's outputs, input gradients and parameter gradients of each run by
+    key ("same", "fused", "ref_same", "ref_fused") and the flip counts ("flips": fused's and PyTorch's), for analyses
+    beyond the checks (bench/oracle_flips.py)."""
     param_dtype = torch.float32 if autocast else dtype
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     keys = ("same", "fused", "ref_same", "ref_fused")
@@ -306,6 +310,9 @@ def compare_models(
 
     results = [pair("train output", outs), pair("input grad", xgrads)]
     grads = {k: _named_grads(models[k]) for k in ("same", "fused", "ref_same", "ref_fused")}
+    if record is not None:
+        record.update(outs=dict(outs), xgrads=dict(xgrads), grads=grads,
+                      flips={"fused": tapes["ref_fused"].flips, "same": tapes["ref_same"].flips})
     if set(grads["fused"]) != set(grads["ref_fused"]):
         missing = sorted(set(grads["ref_fused"]) ^ set(grads["fused"]))
         results.append(Check(f"param grads present ({missing[:3]})", float("inf"), 0.0, 0.0))
