@@ -314,8 +314,8 @@ def unit_from_reading(reading: tuple) -> Union[UnitSpec, str]:
                     f"{weight_dtype} conv weight (its forward computes in their promoted dtype)")
         return UnitSpec(*geometry, groups, float(eps), None, False, False)
     training, track, momentum, no_mean, no_var, no_count, sync = bn_state
-    if training and not eps > 0:
-        return f"eps {eps!r} in training (torch's BatchNorm refuses it)"
+    if not eps > 0:  # torch refuses it in training, and in eval too from some versions on: its own forward decides
+        return f"eps {eps!r} <= 0: torch's own BatchNorm decides"
     if bn_t is nn.SyncBatchNorm and training and track and no_count:
         return "num_batches_tracked is None in training (torch's SyncBatchNorm refuses it)"
     if momentum is not None and type(momentum) not in (int, float):
