@@ -178,10 +178,8 @@ class _EagerForward:
 def _is_projection(module: nn.Module) -> bool:
     """A downsample the op computes itself: Sequential(conv, BN) of the types the kernels implement (its settings
     are read on every call with the other units')."""
-    return (
-        type(module) is nn.Sequential and len(module) == 2
-        and unit_types_reason(type(module[0]), type(module[1])) is None
-    )
+    unit = shortcut_unit(module)
+    return unit is not None and unit[0] is None
 
 
 def shortcut_unit(downsample: Optional[nn.Module]):
