@@ -252,11 +252,22 @@ def block_blocker(block: nn.Module, units: List[Tuple[nn.Module, nn.Module]]) ->
 _is_fx_tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing
 
 
-def _runs_eagerly(backend: str, x: Tensor) -> bool:
+def _runs_eagerly(backend: str, x: Tensor, conv: Optional[nn.Module] = None) -> bool:
     """Whether this call runs the modules' own forward whatever they are: under torch.fx symbolic tracing (asked
     first: x is then a Proxy, whose device a traced program cannot branch on; feature extraction sees the
-    submodules), or for backend auto away from a GPU."""
-    return _is_fx_tracing() or (backend == "auto" and backends.auto_runs_eager(x.device.type))
+    submodules), for backend auto away from a GPU, or for an unbatched input to ``conv``, the first conv (see
+    :func:`_unbatched`)."""
+    return (_is_fx_tracing() or (backend == "auto" and backends.auto_runs_eager(x.device.type))
+            or _unbatched(x, conv))
+
+
+def _unbatched(x: Tensor, conv: Optional[nn.Module]) -> bool:
+    """Whether x is an unbatched input to ``conv`` ((C, H, W) for a Conv2d, (C, L) for a Conv1d). The conv takes
+    it and each norm layer then judges it its own way — BatchNorm2d refuses it, torchvision's FrozenBatchNorm2d
+    broadcasts it into a batch of one, SyncBatchNorm reads its first axis as the channels — so torch's own modules
+    decide what it gives."""
+    w = None if conv is None else conv._parameters.get("weight")
+    return isinstance(w, Tensor) and x.dim() == w.dim() - 1
 
 
 def _empty_unsynced(spec, x: Tensor) -> bool:
@@ -428,7 +439,7 @@ class _FusedForward:
 
     def forward(self, x: Tensor) -> Tensor:
         # Eager also for an empty batch (torch leaves the running statistics as they are, and counts the batch).
-        if _runs_eagerly(self.backend, x):
+        if _runs_eagerly(self.backend, x, self.conv1):
             return self._eager(x)
         reason, planned = self._call_plan()
         if reason is not None:
@@ -505,7 +516,7 @@ class FusedStemMixin:
         return (plan, None) if isinstance(plan, str) else (None, plan)
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and not _runs_eagerly(self.backend, x):
+        if self.backend is not None and not _runs_eagerly(self.backend, x, self.conv1):
             reason, spec = self._stem_plan()
             if reason is None:
                 if not _empty_unsynced(spec, x):

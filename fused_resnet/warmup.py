@@ -96,7 +96,7 @@ def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
     for target, shape in shapes.items():  # dict order: call order
         name, module, op = targets[target]
         x = torch.empty((), dtype=_op_dtype(example, example.dtype), device=example.device).expand(shape)
-        if _runs_eagerly(module.backend, x) or x.numel() == 0:
+        if _runs_eagerly(module.backend, x, getattr(module, "conv1", None)) or x.numel() == 0:
             continue
         spec, convs = _units(module) if op is None else op
         names = {id(m): n for n, m in module.named_modules()}

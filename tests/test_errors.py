@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fused_resnet
 from fused_resnet import backends
@@ -44,6 +45,31 @@ def test_bad_input_same_error_type_as_torch_and_no_state_change(name, make, exc,
         fused(x)
     for k, v in fused.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a failed call"
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, "1d"],
+                         ids=["bn", "syncbn", "frozenbn", "bn1d"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_an_unbatched_input_gives_what_torchs_modules_give(norm, train):
+    """A conv takes an unbatched input ((C, H, W), (C, L)); the norm layers then differ (BatchNorm2d refuses it,
+    FrozenBatchNorm2d broadcasts it into a batch of one, SyncBatchNorm and BatchNorm1d read its first axis as the
+    batch): the fused block gives torch's numbers or torch's exception type."""
+    if norm == "1d":
+        tv, x = fused_resnet.blocks.EagerBasicBlock(5, 5, dim=1), torch.randn(5, 5, dtype=torch.float64)
+    else:
+        tv, x = TV.BasicBlock(4, 4, norm_layer=norm), torch.randn(4, 5, 5, dtype=torch.float64)
+    tv = tv.double().train(train)
+    fused = fused_resnet.convert(copy.deepcopy(tv), backend="reference")
+    results = []
+    for m in (tv, fused):
+        try:
+            results.append(m(x))
+        except Exception as e:  # noqa: BLE001 (torch's error is the answer to compare with)
+            results.append(type(e))
+    if isinstance(results[0], type):
+        assert results[1] is results[0]
+    else:
+        torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
 
 
 def test_wrong_shortcut_shapes_are_clear_errors():
