@@ -410,6 +410,11 @@ class _FusedForward:
             return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1
         return convs, bns, Shortcut.TENSOR, 1
 
+    def _sample_scale(self, x: Tensor) -> Optional[Tensor]:
+        """Stochastic depth's per-sample scale for this call, drawn now, where the op's closing computes it (a
+        layout with a drop_path: fused_resnet.timm_blocks); None: none."""
+        return None
+
     def _close(self, y: Tensor, x: Tensor, shortcut: Callable[[], Tensor]) -> Tensor:
         """An open block's closing in torch, from the op's output y = bn_last(...), the block input x and
         ``shortcut()``, which computes the shortcut's value (call it where the layout computes its downsample)."""
@@ -449,8 +454,10 @@ class _FusedForward:
         if _empty_unsynced(spec, x):
             return self._eager(x)
         backend = _backend_for(self.backend, x)
+        sample_scale = None if kind == Shortcut.OPEN else self._sample_scale(x)  # before the shortcut, as timm
         residual = self._shortcut(x, shortcut, backend) if kind == Shortcut.TENSOR else None
-        y = run_block(x, spec, convs, bns, residual, backend, residual_scale_of(self), guard.name_of(self))
+        y = run_block(x, spec, convs, bns, residual, backend, residual_scale_of(self), guard.name_of(self),
+                      sample_scale)
         if kind == Shortcut.OPEN:
             return self._close(y, x, lambda: self._shortcut(x, shortcut, backend))
         return y

@@ -131,11 +131,14 @@ def capturing(x: Tensor) -> bool:
 
 def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Sequence[nn.Module],
               residual: Optional[Tensor] = None, backend: str = "auto",
-              residual_scale: Optional[Tensor] = None, name: str = "a fused block") -> Tensor:
-    """y = relu(α·bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
+              residual_scale: Optional[Tensor] = None, name: str = "a fused block",
+              sample_scale: Optional[Tensor] = None) -> Tensor:
+    """y = relu(α·d_n·bn_last(conv_last(... relu(bn_0(conv_0(x))) ...)) + shortcut) through the op layer.
 
     ``convs``/``bns`` list the spec's units (the projection shortcut's last); ``residual`` is the shortcut tensor
-    of ``Shortcut.TENSOR``; ``residual_scale`` is α (a 0-d tensor; None: 1); ``name`` names the block in errors."""
+    of ``Shortcut.TENSOR``; ``residual_scale`` is α (a 0-d tensor; None: 1); ``name`` names the block in errors;
+    ``sample_scale``: stochastic depth's d [N] (timm's drop_path: 0 for a dropped sample, 1/keep for a kept one;
+    None: 1), training only, on a backend that declares ``drop_path``."""
     one_d = spec.dim == 1
     _input_checks(x, convs[0].weight, spec.units[0].groups, spec.dim)
     weights = [c.weight for c in convs]
@@ -154,6 +157,9 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
 
     shapes = spec.output_shapes(x.shape, [w.shape for w in weights])
     _shape_checks(spec, x, shapes, residual)
+    if sample_scale is not None and (tuple(sample_scale.shape) != (x.shape[0],) or sample_scale.device != x.device):
+        raise RuntimeError(f"stochastic depth's per-sample scale has shape {list(sample_scale.shape)} on "
+                           f"{sample_scale.device}, the batch {x.shape[0]} samples on {x.device}")
     # what torch's BN passes on: its weight and bias whatever ``affine`` says (an attribute its forward never
     # reads), None standing for γ = 1, β = 0 (FrozenBatchNorm2d: buffers)
     gammas = [_affine(bn.weight, shape, 1.0, x) for bn, shape in zip(bns, shapes)]
@@ -170,15 +176,16 @@ def run_block(x: Tensor, spec: BlockSpec, convs: Sequence[nn.Module], bns: Seque
         or any(t.requires_grad for t in gammas + betas)
         or (residual is not None and residual.requires_grad)
     )
-    train = needs_grad or any(u.batch_stats for u in spec.units)
+    # stochastic depth is a training-time closing: the training op computes it even where nothing else needs it
+    train = needs_grad or any(u.batch_stats for u in spec.units) or sample_scale is not None
     if capturing(x):  # what a backend builds on first use cannot be built inside a capture: refused, named
-        reason = backends.resolve(backend, x, spec).capture_refusal(spec, x, weights, train)
+        reason = backends.resolve(backend, x, spec, sample_scale is not None).capture_refusal(spec, x, weights, train)
         if reason is not None:
             raise RuntimeError(f"fused_resnet: {name}: {reason}")
     if not train:
         y = ops.inference(spec, x, params, residual, backend)
     else:
-        out = ops.forward(spec, x, params, residual, backend)
+        out = ops.forward(spec, x, params, residual, backend, sample_scale)
         y = out.y
         with torch.no_grad():
             for i, (unit, bn, shape) in enumerate(zip(spec.units, bns, shapes)):

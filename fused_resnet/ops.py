@@ -40,19 +40,28 @@ def _spec(spec_ints: Sequence[int], spec_floats: Sequence[float]) -> BlockSpec:
 def block_forward(
     x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor],
     running_vars: List[Tensor], residual: Optional[Tensor], spec: List[int], spec_floats: List[float], backend: str,
+    sample_scale: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """``running_means`` / ``running_vars``: an empty tensor for a BN without running statistics (see
-    :func:`forward`)."""
+    :func:`forward`); ``sample_scale``: stochastic depth's per-sample d [N] (None: none)."""
     block = _spec(spec, spec_floats)
     params = Params(weights, gammas, betas, _present(running_means), _present(running_vars))
-    return pack_forward(backends.resolve(backend, x, block).block_forward(block, x, params, residual))
+    return pack_forward(backends.resolve(backend, x, block, sample_scale is not None).block_forward(
+        block, x, params, residual, **_sample_scale(sample_scale)))
+
+
+def _sample_scale(sample_scale: Optional[Tensor]) -> dict:
+    """The keyword a backend's block ops take stochastic depth's d by: only where there is one (a backend without
+    the capability never sees the argument)."""
+    return {} if sample_scale is None else {"sample_scale": sample_scale}
 
 
 @block_forward.register_fake
 def _block_forward_fake(x, weights, gammas, betas, running_means, running_vars, residual, spec, spec_floats,
-                        backend):
+                        backend, sample_scale=None):
     block = _spec(spec, spec_floats)
-    return forward_fake(x, weights, block, backends.resolve(backend, x, block).saved_format(x))
+    return forward_fake(x, weights, block,
+                        backends.resolve(backend, x, block, sample_scale is not None).saved_format(x))
 
 
 _backward, _setup_context = block_autograd(lambda *args, **kw: torch.ops.fused_resnet.block_backward(*args, **kw))
@@ -64,18 +73,19 @@ block_forward.register_autograd(_backward, setup_context=_setup_context)
 def block_backward(
     dy: Tensor, x: Tensor, y: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
     acts: List[Tensor], means: List[Tensor], variances: List[Tensor], spec: List[int], spec_floats: List[float],
-    need_input_grad: bool, backend: str, counts: Optional[Tensor] = None,
+    need_input_grad: bool, backend: str, sample_scale: Optional[Tensor] = None, counts: Optional[Tensor] = None,
 ) -> List[Tensor]:
     block = _spec(spec, spec_floats)
     params = Params(weights, gammas, betas, [None] * len(weights), [None] * len(weights))
-    grads = backends.resolve(backend, x, block).block_backward(
-        block, dy, x, params, Forward(y, acts, means, variances, counts), need_input_grad)
+    grads = backends.resolve(backend, x, block, sample_scale is not None).block_backward(
+        block, dy, x, params, Forward(y, acts, means, variances, counts), need_input_grad,
+        **_sample_scale(sample_scale))
     return pack_grads(grads, x)
 
 
 @block_backward.register_fake
 def _block_backward_fake(dy, x, y, weights, gammas, betas, acts, means, variances, spec, spec_floats,
-                         need_input_grad, backend, counts=None):
+                         need_input_grad, backend, sample_scale=None, counts=None):
     params = Params(weights, gammas, betas, [], [])
     return backward_fake(x, y, params, _spec(spec, spec_floats), need_input_grad)
 
@@ -138,14 +148,15 @@ def _present(stats: List[Tensor]) -> List[Optional[Tensor]]:
     return [None if t.numel() == 0 else t for t in stats]
 
 
-def forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor], backend: str) -> Forward:
+def forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor], backend: str,
+            sample_scale: Optional[Tensor] = None) -> Forward:
     """The training op on structured arguments."""
     # No Tensor?[] in the schema (torch.jit.trace cannot record one): an empty tensor stands for a missing running
     # statistic, never a real one (a BN has at least one channel).
     absent = x.new_empty(0)
     means, variances = ([absent if t is None else t for t in ts] for ts in (params.running_means, params.running_vars))
     flat = torch.ops.fused_resnet.block_forward(x, params.weights, params.gammas, params.betas, means, variances,
-                                                residual, spec.ints, spec.floats, backend)
+                                                residual, spec.ints, spec.floats, backend, sample_scale)
     return unpack_forward(flat, len(spec.units))
 
 

@@ -124,7 +124,8 @@ def backward_fake(x: Tensor, y: Tensor, params: Params, spec: BlockSpec, need_in
 # --------------------------------------------------------------------------------------------- autograd
 def block_autograd(backward_op: Callable[..., List[Tensor]]):
     """(backward, setup_context) of a whole-block forward op with the forward inputs above, optionally followed by
-    more arguments (the fused_resnet:: ops' backend name, the extension's ``graphs``); ``backward_op`` is the
+    more arguments (the fused_resnet:: ops' backend name and stochastic depth's ``sample_scale``, a tensor saved
+    as the others; the extension's ``graphs``); ``backward_op`` is the
     matching backward op, called with the backward inputs and the same trailing arguments."""
     n_in = len(FORWARD_INPUTS)
 
@@ -132,9 +133,12 @@ def block_autograd(backward_op: Callable[..., List[Tensor]]):
         x, weights, gammas, betas, _, _, residual, spec_ints, spec_floats = inputs[:n_in]
         ctx.n = len(weights)
         ctx.spec = (spec_ints, spec_floats)
-        ctx.extra = tuple(inputs[n_in:])
+        extra = tuple(inputs[n_in:])
+        # a tensor among them (stochastic depth's sample_scale) is saved as autograd saves tensors
+        ctx.extra_tensors = [i for i, e in enumerate(extra) if isinstance(e, Tensor)]
+        ctx.extra = tuple(None if isinstance(e, Tensor) else e for e in extra)
         ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.save_for_backward(x, *weights, *gammas, *betas, *output)
+        ctx.save_for_backward(x, *weights, *gammas, *betas, *output, *(extra[i] for i in ctx.extra_tensors))
         # Only y's gradient is read: left to autograd, the saved outputs' absent gradients would arrive as zero
         # tensors, one activation-sized fill per saved pre-BN output in every backward (the launch account saw them)
         ctx.set_materialize_grads(False)
@@ -142,6 +146,9 @@ def block_autograd(backward_op: Callable[..., List[Tensor]]):
     def backward(ctx, grads):
         n = ctx.n
         x, *rest = ctx.saved_tensors
+        extra = list(ctx.extra)
+        for i in reversed(ctx.extra_tensors):
+            extra[i] = rest.pop()
         weights, gammas, betas = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
         saved = unpack_forward(rest[3 * n:], n)
         nones = [None] * n
@@ -152,7 +159,7 @@ def block_autograd(backward_op: Callable[..., List[Tensor]]):
         need_dx = bool(ctx.needs_input_grad[0])
         counts = {} if saved.counts is None else {"counts": saved.counts}  # a synchronised spec's
         flat = backward_op(dy, x, saved.y, list(weights), list(gammas), list(betas), saved.acts, saved.means,
-                           saved.variances, *ctx.spec, need_dx, *ctx.extra, **counts)
+                           saved.variances, *ctx.spec, need_dx, *extra, **counts)
         out = unpack_grads(flat, n, BlockSpec.from_schema(*ctx.spec), need_dx)
         d_res = out.d_residual.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
         return (out.dx, out.dws, out.dgammas, out.dbetas, nones, nones, d_res) + none_tail

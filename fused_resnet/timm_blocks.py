@@ -4,15 +4,21 @@ torchvision's blocks: the block keeps its class's submodules, parameters and sta
 while its structure is what the kernels implement.
 
 A timm block fuses when its inner activations are ``nn.ReLU`` and its drop_block and anti-aliasing layers are
-identities. Without a squeeze-excitation / attention module (``se``) and stochastic depth (``drop_path``) the op
-computes the whole block: its last activation must be ``nn.ReLU`` too, and its shortcut is the identity, a
-projection ``Sequential(conv, bn)``, or any other downsample module (the "-d" variants' avg-pool + conv + BN),
-whose output enters the op as a tensor (its conv-BN computed by an op of its own, a one-unit open block, after
-the avg-pool in torch). With either of them the block is *open* (``Shortcut.OPEN``): the op runs the chain of
-conv-BN(-ReLU) units and returns the last BN's output, and the closing runs in torch exactly as timm's forward
-does — its own ``se``, then its ``drop_path`` (timm's module: the same random draws), then its shortcut on the
-block input (a projection's conv-BN again an op of its own), the add and its last activation (any module). Otherwise the block is left as
-it is (``convert`` says why); a block changed after conversion runs timm's own forward for that call.
+identities. Without a squeeze-excitation / attention module (``se``) the op computes the whole block: its last
+activation must be ``nn.ReLU`` too, and its shortcut is the identity, a projection ``Sequential(conv, bn)``, or
+any other downsample module (the "-d" variants' avg-pool + conv + BN), whose output enters the op as a tensor (its
+conv-BN computed by an op of its own, a one-unit open block, after the avg-pool in torch). Stochastic depth
+(timm's ``DropPath``, unhooked) is then part of the op's closing on a backend that declares ``drop_path``: the
+block draws timm's per-sample mask itself, with timm's call on the same generator at the same point of the forward
+(before the shortcut's downsample), so a seeded run drops the same samples.
+
+Otherwise — an ``se``, a drop_path the op does not compute (another module, hooked, or a backend without the
+capability), a last activation other than ``nn.ReLU`` beside a drop_path — the block is *open*
+(``Shortcut.OPEN``): the op runs the chain of conv-BN(-ReLU) units and returns the last BN's output, and the
+closing runs in torch exactly as timm's forward does — its own ``se``, then its ``drop_path`` (timm's module: the
+same random draws), then its shortcut on the block input (a projection's conv-BN again an op of its own), the add
+and its last activation (any module). A block that fits neither is left as it is (``convert`` says why); a block
+changed after conversion runs timm's own forward for that call.
 
 Imported by ``convert`` only when a model holds timm blocks (importing timm takes seconds).
 """
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
 
+import torch
+from timm.layers import DropPath
 from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
-from . import guard
+from . import backends, guard
 from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason, settings_reason
-from .spec import Shortcut
+from .spec import BlockSpec, Shortcut, UnitSpec
 
 _OPTIONAL_IDENTITIES = ("drop_block", "aa")  # nn.Identity when unused
 
@@ -35,10 +43,22 @@ def _units(block: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
     return [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1)]
 
 
-def is_open(block: nn.Module) -> bool:
-    """Whether the block's closing runs in torch: an ``se`` module or stochastic depth (``drop_path``) sits between
-    its last BN and the residual add, which no kernel implements."""
-    return block.se is not None or block.drop_path is not None
+# what a backend's drop_path capability is asked about: only the capability and a closing matter
+_CLOSED = BlockSpec((UnitSpec(),), Shortcut.NONE)
+
+
+def drop_path_closes(block: nn.Module, backend: Optional[str] = None) -> bool:
+    """Whether the op computes this block's stochastic depth in its closing on ``backend`` (None: the block's):
+    timm's DropPath, unhooked, no ``se`` before it, nn.ReLU last, and a backend that declares ``drop_path``."""
+    dp, last = block.drop_path, getattr(block, _last_activation(block))
+    return (block.se is None and type(dp) is DropPath and not guard.hooked(dp) and type(last) is nn.ReLU
+            and backends.drop_path_refusal(backend or getattr(block, "backend", "auto"), _CLOSED) is None)
+
+
+def is_open(block: nn.Module, backend: Optional[str] = None) -> bool:
+    """Whether the block's closing runs in torch (on ``backend``; None: the block's): an ``se`` module, or a
+    ``drop_path`` the op does not compute (:func:`drop_path_closes`), sits between its last BN and the add."""
+    return block.se is not None or (block.drop_path is not None and not drop_path_closes(block, backend))
 
 
 def _last_activation(block: nn.Module) -> str:
@@ -48,22 +68,24 @@ def _last_activation(block: nn.Module) -> str:
 def unfusable_reason(block: nn.Module, backend: Optional[str] = None) -> Optional[str]:
     """Why this timm block (fused or not) cannot run fused on ``backend`` (None: its own, or auto), or why a fused
     one runs its eager computation now, or None."""
-    units, open_ = _units(block), is_open(block)
-    return (geometry_reason(units, backend or getattr(block, "backend", "auto"),
-                            shortcut=Shortcut.OPEN if open_ else Shortcut.NONE)
-            or structure_reason(block) or settings_reason(block, units, shortcut=not open_))
+    backend = backend or getattr(block, "backend", "auto")
+    units, open_ = _units(block), is_open(block, backend)
+    return (geometry_reason(units, backend, shortcut=Shortcut.OPEN if open_ else Shortcut.NONE)
+            or structure_reason(block, backend) or settings_reason(block, units, shortcut=not open_))
 
 
-def structure_reason(block: nn.Module) -> Optional[str]:
+def structure_reason(block: nn.Module, backend: Optional[str] = None) -> Optional[str]:
     """Why the submodules of this timm block are not what the kernels implement (slots, types, hooks), or None.
     An open block's se, drop_path, downsample and last activation run as themselves: any module, hooks allowed."""
     for name in _OPTIONAL_IDENTITIES:
         if type(getattr(block, name)) is not nn.Identity:
             return f"{name} is {type(getattr(block, name)).__name__}"
-    units = _units(block)
-    fused_acts = len(units) - 1 if is_open(block) else len(units)
+    units, open_ = _units(block), is_open(block, backend)
+    fused_acts = len(units) - 1 if open_ else len(units)
     activations = {f"act{i}": getattr(block, f"act{i}") for i in range(1, fused_acts + 1)}
-    away = fused_away(units, activations, None if is_open(block) else block.downsample)
+    away = fused_away(units, activations, None if open_ else block.downsample)
+    if not open_ and block.drop_path is not None:
+        away["drop_path"] = block.drop_path
     away.update({name: getattr(block, name) for name in _OPTIONAL_IDENTITIES})
     return guard.blocker(units, activations, away)
 
@@ -78,10 +100,10 @@ class _TimmLayout:
         return _units(self)
 
     def _structure_blocker(self) -> Optional[str]:
-        return structure_reason(self)
+        return structure_reason(self, self.backend)
 
     def _structure(self):
-        if is_open(self):
+        if is_open(self, self.backend):
             units = self._units()
             return [c for c, _ in units], [b for _, b in units], Shortcut.OPEN, 1
         return super()._structure()
@@ -100,6 +122,20 @@ class _TimmLayout:
         else:
             out += sc  # timm's in-place add
         return getattr(self, _last_activation(self))(out)
+
+    def _sample_scale(self, x: Tensor) -> Optional[Tensor]:
+        """timm's drop_path mask for this call where the op computes it (training, drop_prob > 0): drawn as timm's
+        drop_path draws it — ``bernoulli_(keep)`` on an [N] tensor in the last BN output's dtype, divided by keep
+        where scale_by_keep — so the generator advances as in timm's forward and the same samples drop."""
+        dp = self.drop_path
+        if dp is None or not dp.training or dp.drop_prob == 0.0:
+            return None
+        keep = 1.0 - dp.drop_prob
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        scale = torch.empty((x.shape[0],), dtype=dtype, device=x.device).bernoulli_(keep)
+        if keep > 0.0 and dp.scale_by_keep:
+            scale.div_(keep)
+        return scale
 
     def _torch_children(self) -> Tuple[str, ...]:
         return ("se", "drop_path", "downsample", _last_activation(self)) if is_open(self) else ()

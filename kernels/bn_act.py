@@ -2,7 +2,7 @@
 
 Forward, per element of a (M = N·H·W rows, C channels innermost) with per-channel fp32 scale s and shift t::
 
-    y[m, c] = relu(a[m, c]·s[c] + t[c] + r[m, c])
+    y[m, c] = relu(a[m, c]·s[c] + t[c] + r[m, c])      (stochastic depth: relu(d[n]·(a·s + t) + r), n = m // (H·W))
 
 where the residual r is a tensor of a's shape, optionally through its own BN (a projection shortcut:
 r·s_r + t_r, the "dual affine"), or the option-A shortcut read from the block input x[n, p·s, q·s, c] for
@@ -37,10 +37,13 @@ def bn_act_kernel(
     res_scale_ptr,  # RES_MODE AFFINE: [C] fp32 scale / shift of the residual's own BN
     res_shift_ptr,
     y_ptr,  # [M, C] output in a's dtype
+    sample_ptr,  # SAMPLE_SCALE: [N] stochastic depth's per-sample scale d (any float dtype)
     M,
     C,
+    HW,  # rows per sample
     P, Q, RH, RW, RC, rs_h, rs_w,  # option A: a's spatial size P x Q, the block input's size and the stride
     RES_MODE: tl.constexpr,
+    SAMPLE_SCALE: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -54,6 +57,8 @@ def bn_act_kernel(
     s = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     t = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     z = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s[None, :] + t[None, :]
+    if SAMPLE_SCALE:
+        z *= tl.load(sample_ptr + rows // HW, mask=rows < M, other=0.0).to(tl.float32)[:, None]
     if RES_MODE == RES_TENSOR or RES_MODE == RES_AFFINE:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RES_MODE == RES_AFFINE:
@@ -88,9 +93,10 @@ def bn_act(
     a: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor] = None,
     relu: bool = True, out: Optional[torch.Tensor] = None,
     residual_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    option_a_stride: Optional[Sequence[int]] = None,
+    option_a_stride: Optional[Sequence[int]] = None, sample_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """relu(a·scale + shift [+ residual]) per channel; a channels_last (or [M, C]), scale/shift fp32 [C].
+    ``sample_scale``: [N] contiguous, a 4-D: relu(d[n]·(a·scale + shift) [+ residual]) (stochastic depth).
     ``residual_affine`` = (s_r, t_r): the residual enters as residual·s_r + t_r (a projection shortcut's BN).
     ``option_a_stride``: the residual is the option-A block input [N, C_in, H, W] (channels_last),
     subsampled by the stride with channels C_in.. zero, read in place. ``out`` (optional) receives the result:
@@ -133,6 +139,10 @@ def bn_act(
         r2 = a2
     if out is not None and (out.shape != a.shape or out.dtype != a.dtype or out.device != a.device):
         raise ValueError(f"bn_act expects out with shape {tuple(a.shape)}, dtype {a.dtype} on {a.device}")
+    if sample_scale is not None and (a.dim() != 4 or sample_scale.shape != (a.shape[0],)
+                                     or not sample_scale.is_contiguous() or sample_scale.device != a.device):
+        raise ValueError(f"bn_act expects sample_scale as a contiguous [{a.shape[0]}] tensor on {a.device} with 4-D "
+                         f"activations, got {tuple(sample_scale.shape)} on {sample_scale.device}")
     y = torch.empty_like(a) if out is None else out
     y2 = _rows_by_channels(y, "the output")
     rs, rt = residual_affine if residual_affine else (scale, shift)
@@ -140,10 +150,12 @@ def bn_act(
     block_m = max(1, 4096 // block_c)
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
     launches.record("bn_act_kernel", "elementwise",
-                    [a2, scale, shift, r2 if residual is not None else None, *(residual_affine or ())], [y2])
+                    [a2, scale, shift, r2 if residual is not None else None, *(residual_affine or ()),
+                     sample_scale], [y2])
     if launches.dry():
         return y
     bn_act_kernel[grid](a_ptr=a2, scale_ptr=scale, shift_ptr=shift, res_ptr=r2, res_scale_ptr=rs, res_shift_ptr=rt,
-                        y_ptr=y2, M=m, C=c, **dims, RES_MODE=int(res_mode), RELU=relu, BLOCK_M=block_m,
-                        BLOCK_C=block_c)
+                        y_ptr=y2, sample_ptr=scale if sample_scale is None else sample_scale, M=m, C=c,
+                        HW=max(1, a.shape[2] * a.shape[3]) if a.dim() == 4 else 1, **dims, RES_MODE=int(res_mode),
+                        SAMPLE_SCALE=sample_scale is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c)
     return y

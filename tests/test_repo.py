@@ -248,8 +248,10 @@ FEATURES = {
     "fusing around stochastic depth": (
         r"fus\w* around[^.]*(stochastic depth|drop.?path)",
         lambda: _timm_block_fuses(drop_path=lambda timm: timm.layers.DropPath(0.1))),
-    "a closing with SE / drop_path inside the fused op": (
-        r"closing[^.]*inside the fused op", lambda: _capability_named("closing", "drop_path", "se")),
+    "a closing with SE / attention inside the fused op": (
+        r"(SE|ECA|attention)[^.]*inside the fused op", lambda: _capability_named("closing", "se", "attention")),
+    "drop_path inside the fused op on every backend": (
+        r"drop.?path inside the fused op", lambda: _capabilities("drop_path")),
     "timm's stems fused": (r"timm's stems", _timm_stem_fuses),
     "double backward": (r"double backward", _double_backward_runs),
 }

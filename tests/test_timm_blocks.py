@@ -1,8 +1,10 @@
 """timm's ResNet family fused in place (fused_resnet/timm_blocks.py): every block of resnet18, resnet50d (avg-pool
 downsample, deep stem), resnet26t and wide_resnet50_2 fuses, and the converted model matches timm's against the
-float64 oracle over training passes; blocks with squeeze-excitation / attention or stochastic depth fuse their
-units and close in torch with timm's own modules (float64: timm's numbers and gradients under the same seed, train
-and eval; the oracle on backend triton here, on reference and cuda in tests/test_model_families.py); blocks with
+float64 oracle over training passes; blocks with squeeze-excitation / attention, or stochastic depth on a backend
+without it, fuse their units and close in torch with timm's own modules (float64: timm's numbers and gradients
+under the same seed, train and eval; the oracle on backend triton here, on reference and cuda in
+tests/test_model_families.py); stochastic depth on a backend that declares it is inside the op's closing, with
+timm's draws (reference in float64, triton's kernels against the oracle); blocks with
 DropBlock are left as timm's with a warning; a block changed after convert runs timm's own forward; revert gives
 timm's classes back; timm's feature APIs (features_only=True models, forward_intermediates) on converted models give
 the unconverted model's features and gradients in float64."""
@@ -46,19 +48,27 @@ def test_timm_resnets_fuse_every_block_and_match_timm(name, blocks):
     assert_checks(checks, name)
 
 
-OPEN = [("seresnet18", {}), ("resnet18", {"drop_path_rate": 0.2})]
+# (model, kwargs, a backend on which its blocks are open): stochastic depth is open on a backend without the
+# capability (cuda's CPU registrations here)
+OPEN = [("seresnet18", {}, "reference"), ("resnet18", {"drop_path_rate": 0.2}, "cuda")]
 
 
 def _open_blocks(model):
     return [m for m in model.modules() if isinstance(m, FUSED) and timm_blocks.is_open(m)]
 
 
-@pytest.mark.parametrize("name,kwargs", OPEN, ids=[n for n, _ in OPEN])
-def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwargs):
+def _available(backend):
+    if backends.backend_status()[backend] is not None:
+        pytest.skip(f"backend {backend!r} is not available here: {backends.backend_status()[backend]}")
+
+
+@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=[n for n, _, _ in OPEN])
+def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwargs, backend):
+    _available(backend)
     model = _model(name, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused = fused_resnet.convert(model, backend="reference")
+        fused = fused_resnet.convert(model, backend=backend)
     blocks = [m for m in fused.modules() if isinstance(m, TIMM)]
     assert all(isinstance(m, FUSED) for m in blocks)
     assert len(_open_blocks(fused)) == sum(m.se is not None or m.drop_path is not None for m in blocks) >= 7
@@ -82,14 +92,28 @@ def _run(model, x, grad, seed):
     return {"y": y, "dx": xi.grad, **{n: p.grad for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("name,kwargs", OPEN, ids=[n for n, _ in OPEN])
-def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs):
-    """Backend reference in float64 against the unconverted model under the same seed (DropPath's draws are
-    timm's): train (two passes: running statistics too) and eval, forward and backward, within float64 rounding."""
+@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=[n for n, _, _ in OPEN])
+def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs, backend):
+    """float64 (the ops on backend reference: cuda's fall back to it for float64) against the unconverted model
+    under the same seed (DropPath's draws are timm's): train (two passes: running statistics too) and eval, forward
+    and backward, within float64 rounding."""
+    _available(backend)
     model = _model(name, **kwargs).double()
-    fused = fused_resnet.convert(model, backend="reference")
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    grad = torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cuda's ops name the reference backend running float64
+        fused = fused_resnet.convert(model, backend=backend)
+        _same_as_timm(model, fused)
+    if kwargs:  # the paths were dropped for some samples in training (else DropPath was never exercised)
+        torch.manual_seed(1)
+        assert any((m.drop_path(torch.ones(8, 1, 1, 1, dtype=torch.float64)) == 0).any()
+                   for m in _open_blocks(fused.train()))
+
+
+def _same_as_timm(model, fused):
+    """Train (two passes) and eval, under the same seeds: y, dx, every parameter gradient and buffer of the fused
+    model within float64 rounding of timm's."""
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    grad = torch.randn(4, 4, dtype=torch.float64)
     for train, seed in ((True, 1), (True, 2), (False, 3)):
         model.train(train), fused.train(train)
         want, got = _run(model, x, grad, seed), _run(fused, x, grad, seed)
@@ -98,10 +122,91 @@ def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs):
             assert err < 1e-10, (train, k, err)
     for (k, b), w in zip(fused.named_buffers(), model.buffers()):
         torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12, msg=k)
-    if kwargs:  # the paths were dropped for some samples in training (else DropPath was never exercised)
-        torch.manual_seed(1)
-        assert any((m.drop_path(torch.ones(8, 1, 1, 1, dtype=torch.float64)) == 0).any()
-                   for m in _open_blocks(fused.train()))
+
+
+def _scales_seen(monkeypatch):
+    """The sample_scale of every fused training op call (None where it had none)."""
+    seen, real = [], fused_resnet.ops.forward
+
+    def spy(spec, x, params, residual, backend, sample_scale=None):
+        seen.append(None if sample_scale is None else sample_scale.detach().clone())
+        return real(spec, x, params, residual, backend, sample_scale)
+
+    monkeypatch.setattr(fused_resnet.ops, "forward", spy)
+    return seen
+
+
+def test_drop_path_inside_the_op_gives_timms_numbers_and_draws(monkeypatch):
+    """On a backend that declares drop_path (reference here) a stochastic-depth block is not open: the op's
+    closing scales each sample's branch, with the mask drawn as timm draws it (float64: timm's outputs, gradients
+    and running statistics under the same seed, two training passes and eval); samples were dropped and kept."""
+    model = _model("resnet18", drop_path_rate=0.3).double()
+    fused = fused_resnet.convert(model, backend="reference")
+    blocks = [m for m in fused.modules() if isinstance(m, FUSED)]
+    assert len(blocks) == 8 and not _open_blocks(fused)
+    assert [m.block_spec().shortcut for m in blocks] == [Shortcut.IDENTITY] * 2 + [Shortcut.PROJECTION,
+                                                                                   Shortcut.IDENTITY] * 3
+    assert "closing in torch" not in fused_resnet.conversion_report(fused)
+    seen = _scales_seen(monkeypatch)
+    _same_as_timm(model, fused)
+    drawn = torch.cat([s for s in seen if s is not None])
+    assert seen[0] is None  # layer1.0: drop_path_rate scales with depth, 0 for the first block
+    assert (drawn == 0).any() and (drawn > 1).any()  # dropped (0) and kept (1 / keep) samples
+
+
+def test_drop_path_runs_in_torch_where_the_op_cannot_compute_it_exactly(monkeypatch):
+    """A hook on drop_path (it fires), another module in its slot, another last activation, an se before it: the
+    block is open (timm's modules close it); drop_prob set to 0 after a forward: no mask drawn (timm draws
+    none either); eval: none."""
+    model = _model("resnet18", drop_path_rate=0.3)
+    fused = fused_resnet.convert(model, backend="reference")
+    block, x = fused.layer2[1], torch.randn(2, 3, 32, 32)
+    assert not timm_blocks.is_open(block)
+    fired = []
+    handle = block.drop_path.register_forward_hook(lambda m, i, o: fired.append(1))
+    assert timm_blocks.is_open(block) and block._blocker() is None
+    fused(x)
+    assert fired == [1]
+    handle.remove()
+    assert not timm_blocks.is_open(block)
+    block.act2 = torch.nn.GELU()
+    assert timm_blocks.is_open(block) and block._blocker() is None
+    block.act2 = torch.nn.ReLU(inplace=True)
+    block.drop_path = torch.nn.Dropout(0.1)
+    assert timm_blocks.is_open(block)
+    block.drop_path = timm.layers.DropPath(0.3)
+    assert not timm_blocks.is_open(block)
+    seen = _scales_seen(monkeypatch)
+    fused(x)
+    block.drop_path.drop_prob = 0.0
+    fused(x)
+    fused.eval()(x)
+    # 8 op calls per forward (the projections are units of their blocks' ops), layer2.1's the 4th; eval (with
+    # parameters that need gradients: the training op) draws no mask
+    assert len(seen) == 24 and seen[3] is not None and seen[8 + 3] is None and seen[16:] == [None] * 8
+
+
+def test_drop_path_inside_the_op_matches_the_oracle_on_triton(monkeypatch):
+    """Triton's closing and first backward reduction with stochastic depth (a projection Bottleneck: the shortcut
+    BN's sums of the unscaled gradient; an identity BasicBlock), against the oracle, samples dropped."""
+    _available("triton")
+    from timm.layers import DropPath
+
+    seen = _scales_seen(monkeypatch)
+    for projection in (True, False):
+        torch.manual_seed(0)
+        if projection:
+            ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+            block = timm.models.resnet.Bottleneck(8, 4, stride=2, downsample=ds, drop_path=DropPath(0.5))
+        else:
+            block = timm.models.resnet.BasicBlock(8, 8, drop_path=DropPath(0.5))
+        testing.randomize_batchnorm(block, torch.Generator().manual_seed(0))
+        checks = testing.compare_models(block, lambda m: fused_resnet.convert(m, backend="triton", inplace=True),
+                                        torch.randn(4, 8, 6, 6), torch.float32, torch.device("cpu"),
+                                        train_steps=2, lr=0.01, seed=3)
+        assert_checks(checks, f"DropPath {'Bottleneck' if projection else 'BasicBlock'} on triton")
+    drawn = torch.cat(seen)
+    assert (drawn == 0).any() and (drawn == 2).any()
 
 
 def test_an_open_block_matches_the_oracle_on_triton():

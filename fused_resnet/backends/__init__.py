@@ -11,12 +11,12 @@ import importlib
 import pkgutil
 
 from .registry import (Backend, Capabilities, auto_runs_eager, available_backends, backend_status, block_refusal,
-                       check_requested, choices, get, names, refresh, register, resolve, resolve_running_update,
-                       what_runs)
+                       check_requested, choices, drop_path_refusal, get, names, refresh, register, resolve,
+                       resolve_running_update, what_runs)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Backend", "Capabilities", "auto_runs_eager", "available_backends", "backend_status", "block_refusal",
-           "check_requested", "choices", "get", "names", "refresh", "register", "resolve", "resolve_running_update",
+           "check_requested", "choices", "drop_path_refusal", "get", "names", "refresh", "register", "resolve", "resolve_running_update",
            "what_runs"]

@@ -9,16 +9,19 @@ For unit i (training mode, per output channel c, M = N·H·W elements per channe
     a_i  = conv_i(r_{i-1})              r_{-1} = x;  a_i is SAVED (the pre-BN conv output)
     s_i  = γ_i·rstd_i ; t_i = β_i − mean_i·s_i
     r_i  = relu(a_i·s_i + t_i)          NEVER saved: recomputed from a_i where needed
-    y    = relu(a_last·s_last + t_last + sc)
+    y    = relu(a_last·s_last + t_last + sc)        (stochastic depth: relu(d_n·(a_last·s_last + t_last) + sc))
 
 with the shortcut ``sc`` one of: none (plain network), identity (x), projection (BN_sc(conv_sc(x)), its unit
 stored after the main-path units), option A (x subsampled by the stride, channels zero-padded at the end),
 or a tensor computed outside (any other downsample module). An open block (``Shortcut.OPEN``) returns
 y = a_last·s_last + t_last, no shortcut and no ReLU: its module closes it (backward: dz = dy, no mask).
 
+Stochastic depth (timm's drop_path) scales the last BN's output of sample n by d_n (0 for a dropped sample, 1/keep
+for a kept one), drawn by the block: ``sample_scale`` [N] in x's dtype.
+
 Backward, given dy (mask from the stored y, no mask tensor)::
 
-    dz    = dy·[y > 0]
+    dz    = dy·[y > 0]                             (the shortcut's; the last unit's is d_n·dz)
     dβ_i  = Σ dz ;  dγ_i = Σ dz·x̂_i                   x̂_i = (a_i − mean_i)·rstd_i
     da_i  = s_i·(dz − dβ_i/M − x̂_i·dγ_i/M)            (s_i·dz with fixed running statistics)
     dr_{i-1}, dW_i = conv_iᵀ(da_i), Σ r_{i-1} ⊗ da_i   (dgrad, wgrad; r_{i-1} recomputed from a_{i-1})
@@ -76,9 +79,17 @@ def scale_shift(gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: flo
     return s, t, rstd
 
 
-def bn_act(a: Tensor, s: Tensor, t: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    """scale-shift(-add)(-ReLU): relu(a·s + t [+ residual]) computed in s's dtype, returned in a's dtype."""
+def _sample_view(v: Tensor, dtype: torch.dtype) -> Tensor:
+    return v.to(dtype).view(-1, 1, 1, 1)
+
+
+def bn_act(a: Tensor, s: Tensor, t: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
+           sample_scale: Optional[Tensor] = None) -> Tensor:
+    """scale-shift(-scale per sample)(-add)(-ReLU): relu(d_n·(a·s + t) [+ residual]) computed in s's dtype,
+    returned in a's dtype (d: ``sample_scale``, [N]; None: 1)."""
     z = a.to(s.dtype) * _channel_view(s) + _channel_view(t)
+    if sample_scale is not None:
+        z = z * _sample_view(sample_scale, s.dtype)
     if residual is not None:
         z = z + residual.to(s.dtype)
     if relu:
@@ -138,10 +149,11 @@ def bn_running_update(
 
 
 # --------------------------------------------------------------------------------------------- block ops
-def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor],
+                  sample_scale: Optional[Tensor] = None) -> Forward:
     """Training-capable block forward: y, the pre-BN conv outputs (saved for backward, in x's layout) and the
     per-channel statistics each BN used (batch statistics — biased variance — where the unit's ``batch_stats``,
-    else its running statistics)."""
+    else its running statistics). ``sample_scale``: stochastic depth's d [N] (see the module docstring)."""
     fmt = memory_format_of(x)
     n_main = spec.n_main
     acts, means, variances, affine, counts = [], [], [], [], []
@@ -167,8 +179,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
             inp = bn_act(a, s, t)
     s_last, t_last = affine[n_main - 1]
     sc = _shortcut_value(spec, x, acts, affine, residual, fmt, s_last.dtype)
-    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc, relu=spec.final_relu), acts, means, variances,
-                   distributed.counts_tensor(counts, x) if spec.synced else None)
+    return Forward(bn_act(acts[n_main - 1], s_last, t_last, sc, relu=spec.final_relu, sample_scale=sample_scale),
+                   acts, means, variances, distributed.counts_tensor(counts, x) if spec.synced else None)
 
 
 def _shortcut_value(spec: BlockSpec, x, acts, affine, residual, fmt, dtype) -> Optional[Tensor]:
@@ -193,8 +205,9 @@ def block_inference(spec: BlockSpec, x: Tensor, params: Params, residual: Option
 
 
 def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
-                   need_input_grad: bool) -> Grads:
-    """Hand-derived block backward; d_residual (shortcut given as a tensor) is in x's dtype."""
+                   need_input_grad: bool, sample_scale: Optional[Tensor] = None) -> Grads:
+    """Hand-derived block backward; d_residual (shortcut given as a tensor) is in x's dtype; ``sample_scale``: the
+    forward's stochastic-depth d."""
     n, n_main = len(spec.units), spec.n_main
     acc = acc_dtype(x.dtype)
     weights, gammas, acts, means = params.weights, params.gammas, saved.acts, saved.means
@@ -226,7 +239,7 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
     d_sc = None
     if spec.shortcut == Shortcut.PROJECTION:
         d_sc = unit_backward(n_main, dz_out, x, need_input_grad)
-    dz = dz_out
+    dz = dz_out if sample_scale is None else dz_out * _sample_view(sample_scale, acc)
     dx = None
     for i in reversed(range(n_main)):
         if i > 0:
@@ -255,19 +268,20 @@ class ReferenceBackend(Backend):
     """Pure PyTorch, any device and dtype: the semantics every backend matches, and the oracle's twin."""
 
     name = "reference"
-    capabilities = Capabilities(dtypes=FLOAT_DTYPES, groups=True, dilation=True, running_update_dtypes=FLOAT_DTYPES)
+    capabilities = Capabilities(dtypes=FLOAT_DTYPES, groups=True, dilation=True, drop_path=True,
+                                running_update_dtypes=FLOAT_DTYPES)
 
     def saved_format(self, x: Tensor) -> torch.memory_format:
         return memory_format_of(x)
 
-    def block_forward(self, spec, x, params, residual):
-        return block_forward(spec, x, params, residual)
+    def block_forward(self, spec, x, params, residual, sample_scale=None):
+        return block_forward(spec, x, params, residual, sample_scale)
 
     def block_inference(self, spec, x, params, residual):
         return block_inference(spec, x, params, residual)
 
-    def block_backward(self, spec, dy, x, params, saved, need_input_grad):
-        return block_backward(spec, dy, x, params, saved, need_input_grad)
+    def block_backward(self, spec, dy, x, params, saved, need_input_grad, sample_scale=None):
+        return block_backward(spec, dy, x, params, saved, need_input_grad, sample_scale)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         bn_running_update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)

@@ -6,7 +6,7 @@ defines the semantics. Registration checks that every method is there: a backend
 computation silently.
 
 What a backend runs is data, its :class:`Capabilities` (dtypes, grouped and dilated convs, dimensionality,
-shortcut kinds, synchronised BN, residual scale, the running-statistics update's dtypes): dispatch
+shortcut kinds, synchronised BN, residual scale, stochastic depth, the running-statistics update's dtypes): dispatch
 (``resolve``), ``convert`` and ``conversion_report`` (``block_refusal``) all ask ``Capabilities.refusal``, the one
 place that compares a block with what a backend declares. Only where a backend runs (its device types, probed
 at run time) is code, ``device_refusal``.
@@ -39,8 +39,9 @@ class Capabilities:
     names): ``dtypes`` of the block ops' tensors; ``groups``: convs with groups > 1 (depth-wise included);
     ``dilation``: convs with dilation > 1; ``dims``: the user's dimensionalities (1: Conv1d / BatchNorm1d);
     ``shortcuts``: the closing kinds; ``synced_bn``: BNs synchronised over a process group; ``residual_scale``:
-    y = relu(α·bn(...) + shortcut); ``running_update_dtypes``: the dtypes of the batch statistics the
-    running-statistics update takes."""
+    y = relu(α·bn(...) + shortcut); ``drop_path``: stochastic depth in the closing, y = relu(d_n·bn(...) +
+    shortcut) with a per-sample d (the ops' ``sample_scale``; off by default: a backend opts in);
+    ``running_update_dtypes``: the dtypes of the batch statistics the running-statistics update takes."""
 
     dtypes: FrozenSet[torch.dtype] = KERNEL_DTYPES
     groups: bool = False
@@ -49,12 +50,14 @@ class Capabilities:
     shortcuts: FrozenSet[Shortcut] = frozenset(Shortcut)
     synced_bn: bool = True
     residual_scale: bool = True
+    drop_path: bool = False
     running_update_dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32})
 
-    def refusal(self, spec: BlockSpec, dtype: Optional[torch.dtype] = None, residual_scale: bool = False
-                ) -> Optional[str]:
-        """None when a block of ``spec`` (in ``dtype``; None: any; with a residual scale α) is within these
-        capabilities, else the first it lacks, named: "capability 'groups' (groups [1, 32, 1])"."""
+    def refusal(self, spec: BlockSpec, dtype: Optional[torch.dtype] = None, residual_scale: bool = False,
+                drop_path: bool = False) -> Optional[str]:
+        """None when a block of ``spec`` (in ``dtype``; None: any; with a residual scale α; with stochastic depth
+        in its closing) is within these capabilities, else the first it lacks, named: "capability 'groups'
+        (groups [1, 32, 1])"."""
         if dtype is not None and dtype not in self.dtypes:
             return f"capability 'dtypes' (dtype {dtype}; runs {_names(self.dtypes)})"
         if not self.groups and any(u.groups != 1 for u in spec.units):
@@ -69,6 +72,10 @@ class Capabilities:
             return "capability 'synced_bn' (a BN synchronised over a process group)"
         if not self.residual_scale and residual_scale:
             return "capability 'residual_scale' (a residual scale α)"
+        if not self.drop_path and drop_path:
+            return "capability 'drop_path' (stochastic depth in the closing)"
+        if drop_path and not spec.final_relu:
+            return f"capability 'drop_path' (stochastic depth with shortcut {spec.shortcut.name}: no closing)"
         return None
 
     def running_update_refusal(self, dtype: torch.dtype) -> Optional[str]:
@@ -85,13 +92,14 @@ def _names(dtypes) -> str:
 def _within_capabilities(op):
     """A block op that refuses, with NotImplementedError naming the capability, a spec or dtype its backend does
     not declare: a direct call never computes what the backend does not claim (dispatch never makes one). Checked
-    once per (spec, dtype)."""
+    once per (spec, dtype, stochastic depth)."""
     @functools.wraps(op)
     def checked(self, spec, first, *args, **kwargs):
         accepted = self.__dict__.setdefault("_accepted", set())
-        key = (spec, first.dtype)
+        drop_path = kwargs.get("sample_scale") is not None
+        key = (spec, first.dtype, drop_path)
         if key not in accepted:
-            reason = self.capabilities.refusal(spec, first.dtype)
+            reason = self.capabilities.refusal(spec, first.dtype, drop_path=drop_path)
             if reason is not None:
                 raise NotImplementedError(f"backend {self.name!r} does not run this block: it lacks {reason}")
             accepted.add(key)
@@ -138,7 +146,10 @@ class Backend:
         """The layout of the pre-BN outputs a training forward saves for backward."""
         raise NotImplementedError
 
-    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor],
+                      sample_scale: Optional[Tensor] = None) -> Forward:
+        """Training forward; ``sample_scale`` (keyword, only where ``capabilities.drop_path``): stochastic depth's
+        per-sample d [N] (reference.py's docstring)."""
         raise NotImplementedError
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
@@ -146,7 +157,7 @@ class Backend:
         raise NotImplementedError
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
-                       need_input_grad: bool) -> Grads:
+                       need_input_grad: bool, sample_scale: Optional[Tensor] = None) -> Grads:
         raise NotImplementedError
 
     def bn_running_update(self, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
@@ -290,10 +301,23 @@ def block_refusal(name: str, spec: BlockSpec, residual_scale: bool = False) -> O
     return "; ".join(reasons) or None
 
 
-def resolve(name: str, x: Tensor, spec: BlockSpec) -> Backend:
-    """The backend that runs a block op on x (the first candidate that takes it), cached; falling back past a
-    candidate warns once, naming the reason and the backend that runs instead."""
-    return _resolve(name, x, spec, lambda b: b.unsupported_reason(x.device.type, x.dtype, spec))
+def drop_path_refusal(name: str, spec: BlockSpec) -> Optional[str]:
+    """Why a block of ``spec`` with stochastic depth cannot have it inside its op on backend ``name``, or None:
+    every backend that may serve the call (for ``auto``, each it may pick on a GPU, so that auto's choice never
+    moves a block to another backend for its drop_path) declares ``drop_path``. A block refused here runs its
+    drop_path in torch (an open block), exactly."""
+    reasons = [f"backend {cand!r} lacks {reason}" for cand in gpu_candidates(name)
+               if (reason := _REGISTRY[cand].capabilities.refusal(spec, drop_path=True)) is not None]
+    return "; ".join(reasons) or None
+
+
+def resolve(name: str, x: Tensor, spec: BlockSpec, drop_path: bool = False) -> Backend:
+    """The backend that runs a block op on x (the first candidate that takes it; with stochastic depth in the
+    closing, ``drop_path``, one that declares it), cached; falling back past a candidate warns once, naming the
+    reason and the backend that runs instead."""
+    def refusal(b: Backend) -> Optional[str]:
+        return b.unsupported_reason(x.device.type, x.dtype, spec) or b.capabilities.refusal(spec, drop_path=drop_path)
+    return _resolve(name, x, (spec, drop_path), refusal)
 
 
 def resolve_running_update(name: str, stats: Tensor) -> Backend:

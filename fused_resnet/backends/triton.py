@@ -28,7 +28,9 @@ channel padding.
 Grouped convs (one GEMM per group, a grid axis) and dilated ones (the taps' offsets) run in the same kernels: the
 backend declares both in its capabilities. An open block (``Shortcut.OPEN``: its module closes it in torch) ends
 with the last BN-apply without ReLU (eval: the last conv's epilogue without ReLU), and its backward's first
-reduction reads dy unmasked.
+reduction reads dy unmasked. Stochastic depth (capability ``drop_path``) is one more per-sample factor in the
+closing kernel, and in the backward's first reduction, which then writes the last unit's scaled gradient beside
+the shortcut's.
 
 Triton is imported on first use, not when the package is imported. The kernels run on CUDA tensors, or on CPU
 tensors when ``TRITON_INTERPRET=1`` was set before the first import (the tests' way of running them on a CPU).
@@ -90,7 +92,7 @@ def _on_input_device(op):
 class TritonBackend(Backend):
     name = "triton"
     auto_rank = 1
-    capabilities = Capabilities(groups=True, dilation=True)
+    capabilities = Capabilities(groups=True, dilation=True, drop_path=True)
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -115,12 +117,13 @@ class TritonBackend(Backend):
                                             momentum)
 
     @_on_input_device
-    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor],
+                      sample_scale: Optional[Tensor] = None) -> Forward:
         """Training forward, same outputs as reference.block_forward. Each conv computes its output's BN
         statistics in its epilogue (per-tile partials, merged exactly by one small launch that also forms s and
         t), and applies the previous unit's BN + ReLU while loading its input (r_i is never written); the block
-        output is one BN-apply + shortcut + ReLU kernel (dual affine for a projection, in-place read for option
-        A)."""
+        output is one BN-apply (× stochastic depth's d) + shortcut + ReLU kernel (dual affine for a projection,
+        in-place read for option A)."""
         conv, bn_act, _, fin = _kernels()
         n_main = spec.n_main
         acts, means, variances, affine, counts = [], [], [], [], []
@@ -155,19 +158,23 @@ class TritonBackend(Backend):
             closing = {"residual": acts[n_main], "residual_affine": affine[n_main]}
         elif spec.shortcut == Shortcut.TENSOR:
             closing["residual"] = residual.to(x.dtype).contiguous(memory_format=_CL)
+        if sample_scale is not None:
+            closing["sample_scale"] = sample_scale.contiguous()
         y = bn_act.bn_act(acts[n_main - 1], *affine[n_main - 1], relu=spec.final_relu, **closing)
         return Forward(y.contiguous(memory_format=memory_format_of(x)), acts, means, variances,
                        distributed.counts_tensor(counts, x) if spec.synced else None)
 
     @_on_input_device
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
-                       need_input_grad: bool) -> Grads:
+                       need_input_grad: bool, sample_scale: Optional[Tensor] = None) -> Grads:
         """Backward, same results as reference.block_backward. One reduction kernel masks dy with [y > 0] and sums
         Σdz, Σdz·x̂ of the last BN (and of a projection's); per unit, one small launch turns such sums into dγ, dβ
         and the dBN coefficients; each dgrad and wgrad applies that BN's backward while loading its gradient
         operand; each dgrad's epilogue applies the previous unit's ReLU mask (recomputed from its pre-BN output),
         sums the previous BN's Σdz, Σdz·x̂ and writes the unit's input relu(a·s + t), which its wgrad then reads
-        (dgrad runs first); the block's first dgrad adds the shortcut's gradient in its epilogue."""
+        (dgrad runs first); the block's first dgrad adds the shortcut's gradient in its epilogue. With stochastic
+        depth the reduction also writes the last unit's d[n]·dz, from which its sums and its convs' BN backward
+        are formed (the shortcut's stays dz)."""
         conv, _, drelu_dbn, fin = _kernels()
         units, n_main, n = spec.units, spec.n_main, len(spec.units)
         weights, acts = params.weights, saved.acts
@@ -218,10 +225,13 @@ class TritonBackend(Backend):
 
         last = n_main - 1
         projection = spec.shortcut == Shortcut.PROJECTION  # its BN's sums come from the same pass over dz
-        dz_out, sums, *sc_sums = drelu_dbn.drelu_dbn_reduce(
+        dz_out, *reduced = drelu_dbn.drelu_dbn_reduce(
             dy.contiguous(memory_format=_CL), acts[last], means[last], variances[last], units[last].eps,
             y=saved.y.contiguous(memory_format=_CL) if spec.final_relu else None,  # open: dz = dy, no mask
-            second=(acts[n_main], means[n_main], variances[n_main], units[n_main].eps) if projection else None)
+            second=(acts[n_main], means[n_main], variances[n_main], units[n_main].eps) if projection else None,
+            sample_scale=None if sample_scale is None else sample_scale.contiguous())
+        dz_branch = dz_out if sample_scale is None else reduced.pop(0)  # the last unit's gradient
+        sums, *sc_sums = reduced
         closing: dict = {}  # the block's first dgrad adds the shortcut's gradient in its epilogue
         d_residual = None
         if spec.shortcut == Shortcut.IDENTITY:
@@ -237,7 +247,7 @@ class TritonBackend(Backend):
                 closing = {"residual": conv.conv_dgrad(dz_out, weights[n_main], x.shape[2:], units[n_main].stride,
                                                        units[n_main].padding, dbn=coeffs,
                                                        **_geometry(units[n_main]))}
-        dz, dx = dz_out, None
+        dz, dx = dz_branch, None
         for i in reversed(range(n_main)):
             coeffs, prev_affine = dbn(i, sums, prev=i - 1 if i > 0 else None)
             if i > 0:

@@ -224,8 +224,8 @@ def _recording_fused_blocks(tape: BranchTape):
     original = ops.forward
     calls: list = []
 
-    def recording(spec, x, params, residual, backend):
-        out = original(spec, x, params, residual, backend)
+    def recording(spec, x, params, residual, backend, sample_scale=None):
+        out = original(spec, x, params, residual, backend, sample_scale)
         tape.record_block(spec, params.gammas, params.betas, out)
         calls.append(backend)
         return out

@@ -32,7 +32,7 @@ class Probe:
     needs: object
     dtype: torch.dtype = torch.float32
     block: tuple = (Shortcut.IDENTITY, 2, True)
-    kind: str = "ops"  # "ops", "dim1", "residual_scale", "running_update", "synced"
+    kind: str = "ops"  # "ops", "dim1", "residual_scale", "drop_path", "running_update", "synced"
 
 
 def _probes():
@@ -44,7 +44,10 @@ def _probes():
                Probe("dilation", "dilation-2-eval", lambda c: c.dilation, block=(Shortcut.PROJECTION, 3, False, 1, 2)),
                Probe("dims", "1-D", lambda c: 1 in c.dims, kind="dim1"),
                Probe("synced_bn", "synced", lambda c: c.synced_bn, kind="synced"),
-               Probe("residual_scale", "alpha", lambda c: c.residual_scale, kind="residual_scale")]
+               Probe("residual_scale", "alpha", lambda c: c.residual_scale, kind="residual_scale"),
+               Probe("drop_path", "drop-path", lambda c: c.drop_path, kind="drop_path"),
+               Probe("drop_path", "drop-path-projection", lambda c: c.drop_path,
+                     block=(Shortcut.PROJECTION, 2, True), kind="drop_path")]
     probes += [Probe("shortcuts", k.name.lower(), lambda c, k=k: k in c.shortcuts,
                      block=(k, 1 if k == Shortcut.NONE else 2, True)) for k in Shortcut]
     probes += [Probe("running_update_dtypes", str(d).replace("torch.", ""),
@@ -72,10 +75,11 @@ def _params(p, dtype, device):
                     for k in ("gammas", "betas", "running_means", "running_vars")])
 
 
-def _outputs(backend, spec, x, params, res, dy):
+def _outputs(backend, spec, x, params, res, dy, sample_scale=None):
     """What the checks compare: the training forward's y and pre-BN outputs, every gradient, eval's y."""
-    out = backend.block_forward(spec, x, params, res)
-    grads = backend.block_backward(spec, dy, x, params, out, True)
+    scale = {} if sample_scale is None else {"sample_scale": sample_scale.to(x.device, x.dtype)}
+    out = backend.block_forward(spec, x, params, res, **scale)
+    grads = backend.block_backward(spec, dy, x, params, out, True, **scale)
     eval_spec = spec.with_batch_stats([False] * len(spec.units))
     named = {"y": out.y, "eval": backend.block_inference(eval_spec, x, params, res), "dx": grads.dx}
     named.update({f"a{i}": a for i, a in enumerate(out.acts)})
@@ -95,10 +99,12 @@ def _run_ops(backend, probe):
     dy = torch.randn(spec.output_shapes(p["x"].shape, [w.shape for w in p["weights"]])[spec.n_main - 1],
                      dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     res = p["residual"]
+    # stochastic depth: sample 1 dropped, the others kept with keep = 0.8
+    scale = torch.tensor([1.25, 0.0] + [1.25] * (p["x"].shape[0] - 2)) if probe.kind == "drop_path" else None
 
     def run(b, dt, device):
         return _outputs(b, spec, p["x"].detach().to(device, dt), _params(p, dt, device),
-                        None if res is None else res.detach().to(device, dt), dy.to(device, dt))
+                        None if res is None else res.detach().to(device, dt), dy.to(device, dt), scale)
 
     exact = run(reference.ReferenceBackend(), torch.float64, "cpu")
     same = run(reference.ReferenceBackend(), dtype, "cpu")
@@ -167,6 +173,21 @@ def test_a_backend_runs_what_it_declares_and_refuses_the_rest_naming_it(name, pr
             _run_module(name, probe)
         else:
             assert named in backends.block_refusal(name, _refusal_spec(probe), residual_scale=True)
+        return
+    if probe.kind == "drop_path":
+        spec = _refusal_spec(probe)
+        open_spec = BlockSpec(spec.units[:spec.n_main], Shortcut.OPEN)  # no closing: refused by every backend
+        assert named in backend.capabilities.refusal(open_spec, drop_path=True)
+        if declared:
+            _run_ops(backend, probe)
+            assert backends.drop_path_refusal(name, spec) is None
+            return
+        assert named in backends.drop_path_refusal(name, spec)
+        p = block_problem(*probe.block)
+        x = p["x"].detach().to(DEVICE, torch.float32)
+        with pytest.raises(NotImplementedError, match=named):
+            backend.block_forward(spec, x, _params(p, x.dtype, DEVICE), None,
+                                  sample_scale=torch.ones(x.shape[0], device=DEVICE))
         return
     if declared:
         if probe.kind == "synced":

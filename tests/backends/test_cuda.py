@@ -384,9 +384,9 @@ def _block_args(case=testing.BLOCK_CASES[7], dtype=torch.float32, grad=False):
     captured = {}
     real = ops.forward
 
-    def spy(spec, x, params, residual, backend):
+    def spy(spec, x, params, residual, backend, sample_scale=None):
         captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats, True])
-        return real(spec, x, params, residual, backend)
+        return real(spec, x, params, residual, backend, sample_scale)
 
     original, ops.forward = ops.forward, spy
     try:
