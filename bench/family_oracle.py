@@ -2,10 +2,13 @@
 
 tests/test_model_families.py runs one shallow representative per family in CI; this runs the table's own models
 — resnext101_64x4d, wide_resnet50_2, the Faster R-CNN and DeepLabV3 backbones, timm's seresnet50 and the rest —
-each converted for a backend and compared by testing.compare_models (BN randomised, batch 2, channels_last, two
-training passes with an SGD step between them, then eval; the global RNG seeded before each training forward so
-timm's DropPath draws the same samples in every run). A backbone's feature dict is flattened and concatenated into
-one output. Every block convert can fuse must fuse (a warning is an error here, except for the units the coverage
+each converted for a backend and compared by testing.compare_models (BN randomised, batch 2, channels_last, one
+training pass — output, input and parameter gradients, running statistics — then eval; ``--steps 2`` adds an SGD
+step and a second pass; the global RNG seeded before each training forward so timm's DropPath draws the same
+samples in every run). A backbone's feature dict is flattened and concatenated into one output. One pass is the
+default because after an SGD step these 1000-class models are in the chaotic regime docs/NUMERICS.md describes:
+there PyTorch's own error is one draw of a wide distribution, and the 2x rule compares two such draws
+(docs/NUMERICS.md, "After an SGD step"). Every block convert can fuse must fuse (a warning is an error here, except for the units the coverage
 table lists as unfused: the stems); compare_models checks that every fused module called its fused op.
 
 CPU only: backend cuda runs the extension's CPU registrations (FUSED_RESNET_EXT_ON_CPU=1, set here), triton its
@@ -48,7 +51,7 @@ class Flattened(nn.Module):
         return out
 
 
-def run(name: str, backend: str, size: int) -> dict:
+def run(name: str, backend: str, size: int, steps: int, input_seed: int) -> dict:
     library, make = coverage.MODELS[name]
     torch.manual_seed(0)
     model = Flattened(make())
@@ -65,12 +68,14 @@ def run(name: str, backend: str, size: int) -> dict:
         return fused
 
     start = time.perf_counter()
-    checks = testing.compare_models(model, fuse, torch.randn(2, 3, size, size), torch.float32, torch.device("cpu"),
-                                    channels_last=True, train_steps=2, lr=0.01, seed=seed)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(input_seed))
+    checks = testing.compare_models(model, fuse, x, torch.float32, torch.device("cpu"), channels_last=True,
+                                    train_steps=steps, lr=0.01, seed=seed)
     fused, units, _ = coverage.coverage_detail(name, backend)
     failed = [c.row() for c in checks if not c.ok]
     worst = max((c.err_fused / c.bound for c in checks if c.bound > 0), default=0.0)
-    return {"model": name, "library": library, "backend": backend, "size": size, "batch": 2,
+    return {"model": name, "library": library, "backend": backend, "size": size, "batch": 2, "steps": steps,
+            "input_seed": input_seed,
             "units_fused": fused, "units": units, "passed": not failed, "worst_ratio": round(worst, 3),
             "failed": failed, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -80,6 +85,8 @@ def main() -> int:
     ap.add_argument("--backends", default="reference,cuda")
     ap.add_argument("--models", default=None, help="comma-separated rows of the coverage table (default: all)")
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1, help="training passes (an SGD step, lr 0.01, between them)")
+    ap.add_argument("--input-seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     names = list(coverage.MODELS) if args.models is None else [m.strip() for m in args.models.split(",")]
@@ -92,7 +99,7 @@ def main() -> int:
         for name in names:
             if not coverage.library_available(coverage.MODELS[name][0]):
                 continue
-            row = run(name, backend, args.size)
+            row = run(name, backend, args.size, args.steps, args.input_seed)
             rows.append(row)
             print(f"{'pass' if row['passed'] else 'FAIL'}  {backend:<10} {name:<40} units {row['units_fused']}/"
                   f"{row['units']}  worst err/bound {row['worst_ratio']:.2f}  {row['seconds']} s", flush=True)
