@@ -23,6 +23,8 @@
 # run `python fused_resnet/backends/build.py --stage-cudnn-frontend` here first and give the device call
 # carry [".deps/cudnn_frontend"]; without them the extension builds without the graphs and info says so.
 set -uo pipefail
+scratch=$(mktemp -d)  # every stage's temporary files, removed however the suite ends
+trap 'rm -rf "$scratch"' EXIT
 DRY_RUN=0
 STAGES=""
 for arg in "$@"; do
@@ -109,7 +111,7 @@ fi
 limited info "$(want quick && echo 40 || echo 0)" python3 -m fused_resnet.tools.cli info
 if [ "$DRY_RUN" = 0 ]; then  # cuDNN's description of this GPU, into env.json: with it bench/cudnn_check.py checks
                              # the fusion graphs' engines for this GPU on any machine, no GPU needed
-  props=$(mktemp)
+  props="$scratch/cudnn_props.json"
   limited "cudnn device properties" 15 python3 bench/cudnn_check.py --save-device-properties "$props"
   python3 - "$OUT/env.json" "$props" <<'PY'
 import json, sys
@@ -144,7 +146,7 @@ if want quick; then
   python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
   limited "tests (GPU-only + slice)" 110 python3 -m pytest -q -p no:cacheprovider tests "${sel[@]}" \
     "${per_test[@]}" --junitxml="$OUT/junit.xml"
-  vtmp=$(mktemp -d)
+  vtmp="$scratch/verify_quick" && mkdir -p "$vtmp"
   for backend in cuda triton; do
     for cfg in "${vcfgs[@]}"; do
       tag=$backend-$(echo "$cfg" | tr -d ' -')
@@ -154,7 +156,7 @@ if want quick; then
     done
   done
   merge_verify "$vtmp"
-  rows=$(mktemp -d)
+  rows="$scratch/rows" && mkdir -p "$rows"
   # One process per model: eager, compile, triton, cuda, cuda-unfused side by side. Backend cuda comes after the
   # others: its first step builds the cuDNN fusion plans (unmeasured how long); a stage cut short loses the last
   # providers first.
@@ -170,7 +172,7 @@ if want tests; then
   step tests python3 -m pytest -q tests -rs --junitxml="$OUT/junit.xml"
 fi
 if want verify; then
-  tmp=$(mktemp -d)
+  tmp="$scratch/verify" && mkdir -p "$tmp"
   for backend in auto triton; do  # auto: backend cuda where the extension loads (the first in auto's order)
     for cfg in "float32" "bfloat16" "bfloat16 --channels-last"; do
       tag=$backend-$(echo "$cfg" | tr -d ' -')
@@ -194,7 +196,7 @@ if want bench; then
     --out "$OUT/bench_inference.json"
 fi
 if want models; then
-  models_dir=$(mktemp -d)/bench_models
+  models_dir="$scratch/bench_models"
   step "bench models" python3 -m fused_resnet.tools.cli bench --quiet --out "$models_dir"
   tar czf "$OUT/bench_models.tar.gz" -C "$(dirname "$models_dir")" bench_models
 fi
