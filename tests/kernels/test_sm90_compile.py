@@ -3,7 +3,8 @@ JIT compiles them there, and the conv kernels' dots become wgmma. The interprete
 Triton's GPU compiler: a kernel that only fails to compile for a GPU (a non-constexpr global, a type error in a
 branch the interpreter skips) is caught here. One launch per kernel family and epilogue kind, bf16, recorded from
 the kernels' host functions in this (interpreted) session on ResNet's 3x3 / 1x1 / stem shapes (and a grouped
-fprop and a dilated dgrad: ResNeXt's and DeepLab's 3x3s), then compiled in a
+fprop and a dilated dgrad: ResNeXt's and DeepLab's 3x3s; the closing and the first backward reduction with
+stochastic depth), then compiled in a
 child process without TRITON_INTERPRET through the JIT's own argument binding (fused_resnet.kernels.aot): stride
 and padding 1 are constants there, channel counts of 64 divisible by 16, as on the GPU. The same child runs the
 spill pruning of autotuning with the spill read from the sm_90 cubins."""
@@ -40,7 +41,7 @@ def _small_kernels(bn_finalize, conv) -> list:
             conv.wgrad_reduce_kernel]
 
 
-CASES = 20  # the launches of _launches()
+CASES = 22  # the launches of _launches()
 
 
 def _launches() -> list:
@@ -92,6 +93,10 @@ def _launches() -> list:
         ("drelu_dbn_reduce", lambda: drelu_dbn.drelu_dbn_reduce(dy, a, vec(), vec(), 1e-5, y=prev), None),
         ("drelu_dbn_reduce + a projection's BN", lambda: drelu_dbn.drelu_dbn_reduce(
             dy, a, vec(), vec(), 1e-5, y=prev, second=(x, vec(), vec(), 1e-5)), None),
+        ("bn_act affine + stochastic depth", lambda: bn_act.bn_act(
+            a, vec(), vec(), residual=prev, residual_affine=(vec(), vec()), sample_scale=t(2)), None),
+        ("drelu_dbn_reduce + a projection's BN + stochastic depth", lambda: drelu_dbn.drelu_dbn_reduce(
+            dy, a, vec(), vec(), 1e-5, y=prev, second=(x, vec(), vec(), 1e-5), sample_scale=t(2)), None),
         ("bn_finalize partials+affine", lambda: bn_finalize.bn_finalize(
             t(64), t(64), 1e-5, partials=partials), None),
         ("bn_finalize running statistics", lambda: bn_finalize.bn_finalize(
