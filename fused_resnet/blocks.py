@@ -499,8 +499,10 @@ class EagerBottleneck(_EagerForward, _BottleneckLayout):
 
 
 class FusedStemMixin:
-    """A model whose stem conv-BN-ReLU (``self.conv1``, ``self.bn1``) runs as one fused unit when
-    ``self.backend`` is a backend name, and as plain torch modules when it is None."""
+    """A model whose stem — a chain of conv-BN units joined by ReLUs and ending in one, by default torchvision's
+    ``self.conv1``, ``self.bn1``, ``self.relu`` — runs as one fused op (a plain block's spec, ``Shortcut.NONE``)
+    when ``self.backend`` is a backend name, and as its own torch modules when it is None. Another layout
+    overrides ``_stem_layout`` and ``_stem_eager`` (fused_resnet.timm_blocks: timm's 7x7 and deep stems)."""
 
     backend: Optional[str] = None
 
@@ -509,29 +511,47 @@ class FusedStemMixin:
             _refuse_script(self)
         return self
 
+    def _stem_layout(self):
+        """(units [(conv, bn)], the ReLUs after each {name: module}, every module the fused stem replaces
+        {name: module}), or a string saying why the stem's modules are not a chain the op computes."""
+        acts = {"relu": self.relu}
+        return [(self.conv1, self.bn1)], acts, {"conv1": self.conv1, "bn1": self.bn1, **acts}
+
+    def _stem_eager(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _stem_units(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """The stem's conv-BN units as its modules are now (none where they are not a chain the op computes)."""
+        layout = self._stem_layout()
+        return [] if isinstance(layout, str) else layout[0]
+
     def _stem_blocker(self) -> Optional[str]:
         """Why the stem cannot run fused now, or None."""
-        return guard.blocker([(self.conv1, self.bn1)], {"relu": self.relu},
-                             {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu})
+        layout = self._stem_layout()
+        return layout if isinstance(layout, str) else guard.blocker(*layout)
 
     def _stem_plan(self):
         """What the stem's next call runs: (None, spec) for the fused op, or (why it runs eagerly, None)."""
-        reason = _guarded(self, guard.signature([self.conv1, self.bn1, self.relu]), self._stem_blocker)
+        layout = self._stem_layout()
+        watched = list(layout[2].values()) if not isinstance(layout, str) else []
+        reason = layout if isinstance(layout, str) else _guarded(self, guard.signature(watched), self._stem_blocker)
         if reason is not None:
             return reason, None
-        plan = block_plan(self, [self.conv1], [self.bn1], Shortcut.NONE)
+        units = layout[0]
+        plan = block_plan(self, [c for c, _ in units], [b for _, b in units], Shortcut.NONE)
         return (plan, None) if isinstance(plan, str) else (None, plan)
 
     def _stem(self, x: Tensor) -> Tensor:
-        if self.backend is not None and not _runs_eagerly(self.backend, x, self.conv1):
+        units = self._stem_units()
+        if self.backend is not None and units and not _runs_eagerly(self.backend, x, units[0][0]):
             reason, spec = self._stem_plan()
             if reason is None:
                 if not _empty_unsynced(spec, x):
-                    return run_block(x, spec, [self.conv1], [self.bn1], backend=_backend_for(self.backend, x),
-                                     name=f"{guard.name_of(self)} stem")
+                    return run_block(x, spec, [c for c, _ in units], [b for _, b in units],
+                                     backend=_backend_for(self.backend, x), name=f"{guard.name_of(self)} stem")
             else:
                 guard.warn_eager(self, f"stem: {reason}")
-        return self.relu(self.bn1(self.conv1(x)))
+        return self._stem_eager(x)
 
 
 class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):

@@ -61,6 +61,16 @@ def _timm_blocks(t: type):
     return None
 
 
+def _timm_model(t: type):
+    """fused_resnet.timm_blocks when ``t`` is timm's ResNet class itself (not a subclass: its forward may differ),
+    else None."""
+    if t.__module__ == "timm.models.resnet" and t.__name__ == "ResNet":
+        from . import timm_blocks
+
+        return timm_blocks if t in timm_blocks.TO_FUSED_MODEL else None
+    return None
+
+
 def _fuse(m: nn.Module, fused_cls: type, backend: str, path: str) -> None:
     """Turn block ``m`` into ``fused_cls`` in place (a subclass of its class: same submodules and state)."""
     if not hasattr(m, "plain"):  # torchvision's and timm's blocks: always a shortcut, always 2-D
@@ -89,8 +99,8 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
             return
         _fuse(m, _TO_FUSED[t] if t in _TO_FUSED else timm_blocks.TO_FUSED[t], backend, path)
         return
-    elif t is _TV.ResNet:
-        m.__class__ = ResNet
+    elif t is _TV.ResNet or _timm_model(t) is not None:
+        m.__class__ = ResNet if t is _TV.ResNet else _timm_model(t).TO_FUSED_MODEL[t]
         m.backend = backend
         guard.set_name(m, path or type(m).__name__)
     elif isinstance(m, FusedStemMixin):
@@ -103,8 +113,8 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, sync_bn: bool = False,
             process_group=None) -> nn.Module:
     """Return ``model`` with every torchvision / fused_resnet BasicBlock and Bottleneck running on fused ops, and
-    the stem fused for torchvision ResNets and fused_resnet models. Already-fused blocks are re-targeted to
-    ``backend``. Blocks that cannot be fused (a conv geometry the backend does not declare in its capabilities:
+    the stem fused for torchvision's and timm's ResNet classes and fused_resnet models. Already-fused blocks are
+    re-targeted to ``backend``. Blocks that cannot be fused (a conv geometry the backend does not declare in its capabilities:
     every registered backend declares groups and dilation, one registered with fewer may not; a norm layer other
     than BatchNorm, another activation than nn.ReLU, hooks on their submodules) stay as they are, with one warning
     listing them and why; a model in which nothing could be fused (e.g. other libraries' blocks) gets a warning
@@ -215,6 +225,11 @@ def _revert(m: nn.Module) -> None:
     if t is ResNet:
         del m.backend
         m.__class__ = _TV.ResNet
+    elif t.__module__ == "fused_resnet.timm_blocks" and t.__name__ == "FusedTimmResNet":
+        from . import timm_blocks
+
+        del m.backend
+        m.__class__ = timm_blocks.TO_TIMM_MODEL[t]
     elif isinstance(m, FusedStemMixin):
         m.backend = None
     _forget(m)

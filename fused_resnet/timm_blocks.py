@@ -32,7 +32,7 @@ from timm.models import resnet as timm_resnet
 from torch import Tensor, nn
 
 from . import backends, guard
-from .blocks import FusedBasicBlock, _FusedForward, fused_away, geometry_reason, settings_reason
+from .blocks import FusedBasicBlock, FusedStemMixin, _FusedForward, fused_away, geometry_reason, settings_reason
 from .spec import BlockSpec, Shortcut, UnitSpec
 
 _OPTIONAL_IDENTITIES = ("drop_block", "aa")  # nn.Identity when unused
@@ -175,5 +175,36 @@ class FusedTimmBottleneck(_TimmLayout, _FusedForward, timm_resnet.Bottleneck):
     extra_repr = FusedBasicBlock.extra_repr
 
 
+class FusedTimmResNet(FusedStemMixin, timm_resnet.ResNet):
+    """timm's ResNet with its stem fused: conv1 (a 7x7 conv, or the "-d" / "-t" deep stem's Sequential of three
+    convs with BNs and ReLUs between them), bn1 and act1 as one op — one conv-BN unit or a chain of three —
+    in ``forward_features`` (what ``forward`` calls). ``forward_intermediates``, gradient checkpointing and a stem
+    of another layout run timm's own stem modules. ``convert`` turns timm's ResNet into this class in place (no
+    new parameters or buffers: the state_dict is unchanged)."""
+
+    def _stem_layout(self):
+        c, acts = self.conv1, {"act1": self.act1}
+        if type(c) is not nn.Sequential:
+            return [(c, self.bn1)], acts, {"conv1": c, "bn1": self.bn1, **acts}
+        mods = list(c)
+        if len(mods) != 7:
+            return f"conv1 is a Sequential of {len(mods)} modules (timm's deep stem has 7)"
+        units = [(mods[0], mods[1]), (mods[3], mods[4]), (mods[6], self.bn1)]
+        acts = {"conv1.2": mods[2], "conv1.5": mods[5], **acts}
+        away = {"conv1": c, **{f"conv1.{i}": m for i, m in enumerate(mods)}, "bn1": self.bn1, **acts}
+        return units, acts, away
+
+    def _stem_eager(self, x: Tensor) -> Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:  # timm's own checkpointed pass, its stem included
+            return timm_resnet.ResNet.forward_features(self, x)
+        x = self.maxpool(self._stem(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
 TO_FUSED = {timm_resnet.BasicBlock: FusedTimmBasicBlock, timm_resnet.Bottleneck: FusedTimmBottleneck}
+TO_FUSED_MODEL = {timm_resnet.ResNet: FusedTimmResNet}
+TO_TIMM_MODEL = {fused: timm_cls for timm_cls, fused in TO_FUSED_MODEL.items()}
 TO_TIMM = {fused: timm_cls for timm_cls, fused in TO_FUSED.items()}

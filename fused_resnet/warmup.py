@@ -47,7 +47,9 @@ def _units(module: nn.Module) -> tuple:
     if isinstance(module, _FusedForward):
         convs, bns, kind, stride = module._structure()
         return block_spec(module, convs, bns, kind, stride), convs
-    return block_spec(module, [module.conv1], [module.bn1], Shortcut.NONE), [module.conv1]
+    units = module._stem_units()
+    convs = [c for c, _ in units]
+    return block_spec(module, convs, [b for _, b in units], Shortcut.NONE), convs
 
 
 def _op_targets(model: nn.Module) -> Dict[str, tuple]:
@@ -96,7 +98,8 @@ def block_calls(model: nn.Module, example: Tensor) -> List[BlockCall]:
     for target, shape in shapes.items():  # dict order: call order
         name, module, op = targets[target]
         x = torch.empty((), dtype=_op_dtype(example, example.dtype), device=example.device).expand(shape)
-        if _runs_eagerly(module.backend, x, getattr(module, "conv1", None)) or x.numel() == 0:
+        first = module.conv1 if isinstance(module, _FusedForward) else module._stem_units()[0][0]
+        if _runs_eagerly(module.backend, x, first) or x.numel() == 0:
             continue
         spec, convs = _units(module) if op is None else op
         names = {id(m): n for n, m in module.named_modules()}

@@ -178,6 +178,13 @@ def _capability_named(*names: str) -> bool:
     return any(f.name in names for f in dataclasses.fields(Capabilities))
 
 
+def _backbone_stem_fuses() -> bool:
+    """Whether convert fuses the stem of torchvision's DeepLabV3 backbone (an IntermediateLayerGetter)."""
+    from fused_resnet.testing import coverage
+    fused, units = coverage.coverage("deeplabv3_resnet50 (backbone)", "reference")
+    return fused == units
+
+
 def _timm_stem_fuses() -> bool:
     """Whether convert fuses the stem of timm's resnet18."""
     import warnings
@@ -253,6 +260,7 @@ FEATURES = {
     "drop_path inside the fused op on every backend": (
         r"drop.?path inside the fused op", lambda: _capabilities("drop_path")),
     "timm's stems fused": (r"timm's stems", _timm_stem_fuses),
+    "torchvision's backbone wrappers' stems fused": (r"IntermediateLayerGetter|BackboneWithFPN", _backbone_stem_fuses),
     "double backward": (r"double backward", _double_backward_runs),
 }
 

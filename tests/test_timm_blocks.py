@@ -78,8 +78,8 @@ def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwarg
     assert f"conv-BN units fused; closing in torch: {part}, + shortcut, act2 (ReLU)" in report
     assert (f"conv-BN units fused (the shortcut's as an op of its own); closing in torch: {part}, + shortcut, "
             f"act2 (ReLU)") in report  # layer2.0, layer3.0, layer4.0
-    # every unit but timm's stem: 8 blocks of 2 units, 3 projections (ops of their own)
-    assert coverage.fused_unit_count(fused) == 19 and coverage.unit_count(fused) == 20
+    # every unit: 8 blocks of 2 units, 3 projections (ops of their own), the stem
+    assert coverage.fused_unit_count(fused) == 20 and coverage.unit_count(fused) == 20
 
 
 def _run(model, x, grad, seed):
@@ -150,7 +150,7 @@ def test_drop_path_inside_the_op_gives_timms_numbers_and_draws(monkeypatch):
     seen = _scales_seen(monkeypatch)
     _same_as_timm(model, fused)
     drawn = torch.cat([s for s in seen if s is not None])
-    assert seen[0] is None  # layer1.0: drop_path_rate scales with depth, 0 for the first block
+    assert seen[0] is None and seen[1] is None  # the stem; layer1.0 (drop_path_rate grows with depth from 0)
     assert (drawn == 0).any() and (drawn > 1).any()  # dropped (0) and kept (1 / keep) samples
 
 
@@ -181,9 +181,9 @@ def test_drop_path_runs_in_torch_where_the_op_cannot_compute_it_exactly(monkeypa
     block.drop_path.drop_prob = 0.0
     fused(x)
     fused.eval()(x)
-    # 8 op calls per forward (the projections are units of their blocks' ops), layer2.1's the 4th; eval (with
-    # parameters that need gradients: the training op) draws no mask
-    assert len(seen) == 24 and seen[3] is not None and seen[8 + 3] is None and seen[16:] == [None] * 8
+    # 9 op calls per forward (the stem's, then the blocks': the projections are units of their ops), layer2.1's
+    # the 5th; eval (with parameters that need gradients: the training op) draws no mask
+    assert len(seen) == 27 and seen[4] is not None and seen[9 + 4] is None and seen[18:] == [None] * 9
 
 
 def test_drop_path_inside_the_op_matches_the_oracle_on_triton(monkeypatch):
@@ -259,9 +259,10 @@ def test_the_avg_pool_shortcuts_conv_bn_is_an_op_of_its_own():
     assert "the shortcut's conv-BN fused as an op of its own after its AvgPool2d in torch" in block._torch_part()
     x = torch.randn(2, 3, 64, 64)
     calls = [(c.name, tuple(c.unit_names)) for c in fused_resnet.warmup.block_calls(fused, x)]
-    assert calls[:3] == [("layer1.0", ("conv1", "conv2", "conv3")), ("layer1.0", ("downsample.1",)),
+    assert calls[:4] == [("<root>", ("conv1.0", "conv1.3", "conv1.6")),  # the deep stem's three units
+                         ("layer1.0", ("conv1", "conv2", "conv3")), ("layer1.0", ("downsample.1",)),
                          ("layer1.1", ("conv1", "conv2", "conv3"))]
-    assert len(calls) == 8 + 4
+    assert len(calls) == 1 + 8 + 4
     if block.backend == "cuda":
         assert "downsample.1: " in fused_resnet.conversion_report(fused, x)
     block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
@@ -269,6 +270,40 @@ def test_the_avg_pool_shortcuts_conv_bn_is_an_op_of_its_own():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused(x)
+
+
+@pytest.mark.parametrize("name,units", [("resnet18", 1), ("resnet26d", 3)])
+def test_timms_stem_is_one_fused_op_and_gives_timms_numbers(name, units, monkeypatch):
+    """timm's ResNet becomes FusedTimmResNet in place: its 7x7 stem, or the deep stem's three conv-BN-ReLU units
+    with bn1 / act1, run as one op in forward (float64: timm's outputs, gradients and running statistics, train
+    twice and eval); forward_intermediates and gradient checkpointing run timm's stem modules and give timm's
+    numbers too; a hook on an activation of the stem fires (the stem runs its modules, with a warning naming it);
+    revert gives timm's class back; the state_dict keys are timm's."""
+    model = _model(name).double()
+    fused = fused_resnet.convert(model, backend="reference")
+    assert type(fused) is timm_blocks.FusedTimmResNet and list(fused.state_dict()) == list(model.state_dict())
+    assert len(fused._stem_units()) == units
+    assert "stem fused, backend 'reference'" in fused_resnet.conversion_report(fused).splitlines()[0]
+    specs = []
+    real = fused_resnet.ops.forward
+    monkeypatch.setattr(fused_resnet.ops, "forward", lambda spec, *a: specs.append(spec) or real(spec, *a))
+    _same_as_timm(model, fused)
+    assert len(specs[0].units) == units and specs[0].shortcut == Shortcut.NONE  # the stem's op, first
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for m in (model, fused):
+        m.eval()
+    want, got = model.forward_intermediates(x), fused.forward_intermediates(x)
+    for w, g in zip([want[0], *want[1]], [got[0], *got[1]]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    fused.set_grad_checkpointing(True), model.set_grad_checkpointing(True)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    fused.set_grad_checkpointing(False)
+    fired = []
+    fused.act1.register_forward_hook(lambda m, i, o: fired.append(o.shape))
+    with pytest.warns(RuntimeWarning, match="stem: hooks on act1"):
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    assert fired == [torch.Size([2, 64, 16, 16])]
+    assert type(fused_resnet.revert(fused)) is timm.models.resnet.ResNet
 
 
 def test_a_timm_block_changed_after_convert_runs_timms_forward():

@@ -123,15 +123,16 @@ def unfused_units(model: nn.Module) -> Tuple[int, Dict[str, int]]:
             else:
                 why["a BN the block's op does not compute"] += 1
     stem_fused = isinstance(model, FusedStemMixin) and model.backend is not None and model._stem_plan()[0] is None
+    stem_bns = {id(b) for _, b in model._stem_units()} if stem_fused else set()
     for m in model.modules():
         if not _is_bn(m) or id(m) in in_blocks:
             continue
-        if stem_fused and m is model.bn1:
+        if id(m) in stem_bns:
             fused += 1
         else:
             owner = type(model)
             label = f"timm's {owner.__name__}" if owner.__module__.startswith("timm.") else owner.__name__
-            why[f"stem (convert fuses a torchvision ResNet's, not {label}'s)"] += 1
+            why[f"stem (convert fuses the stems of torchvision's and timm's ResNet classes, not {label}'s)"] += 1
     return fused, dict(why)
 
 

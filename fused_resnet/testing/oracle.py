@@ -205,12 +205,14 @@ def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
     inside the op (its masks are recorded from its outputs), and a swapped activation would make them run their
     eager computation instead. A fused block's submodules that it calls in torch (an open block's closing:
     ``_torch_children``) are taped like any other."""
+    in_stems = {id(act) for m in model.modules() if isinstance(m, FusedStemMixin) and m.backend is not None
+                and not isinstance(layout := m._stem_layout(), str) for act in layout[1].values()}
     for parent in list(model.modules()):
         in_torch = parent._torch_children() if isinstance(parent, _FusedForward) else None
         for name, child in list(parent.named_children()):
             if in_torch is not None and name not in in_torch:
                 continue
-            if type(child) is nn.ReLU and not (isinstance(parent, FusedStemMixin) and parent.backend is not None):
+            if type(child) is nn.ReLU and id(child) not in in_stems:
                 setattr(parent, name, _TapeReLU(tape))
             elif type(child) is nn.MaxPool2d:
                 setattr(parent, name, _TapeMaxPool(child, tape))
