@@ -12,6 +12,7 @@ downsample.0, downsample.1), so state_dicts load both ways with strict=True.
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -562,3 +563,30 @@ class ResNet(FusedStemMixin, torchvision.models.resnet.ResNet):
         x = self.maxpool(self._stem(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class IntermediateLayerGetter(FusedStemMixin, torchvision.models._utils.IntermediateLayerGetter):
+    """torchvision's backbone wrapper (segmentation models' backbone, BackboneWithFPN's body) with its ResNet's stem
+    fused: its first three modules, conv1, bn1 and relu, as one op when none of them is a returned layer (else the
+    wrapper returns one of them, and runs them one by one). ``convert`` turns the wrapper into this class in place
+    (the state_dict is unchanged)."""
+
+    def _stem_layout(self):
+        names = list(self.keys())[:3]
+        if names != ["conv1", "bn1", "relu"]:
+            return f"the wrapper's first modules are {names}, not a ResNet's conv1, bn1, relu"
+        returned = [n for n in names if n in self.return_layers]
+        if returned:
+            return f"the wrapper returns {returned[0]}'s output"
+        return super()._stem_layout()
+
+    def forward(self, x: Tensor):
+        out = collections.OrderedDict()
+        items = list(self.items())
+        if self._stem_units():  # the stem's modules in order, none of them returned
+            x, items = self._stem(x), items[3:]
+        for name, module in items:
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from . import backends
 from . import guard
-from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin, ResNet,
-                     ShortcutA, _FusedForward, block_blocker, geometry_reason, residual_scale_of)
+from .blocks import (EagerBasicBlock, EagerBottleneck, FusedBasicBlock, FusedBottleneck, FusedStemMixin,
+                     IntermediateLayerGetter, ResNet, ShortcutA, _FusedForward, block_blocker, geometry_reason,
+                     residual_scale_of)
 from .warmup import unit_routes
 
 _TV = torchvision.models.resnet
@@ -27,6 +28,9 @@ _TO_FUSED = {
     EagerBottleneck: FusedBottleneck,
 }
 _TO_EAGER = {FusedBasicBlock: (_TV.BasicBlock, EagerBasicBlock), FusedBottleneck: (_TV.Bottleneck, EagerBottleneck)}
+# torchvision's modules whose stem convert fuses (a subclass of each: same submodules and state), and back
+_STEM_FUSED = {_TV.ResNet: ResNet, torchvision.models._utils.IntermediateLayerGetter: IntermediateLayerGetter}
+_STEM_UNFUSED = {fused: tv for tv, fused in _STEM_FUSED.items()}
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -99,8 +103,8 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
             return
         _fuse(m, _TO_FUSED[t] if t in _TO_FUSED else timm_blocks.TO_FUSED[t], backend, path)
         return
-    elif t is _TV.ResNet or _timm_model(t) is not None:
-        m.__class__ = ResNet if t is _TV.ResNet else _timm_model(t).TO_FUSED_MODEL[t]
+    elif t in _STEM_FUSED or _timm_model(t) is not None:
+        m.__class__ = _STEM_FUSED[t] if t in _STEM_FUSED else _timm_model(t).TO_FUSED_MODEL[t]
         m.backend = backend
         guard.set_name(m, path or type(m).__name__)
     elif isinstance(m, FusedStemMixin):
@@ -222,9 +226,9 @@ def _revert(m: nn.Module) -> None:
         _forget(m)
         m.__class__ = timm_blocks.TO_TIMM[t]
         return
-    if t is ResNet:
+    if t in _STEM_UNFUSED:
         del m.backend
-        m.__class__ = _TV.ResNet
+        m.__class__ = _STEM_UNFUSED[t]
     elif t.__module__ == "fused_resnet.timm_blocks" and t.__name__ == "FusedTimmResNet":
         from . import timm_blocks
 

@@ -122,8 +122,8 @@ def unfused_units(model: nn.Module) -> Tuple[int, Dict[str, int]]:
                 why["shortcut BN (its downsample module, in torch; the op adds its output)"] += 1
             else:
                 why["a BN the block's op does not compute"] += 1
-    stem_fused = isinstance(model, FusedStemMixin) and model.backend is not None and model._stem_plan()[0] is None
-    stem_bns = {id(b) for _, b in model._stem_units()} if stem_fused else set()
+    stem_bns = {id(b) for m in model.modules() if isinstance(m, FusedStemMixin) and m.backend is not None
+                and m._stem_plan()[0] is None for _, b in m._stem_units()}
     for m in model.modules():
         if not _is_bn(m) or id(m) in in_blocks:
             continue
