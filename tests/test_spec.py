@@ -106,9 +106,11 @@ def _input_names(op) -> tuple:
 
 
 def test_op_schemas_take_the_flat_spec():
-    assert _input_names(torch.ops.fused_resnet.block_forward) == FORWARD_INPUTS + ("backend",)
+    # stochastic depth's per-sample scale: the training ops' (eval has none)
+    assert _input_names(torch.ops.fused_resnet.block_forward) == FORWARD_INPUTS + ("backend", "sample_scale")
     assert _input_names(torch.ops.fused_resnet.block_inference) == FORWARD_INPUTS + ("backend",)
-    assert _input_names(torch.ops.fused_resnet.block_backward) == BACKWARD_INPUTS + ("backend", "counts")
+    assert _input_names(torch.ops.fused_resnet.block_backward) == BACKWARD_INPUTS + ("backend", "sample_scale",
+                                                                                     "counts")
     if extension.load() is None:
         pytest.skip(f"extension not built: {extension.status()['reason']}")
     assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS + ("graphs",)
