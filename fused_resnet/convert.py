@@ -175,8 +175,11 @@ def conversion_report(model: nn.Module, example: Optional[Tensor] = None, train:
         elif timm_blocks is not None and t in timm_blocks.TO_FUSED:
             status = f"not fused: {timm_blocks.unfusable_reason(m, _asked(m)) or 'convert has not run on it'}"
         elif isinstance(m, FusedStemMixin):
+            layout = m._stem_layout()
             status = "stem fused" if m.backend is not None else "stem not fused"
-            if m.backend is not None:
+            if m.backend is not None and isinstance(layout, str):  # not a chain the op computes
+                status = f"stem not fused: {layout}"
+            elif m.backend is not None:
                 reason = m._stem_plan()[0]
                 status += (f", backend {m.backend!r}{_auto_note(m)}" if reason is None
                            else f", runs eagerly now: {reason}")

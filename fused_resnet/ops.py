@@ -40,10 +40,12 @@ def _spec(spec_ints: Sequence[int], spec_floats: Sequence[float]) -> BlockSpec:
 def block_forward(
     x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor], running_means: List[Tensor],
     running_vars: List[Tensor], residual: Optional[Tensor], spec: List[int], spec_floats: List[float], backend: str,
-    sample_scale: Optional[Tensor] = None,
+    sample_scale: Optional[Tensor],
 ) -> List[Tensor]:
     """``running_means`` / ``running_vars``: an empty tensor for a BN without running statistics (see
-    :func:`forward`); ``sample_scale``: stochastic depth's per-sample d [N] (None: none)."""
+    :func:`forward`); ``sample_scale``: stochastic depth's per-sample d [N] (None: none). No default: torch 2.11's
+    autograd compares the backward's results with the inputs as passed, leaving out defaulted ones, while
+    ``setup_context`` sees them all."""
     block = _spec(spec, spec_floats)
     params = Params(weights, gammas, betas, _present(running_means), _present(running_vars))
     return pack_forward(backends.resolve(backend, x, block, sample_scale is not None).block_forward(
@@ -58,7 +60,7 @@ def _sample_scale(sample_scale: Optional[Tensor]) -> dict:
 
 @block_forward.register_fake
 def _block_forward_fake(x, weights, gammas, betas, running_means, running_vars, residual, spec, spec_floats,
-                        backend, sample_scale=None):
+                        backend, sample_scale):
     block = _spec(spec, spec_floats)
     return forward_fake(x, weights, block,
                         backends.resolve(backend, x, block, sample_scale is not None).saved_format(x))

@@ -175,24 +175,21 @@ class FusedTimmBottleneck(_TimmLayout, _FusedForward, timm_resnet.Bottleneck):
     extra_repr = FusedBasicBlock.extra_repr
 
 
+# Why the deep stem stays timm's: measured, not assumed (docs/NUMERICS.md, "timm's deep stem").
+DEEP_STEM = "timm's deep stem runs in torch: fused, its first BN's gradient broke the 2x rule (docs/NUMERICS.md)"
+
+
 class FusedTimmResNet(FusedStemMixin, timm_resnet.ResNet):
-    """timm's ResNet with its stem fused: conv1 (a 7x7 conv, or the "-d" / "-t" deep stem's Sequential of three
-    convs with BNs and ReLUs between them), bn1 and act1 as one op — one conv-BN unit or a chain of three —
-    in ``forward_features`` (what ``forward`` calls). ``forward_intermediates``, gradient checkpointing and a stem
-    of another layout run timm's own stem modules. ``convert`` turns timm's ResNet into this class in place (no
-    new parameters or buffers: the state_dict is unchanged)."""
+    """timm's ResNet with its 7x7 stem (conv1, bn1, act1) fused as one op in ``forward_features`` (what
+    ``forward`` calls). The "-d" / "-t" deep stem (a Sequential of three convs with BNs and ReLUs between them),
+    ``forward_intermediates`` and gradient checkpointing run timm's own stem modules. ``convert`` turns timm's
+    ResNet into this class in place (no new parameters or buffers: the state_dict is unchanged)."""
 
     def _stem_layout(self):
         c, acts = self.conv1, {"act1": self.act1}
-        if type(c) is not nn.Sequential:
-            return [(c, self.bn1)], acts, {"conv1": c, "bn1": self.bn1, **acts}
-        mods = list(c)
-        if len(mods) != 7:
-            return f"conv1 is a Sequential of {len(mods)} modules (timm's deep stem has 7)"
-        units = [(mods[0], mods[1]), (mods[3], mods[4]), (mods[6], self.bn1)]
-        acts = {"conv1.2": mods[2], "conv1.5": mods[5], **acts}
-        away = {"conv1": c, **{f"conv1.{i}": m for i, m in enumerate(mods)}, "bn1": self.bn1, **acts}
-        return units, acts, away
+        if type(c) is nn.Sequential:
+            return DEEP_STEM
+        return [(c, self.bn1)], acts, {"conv1": c, "bn1": self.bn1, **acts}
 
     def _stem_eager(self, x: Tensor) -> Tensor:
         return self.act1(self.bn1(self.conv1(x)))

@@ -178,11 +178,16 @@ def _capability_named(*names: str) -> bool:
     return any(f.name in names for f in dataclasses.fields(Capabilities))
 
 
+def _fully_fused(model: str) -> bool:
+    """Whether convert fuses every conv-BN unit of this coverage-table model on backend reference."""
+    from fused_resnet.testing import coverage
+    fused, units = coverage.coverage(model, "reference")
+    return fused == units
+
+
 def _backbone_stem_fuses() -> bool:
     """Whether convert fuses the stem of torchvision's DeepLabV3 backbone (an IntermediateLayerGetter)."""
-    from fused_resnet.testing import coverage
-    fused, units = coverage.coverage("deeplabv3_resnet50 (backbone)", "reference")
-    return fused == units
+    return _fully_fused("deeplabv3_resnet50 (backbone)")
 
 
 def _avg_pool_in_a_conv() -> bool:
@@ -268,6 +273,7 @@ FEATURES = {
     "timm's stems fused": (r"timm's stems", _timm_stem_fuses),
     "torchvision's backbone wrappers' stems fused": (r"IntermediateLayerGetter|BackboneWithFPN", _backbone_stem_fuses),
     "the avg-pool shortcut inside its conv": (r"avg-pool inside its conv", _avg_pool_in_a_conv),
+    "timm's deep stem fused": (r"timm's deep stem", lambda: _fully_fused("timm resnet26d")),
     "double backward": (r"double backward", _double_backward_runs),
 }
 

@@ -124,6 +124,7 @@ def unfused_units(model: nn.Module) -> Tuple[int, Dict[str, int]]:
                 why["a BN the block's op does not compute"] += 1
     stem_bns = {id(b) for m in model.modules() if isinstance(m, FusedStemMixin) and m.backend is not None
                 and m._stem_plan()[0] is None for _, b in m._stem_units()}
+    stem_reason = model._stem_plan()[0] if isinstance(model, FusedStemMixin) and model.backend is not None else None
     for m in model.modules():
         if not _is_bn(m) or id(m) in in_blocks:
             continue
@@ -132,7 +133,8 @@ def unfused_units(model: nn.Module) -> Tuple[int, Dict[str, int]]:
         else:
             owner = type(model)
             label = f"timm's {owner.__name__}" if owner.__module__.startswith("timm.") else owner.__name__
-            why[f"stem (convert fuses the stems of torchvision's and timm's ResNet classes, not {label}'s)"] += 1
+            default = f"convert fuses the stems of torchvision's and timm's ResNet classes, not {label}'s"
+            why[f"stem ({stem_reason or default})"] += 1
     return fused, dict(why)
 
 

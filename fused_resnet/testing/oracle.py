@@ -197,7 +197,8 @@ def _fused_units(model: nn.Module) -> int:
     """How many fused ops one forward of ``model`` calls: its fused blocks (with their shortcut units run as ops
     of their own; a block that will run eagerly counts one, so that its eager run is noticed) and fused stems."""
     return sum((max(1, len(m._next_ops())) if isinstance(m, _FusedForward) else 0)
-               + (isinstance(m, FusedStemMixin) and m.backend is not None) for m in model.modules())
+               + (isinstance(m, FusedStemMixin) and m.backend is not None and bool(m._stem_units()))
+               for m in model.modules())
 
 
 def _attach_tape(model: nn.Module, tape: BranchTape) -> nn.Module:
