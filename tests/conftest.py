@@ -102,11 +102,12 @@ def block_problem(shortcut: Shortcut, n_units: int, batch_stats: bool, groups: i
     )
 
 
-def op_args(problem: dict, backend: str = "reference") -> tuple:
-    """The flat arguments of fused_resnet::block_forward for a block_problem."""
+def op_args(problem: dict, backend: str = "reference", sample_scale=None) -> tuple:
+    """The flat arguments of fused_resnet::block_forward for a block_problem (``sample_scale``: stochastic
+    depth's per-sample d, None: none)."""
     p = problem
     return (p["x"], p["weights"], p["gammas"], p["betas"], p["running_means"], p["running_vars"], p["residual"],
-            p["spec"].ints, p["spec"].floats, backend)
+            p["spec"].ints, p["spec"].floats, backend, sample_scale)
 
 
 GRADCHECK_CASES = [

@@ -41,6 +41,11 @@ def test_opcheck_block_forward_and_backward(device, dtype):
                     a["spec"].ints, a["spec"].floats, True, "reference")
         torch.library.opcheck(ops.block_backward, bwd_args)
         torch.library.opcheck(ops.block_backward, bwd_args[:-2] + (False, "reference"))
+        if a["spec"].final_relu:  # stochastic depth (an open block has no closing to put it in): the per-sample
+            # scale through the schema, the fake and autograd, sample 0 dropped
+            scale = torch.full((a["x"].shape[0],), 1.25, dtype=dtype, device=device)
+            scale[0] = 0.0
+            torch.library.opcheck(ops.block_forward, op_args(a, sample_scale=scale))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -51,7 +56,7 @@ def test_opcheck_block_inference_and_running_update(device):
         a["spec"] = a["spec"].with_batch_stats([False] * len(a["spec"].units))
         for k in ("x", "weights", "gammas", "betas"):
             a[k] = a[k].detach() if k == "x" else [t.detach() for t in a[k]]
-        torch.library.opcheck(ops.block_inference, op_args(a))
+        torch.library.opcheck(ops.block_inference, op_args(a)[:-1])  # eval: no stochastic depth
     for momentum in (0.1, None):
         args = (torch.randn(5, device=device), torch.rand(5, device=device) + 0.5,
                 torch.tensor(3, device=device), torch.randn(5, device=device), torch.rand(5, device=device), 12,
