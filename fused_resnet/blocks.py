@@ -502,10 +502,12 @@ class EagerBottleneck(_EagerForward, _BottleneckLayout):
 class FusedStemMixin:
     """A model whose stem — a chain of conv-BN units joined by ReLUs and ending in one, by default torchvision's
     ``self.conv1``, ``self.bn1``, ``self.relu`` — runs as one fused op (a plain block's spec, ``Shortcut.NONE``)
-    when ``self.backend`` is a backend name, and as its own torch modules when it is None. Another layout
-    overrides ``_stem_layout`` and ``_stem_eager`` (fused_resnet.timm_blocks: timm's 7x7 and deep stems)."""
+    when ``self.backend`` is a backend name, and as its own torch modules when it is None. A model whose stem
+    activation has another name sets ``_stem_act`` (timm's ``act1``); another layout overrides ``_stem_layout``
+    (fused_resnet.timm_blocks: timm's deep stem is not one the op computes)."""
 
     backend: Optional[str] = None
+    _stem_act = "relu"  # the attribute holding the stem's ReLU, after conv1 and bn1
 
     def __prepare_scriptable__(self):
         if self.backend is not None:
@@ -515,11 +517,11 @@ class FusedStemMixin:
     def _stem_layout(self):
         """(units [(conv, bn)], the ReLUs after each {name: module}, every module the fused stem replaces
         {name: module}), or a string saying why the stem's modules are not a chain the op computes."""
-        acts = {"relu": self.relu}
+        acts = {self._stem_act: getattr(self, self._stem_act)}
         return [(self.conv1, self.bn1)], acts, {"conv1": self.conv1, "bn1": self.bn1, **acts}
 
     def _stem_eager(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn1(self.conv1(x)))
+        return getattr(self, self._stem_act)(self.bn1(self.conv1(x)))
 
     def _stem_units(self) -> List[Tuple[nn.Module, nn.Module]]:
         """The stem's conv-BN units as its modules are now (none where they are not a chain the op computes)."""

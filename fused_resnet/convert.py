@@ -103,8 +103,8 @@ def _convert(m: nn.Module, backend: str, skipped: List[str], path: str) -> None:
             return
         _fuse(m, _TO_FUSED[t] if t in _TO_FUSED else timm_blocks.TO_FUSED[t], backend, path)
         return
-    elif t in _STEM_FUSED or _timm_model(t) is not None:
-        m.__class__ = _STEM_FUSED[t] if t in _STEM_FUSED else _timm_model(t).TO_FUSED_MODEL[t]
+    elif t in _STEM_FUSED or (timm_model := _timm_model(t)) is not None:
+        m.__class__ = _STEM_FUSED[t] if t in _STEM_FUSED else timm_model.TO_FUSED_MODEL[t]
         m.backend = backend
         guard.set_name(m, path or type(m).__name__)
     elif isinstance(m, FusedStemMixin):

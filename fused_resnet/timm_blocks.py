@@ -185,14 +185,10 @@ class FusedTimmResNet(FusedStemMixin, timm_resnet.ResNet):
     ``forward_intermediates`` and gradient checkpointing run timm's own stem modules. ``convert`` turns timm's
     ResNet into this class in place (no new parameters or buffers: the state_dict is unchanged)."""
 
-    def _stem_layout(self):
-        c, acts = self.conv1, {"act1": self.act1}
-        if type(c) is nn.Sequential:
-            return DEEP_STEM
-        return [(c, self.bn1)], acts, {"conv1": c, "bn1": self.bn1, **acts}
+    _stem_act = "act1"
 
-    def _stem_eager(self, x: Tensor) -> Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
+    def _stem_layout(self):
+        return DEEP_STEM if type(self.conv1) is nn.Sequential else super()._stem_layout()
 
     def forward_features(self, x: Tensor) -> Tensor:
         if self.grad_checkpointing:  # timm's own checkpointed pass, its stem included
