@@ -65,7 +65,7 @@ def _op_layer_calls(block: torch.nn.Module, x: torch.Tensor, backend: str):
     from fused_resnet.tensors import Params
 
     block = copy.deepcopy(block).eval()
-    convs, bns, _, _ = block._structure()
+    convs, bns, *_ = block._structure()
     spec = block.block_spec()
     params = Params([c.weight for c in convs], [b.weight for b in bns], [b.bias for b in bns],
                     [b.running_mean for b in bns], [b.running_var for b in bns])

@@ -8,6 +8,14 @@
 //   backward  Σdz, Σdz·x̂ = drelu_dbn_reduce;  da = dbn_apply (the ReLU mask recomputed inside both);
 //             dgrad / wgrad through ATen (r_{i-1} recomputed for wgrad);  the shortcut's gradient in one kernel
 //
+// Stochastic depth (the training ops' `sample_scale` d [N]): the closing kernel computes
+// y = relu(d_n·(a_last·s + t) + shortcut), and backward scales the last main unit's dz = dy·[y > 0] by d_n inside
+// its drelu_dbn_reduce and dbn_apply; the shortcut's gradient (the projection's BN included) takes dz unscaled.
+//
+// A unit reading the block input (the first, the projection) with UnitSpec::avg_pool k convs its average pool
+// (pool.cu); backward recomputes the pool for the wgrad rather than saving it, and takes the input's gradient back
+// through the pool in one kernel that also adds the rest of dx.
+//
 // Work runs in NHWC: an NCHW input is converted on entry; y and dx are returned in the input's layout, the saved
 // pre-BN outputs stay NHWC (the layout backward reads them in).
 //
@@ -74,6 +82,12 @@ at::Tensor conv_fprop(const UnitSpec& u, const at::Tensor& input, const at::Tens
   return nhwc(y);
 }
 
+// The conv input of a unit reading the block input: xc itself, or its average pool (UnitSpec::avg_pool). One
+// unit of a block pools at most (check_block), so each op call pools once.
+at::Tensor block_input_of(const UnitSpec& u, const at::Tensor& xc) {
+  return u.avg_pool == 1 ? xc : avg_pool(xc, u.avg_pool);
+}
+
 void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
                  std::initializer_list<size_t> per_unit, bool has_residual) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D [N, C, H, W] input, got ", shape_str(x.sizes()));
@@ -88,6 +102,16 @@ void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
   }
   TORCH_CHECK(has_residual == (spec.shortcut == Shortcut::kTensor), op,
               ": a residual tensor is given exactly when the shortcut is a tensor");
+  // backward takes a pooled first unit's gradient back through its pool as the input's whole gradient
+  // (fused_resnet.spec.BlockSpec has the same rule)
+  const size_t n_main = spec.n_main();
+  for (size_t i = 0; i < spec.units.size(); ++i) {
+    const bool reads_input = i == 0 || i == n_main;
+    const bool first_alone = i != 0 || spec.shortcut == Shortcut::kNone || spec.shortcut == Shortcut::kTensor;
+    TORCH_CHECK(spec.units[i].avg_pool == 1 || (reads_input && first_alone), op, ": unit ", i, " has avg_pool ",
+                spec.units[i].avg_pool, " (only the projection, or the first unit where no shortcut reads the "
+                "block input, pools it)");
+  }
 }
 
 struct Forward {
@@ -148,16 +172,29 @@ at::Tensor bn_relu(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t
   return bn_act(a, s, t, std::nullopt, true, std::nullopt, std::nullopt, {});
 }
 
-// y = relu(a·s + t + shortcut), one kernel
-at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc) {
-  return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride);
+// y = relu([d_n·](a·s + t) + shortcut), one kernel
+at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc,
+                       const std::optional<at::Tensor>& sample_scale = std::nullopt) {
+  return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride, sample_scale);
+}
+
+// d as the kernels take it: in its own dtype where that is float32, bf16 or fp16 (ops.cpp's check_sample_scale),
+// else in float32; checked against the block input first.
+std::optional<at::Tensor> sample_scale_of(const char* op, const std::optional<at::Tensor>& sample_scale,
+                                          const at::Tensor& x) {
+  if (!sample_scale.has_value()) return std::nullopt;
+  const at::Tensor& d = *sample_scale;
+  TORCH_CHECK(d.dim() == 1 && d.size(0) == x.size(0) && d.device() == x.device() && d.is_floating_point(), op,
+              ": expected sample_scale (stochastic depth's per-sample scale) as a floating [", x.size(0),
+              "] tensor on ", x.device(), ", got ", d.scalar_type(), " ", shape_str(d.sizes()), " on ", d.device());
+  return param(d);
 }
 
 // A unit without batch_stats normalises with its running statistics (copied to fp32, never aliased).
 Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                 at::TensorList betas, const std::vector<std::optional<at::Tensor>>& running_means,
                 const std::vector<std::optional<at::Tensor>>& running_vars, const std::optional<at::Tensor>& residual,
-                bool graphs) {
+                bool graphs, const std::optional<at::Tensor>& sample_scale) {
   const size_t n = spec.units.size(), n_main = spec.n_main();
   const at::Tensor xc = nhwc(x);
   Forward out;
@@ -175,19 +212,20 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
   for (size_t i = 0; i < n; ++i) {
     const UnitSpec& u = spec.units[i];
     const bool below = i > 0 && i < n_main;  // the conv reads r_{i-1} = relu(a_{i-1}·s + t), else the block input
+    const at::Tensor block_input = below ? at::Tensor() : block_input_of(u, xc);
     at::Tensor a, sum, sq_sum;
     if (fuses[i]) {
       const std::optional<fusion::Prologue> prologue =
           below ? std::optional<fusion::Prologue>(fusion::Prologue{scales[i - 1], shifts[i - 1]}) : std::nullopt;
       const std::optional<fusion::Sums> unit_sums =
           fusion::stats_in_graph(u) ? std::optional<fusion::Sums>(sums[next_sums++]) : std::nullopt;
-      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : xc, weights[i], prologue, unit_sums, std::nullopt,
-                                 std::nullopt, false)) {
+      if (auto f = fusion::fprop(u, below ? out.acts[i - 1] : block_input, weights[i], prologue, unit_sums,
+                                 std::nullopt, std::nullopt, false)) {
         std::tie(a, sum, sq_sum) = std::tie(f->y, f->sum, f->sq_sum);
       }
     }
     if (!a.defined()) {
-      const at::Tensor input = below ? bn_relu(out.acts[i - 1], scales[i - 1], shifts[i - 1]) : xc;
+      const at::Tensor input = below ? bn_relu(out.acts[i - 1], scales[i - 1], shifts[i - 1]) : block_input;
       a = conv_fprop(u, input, weights[i]);
     }
     const at::Tensor gamma = param(gammas[i]), beta = param(betas[i]);
@@ -219,7 +257,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     shifts.push_back(t);
   }
   const ShortcutInput sc = shortcut_input(spec, xc, residual, out.acts.back(), scales.back(), shifts.back());
-  out.y = close_block(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc);
+  out.y = close_block(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc, sample_scale);
   return out;
 }
 
@@ -248,10 +286,11 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
   std::optional<at::Tensor> projected;
   at::Tensor proj_a;
   if (spec.shortcut == Shortcut::kProjection) {
-    projected = fused(n_main, xc, std::nullopt, false);
-    if (!projected) proj_a = conv_fprop(spec.units[n_main], xc, weights[n_main]);
+    const at::Tensor input = block_input_of(spec.units[n_main], xc);
+    projected = fused(n_main, input, std::nullopt, false);
+    if (!projected) proj_a = conv_fprop(spec.units[n_main], input, weights[n_main]);
   }
-  at::Tensor r = xc;
+  at::Tensor r = block_input_of(spec.units[0], xc);
   for (size_t i = 0; i + 1 < n_main; ++i) {
     auto f = fused(i, r, std::nullopt, true);
     r = f ? *f : bn_relu(conv_fprop(spec.units[i], r, weights[i]), s[i], t[i]);
@@ -277,13 +316,14 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
                                       const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                      at::ArrayRef<double> spec_floats, bool graphs) {
+                                      at::ArrayRef<double> spec_floats, bool graphs,
+                                      const std::optional<at::Tensor>& sample_scale) {
   const BlockSpec spec = BlockSpec::parse("block_forward", spec_ints, spec_floats);
   check_block("block_forward", x, spec,
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
               residual.has_value());
   Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual,
-                      graphs);
+                      graphs, sample_scale_of("block_forward", sample_scale, x));
   std::vector<at::Tensor> out{in_format(f.y, format_of(x))};
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
@@ -329,7 +369,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad, bool graphs, const std::optional<at::Tensor>& counts) {
+                                       bool need_input_grad, bool graphs,
+                                       const std::optional<at::Tensor>& sample_scale,
+                                       const std::optional<at::Tensor>& counts) {
   const BlockSpec spec = BlockSpec::parse("block_backward", spec_ints, spec_floats);
   TORCH_CHECK(!spec.synced() || (counts.has_value() && counts->numel() == static_cast<int64_t>(spec.units.size())),
               "block_backward: a synchronised spec needs the forward's counts, one per unit");
@@ -337,6 +379,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   check_block("block_backward", x, spec,
               {weights.size(), gammas.size(), betas.size(), acts.size(), means.size(), variances.size()},
               spec.shortcut == Shortcut::kTensor);
+  const std::optional<at::Tensor> d = sample_scale_of("block_backward", sample_scale, x);
   const at::Tensor xc = nhwc(x), yc = nhwc(y), dyc = nhwc(converted("to y's dtype", dy, dy.to(y.scalar_type())));
   std::vector<at::Tensor> a(n), mean(n), s(n), t(n), rstd(n), dws(n), dgammas(n), dbetas(n);
   for (size_t i = 0; i < n; ++i) {
@@ -346,15 +389,16 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
         bn_scale_shift(param(gammas[i]), param(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
   }
   // Unit i's BN + ReLU backward: da_i from g, the gradient at the unit's ReLU output, with the mask [y > 0] when
-  // `mask_y` is given, else [a_i·s_i + t_i > 0]. `sums`: Σdz, Σdz·x̂ already reduced by the fused dgrad above.
+  // `mask_y` is given, else [a_i·s_i + t_i > 0], and dz scaled per sample by `scale` where given (the last main
+  // unit's under stochastic depth). `sums`: Σdz, Σdz·x̂ already reduced by the fused dgrad above.
   struct Sums {
     at::Tensor dz, dz_xhat;
   };
   auto unit_da = [&](size_t i, const at::Tensor& g, const std::optional<at::Tensor>& mask_y,
-                     std::optional<Sums> sums) {
+                     std::optional<Sums> sums, const std::optional<at::Tensor>& scale) {
     const UnitSpec& u = spec.units[i];
     if (!sums) {
-      auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i]);
+      auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], scale);
       sums = Sums{sum_dz, sum_dz_xhat};
     }
     auto [sum_dz, sum_dz_xhat] = *sums;
@@ -370,7 +414,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       sum_dz = sum_dz * ratio;
       sum_dz_xhat = sum_dz_xhat * ratio;
     }
-    return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats);
+    return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats, scale);
   };
   // Unit i's conv backward: dw_i, and when need_inp the gradient at its input — the block input, or
   // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU, reduces its sums and writes
@@ -410,7 +454,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       }
     }
     if (below && !r_below.defined()) r_below = bn_relu(a[*below], s[*below], t[*below]);
-    const at::Tensor input = below ? r_below : xc;  // the conv's real input, which every wgrad reads
+    const at::Tensor input = below ? r_below : block_input_of(u, xc);  // the conv's real input: every wgrad's
     if (may_fuse) {
       if (auto f = fusion::wgrad(u, da, input, weights[i])) dw = *f;
     }
@@ -435,13 +479,14 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   // statistics in this order (fused_resnet.reference.block_backward).
   at::Tensor d_sc;
   if (spec.shortcut == Shortcut::kProjection) {
-    d_sc = conv_backward(n_main, unit_da(n_main, dyc, yc, std::nullopt), std::nullopt, need_input_grad).first;
+    d_sc = conv_backward(n_main, unit_da(n_main, dyc, yc, std::nullopt, std::nullopt), std::nullopt,
+                         need_input_grad).first;
   }
   at::Tensor g = dyc, dx;
   std::optional<at::Tensor> mask_y = yc;
   std::optional<Sums> sums;
   for (size_t i = n_main; i-- > 0;) {
-    const at::Tensor da = unit_da(i, g, mask_y, sums);
+    const at::Tensor da = unit_da(i, g, mask_y, sums, i == n_main - 1 ? d : std::nullopt);
     auto [d, below_sums] = conv_backward(i, da, i > 0 ? std::optional<size_t>(i - 1) : std::nullopt,
                                          i > 0 || need_input_grad);
     if (i > 0) {
@@ -452,6 +497,10 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       dx = d;
     }
   }
+  // dx and d_sc are the gradients at unit 0's and the projection's conv inputs: pooled where the unit pools
+  if (need_input_grad && spec.units[0].avg_pool > 1) {
+    dx = avg_pool_grad_add(std::nullopt, dx, xc, spec.units[0].avg_pool);
+  }
   at::Tensor d_residual;
   const std::vector<int64_t> option_a_stride(spec.option_a_stride.begin(), spec.option_a_stride.end());
   if (spec.shortcut == Shortcut::kIdentity && need_input_grad) {
@@ -460,6 +509,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
     dx = residual_grad(dx, dyc, yc, xc, option_a_stride);
   } else if (spec.shortcut == Shortcut::kTensor) {
     d_residual = residual_grad(std::nullopt, dyc, yc, yc, {});
+  } else if (spec.shortcut == Shortcut::kProjection && need_input_grad && spec.units[n_main].avg_pool > 1) {
+    dx = avg_pool_grad_add(dx, d_sc, xc, spec.units[n_main].avg_pool);  // unpooled and added in one pass
   } else if (spec.shortcut == Shortcut::kProjection && need_input_grad) {
     dx = at::add(dx, d_sc);
     account::launch("add the projection's gradient", "elementwise", {dx, d_sc}, {dx});

@@ -1,7 +1,8 @@
 // bn_act: BN-apply (scale-shift) + shortcut add + optional ReLU on channels-innermost activations, fp32 math:
 //
-//   y[m, c] = relu(a[m, c]·s[c] + t[c] + sc[m, c])
+//   y[m, c] = relu(d[n]·(a[m, c]·s[c] + t[c]) + sc[m, c])
 //   sc = 0 | r[m, c] | r[m, c]·rs[c] + rt[c] (projection through its BN) | option A read in place from x
+//   d  = 1, or stochastic depth's per-sample scale (n: m's sample), applied before the shortcut joins
 //
 // Twin of kernels/bn_act.py and fused_resnet.reference.bn_act. 16-byte vectors when the channel counts and every
 // pointer allow it (a vector then never straddles two pixels), one element otherwise.
@@ -14,7 +15,7 @@
 namespace fused_resnet {
 namespace {
 
-template <typename T, int VEC, int RES, bool RELU>
+template <typename T, int VEC, int RES, bool RELU, bool SCALED>
 struct BnActOp {
   const T* a;
   const float* s;
@@ -24,6 +25,8 @@ struct BnActOp {
   const float* rt;
   T* y;
   int64_t C;
+  ChannelParam d;      // stochastic depth's per-sample scale, in the activations' dtype (SCALED only)
+  int64_t per_sample;  // elements of one sample (H·W·C): e / per_sample is e's sample
   // option A geometry: output P×Q, input H×W×C_in, strides
   int64_t P, Q, H, W, C_in, stride_h, stride_w;
 
@@ -34,6 +37,11 @@ struct BnActOp {
     load_floats<T, VEC>(a, e, z);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) z[k] = affine(z[k], s[c0 + k], t[c0 + k]);
+    if constexpr (SCALED) {
+      const float dn = d[e / per_sample];  // a vector never straddles two pixels, so never two samples
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] *= dn;
+    }
     if constexpr (RES == kResidualTensor || RES == kResidualAffine) {
       float res[VEC];
       load_floats<T, VEC>(r, e, res);
@@ -60,25 +68,33 @@ struct BnActOp {
   }
 };
 
-template <typename T, int VEC, int RES, bool RELU>
-void run(const BnActOp<T, 1, kResidualNone, false>& args, int64_t n, Runs runs) {
-  BnActOp<T, VEC, RES, RELU> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
-                                args.P, args.Q, args.H, args.W, args.C_in, args.stride_h, args.stride_w};
+template <typename T>
+using BnActArgs = BnActOp<T, 1, kResidualNone, false, false>;
+
+template <typename T, int VEC, int RES, bool RELU, bool SCALED>
+void run(const BnActArgs<T>& args, int64_t n, Runs runs) {
+  BnActOp<T, VEC, RES, RELU, SCALED> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
+                                        args.d, args.per_sample, args.P, args.Q, args.H, args.W, args.C_in,
+                                        args.stride_h, args.stride_w};
   for_each_index(op, n / VEC, runs);
 }
 
+// Only a closing takes a per-sample scale, and every closing has its ReLU: the scaled kernels are built with it
+// alone (the op refuses a scale without relu).
 template <typename T, int VEC, int RES>
-void run_relu(const BnActOp<T, 1, kResidualNone, false>& args, bool relu, int64_t n, Runs runs) {
-  relu ? run<T, VEC, RES, true>(args, n, runs) : run<T, VEC, RES, false>(args, n, runs);
+void run_relu(const BnActArgs<T>& args, bool relu, bool scaled, int64_t n, Runs runs) {
+  if (scaled) run<T, VEC, RES, true, true>(args, n, runs);
+  else if (relu) run<T, VEC, RES, true, false>(args, n, runs);
+  else run<T, VEC, RES, false, false>(args, n, runs);
 }
 
 template <typename T, int VEC>
-void run_mode(const BnActOp<T, 1, kResidualNone, false>& args, int res, bool relu, int64_t n, Runs runs) {
+void run_mode(const BnActArgs<T>& args, int res, bool relu, bool scaled, int64_t n, Runs runs) {
   switch (res) {
-    case kResidualNone: run_relu<T, VEC, kResidualNone>(args, relu, n, runs); break;
-    case kResidualTensor: run_relu<T, VEC, kResidualTensor>(args, relu, n, runs); break;
-    case kResidualAffine: run_relu<T, VEC, kResidualAffine>(args, relu, n, runs); break;
-    default: run_relu<T, VEC, kResidualOptionA>(args, relu, n, runs); break;
+    case kResidualNone: run_relu<T, VEC, kResidualNone>(args, relu, scaled, n, runs); break;
+    case kResidualTensor: run_relu<T, VEC, kResidualTensor>(args, relu, scaled, n, runs); break;
+    case kResidualAffine: run_relu<T, VEC, kResidualAffine>(args, relu, scaled, n, runs); break;
+    default: run_relu<T, VEC, kResidualOptionA>(args, relu, scaled, n, runs); break;
   }
 }
 
@@ -87,7 +103,7 @@ void run_mode(const BnActOp<T, 1, kResidualNone, false>& args, int res, bool rel
 at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
                          const std::optional<at::Tensor>& residual_shift, at::IntArrayRef option_a_stride,
-                         bool relu) {
+                         bool relu, const std::optional<at::Tensor>& sample_scale) {
   const c10::OptionalDeviceGuard guard(a.device());
   at::Tensor y = at::empty_like(a);  // keeps channels_last
   const int64_t C = a.size(1);
@@ -98,10 +114,14 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
                                               : kResidualTensor;
   FR_DISPATCH_FLOATING(a.scalar_type(), "bn_act", [&] {
     using T = scalar_t;
-    BnActOp<T, 1, kResidualNone, false> args{read_ptr<T>(a),
-                                             read_ptr<float>(scale), read_ptr<float>(shift),
-                                             nullptr, nullptr, nullptr, write_ptr<T>(y),
-                                             C, 1, 1, 1, 1, 0, 1, 1};
+    BnActArgs<T> args{read_ptr<T>(a),
+                      read_ptr<float>(scale), read_ptr<float>(shift),
+                      nullptr, nullptr, nullptr, write_ptr<T>(y),
+                      C, ChannelParam{}, 1, 1, 1, 1, 1, 0, 1, 1};
+    if (sample_scale.has_value() && a.size(0) > 0) {
+      args.d = param_ptr(*sample_scale);
+      args.per_sample = a.numel() / a.size(0);
+    }
     int64_t c_in = C;
     if (residual.has_value()) {
       args.r = read_ptr<T>(*residual);
@@ -121,12 +141,13 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
     }
     constexpr int VEC = 16 / sizeof(T);
     const bool vec = vector_width<T>(C, {args.a, args.y, args.r}) == VEC && c_in % VEC == 0;
-    if (vec) run_mode<T, VEC>(args, res, relu, a.numel(), runs_on(a));
-    else run_mode<T, 1>(args, res, relu, a.numel(), runs_on(a));
+    const bool scaled = sample_scale.has_value();
+    if (vec) run_mode<T, VEC>(args, res, relu, scaled, a.numel(), runs_on(a));
+    else run_mode<T, 1>(args, res, relu, scaled, a.numel(), runs_on(a));
   });
   account::launch("bn_act", "elementwise",
                   {a, scale, shift, residual.value_or(at::Tensor()), residual_scale.value_or(at::Tensor()),
-                   residual_shift.value_or(at::Tensor())},
+                   residual_shift.value_or(at::Tensor()), sample_scale.value_or(at::Tensor())},
                   {y});
   return y;
 }

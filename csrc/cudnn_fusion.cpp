@@ -194,6 +194,11 @@ std::vector<Request> block_requests(const BlockSpec& spec, const at::Tensor& x, 
   for (size_t i = 0; i < n; ++i) {
     const bool reads_below = i > 0 && i < n_main;
     in[i] = reads_below ? conv_out_sizes(in[i - 1], weights[i - 1].sizes(), spec.units[i - 1]) : x.sizes().vec();
+    if (!reads_below && spec.units[i].avg_pool > 1) {  // the conv reads the block input pooled (ceil_mode)
+      const int64_t k = spec.units[i].avg_pool;
+      in[i][2] = (in[i][2] + k - 1) / k;
+      in[i][3] = (in[i][3] + k - 1) / k;
+    }
     eligible[i] = !config_ineligible(x, weights[i], spec.units[i], graphs);
   }
   std::vector<Request> out;

@@ -1,12 +1,14 @@
 // BN backward on channels-innermost tensors, fp32 math (twin of fused_resnet.reference.drelu_dbn_reduce /
 // dbn_apply / shortcut_pad_backward):
 //
-//   drelu_dbn_reduce   dz = g·mask;  Σdz, Σdz·x̂ per channel          (dz is never written)
+//   drelu_dbn_reduce   dz = g·mask(·d);  Σdz, Σdz·x̂ per channel      (dz is never written)
 //   dbn_apply          da = s·(dz − Σdz/M − x̂·Σdz·x̂/M)  or  s·dz    (the dReLU recomputed, fused in)
 //   residual_grad      the shortcut's gradient: d_main + dz (identity) or + option A's gradient
 //
 // mask = [y > 0] for the block's closing ReLU (y is stored), [a·s + t > 0] for a ReLU inside the block (the
-// BN's own output, recomputed from its pre-BN input a).
+// BN's own output, recomputed from its pre-BN input a). d: stochastic depth's per-sample scale of the closing's
+// last BN (its output was scaled by d before the shortcut joined, so its gradient is d·dz); the shortcut's
+// gradient is unscaled.
 #include <type_traits>
 
 #include "common.cuh"
@@ -32,21 +34,31 @@ struct SumAcc {
   }
 };
 
-// dz for VEC channels starting at c0 of element offset e.
-template <typename T, int VEC, bool MASK_Y>
+// Stochastic depth's per-sample scale d as the backward kernels read it (SCALED only).
+struct SampleScale {
+  ChannelParam d;      // in the activations' dtype, read as float like γ
+  int64_t per_sample;  // elements of one sample (H·W·C): e / per_sample is e's sample
+
+  C10_HOST_DEVICE float at(int64_t e) const { return d[e / per_sample]; }
+};
+
+// dz for VEC channels starting at c0 of element offset e (a vector never straddles two pixels, so one sample).
+template <typename T, int VEC, bool MASK_Y, bool SCALED>
 C10_HOST_DEVICE inline void masked_grad(const T* g, const T* y, const float* s, const float* t, const float (&a)[VEC],
-                                        int64_t e, int64_t c0, float (&dz)[VEC]) {
+                                        const SampleScale& d, int64_t e, int64_t c0, float (&dz)[VEC]) {
   load_floats<T, VEC>(g, e, dz);
   float yv[VEC];
   if constexpr (MASK_Y) load_floats<T, VEC>(y, e, yv);
+  float dn = 1.f;
+  if constexpr (SCALED) dn = d.at(e);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const bool on = MASK_Y ? yv[k] > 0.f : affine(a[k], s[c0 + k], t[c0 + k]) > 0.f;
-    dz[k] = on ? dz[k] : 0.f;
+    dz[k] = on ? (SCALED ? dz[k] * dn : dz[k]) : 0.f;
   }
 }
 
-template <typename T, int VEC, bool MASK_Y>
+template <typename T, int VEC, bool MASK_Y, bool SCALED>
 struct DreluReduceOp {
   using Acc = SumAcc<VEC>;
   const T* g;
@@ -55,6 +67,7 @@ struct DreluReduceOp {
   const float* mean;
   const float* s;
   const float* t;
+  SampleScale d;
   int64_t C;
   float* p_dz;
   float* p_dz_centered;
@@ -64,7 +77,7 @@ struct DreluReduceOp {
     const int64_t c0 = group * VEC, e = row * C + c0;
     float av[VEC], dz[VEC];
     load_floats<T, VEC>(a, e, av);
-    masked_grad<T, VEC, MASK_Y>(g, y, s, t, av, e, c0, dz);
+    masked_grad<T, VEC, MASK_Y, SCALED>(g, y, s, t, av, d, e, c0, dz);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       acc.dz[k] += dz[k];
@@ -100,7 +113,7 @@ struct DreluFinalizeOp {
   }
 };
 
-template <typename T, int VEC, bool MASK_Y, bool BATCH>
+template <typename T, int VEC, bool MASK_Y, bool BATCH, bool SCALED>
 struct DbnApplyOp {
   const T* g;
   const T* y;
@@ -109,6 +122,7 @@ struct DbnApplyOp {
   const float* rstd;
   const float* s;
   const float* t;
+  SampleScale d;
   const float* sum_dz;
   const float* sum_dz_xhat;
   float count;
@@ -119,7 +133,7 @@ struct DbnApplyOp {
     const int64_t e = i * VEC, c0 = e % C;
     float av[VEC], dz[VEC];
     load_floats<T, VEC>(a, e, av);
-    masked_grad<T, VEC, MASK_Y>(g, y, s, t, av, e, c0, dz);
+    masked_grad<T, VEC, MASK_Y, SCALED>(g, y, s, t, av, d, e, c0, dz);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int64_t c = c0 + k;
@@ -170,47 +184,59 @@ struct ResidualGradOp {
   }
 };
 
+// d as the kernels read it: none (per_sample 1, never read) or the tensor's data with a's per-sample extent.
+SampleScale sample_scale_of(const std::optional<at::Tensor>& sample_scale, const at::Tensor& a) {
+  SampleScale d{ChannelParam{}, 1};
+  if (sample_scale.has_value() && a.size(0) > 0) d = {param_ptr(*sample_scale), a.numel() / a.size(0)};
+  return d;
+}
+
 }  // namespace
 
+// Only the closing's mask [y > 0] comes with a per-sample scale (the ops refuse one without y), so the scaled
+// kernels are built with MASK_Y alone.
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
-                                                const at::Tensor& scale, const at::Tensor& shift) {
+                                                const at::Tensor& scale, const at::Tensor& shift,
+                                                const std::optional<at::Tensor>& sample_scale) {
   const Runs runs = runs_on(a);
   const c10::OptionalDeviceGuard guard(a.device());
   const int64_t C = a.size(1);
   const int64_t M = C == 0 ? 0 : a.numel() / C;
   const auto f32 = mean.options();
   at::Tensor sum_dz = at::empty({C}, f32), sum_dz_xhat = at::empty({C}, f32);
+  const SampleScale d = sample_scale_of(sample_scale, a);
   FR_DISPATCH_FLOATING(a.scalar_type(), "drelu_dbn_reduce", [&] {
     using T = scalar_t;
     const T* pg = read_ptr<T>(g);
     const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
     const T* pa = read_ptr<T>(a);
-    auto run = [&](auto vec, auto mask_y) {
+    auto run = [&](auto vec, auto mask_y, auto scaled) {
       constexpr int V = decltype(vec)::value;
       const int64_t groups = C / V;
       const ReduceGeometry geo = reduce_geometry(M, groups, runs);
       at::Tensor partials = at::empty({2, geo.parts, C}, f32);
       float* p1 = write_ptr<float>(partials[0]);
       float* p2 = write_ptr<float>(partials[1]);
-      reduce_partials(DreluReduceOp<T, V, decltype(mask_y)::value>{pg, py, pa, read_ptr<float>(mean),
-                                                                   read_ptr<float>(scale),
-                                                                   read_ptr<float>(shift), C, p1, p2},
+      reduce_partials(DreluReduceOp<T, V, decltype(mask_y)::value, decltype(scaled)::value>{
+                          pg, py, pa, read_ptr<float>(mean), read_ptr<float>(scale), read_ptr<float>(shift), d, C,
+                          p1, p2},
                       M, groups, runs, geo);
       account::launch("drelu_dbn_reduce partials", "reduction",
-                      {g, y.value_or(at::Tensor()), a, mean, scale, shift}, {partials});
+                      {g, y.value_or(at::Tensor()), a, mean, scale, shift, sample_scale.value_or(at::Tensor())},
+                      {partials});
       for_each_index(DreluFinalizeOp{p1, p2, read_ptr<float>(rstd), geo.parts, C, write_ptr<float>(sum_dz),
                                      write_ptr<float>(sum_dz_xhat)},
                      C, runs);
       account::launch("drelu_dbn_reduce finalize", "elementwise", {partials, rstd}, {sum_dz, sum_dz_xhat});
     };
+    auto with_vec = [&](auto vec) {
+      if (sample_scale.has_value()) run(vec, std::true_type{}, std::true_type{});
+      else if (py != nullptr) run(vec, std::true_type{}, std::false_type{});
+      else run(vec, std::false_type{}, std::false_type{});
+    };
     constexpr int VEC = 16 / sizeof(T);
-    const bool vec = vector_width<T>(C, {pg, py, pa}) == VEC;
-    if (py != nullptr) {
-      vec ? run(Vec<VEC>{}, std::true_type{}) : run(Vec<1>{}, std::true_type{});
-    } else {
-      vec ? run(Vec<VEC>{}, std::false_type{}) : run(Vec<1>{}, std::false_type{});
-    }
+    if (vector_width<T>(C, {pg, py, pa}) == VEC) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
   });
   return {sum_dz, sum_dz_xhat};
 }
@@ -218,37 +244,41 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
 at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                             const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
                             const at::Tensor& shift, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
-                            bool batch_stats) {
+                            bool batch_stats, const std::optional<at::Tensor>& sample_scale) {
   const c10::OptionalDeviceGuard guard(a.device());
   at::Tensor da = at::empty_like(a);
   const int64_t C = a.size(1);
   const float count = C == 0 ? 1.f : static_cast<float>(a.numel() / C);
+  const SampleScale d = sample_scale_of(sample_scale, a);
   FR_DISPATCH_FLOATING(a.scalar_type(), "dbn_apply", [&] {
     using T = scalar_t;
     const T* pg = read_ptr<T>(g);
     const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
     const T* pa = read_ptr<T>(a);
     T* pd = write_ptr<T>(da);
-    auto run = [&](auto vec, auto mask_y, auto batch) {
+    auto run = [&](auto vec, auto mask_y, auto batch, auto scaled) {
       constexpr int V = decltype(vec)::value;
-      DbnApplyOp<T, V, decltype(mask_y)::value, decltype(batch)::value> op{
+      DbnApplyOp<T, V, decltype(mask_y)::value, decltype(batch)::value, decltype(scaled)::value> op{
           pg, py, pa, read_ptr<float>(mean), read_ptr<float>(rstd), read_ptr<float>(scale),
-          read_ptr<float>(shift), read_ptr<float>(sum_dz), read_ptr<float>(sum_dz_xhat),
+          read_ptr<float>(shift), d, read_ptr<float>(sum_dz), read_ptr<float>(sum_dz_xhat),
           count, pd, C};
       for_each_index(op, a.numel() / V, runs_on(a));
     };
+    auto with_mask = [&](auto vec, auto batch) {
+      if (sample_scale.has_value()) run(vec, std::true_type{}, batch, std::true_type{});
+      else if (py != nullptr) run(vec, std::true_type{}, batch, std::false_type{});
+      else run(vec, std::false_type{}, batch, std::false_type{});
+    };
     auto with_vec = [&](auto vec) {
-      if (py != nullptr) {
-        batch_stats ? run(vec, std::true_type{}, std::true_type{}) : run(vec, std::true_type{}, std::false_type{});
-      } else {
-        batch_stats ? run(vec, std::false_type{}, std::true_type{}) : run(vec, std::false_type{}, std::false_type{});
-      }
+      batch_stats ? with_mask(vec, std::true_type{}) : with_mask(vec, std::false_type{});
     };
     constexpr int VEC = 16 / sizeof(T);
     if (vector_width<T>(C, {pg, py, pa, pd}) == VEC) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
   });
   account::launch("dbn_apply", "elementwise",
-                  {g, y.value_or(at::Tensor()), a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat}, {da});
+                  {g, y.value_or(at::Tensor()), a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat,
+                   sample_scale.value_or(at::Tensor())},
+                  {da});
   return da;
 }
 

@@ -30,28 +30,42 @@ void bn_running_update_launch(const at::Tensor& running_mean, const at::Tensor& 
                               const at::Tensor& var, int64_t count, std::optional<double> momentum);
 
 // bn_act.cu -----------------------------------------------------------------------------------------------
-// y = [relu](a·s + t + shortcut), the shortcut being none, `residual` (same shape), residual·rs + rt (a
+// y = [relu](d_n·(a·s + t) + shortcut), the shortcut being none, `residual` (same shape), residual·rs + rt (a
 // projection's pre-BN output through its BN) or, with `option_a_stride` = {s_h, s_w}, option A read in place from the
-// block input `residual` [N, C_in, H, W]: residual[n, c, p·s_h, q·s_w] for c < C_in, zero above.
+// block input `residual` [N, C_in, H, W]: residual[n, c, p·s_h, q·s_w] for c < C_in, zero above. d: stochastic
+// depth's `sample_scale` [N] (float32, bf16 or fp16, read as float; 1 without it; given only with relu: a
+// closing's).
 at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
-                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef option_a_stride, bool relu);
+                         const std::optional<at::Tensor>& residual_shift, at::IntArrayRef option_a_stride, bool relu,
+                         const std::optional<at::Tensor>& sample_scale);
 
 // dbn.cu --------------------------------------------------------------------------------------------------
-// dz = g·mask with mask = [y > 0] when y is given, else [a·s + t > 0] (the BN's own ReLU, recomputed);
+// dz = g·mask with mask = [y > 0] when y is given, else [a·s + t > 0] (the BN's own ReLU, recomputed), times d_n
+// where stochastic depth's `sample_scale` d [N] is given (as bn_act reads it; only with y: the closing's last BN);
 // returns {Σdz, Σdz·x̂} with x̂ = (a − mean)·rstd. dz is not written.
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
-                                                const at::Tensor& scale, const at::Tensor& shift);
+                                                const at::Tensor& scale, const at::Tensor& shift,
+                                                const std::optional<at::Tensor>& sample_scale);
 // da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) (batch statistics) or s·dz (fixed statistics), dz recomputed as above.
 at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                             const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
                             const at::Tensor& shift, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
-                            bool batch_stats);
+                            bool batch_stats, const std::optional<at::Tensor>& sample_scale);
 // The shortcut's gradient, shaped like `like` (the block input, or the residual): d_main + dz (identity, tensor
 // shortcut without d_main) or, with option_a_stride, d_main + option A's gradient (dz[n, c, h/s_h, w/s_w] where both
 // divide, c < C_in). dz = dy·[y > 0]; out in like's dtype.
 at::Tensor residual_grad_launch(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
                                 const at::Tensor& like, at::IntArrayRef option_a_stride);
+
+// pool.cu -------------------------------------------------------------------------------------------------
+// AvgPool2d(k, k, ceil_mode=True, count_include_pad=False) of x [N, C, H, W]: y [N, C, ceil(H/k), ceil(W/k)] in
+// x's dtype, each window summed in fp32 and divided by its in-bounds count.
+at::Tensor avg_pool_launch(const at::Tensor& x, int64_t k);
+// The pool's gradient at its input, shaped like `like` (the pooled input): d_main + d_pooled[n, c, h/k, w/k] /
+// count of that window, without d_main when none is given; out in like's dtype.
+at::Tensor avg_pool_grad_add_launch(const std::optional<at::Tensor>& d_main, const at::Tensor& d_pooled,
+                                    const at::Tensor& like, int64_t k);
 
 }  // namespace fused_resnet

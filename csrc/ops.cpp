@@ -61,6 +61,16 @@ void check_param(const char* op, const char* what, const at::Tensor& v, int64_t 
               ", got ", t, " ", shape_str(v.sizes()), " on ", v.device());
 }
 
+// Stochastic depth's per-sample scale d: one value per sample of x (its dim 0), read as float like γ.
+void check_sample_scale(const char* op, const at::Tensor& d, const at::Tensor& x) {
+  const at::ScalarType t = d.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && d.dim() == 1 && d.size(0) == x.size(0) &&
+                  d.is_contiguous() && d.device() == x.device(),
+              op, ": expected sample_scale as a contiguous float32, bfloat16 or float16 [", x.size(0),
+              "] tensor (one value per sample) on ", x.device(), ", got ", t, " ", shape_str(d.sizes()), " on ",
+              d.device());
+}
+
 void check_option_a_stride(const char* op, at::IntArrayRef option_a_stride) {
   TORCH_CHECK(option_a_stride.size() == 2 && option_a_stride[0] > 0 && option_a_stride[1] > 0, op,
               ": expected option_a_stride as two positive strides (option A) or empty, got ",
@@ -147,7 +157,7 @@ void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running
 at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,
                   const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
-                  at::IntArrayRef option_a_stride) {
+                  at::IntArrayRef option_a_stride, const std::optional<at::Tensor>& sample_scale) {
   const char* op = "bn_act";
   check_act(op, "the activations a", a);
   check_vec(op, "scale", scale, a.size(1), a.device());
@@ -174,36 +184,51 @@ at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor
       check_vec(op, "residual_shift", *residual_shift, a.size(1), a.device());
     }
   }
-  return bn_act_launch(a, scale, shift, residual, residual_scale, residual_shift, option_a_stride, relu);
+  if (sample_scale.has_value()) {
+    check_sample_scale(op, *sample_scale, a);
+    TORCH_CHECK(relu, op, ": a sample_scale (stochastic depth) scales a closing, which has its ReLU: expected "
+                "relu=True");
+  }
+  return bn_act_launch(a, scale, shift, residual, residual_scale, residual_shift, option_a_stride, relu,
+                       sample_scale);
 }
 
 namespace {
 void check_dbn_args(const char* op, const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
-                    std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors) {
+                    std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors,
+                    const std::optional<at::Tensor>& sample_scale) {
   check_act(op, "the pre-BN activations a", a);
   check_like(op, "the gradient g", g, a);
   if (y.has_value()) check_like(op, "the ReLU output y", *y, a);
   for (auto [what, v] : vectors) check_vec(op, what, *v, a.size(1), a.device());
+  if (sample_scale.has_value()) {
+    check_sample_scale(op, *sample_scale, a);
+    TORCH_CHECK(y.has_value(), op, ": a sample_scale (stochastic depth) scales the closing's last BN, whose mask "
+                "is [y > 0]: expected y");
+  }
 }
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                     const at::Tensor& a, const at::Tensor& mean,
                                                     const at::Tensor& rstd, const at::Tensor& scale,
-                                                    const at::Tensor& shift) {
+                                                    const at::Tensor& shift,
+                                                    const std::optional<at::Tensor>& sample_scale) {
   check_dbn_args("drelu_dbn_reduce", g, y, a,
-                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}});
-  auto out = drelu_dbn_reduce_launch(g, y, a, mean, rstd, scale, shift);
+                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}}, sample_scale);
+  auto out = drelu_dbn_reduce_launch(g, y, a, mean, rstd, scale, shift, sample_scale);
   return {out[0], out[1]};
 }
 
 at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
-                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats) {
+                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats,
+                     const std::optional<at::Tensor>& sample_scale) {
   check_dbn_args("dbn_apply", g, y, a,
                  {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}, {"sum_dz", &sum_dz},
-                  {"sum_dz_xhat", &sum_dz_xhat}});
-  return dbn_apply_launch(g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats);
+                  {"sum_dz_xhat", &sum_dz_xhat}},
+                 sample_scale);
+  return dbn_apply_launch(g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale);
 }
 
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
@@ -222,6 +247,36 @@ at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tens
   }
   if (d_main.has_value()) check_like(op, "d_main", *d_main, like);
   return residual_grad_launch(d_main, dy, y, like, option_a_stride);
+}
+
+namespace {
+void check_pool(const char* op, const at::Tensor& x, int64_t k) {
+  check_act(op, "the pooled input", x);
+  TORCH_CHECK(x.dim() == 4, op, ": expected the pooled input as a 4-D [N, C, H, W] tensor, got sizes ",
+              shape_str(x.sizes()));
+  TORCH_CHECK(k >= 1, op, ": expected a pool size k >= 1, got ", k);
+}
+}  // namespace
+
+at::Tensor avg_pool(const at::Tensor& x, int64_t k) {
+  check_pool("avg_pool", x, k);
+  return avg_pool_launch(x, k);
+}
+
+at::Tensor avg_pool_grad_add(const std::optional<at::Tensor>& d_main, const at::Tensor& d_pooled,
+                             const at::Tensor& like, int64_t k) {
+  const char* op = "avg_pool_grad_add";
+  check_pool(op, like, k);
+  check_act(op, "d_pooled", d_pooled);
+  const std::vector<int64_t> pooled{like.size(0), like.size(1), (like.size(2) + k - 1) / k,
+                                    (like.size(3) + k - 1) / k};
+  TORCH_CHECK(d_pooled.sizes() == at::IntArrayRef(pooled) && d_pooled.scalar_type() == like.scalar_type() &&
+                  d_pooled.device() == like.device(),
+              op, ": expected d_pooled with sizes ", shape_str(pooled), " (the pool of ", shape_str(like.sizes()),
+              " with k = ", k, "), dtype ", like.scalar_type(), " on ", like.device(), ", got ",
+              shape_str(d_pooled.sizes()), ", ", d_pooled.scalar_type(), " on ", d_pooled.device());
+  if (d_main.has_value()) check_like(op, "d_main", *d_main, like);
+  return avg_pool_grad_add_launch(d_main, d_pooled, like, k);
 }
 
 // ------------------------------------------------------------------ the launch account (account.h)
@@ -262,7 +317,7 @@ fusion::Request request_of(const char* op, const std::string& graph, int64_t fea
                     "sizes, got ", shape_str(x_sizes), " and ", shape_str(w_sizes));
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
                     ": expected two strides, paddings and dilations");
-  const UnitSpec u{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, 1, true, 1e-5, 0};
+  const UnitSpec u{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, 1, true, 1e-5, 0, 1};
   return {graph_named(graph), features, x_sizes.vec(), w_sizes.vec(), u, dtype, deterministic};
 }
 
@@ -397,19 +452,25 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.def("bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
         "Tensor mean, Tensor var, int count, float? momentum) -> ()");
   m.def("bn_act(Tensor a, Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor? residual_scale=None, "
-        "Tensor? residual_shift=None, int[] option_a_stride=[]) -> Tensor");
-  m.def("drelu_dbn_reduce(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift) "
-        "-> (Tensor, Tensor)");
+        "Tensor? residual_shift=None, int[] option_a_stride=[], Tensor? sample_scale=None) -> Tensor");
+  m.def("drelu_dbn_reduce(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
+        "Tensor? sample_scale=None) -> (Tensor, Tensor)");
   m.def("dbn_apply(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
-        "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats) -> Tensor");
+        "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats, Tensor? sample_scale=None) -> Tensor");
   m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] option_a_stride) -> Tensor");
-  // The block ops' inputs are fused_resnet.tensors.FORWARD_INPUTS / BACKWARD_INPUTS (tests check the names).
+  m.def("avg_pool(Tensor x, int k) -> Tensor");
+  m.def("avg_pool_grad_add(Tensor? d_main, Tensor d_pooled, Tensor like, int k) -> Tensor");
+  // The block ops' inputs are fused_resnet.tensors.FORWARD_INPUTS / BACKWARD_INPUTS (tests check the names), then
+  // graphs, in the training ops stochastic depth's sample_scale, and backward's counts: the trailing arguments in
+  // the fused_resnet:: ops' order (fused_resnet.tensors.block_autograd passes them on as the forward got them).
+  // The forward's sample_scale has no default, as in fused_resnet::block_forward: torch 2.11's autograd checks
+  // the backward's results against the inputs as passed, a defaulted one left out.
   // Each also exists as <name>_account: the same function as a catch-all kernel, so that meta tensors reach it
   // (the op itself sends them to its fake) — the launch account's dry run (account.h).
   const std::vector<std::pair<std::string, std::string>> block_ops{
       {"block_forward", "(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor?[] running_means, "
-                        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) "
-                        "-> Tensor[]"},
+                        "Tensor?[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs, "
+                        "Tensor? sample_scale) -> Tensor[]"},
       {"block_inference", "(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, Tensor[] running_means, "
                           "Tensor[] running_vars, Tensor? residual, int[] spec, float[] spec_floats, bool graphs) "
                           "-> Tensor"},
@@ -417,7 +478,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
                                  "float[] spec_floats, bool graphs) -> Tensor"},
       {"block_backward", "(Tensor dy, Tensor x, Tensor y, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
                          "Tensor[] acts, Tensor[] means, Tensor[] variances, int[] spec, float[] spec_floats, "
-                         "bool need_input_grad, bool graphs, Tensor? counts=None) -> Tensor[]"},
+                         "bool need_input_grad, bool graphs, Tensor? sample_scale=None, Tensor? counts=None) "
+                         "-> Tensor[]"},
   };
   for (const auto& [name, args] : block_ops) m.def((name + args).c_str());
   m.def(("block_forward_account" + block_ops[0].second).c_str(), &block_forward);
@@ -464,6 +526,8 @@ TORCH_LIBRARY(fused_resnet_C, m) {
   m.impl("drelu_dbn_reduce", &drelu_dbn_reduce);             \
   m.impl("dbn_apply", &dbn_apply);                           \
   m.impl("residual_grad", &residual_grad);                   \
+  m.impl("avg_pool", &avg_pool);                             \
+  m.impl("avg_pool_grad_add", &avg_pool_grad_add);           \
   m.impl("block_forward", &block_forward);                   \
   m.impl("block_inference", &block_inference);               \
   m.impl("block_inference_folded", &block_inference_folded); \

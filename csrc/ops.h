@@ -32,24 +32,31 @@ void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running
 at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,
                   const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& residual_shift,
-                  at::IntArrayRef option_a_stride);
+                  at::IntArrayRef option_a_stride, const std::optional<at::Tensor>& sample_scale = std::nullopt);
 std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                     const at::Tensor& a, const at::Tensor& mean,
                                                     const at::Tensor& rstd, const at::Tensor& scale,
-                                                    const at::Tensor& shift);
+                                                    const at::Tensor& shift,
+                                                    const std::optional<at::Tensor>& sample_scale = std::nullopt);
 at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
-                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats);
+                     const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats,
+                     const std::optional<at::Tensor>& sample_scale = std::nullopt);
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
                          const at::Tensor& like, at::IntArrayRef option_a_stride);
+at::Tensor avg_pool(const at::Tensor& x, int64_t k);
+at::Tensor avg_pool_grad_add(const std::optional<at::Tensor>& d_main, const at::Tensor& d_pooled,
+                             const at::Tensor& like, int64_t k);
 
 // block.cpp: the block ops take the spec as flat lists (spec.h); `graphs`: units may run cuDNN fusion graphs
-// (cudnn_fusion.h), false for backend cuda-unfused
+// (cudnn_fusion.h), false for backend cuda-unfused; `sample_scale`: stochastic depth's per-sample d [N] of the
+// training ops (y = relu(d_n·bn(a_last) + shortcut); fused_resnet.backends.reference)
 std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weights, at::TensorList gammas,
                                       at::TensorList betas, const c10::List<std::optional<at::Tensor>>& running_means,
                                       const c10::List<std::optional<at::Tensor>>& running_vars,
                                       const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
-                                      at::ArrayRef<double> spec_floats, bool graphs);
+                                      at::ArrayRef<double> spec_floats, bool graphs,
+                                      const std::optional<at::Tensor>& sample_scale);
 at::Tensor block_inference(const at::Tensor& x, at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                            at::TensorList running_means, at::TensorList running_vars,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef spec_ints,
@@ -62,6 +69,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
                                        at::TensorList weights, at::TensorList gammas, at::TensorList betas,
                                        at::TensorList acts, at::TensorList means, at::TensorList variances,
                                        at::IntArrayRef spec_ints, at::ArrayRef<double> spec_floats,
-                                       bool need_input_grad, bool graphs, const std::optional<at::Tensor>& counts);
+                                       bool need_input_grad, bool graphs,
+                                       const std::optional<at::Tensor>& sample_scale,
+                                       const std::optional<at::Tensor>& counts);
 
 }  // namespace fused_resnet

@@ -3,7 +3,7 @@
 // The block ops take the spec as two flat schema lists written by fused_resnet.spec.BlockSpec (`ints`, `floats`):
 //   ints   = [dim, shortcut, option_a_stride_h, option_a_stride_w, units,
 //             per unit: stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups, batch_stats,
-//                       update_running, sync_group]
+//                       update_running, sync_group, avg_pool]
 //   floats = [per unit: eps, momentum (NaN: None)]
 // `BlockSpec::parse` reads them once per op call into one struct. tests/test_spec.py checks that the tables below
 // (enum values, list layout) are the Python ones.
@@ -23,7 +23,7 @@ enum class Shortcut : int64_t { kNone = 0, kIdentity = 1, kProjection = 2, kOpti
 enum Residual : int { kResidualNone = 0, kResidualTensor = 1, kResidualAffine = 2, kResidualOptionA = 3 };
 
 constexpr int64_t kSpecHeaderInts = 5;
-constexpr int64_t kSpecUnitInts = 10;
+constexpr int64_t kSpecUnitInts = 11;
 constexpr int64_t kSpecUnitFloats = 2;
 
 struct UnitSpec {
@@ -32,6 +32,9 @@ struct UnitSpec {
   bool batch_stats;
   double eps;
   int64_t sync_group;  // 0, or the process group (fused_resnet.distributed) the BN statistics are reduced over
+  // 1, or k: the conv reads the block input average-pooled, AvgPool2d(k, k, ceil_mode=True,
+  // count_include_pad=False) (timm's "-d" shortcut); only a unit that reads the block input (the first, the projection)
+  int64_t avg_pool;
 };
 
 struct BlockSpec {
@@ -67,8 +70,9 @@ struct BlockSpec {
                 ": option A needs two positive strides");
     for (int64_t i = 0; i < n; ++i) {
       const int64_t* v = ints.data() + kSpecHeaderInts + kSpecUnitInts * i;
-      UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i], v[9]};
+      UnitSpec u{{v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6], v[7] != 0, floats[kSpecUnitFloats * i], v[9], v[10]};
       TORCH_CHECK(u.groups >= 1, op, ": unit ", i, " has groups ", u.groups);
+      TORCH_CHECK(u.avg_pool >= 1, op, ": unit ", i, " has avg_pool ", u.avg_pool);
       spec.units.push_back(u);
     }
     return spec;

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import backends, guard
 from .functional import block_plan, block_spec, run_block, unit_unsupported_reason
-from .spec import BlockSpec, Shortcut, UnitSpec, unit_types_reason
+from .spec import BlockSpec, Shortcut, UnitSpec, avg_pool_from_reading, pool_reading, unit_types_reason
 
 _GUARD_ATTR = "_fused_resnet_guard"  # (signature, blocker) in the module's __dict__
 
@@ -195,6 +195,25 @@ def shortcut_unit(downsample: Optional[nn.Module]):
     return (mods[0] if len(mods) == 3 else None), mods[-2], mods[-1]
 
 
+def inner_projection(downsample: Optional[nn.Module],
+                     backend: str) -> Optional[Tuple[Optional[nn.Module], nn.Module, nn.Module]]:
+    """(pool or None, conv, bn) of a downsample the op computes as its projection although a module comes first:
+    an nn.Identity (None), or an average pool whose pooling the op computes on ``backend`` (the backends serving
+    it declare ``avg_pool``): timm's "-d" shortcut, AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) or
+    nn.Identity, then a 1x1 conv and a BN. Nothing on it hooked and its unit's settings fused (else it runs as its
+    modules, or as an op of its own). None otherwise. Its settings are read again on every call with the units'."""
+    sc = shortcut_unit(downsample)
+    if (sc is None or type(sc[0]) not in (nn.Identity, nn.AvgPool2d) or any(guard.hooked(m) for m in (downsample, *sc))
+            or unit_unsupported_reason(sc[1], sc[2]) is not None):  # a conv bias, ...: the op adds its output
+        return None
+    if type(sc[0]) is nn.Identity:
+        return None, sc[1], sc[2]
+    k = avg_pool_from_reading(pool_reading(sc[0]))
+    if isinstance(k, str) or geometry_reason([sc[1:]], backend, shortcut=Shortcut.OPEN, avg_pool=k) is not None:
+        return None
+    return sc
+
+
 def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, nn.Module],
                downsample: Optional[nn.Module]) -> Dict[str, nn.Module]:
     """name → module of every submodule of a residual block whose forward the fused op replaces: the units, the
@@ -210,12 +229,14 @@ def fused_away(units: List[Tuple[nn.Module, nn.Module]], activations: Dict[str, 
 
 
 def geometry_reason(units: List[Tuple[nn.Module, nn.Module]], backend: str = "auto",
-                    residual_scale: bool = False, shortcut: Shortcut = Shortcut.NONE) -> Optional[str]:
+                    residual_scale: bool = False, shortcut: Shortcut = Shortcut.NONE,
+                    avg_pool: int = 1) -> Optional[str]:
     """Why convert leaves these units unfused on ``backend``: what their convs need (groups, dilation,
-    dimensionality; a residual scale; an open closing, ``shortcut=Shortcut.OPEN``) that the backends serving it do
-    not declare (backends.block_refusal), or None."""
+    dimensionality; a residual scale; an open closing, ``shortcut=Shortcut.OPEN``; the first unit's input pooled,
+    ``avg_pool``) that the backends serving it do not declare (backends.block_refusal), or None."""
     dim = 1 if units[0][0].weight.dim() == 3 else 2
-    spec = BlockSpec(tuple(UnitSpec(dilation=((1,) + tuple(c.dilation))[-2:], groups=c.groups) for c, _ in units),
+    spec = BlockSpec(tuple(UnitSpec(dilation=((1,) + tuple(c.dilation))[-2:], groups=c.groups,
+                                    avg_pool=avg_pool if i == 0 else 1) for i, (c, _) in enumerate(units)),
                      shortcut, dim=dim)
     return backends.block_refusal(backend, spec, residual_scale)
 
@@ -343,9 +364,10 @@ class _FusedForward:
 
     def _call_plan(self):
         """What the next call runs, as forward decides it: (None, (structure, spec, shortcut)) for the fused op —
-        ``shortcut``: (the module run first in torch or None, conv, bn, spec) of a shortcut unit run as an op of its
-        own, or None — or (why it runs the eager computation, None). The structure is kept while the submodules'
-        signature stays; every unit's settings are read again (``block_plan``)."""
+        ``shortcut``: (the module run first in torch or None, conv, bn, the pool the op computes or None, spec) of a
+        shortcut unit run as an op of its own, or None — or (why it runs the eager computation, None). The
+        structure is kept while the submodules' signature stays; every unit's settings are read again
+        (``block_plan``)."""
         reason, structure, shortcut = self._plan()
         if reason is not None:
             return reason, None
@@ -353,23 +375,27 @@ class _FusedForward:
         if isinstance(plan, str):
             return plan, None
         if shortcut is not None:  # a setting the op cannot compute (a bias, ...): the downsample runs as itself
-            sc_plan = block_plan(self.downsample, [shortcut[1]], [shortcut[2]], Shortcut.OPEN)
+            sc_plan = block_plan(self.downsample, [shortcut[1]], [shortcut[2]], Shortcut.OPEN, 1, shortcut[3])
             shortcut = None if isinstance(sc_plan, str) else (*shortcut, sc_plan)
         return None, (structure, plan, shortcut)
 
     def _shortcut_op(self):
-        """(module run first in torch or None, conv, bn) of a shortcut whose conv-BN unit the block runs as an op of
-        its own, a one-unit open block (``Shortcut.OPEN``), whose output the main op adds as a tensor or an open
-        block's closing adds: a downsample the main op does not compute itself (timm's "-d" avg-pool + conv + BN,
-        an open block's projection), nothing watching it (hooks: then it runs as its own modules), on a backend
-        that declares it. None otherwise."""
+        """(module run first in torch or None, conv, bn, pool the op computes or None) of a shortcut whose conv-BN
+        unit the block runs as an op of its own, a one-unit open block (``Shortcut.OPEN``), whose output the main
+        op adds as a tensor or an open block's closing adds: a downsample the main op does not compute itself
+        (timm's "-d" avg-pool + conv + BN where the backend does not pool, an open block's projection), nothing
+        watching it (hooks: then it runs as its own modules), on a backend that declares it. None otherwise."""
         kind = self._structure()[2]
         sc = shortcut_unit(self.downsample) if kind in (Shortcut.TENSOR, Shortcut.OPEN) else None
         if sc is None or any(guard.hooked(m) for m in (self.downsample, sc[1], sc[2])):
             return None
-        if geometry_reason([sc[1:]], getattr(self, "backend", "auto"), shortcut=Shortcut.OPEN) is not None:
+        backend = getattr(self, "backend", "auto")
+        inner = inner_projection(self.downsample, backend)
+        if inner is not None:  # the op computes its first module too
+            return None, inner[1], inner[2], inner[0]
+        if geometry_reason([sc[1:]], backend, shortcut=Shortcut.OPEN) is not None:
             return None
-        return sc
+        return (*sc, None)
 
     def _next_ops(self) -> List[List[nn.Module]]:
         """The BNs of each op the next call runs (the block's, then its shortcut unit's); none when it runs its
@@ -377,7 +403,7 @@ class _FusedForward:
         reason, planned = self._call_plan()
         if reason is not None:
             return []
-        (_, bns, _, _), _, shortcut = planned
+        (_, bns, *_), _, shortcut = planned
         return [list(bns)] + ([[shortcut[2]]] if shortcut is not None else [])
 
     def _shortcut(self, x: Tensor, shortcut, backend: str) -> Tensor:
@@ -385,7 +411,7 @@ class _FusedForward:
         downsample module itself, or x."""
         if shortcut is None:
             return x if self.downsample is None else self.downsample(x)
-        first, conv, bn, spec = shortcut
+        first, conv, bn, _, spec = shortcut
         inp = x if first is None else first(x)
         return run_block(inp, spec, [conv], [bn], backend=backend, name=f"{guard.name_of(self)} shortcut")
 
@@ -397,19 +423,24 @@ class _FusedForward:
         return self._blocker()
 
     def _structure(self):
-        """(convs, bns, shortcut kind, option A's stride) of the block as its submodules are now."""
+        """(convs, bns, shortcut kind, option A's stride, the projection's input pool or None) of the block as its
+        submodules are now: a downsample of an average pool (where the backend pools) or an identity before a
+        conv-BN unit is the op's projection too (``inner_projection``)."""
         units = self._units()
         convs, bns = [c for c, _ in units], [b for _, b in units]
         ds = self.downsample
         if self.plain:
-            return convs, bns, Shortcut.NONE, 1
+            return convs, bns, Shortcut.NONE, 1, None
         if ds is None:
-            return convs, bns, Shortcut.IDENTITY, 1
+            return convs, bns, Shortcut.IDENTITY, 1, None
         if type(ds) is ShortcutA:
-            return convs, bns, Shortcut.OPTION_A, ds.stride
+            return convs, bns, Shortcut.OPTION_A, ds.stride, None
         if _is_projection(ds):
-            return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1
-        return convs, bns, Shortcut.TENSOR, 1
+            return convs + [ds[0]], bns + [ds[1]], Shortcut.PROJECTION, 1, None
+        inner = inner_projection(ds, getattr(self, "backend", "auto"))
+        if inner is not None:
+            return convs + [inner[1]], bns + [inner[2]], Shortcut.PROJECTION, 1, inner[0]
+        return convs, bns, Shortcut.TENSOR, 1, None
 
     def _sample_scale(self, x: Tensor) -> Optional[Tensor]:
         """Stochastic depth's per-sample scale for this call, drawn now, where the op's closing computes it (a
@@ -436,12 +467,12 @@ class _FusedForward:
         if shortcut is None:
             return f"the shortcut's downsample ({type(self.downsample).__name__}) in torch, added by the op"
         first = "" if shortcut[0] is None else f" after its {type(shortcut[0]).__name__} in torch"
-        return f"the shortcut's conv-BN fused as an op of its own{first}, added by the block's op"
+        pool = "" if shortcut[3] is None else f" with its {type(shortcut[3]).__name__}"
+        return f"the shortcut's conv-BN{pool} fused as an op of its own{first}, added by the block's op"
 
     def block_spec(self):
         """This block's :class:`~fused_resnet.spec.BlockSpec` (built once, rebuilt when a setting changes)."""
-        convs, bns, kind, stride = self._structure()
-        return block_spec(self, convs, bns, kind, stride)
+        return block_spec(self, *self._structure())
 
     def forward(self, x: Tensor) -> Tensor:
         # Eager also for an empty batch (torch leaves the running statistics as they are, and counts the batch).
@@ -451,7 +482,7 @@ class _FusedForward:
         if reason is not None:
             guard.warn_eager(self, reason)
             return self._eager(x)
-        (convs, bns, kind, stride), spec, shortcut = planned
+        (convs, bns, kind, *_), spec, shortcut = planned
         if _empty_unsynced(spec, x):
             return self._eager(x)
         backend = _backend_for(self.backend, x)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, ops
-from .spec import BlockSpec, Shortcut, conv_out_size, spec_from_readings, unit_from_reading, unit_reading
+from .spec import (BlockSpec, Shortcut, conv_out_size, pool_reading, spec_from_readings, unit_from_reading,
+                   unit_reading)
 from .tensors import Params
 
 _SPEC_ATTR = "_fused_resnet_spec"  # (key, spec or why not) in the owning module's __dict__
@@ -30,28 +31,29 @@ def unit_unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 
 def block_plan(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
-               option_a_stride: int = 1) -> Union[BlockSpec, str]:
-    """The spec of ``owner``'s units, or why the fused op cannot compute them now (naming the submodule). Read on
-    every call: the key is every unit's :func:`~fused_resnet.spec.unit_reading`, and the spec is built from
-    that key alone, so an equal key is an equal spec; a changed setting makes a new spec (or a reason) on the
-    next call."""
-    key = (shortcut, option_a_stride) + tuple(unit_reading(c, b) for c, b in zip(convs, bns))
+               option_a_stride: int = 1, pool: Optional[nn.Module] = None) -> Union[BlockSpec, str]:
+    """The spec of ``owner``'s units (the last one's input average-pooled by ``pool``, where given), or why the
+    fused op cannot compute them now (naming the submodule). Read on every call: the key is every unit's
+    :func:`~fused_resnet.spec.unit_reading` (and the pool's), and the spec is built from that key alone, so an
+    equal key is an equal spec; a changed setting makes a new spec (or a reason) on the next call."""
+    key = (shortcut, option_a_stride, pool_reading(pool)) + tuple(unit_reading(c, b) for c, b in zip(convs, bns))
     cached = owner.__dict__.get(_SPEC_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    plan = spec_from_readings(key[2:], shortcut, option_a_stride)
+    plan = spec_from_readings(key[3:], shortcut, option_a_stride, key[2])
     if not isinstance(plan, BlockSpec):
         i, reason = plan
         names = {id(m): n for n, m in owner.named_modules()}
-        plan = f"{names.get(id(convs[i]), 'conv')} / {names.get(id(bns[i]), 'bn')}: {reason}"
+        what = (f"{names.get(id(pool), 'pool')} / " if pool is not None and i == len(convs) - 1 else "")
+        plan = f"{what}{names.get(id(convs[i]), 'conv')} / {names.get(id(bns[i]), 'bn')}: {reason}"
     owner.__dict__[_SPEC_ATTR] = (key, plan)
     return plan
 
 
 def block_spec(owner: nn.Module, convs: Sequence[nn.Module], bns: Sequence[nn.Module], shortcut: Shortcut,
-               option_a_stride: int = 1) -> BlockSpec:
+               option_a_stride: int = 1, pool: Optional[nn.Module] = None) -> BlockSpec:
     """:func:`block_plan`'s spec; ValueError naming the reason where the units cannot run fused now."""
-    plan = block_plan(owner, convs, bns, shortcut, option_a_stride)
+    plan = block_plan(owner, convs, bns, shortcut, option_a_stride, pool)
     if isinstance(plan, str):
         raise ValueError(f"{type(owner).__name__} cannot run fused now: {plan}")
     return plan

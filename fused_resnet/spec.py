@@ -59,7 +59,7 @@ class Residual(enum.IntEnum):
 # Layout of the schema lists (csrc/spec.h has the same, checked by tests/test_spec.py).
 HEADER_INTS = ("dim", "shortcut", "option_a_stride_h", "option_a_stride_w", "units")
 UNIT_INTS = ("stride_h", "stride_w", "padding_h", "padding_w", "dilation_h", "dilation_w", "groups", "batch_stats",
-             "update_running", "sync_group")
+             "update_running", "sync_group", "avg_pool")
 UNIT_FLOATS = ("eps", "momentum")  # momentum None travels as NaN
 
 
@@ -68,7 +68,9 @@ class UnitSpec:
     """One conv → BN unit. ``batch_stats``: the BN normalises with this batch's statistics (else its running
     ones); ``update_running``: the call updates its running statistics (torch's rule: training and tracking);
     ``sync_group``: 0, or the handle of the process group its statistics are reduced over (fused_resnet.distributed:
-    an nn.SyncBatchNorm that torch would synchronise)."""
+    an nn.SyncBatchNorm that torch would synchronise); ``avg_pool``: 1, or k: the conv reads its input average-
+    pooled, ``AvgPool2d(k, k, ceil_mode=True, count_include_pad=False)`` (timm's "-d" shortcut), where the unit
+    reads the block input (unit 0, or the projection)."""
 
     stride: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int] = (0, 0)
@@ -79,6 +81,7 @@ class UnitSpec:
     batch_stats: bool = True
     update_running: bool = True
     sync_group: int = 0
+    avg_pool: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +105,18 @@ class BlockSpec:
             raise ValueError("a block needs at least one unit")
         if self.shortcut == Shortcut.PROJECTION and len(self.units) < 2:
             raise ValueError("a projection shortcut needs its unit after the main path's")
+        for i, u in enumerate(self.units):
+            # a pooled unit reads the block input, and the input's gradient is its alone where it is the first
+            # unit (what the kernels spread back over the pool's windows is that unit's gradient only)
+            first_alone = i != 0 or self.shortcut in (Shortcut.NONE, Shortcut.TENSOR, Shortcut.OPEN)
+            if u.avg_pool != 1 and (u.avg_pool < 1 or not self.reads_input(i) or self.dim != 2 or not first_alone):
+                raise ValueError(f"unit {i}: avg_pool {u.avg_pool} (k >= 1, on a 2-D block's projection, or its "
+                                 f"first unit where the input has no other path)")
         ints = [self.dim, int(self.shortcut), *self.option_a_stride, len(self.units)]
         floats: List[float] = []
         for u in self.units:
             ints += [*u.stride, *u.padding, *u.dilation, u.groups, int(u.batch_stats), int(u.update_running),
-                     u.sync_group]
+                     u.sync_group, u.avg_pool]
             floats += [float(u.eps), math.nan if u.momentum is None else float(u.momentum)]
         # the schema form, computed once (not a cached_property: torch.compile cannot trace its lock)
         object.__setattr__(self, "_schema", (tuple(ints), tuple(floats)))
@@ -123,6 +133,16 @@ class BlockSpec:
     def n_main(self) -> int:
         """Units on the main path: every unit but the projection shortcut's."""
         return len(self.units) - (1 if self.shortcut == Shortcut.PROJECTION else 0)
+
+    def reads_input(self, i: int) -> bool:
+        """Whether unit i's conv reads the block input (the first unit, and the projection's), not the unit
+        below's output."""
+        return i == 0 or i == self.n_main
+
+    @property
+    def pooled(self) -> bool:
+        """Whether some unit reads its input average-pooled (``UnitSpec.avg_pool``)."""
+        return any(u.avg_pool != 1 for u in self.units)
 
     @property
     def final_relu(self) -> bool:
@@ -176,6 +196,7 @@ class BlockSpec:
         for i, (u, ws) in enumerate(zip(self.units, weight_shapes, strict=True)):
             if i == self.n_main:  # the projection reads the block input
                 h, w = x_shape[2], x_shape[3]
+            h, w = pooled_size(h, u.avg_pool), pooled_size(w, u.avg_pool)
             h = conv_out_size(h, ws[2], u.stride[0], u.padding[0], u.dilation[0])
             w = conv_out_size(w, ws[3], u.stride[1], u.padding[1], u.dilation[1])
             shapes.append([x_shape[0], ws[0], h, w])
@@ -196,7 +217,7 @@ def _from_schema(ints: Tuple[int, ...], floats: Tuple[float, ...]) -> BlockSpec:
         v = ints[head + per * i: head + per * (i + 1)]
         eps, momentum = floats[2 * i: 2 * i + 2]
         units.append(UnitSpec((v[0], v[1]), (v[2], v[3]), (v[4], v[5]), v[6], eps,
-                              None if math.isnan(momentum) else momentum, bool(v[7]), bool(v[8]), v[9]))
+                              None if math.isnan(momentum) else momentum, bool(v[7]), bool(v[8]), v[9], v[10]))
     return BlockSpec(tuple(units), Shortcut(ints[1]), (ints[2], ints[3]), ints[0])
 
 
@@ -340,10 +361,40 @@ def unit_from_modules(conv, bn) -> UnitSpec:
     return unit
 
 
-def spec_from_readings(readings: Sequence[tuple], shortcut: Shortcut,
-                       option_a_stride: int = 1) -> Union[BlockSpec, Tuple[int, str]]:
-    """The spec of a block whose units have these readings (the projection's last), or (index of the first unit
-    that cannot run fused, why)."""
+def pool_reading(pool: Optional[nn.Module]) -> Optional[tuple]:
+    """Every setting of an average pool before a unit's conv that its forward reads (timm's "-d" shortcut:
+    ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)``), as :func:`unit_reading` reads a unit's; None
+    for no pool."""
+    if pool is None:
+        return None
+    if type(pool) is not nn.AvgPool2d:
+        return (type(pool),)
+    return (nn.AvgPool2d, _frozen(pool.kernel_size), _frozen(pool.stride), _frozen(pool.padding), pool.ceil_mode,
+            pool.count_include_pad, pool.divisor_override)
+
+
+def avg_pool_from_reading(reading: Optional[tuple]) -> Union[int, str]:
+    """``UnitSpec.avg_pool`` of a :func:`pool_reading` (1: none), or why the fused op does not pool as it does."""
+    if reading is None:
+        return 1
+    if len(reading) == 1:
+        return f"the pool is {reading[0].__name__}, the kernels pool as nn.AvgPool2d"
+    _, kernel, stride, padding, ceil_mode, count_include_pad, divisor = reading
+    k = kernel if type(kernel) is int else (kernel[0] if type(kernel) is tuple and len(kernel) == 2
+                                            and kernel[0] == kernel[1] and type(kernel[0]) is int else None)
+    if (k is None or k < 1 or stride not in (k, (k, k)) or padding not in (0, (0, 0)) or ceil_mode is not True
+            or count_include_pad is not False or divisor is not None):
+        return (f"AvgPool2d(kernel_size={kernel!r}, stride={stride!r}, padding={padding!r}, ceil_mode={ceil_mode!r}, "
+                f"count_include_pad={count_include_pad!r}, divisor_override={divisor!r}): the kernels pool with "
+                f"stride = kernel, no padding, ceil_mode=True, count_include_pad=False")
+    return k
+
+
+def spec_from_readings(readings: Sequence[tuple], shortcut: Shortcut, option_a_stride: int = 1,
+                       pool: Optional[tuple] = None) -> Union[BlockSpec, Tuple[int, str]]:
+    """The spec of a block whose units have these readings (the projection's last), the last unit's input
+    average-pooled as ``pool`` (a :func:`pool_reading`) reads, or (index of the first unit that cannot run fused,
+    why)."""
     units = []
     for i, reading in enumerate(readings):
         unit = unit_from_reading(reading)
@@ -351,6 +402,11 @@ def spec_from_readings(readings: Sequence[tuple], shortcut: Shortcut,
             return i, unit
         units.append(unit)
     dim = 1 if readings[0][0] is nn.Conv1d else 2
+    if pool is not None:
+        k = avg_pool_from_reading(pool) if dim == 2 else "an average pool before a Conv1d"
+        if isinstance(k, str):
+            return len(units) - 1, k
+        units[-1] = dataclasses.replace(units[-1], avg_pool=k)
     stride = (1, option_a_stride) if dim == 1 else (option_a_stride, option_a_stride)
     return BlockSpec(tuple(units), shortcut, stride if shortcut == Shortcut.OPTION_A else (1, 1), dim)
 
@@ -380,3 +436,8 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pooled_size(size: int, k: int) -> int:
+    """The output size of ``AvgPool2d(k, k, ceil_mode=True)`` on ``size`` (>= 1): every window starts inside."""
+    return -(-size // k)

@@ -5,9 +5,11 @@ while its structure is what the kernels implement.
 
 A timm block fuses when its inner activations are ``nn.ReLU`` and its drop_block and anti-aliasing layers are
 identities. Without a squeeze-excitation / attention module (``se``) the op computes the whole block: its last
-activation must be ``nn.ReLU`` too, and its shortcut is the identity, a projection ``Sequential(conv, bn)``, or
-any other downsample module (the "-d" variants' avg-pool + conv + BN), whose output enters the op as a tensor (its
-conv-BN computed by an op of its own, a one-unit open block, after the avg-pool in torch). Stochastic depth
+activation must be ``nn.ReLU`` too, and its shortcut is the identity, a projection ``Sequential(conv, bn)`` (the
+"-d" variants' ``Sequential(pool, conv, bn)`` too, its average pool computed inside the op's projection conv on a
+backend that declares ``avg_pool``, an nn.Identity in the pool's slot skipped), or any other downsample module,
+whose output enters the op as a tensor (a conv-BN after a module of its own: computed by an op of its own, a
+one-unit open block, after that module in torch). Stochastic depth
 (timm's ``DropPath``, unhooked) is then part of the op's closing on a backend that declares ``drop_path``: the
 block draws timm's per-sample mask itself, with timm's call on the same generator at the same point of the forward
 (before the shortcut's downsample), so a seeded run drops the same samples.
@@ -105,7 +107,7 @@ class _TimmLayout:
     def _structure(self):
         if is_open(self, self.backend):
             units = self._units()
-            return [c for c, _ in units], [b for _, b in units], Shortcut.OPEN, 1
+            return [c for c, _ in units], [b for _, b in units], Shortcut.OPEN, 1, None
         return super()._structure()
 
     def _close(self, y: Tensor, x: Tensor, shortcut: Callable[[], Tensor]) -> Tensor:
@@ -150,7 +152,8 @@ class _TimmLayout:
         units = "conv-BN units fused"
         if shortcut is not None:
             first = "" if shortcut[0] is None else f", after its {type(shortcut[0]).__name__} in torch"
-            units += f" (the shortcut's as an op of its own{first})"
+            pool = "" if shortcut[3] is None else f", its {type(shortcut[3]).__name__} inside"
+            units += f" (the shortcut's as an op of its own{first}{pool})"
         elif self.downsample is not None:
             parts.append(f"downsample ({type(self.downsample).__name__})")
         last = _last_activation(self)

@@ -45,8 +45,8 @@ def _op_dtype(example: Tensor, dtype: torch.dtype) -> torch.dtype:
 def _units(module: nn.Module) -> tuple:
     """(spec, convs) of a fused block or stem as it is now."""
     if isinstance(module, _FusedForward):
-        convs, bns, kind, stride = module._structure()
-        return block_spec(module, convs, bns, kind, stride), convs
+        structure = module._structure()
+        return block_spec(module, *structure), structure[0]
     units = module._stem_units()
     convs = [c for c, _ in units]
     return block_spec(module, convs, [b for _, b in units], Shortcut.NONE), convs
@@ -64,9 +64,10 @@ def _op_targets(model: nn.Module) -> Dict[str, tuple]:
                 continue
             targets[name] = (name, m, None)
             shortcut = planned[2]
-            if shortcut is not None:
-                conv_name = next(n for n, c in m.named_modules() if c is shortcut[1])
-                targets[f"{name}.{conv_name}" if name else conv_name] = (name, m, (shortcut[3], [shortcut[1]]))
+            if shortcut is not None:  # the op's input: its conv's, or the downsample's where it pools inside
+                entry = shortcut[1] if shortcut[3] is None else m.downsample
+                sub = next(n for n, c in m.named_modules() if c is entry)
+                targets[f"{name}.{sub}" if name else sub] = (name, m, (shortcut[4], [shortcut[1]]))
         elif isinstance(m, FusedStemMixin) and m.backend is not None and m._stem_plan()[0] is None:
             targets[name] = (name, m, None)
     return targets

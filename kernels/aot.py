@@ -151,10 +151,21 @@ def spill_bytes(compiled) -> int:
     return res.get("STACK", 0) + res.get("LOCAL", 0)
 
 
+# Shared memory one block may use (opt-in) on the compile targets: a kernel asking more fails to load there, as
+# Triton's loader reports it (OutOfResources).
+MAX_SHARED = {90: 227 * 1024}
+
+
 def spill_probe(arch: int = 90):
-    """A measurement for ``conv.spill_probe``: the launch compiled for sm_<arch>, its spill read from the cubin."""
+    """A measurement for ``conv.spill_probe``: the launch compiled for sm_<arch>, its spill read from the cubin;
+    OutOfResources where it needs more shared memory than the target has (on the GPU loading it raises that)."""
+    from triton.runtime.errors import OutOfResources
+
     def probe(kernel, kwargs, tile):
-        return spill_bytes(compile_tile(kernel, kwargs, tile, arch))
+        compiled = compile_tile(kernel, kwargs, tile, arch)
+        if compiled.metadata.shared > MAX_SHARED[arch]:
+            raise OutOfResources(compiled.metadata.shared, MAX_SHARED[arch], "shared memory")
+        return spill_bytes(compiled)
     return probe
 
 

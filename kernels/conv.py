@@ -18,6 +18,11 @@ this), output y [N, P, Q, K]. A Conv1d is the H = 1 case (R = 1). fp32 accumulat
   (deterministic, no atomics). In training its input is the one dgrad's epilogue wrote (``relu_out``): one
   operand transformed on load, not two, keeps a wgmma in flight on sm_90.
 
+An input pool (``POOL`` = k, timm's "-d" shortcut: AvgPool2d(k, k, ceil_mode=True, count_include_pad=False)
+before a conv): fprop and wgrad read each pooled pixel as the mean of its window while loading the input operand;
+dgrad's epilogue stores each pooled pixel's gradient divided by the window's count over that window. The pooled
+tensor and its gradient are never written.
+
 Shapes are runtime arguments (batch and spatial sizes are not specialised on), only the kernel size, features and
 tiles are constexpr; autotuning is keyed on channel counts, stride, padding, kernel size and every constexpr
 feature (``tuning_key_args``), so a new batch size reuses the tuned configuration and the compiled kernel, and no
@@ -48,9 +53,9 @@ INTERPRETED = tl.constexpr(INTERPRET)  # kernel code for the interpreter only, i
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLAT_BELOW = 16  # input channels below this: fprop's row layout, wgrad's flattened (r, s, c) columns
 _SIZE_ARGS = ["N", "H", "W", "P", "Q"]  # not specialised on: a new batch size must not recompile
-_FPROP_SIZES = _SIZE_ARGS + ["RES_H", "RES_W"]
-_DGRAD_SIZES = _SIZE_ARGS + ["RP", "RQ", "partial_rows"]
-_WGRAD_SIZES = _SIZE_ARGS + ["chunk"]
+_FPROP_SIZES = _SIZE_ARGS + ["RES_H", "RES_W", "XH", "XW"]
+_DGRAD_SIZES = _SIZE_ARGS + ["RP", "RQ", "partial_rows", "XH", "XW"]
+_WGRAD_SIZES = _SIZE_ARGS + ["chunk", "XH", "XW"]
 
 
 def _configs(tiles: Sequence[Tuple[int, int, int, int, int]]):
@@ -108,6 +113,24 @@ def _bn_relu_on_load(a, a_ok, scale_ptr, shift_ptr, c, c_ok):
     sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     z = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(a_ok, z, 0.0).to(a.dtype)
+
+
+@triton.jit
+def _pooled_on_load(x_ptr, img, h, w, chan, ok, XH, XW, XC, POOL: tl.constexpr):
+    """The conv operand at pooled pixels (h, w) of an [N, XH, XW, XC] input x: the mean of its POOL x POOL window
+    (AvgPool2d(POOL, POOL, ceil_mode=True, count_include_pad=False): a window cut by the edge divides by what it
+    holds), summed in fp32 in torch's order, back in x's dtype, as torch's pool writes it; masked elements are 0.
+    img, h, w broadcast to the tile (pixel per row or per element), ``chan`` to its channel offsets."""
+    h0 = h * POOL
+    w0 = w * POOL
+    total = tl.zeros(ok.shape, dtype=tl.float32)
+    for i in tl.static_range(POOL):
+        for j in tl.static_range(POOL):
+            m = ok & (h0 + i < XH) & (w0 + j < XW)
+            total += tl.load(x_ptr + ((img.to(tl.int64) * XH + h0 + i) * XW + w0 + j) * XC + chan, mask=m,
+                             other=0.0).to(tl.float32)
+    count = tl.maximum((tl.minimum(h0 + POOL, XH) - h0) * (tl.minimum(w0 + POOL, XW) - w0), 1).to(tl.float32)
+    return tl.where(ok, total / count, 0.0).to(x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -176,8 +199,9 @@ def conv_fprop_kernel(
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G,
     RES_H, RES_W, RES_C, res_stride_h, res_stride_w,  # option-A residual: block input [N, RES_H, RES_W, RES_C]
+    XH, XW,  # POOL: x is [N, XH, XW, C·G], read average-pooled to H x W
     R: tl.constexpr, S: tl.constexpr, ROW: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
-    PROLOGUE: tl.constexpr,
+    PROLOGUE: tl.constexpr, POOL: tl.constexpr,
     STATS: tl.constexpr, HAS_BIAS: tl.constexpr, RES_MODE: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
@@ -227,8 +251,12 @@ def conv_fprop_kernel(
             w = w0 + (tap - r * S) * dil_w
             c_ok = c < C
             a_ok = (m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + (((img.to(tl.int64) * H + h) * W + w) * CX + c_base)[:, None] + c[None, :],
-                        mask=a_ok, other=0.0)
+            if POOL > 1:  # timm's "-d" shortcut: the avg-pool in the operand load, its output never written
+                a = _pooled_on_load(x_ptr, img[:, None], h[:, None], w[:, None], c_base + c[None, :], a_ok, XH, XW,
+                                    CX, POOL)
+            else:
+                a = tl.load(x_ptr + (((img.to(tl.int64) * H + h) * W + w) * CX + c_base)[:, None] + c[None, :],
+                            mask=a_ok, other=0.0)
             if PROLOGUE:
                 a = _bn_relu_on_load(a, a_ok, in_scale_ptr + c_base, in_shift_ptr + c_base, c, c_ok)
             b = tl.load(w_ptr + (k_base + offs_n)[None, :] * RSC + (tap * C + c)[:, None],
@@ -272,7 +300,9 @@ def conv_dgrad_kernel(
     res_ptr,  # RES_MODE TENSOR: + an [N, H, W, C] tensor; OPTION_A: + option A's gradient from [N, RP, RQ, RK]
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, RP, RQ, RK, res_stride_h, res_stride_w, partial_rows,
+    XH, XW,  # POOL: the conv read x [N, XH, XW, C·G] average-pooled to H x W; dx is x's gradient
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, EVERY_TAP: tl.constexpr, DBN: tl.constexpr,
+    POOL: tl.constexpr,
     MASK: tl.constexpr,
     STATS: tl.constexpr,
     RELU_OUT: tl.constexpr, RES_MODE: tl.constexpr,
@@ -367,6 +397,20 @@ def conv_dgrad_kernel(
             again = tl.load(prev_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32)
             relu = tl.maximum(again * ps[None, :] + pt[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
             tl.store(relu_ptr + out_off, relu.to(relu_ptr.dtype.element_ty), mask=out_ok)
+    elif POOL > 1:
+        # the pool's backward as the epilogue's store: each pooled pixel's gradient (rounded as the conv's output
+        # is) spread over its window, divided by the window's count; the windows tile x, so every element of dx
+        # is written once
+        share = out.to(tl.float32)
+        h0 = h_in * POOL
+        w0 = w_in * POOL
+        count = tl.maximum((tl.minimum(h0 + POOL, XH) - h0) * (tl.minimum(w0 + POOL, XW) - w0), 1).to(tl.float32)
+        share = (share / count[:, None]).to(dx_ptr.dtype.element_ty)
+        for i in tl.static_range(POOL):
+            for j in tl.static_range(POOL):
+                ok = out_ok & ((h0 + i < XH) & (w0 + j < XW))[:, None]
+                pix = (img.to(tl.int64) * XH + h0 + i) * XW + w0 + j
+                tl.store(dx_ptr + (pix * CX)[:, None] + c_out[None, :], share, mask=ok)
     else:
         tl.store(dx_ptr + out_off, out, mask=out_ok)
 
@@ -378,8 +422,9 @@ def conv_wgrad_kernel(
     in_scale_ptr, in_shift_ptr,  # PROLOGUE: the x operand is relu(x·s + t) per input channel
     N, H, W, C, K, P, Q,  # C, K: one group's input and output channels
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, G, chunk,
+    XH, XW,  # POOL: x is [N, XH, XW, C·G], read average-pooled to H x W
     R: tl.constexpr, S: tl.constexpr, FLAT: tl.constexpr, CP: tl.constexpr, GROUPED: tl.constexpr,
-    DBN: tl.constexpr,
+    DBN: tl.constexpr, POOL: tl.constexpr,
     PROLOGUE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -437,8 +482,11 @@ def conv_wgrad_kernel(
         h = (p * stride_h - pad_h)[:, None] + tap_r[None, :] * dil_h
         w = (q * stride_w - pad_w)[:, None] + tap_s[None, :] * dil_w
         b_ok = mm_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * XC + c_base + c[None, :], mask=b_ok,
-                    other=0.0)
+        if POOL > 1:
+            b = _pooled_on_load(x_ptr, img[:, None], h, w, c_base + c[None, :], b_ok, XH, XW, XC, POOL)
+        else:
+            b = tl.load(x_ptr + ((img[:, None].to(tl.int64) * H + h) * W + w) * XC + c_base + c[None, :],
+                        mask=b_ok, other=0.0)
         if PROLOGUE:
             b = _bn_relu_on_load(b, b_ok, in_scale_ptr + c_base, in_shift_ptr + c_base, c, c_ok)
         acc = _mma(acc, a, b, UPCAST, PRECISION)
@@ -803,17 +851,37 @@ def _tile_partials(m: int, channels: int, device: torch.device, groups: int = 1)
             _alloc((1,), torch.int32, device))
 
 
+def _pool_input(x: torch.Tensor, avg_pool: int, groups: int, prologue: bool) -> Tuple[torch.Tensor, int]:
+    """(the tensor a conv kernel reads, the POOL it pools that tensor with while loading). The pool runs in the
+    operand load of the GEMM layouts whose loads are pixel gathers; a conv with fewer than FLAT_BELOW input
+    channels (fprop's row layout, wgrad's flattened columns: loads of whole filter rows; no ResNet pools one) gets
+    torch's own pool first, the same numbers."""
+    if avg_pool < 1 or (avg_pool > 1 and prologue):
+        raise ValueError(f"avg_pool={avg_pool}: a conv pools its input (k >= 1) only where it reads it unmodified")
+    if avg_pool > 1 and x.shape[1] < FLAT_BELOW and groups == 1:
+        pooled = F.avg_pool2d(x, avg_pool, avg_pool, ceil_mode=True, count_include_pad=False)
+        launches.record("avg_pool2d", "elementwise", [x], [pooled])
+        return pooled, 1
+    return x, avg_pool
+
+
+def _pooled_hw(x: torch.Tensor, avg_pool: int) -> Tuple[int, int]:
+    """The spatial size a conv sees of x read through the pool: ceil(H / k) x ceil(W / k)."""
+    return -(-x.shape[2] // avg_pool), -(-x.shape[3] // avg_pool)
+
+
 def conv_fprop(
     x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, relu: bool = False,
     option_a_stride: Optional[Sequence[int]] = None,
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, stats: bool = False, *,
-    dilation: Sequence[int] = (1, 1), groups: int = 1,
+    dilation: Sequence[int] = (1, 1), groups: int = 1, avg_pool: int = 1,
 ):
     """y = [relu](conv2d(x', w, stride, padding, dilation, groups) [+ bias] [+ residual]), returned channels_last,
     where
     x' = relu(x·s + t) per input channel when ``in_affine`` = (s, t) (fp32; the previous BN-apply + ReLU done
-    while loading, zero padding staying zero) and x' = x otherwise.
+    while loading, zero padding staying zero), x' = avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False)
+    for ``avg_pool`` = k > 1 (pooled while loading) and x' = x otherwise.
 
     x [N, C, H, W], w [K, C / groups, R, S] in one dtype; bias fp32 [K]. ``groups``: one GEMM per group (the
     grid's second axis), depth-wise (groups = C) included: correct, but each GEMM then reduces over R·S values
@@ -823,7 +891,9 @@ def conv_fprop(
     fp32 mean and M2 of y as stored (``TilePartials``), which ``bn_finalize`` merges into the mean and biased
     variance on the device."""
     _check(x, w, "conv_fprop")
-    n, c, h, wd = x.shape
+    x, avg_pool = _pool_input(x, avg_pool, groups, in_affine is not None)
+    n, c, xh, xw = x.shape
+    h, wd = _pooled_hw(x, avg_pool)
     k, c_w, r, s = w.shape
     if c_w * groups != c:
         raise ValueError(f"conv_fprop: weight {tuple(w.shape)} with groups={groups} expects {c_w * groups} input "
@@ -879,8 +949,9 @@ def conv_fprop(
         dict(x_ptr=x_st, w_ptr=w_st, bias_ptr=bias if bias is not None else y_st, res_ptr=res_st, y_ptr=y_st,
              in_scale_ptr=scale, in_shift_ptr=shift, mean_ptr=means, m2_ptr=m2s, tile_ptr=tile,
              N=n, H=h, W=wd, C=c_w, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
-             R=r, S=s, ROW=row, CP=cp, GROUPED=groups > 1, PROLOGUE=in_affine is not None, STATS=stats, HAS_BIAS=bias is not None,
+             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims, XH=xh, XW=xw,
+             R=r, S=s, ROW=row, CP=cp, GROUPED=groups > 1, PROLOGUE=in_affine is not None, POOL=avg_pool,
+             STATS=stats, HAS_BIAS=bias is not None,
              RES_MODE=int(res_mode), RELU=relu, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (m, kg, s * cp if row else c_w), (1024, 256, 256),
         reads=[x_st, w_st, bias, res_st if residual is not None else None,
@@ -915,11 +986,13 @@ def conv_dgrad(
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     relu_of: Optional[Tuple[torch.Tensor, ...]] = None, residual: Optional[torch.Tensor] = None,
     option_a_stride: Optional[Sequence[int]] = None, relu_out: bool = False, *,
-    dilation: Sequence[int] = (1, 1), groups: int = 1,
+    dilation: Sequence[int] = (1, 1), groups: int = 1, avg_pool: int = 1,
 ):
     """dx of y = conv2d(x, w, stride, padding, dilation, groups) given dy [N, K, P, Q]; x's spatial size is
-    ``input_hw`` (it is not
-    implied by dy when the stride does not divide it). Returned channels_last, in dy's dtype.
+    ``input_hw`` (it is not implied by dy when the stride does not divide it). Returned channels_last, in dy's
+    dtype. ``avg_pool`` = k > 1: the conv read x through avg_pool2d(x, k, k, ceil_mode=True,
+    count_include_pad=False), and dx is x's gradient through it (the epilogue spreads each pooled pixel's
+    gradient over its window; no other epilogue option then).
 
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ): the gradient operand is α·dy + β·(a − mean) + γ per
     output channel (the BN backward applied while loading; a has dy's shape). ``residual``: added to dx (an [N, C, H, W]
@@ -935,14 +1008,18 @@ def conv_dgrad(
     n, k, p, q = dy.shape
     k_w, c_w, r, s = w.shape
     c = c_w * groups
-    h, wd = input_hw
+    xh, xw = input_hw
+    if avg_pool > 1 and (relu_of is not None or residual is not None or relu_out):
+        raise ValueError("conv_dgrad: avg_pool spreads the gradient over the pool's windows: no relu_of, residual "
+                         "or relu_out with it")
+    h, wd = -(-xh // avg_pool), -(-xw // avg_pool)
     _groups("conv_dgrad", c, c_w, k, groups)
     if k_w != k or (_out_size(h, r, stride[0], padding[0], dilation[0]),
                     _out_size(wd, s, stride[1], padding[1], dilation[1])) != (p, q):
         raise ValueError(f"conv_dgrad: dy {tuple(dy.shape)} does not match weight {tuple(w.shape)}, input size "
                          f"{tuple(input_hw)}, stride {tuple(stride)}, padding {tuple(padding)}, dilation "
                          f"{tuple(dilation)}")
-    dx, dx_st = _empty_nchw_view(n, c, h, wd, dy)
+    dx, dx_st = _empty_nchw_view(n, c, xh, xw, dy)
     phases = stride[0] * stride[1]  # the kernel's program_id(1): one stride phase of dx each
     m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(wd, stride[1])  # rows of the largest phase
     dummy = dx_st
@@ -996,8 +1073,9 @@ def conv_dgrad(
              prev_rstd_ptr=prstd, sum_ptr=sums, sumx_ptr=sumx, tile_ptr=tile, relu_ptr=relu_st, res_ptr=res,
              N=n, H=h, W=wd, C=c_w, K=k // groups, P=p, Q=q, stride_h=stride[0], stride_w=stride[1],
              pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, **res_dims,
-             partial_rows=sums.shape[0] // phases if stats else 0,
-             R=r, S=s, GROUPED=groups > 1, EVERY_TAP=every_tap, DBN=dbn is not None, MASK=relu_of is not None, STATS=stats,
+             partial_rows=sums.shape[0] // phases if stats else 0, XH=xh, XW=xw,
+             R=r, S=s, GROUPED=groups > 1, EVERY_TAP=every_tap, DBN=dbn is not None, POOL=avg_pool,
+             MASK=relu_of is not None, STATS=stats,
              RELU_OUT=relu_out,
              RES_MODE=int(res_mode),
              UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype)),
@@ -1030,7 +1108,7 @@ def conv_wgrad(
     dy: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
     padding: Sequence[int] = (0, 0), dbn: Optional[Tuple[torch.Tensor, ...]] = None,
     in_affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, defer: bool = False,
-    dilation: Sequence[int] = (1, 1), groups: int = 1,
+    dilation: Sequence[int] = (1, 1), groups: int = 1, avg_pool: int = 1,
 ):
     """dW [K, C / groups, R, S] of y = conv2d(x, W, stride, padding, dilation, groups) given dy [N, K, P, Q];
     accumulated in fp32 (split over
@@ -1041,9 +1119,12 @@ def conv_wgrad(
     Training-fusion options: ``dbn`` = (a, mean, α, β, γ) as in conv_dgrad; ``in_affine`` = (s, t): the input operand
     is relu(x·s + t) per input channel (the previous unit's BN + ReLU, recomputed while loading). Backend triton
     does not combine the two: with both operands transformed, the sm_90 main loop waits for every wgmma, so it
-    reads the input conv_dgrad(relu_out=True) wrote instead (docs/TRITON.md)."""
+    reads the input conv_dgrad(relu_out=True) wrote instead (docs/TRITON.md). ``avg_pool`` = k > 1: the input
+    operand is avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False), pooled while loading."""
     _check(x, dy, "conv_wgrad")
-    n, c, h, wd = x.shape
+    x, avg_pool = _pool_input(x, avg_pool, groups, in_affine is not None)
+    n, c, xh, xw = x.shape
+    h, wd = _pooled_hw(x, avg_pool)
     n_dy, k, p, q = dy.shape
     r, s = kernel_size
     if groups < 1 or c % groups:
@@ -1087,8 +1168,9 @@ def conv_wgrad(
         dict(dy_ptr=dy_st, x_ptr=x_st, ws_ptr=ws, a_ptr=a, amean_ptr=amean, alpha_ptr=alpha, beta_ptr=beta,
              gamma_ptr=gamma, in_scale_ptr=scale, in_shift_ptr=shift,
              N=n, H=h, W=wd, C=cg, K=kg, P=p, Q=q, stride_h=stride[0], stride_w=stride[1], pad_h=padding[0],
-             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, chunk=chunk,
-             R=r, S=s, FLAT=flat, CP=cp, GROUPED=groups > 1, DBN=dbn is not None, PROLOGUE=in_affine is not None,
+             pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], G=groups, chunk=chunk, XH=xh, XW=xw,
+             R=r, S=s, FLAT=flat, CP=cp, GROUPED=groups > 1, DBN=dbn is not None, POOL=avg_pool,
+             PROLOGUE=in_affine is not None,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype)),
         (kg, r * s * cp if flat else cg, chunk), (256, 256, 256),
         reads=[dy_st, x_st, *(dbn if dbn is not None else ()), *(in_affine if in_affine is not None else ())],

@@ -66,11 +66,12 @@ def registered(backend):
 
 
 def block_problem(shortcut: Shortcut, n_units: int, batch_stats: bool, groups: int = 1, dilation: int = 1,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, avg_pool: int = 1) -> dict:
     """Random float64 inputs of the block ops and their spec: n_units main convs (3x3 for 1-2 units, 1x1-3x3-1x1
     for 3) plus a 1x1 projection for Shortcut.PROJECTION. Shape-changing shortcuts (projection, option A) use
     stride 2 and 4 → 6 channels; the others keep 6 channels and stride 1. groups/dilation apply to the 3x3 of a
-    3-unit chain."""
+    3-unit chain. ``avg_pool`` k: the projection (or, without one, the first unit) reads the input average-pooled
+    by k (timm's "-d" shortcut; a pooled projection has stride 1), on a 5x4 input: the last row's windows are cut."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -85,11 +86,14 @@ def block_problem(shortcut: Shortcut, n_units: int, batch_stats: bool, groups: i
     else:
         convs = [(cout, cin, 3, 1, 1, stride)]
     if shortcut == Shortcut.PROJECTION:
-        convs.append((cout, cin, 1, 1, 1, stride))
-    units = tuple(UnitSpec((st, st), (d * (k // 2),) * 2, (d, d), gr, 1e-5, 0.1, batch_stats, batch_stats)
-                  for _, _, k, gr, d, st in convs)
+        convs.append((cout, cin, 1, 1, 1, 1 if avg_pool > 1 else stride))
+    pooled = len(convs) - 1 if shortcut == Shortcut.PROJECTION else 0
+    units = tuple(UnitSpec((st, st), (d * (k // 2),) * 2, (d, d), gr, 1e-5, 0.1, batch_stats, batch_stats,
+                           avg_pool=avg_pool if i == pooled else 1)
+                  for i, (_, _, k, gr, d, st) in enumerate(convs))
     spec = BlockSpec(units, shortcut, (stride, stride) if shortcut == Shortcut.OPTION_A else (1, 1))
-    out_hw = ((5 - 1) // stride + 1, (4 - 1) // stride + 1)
+    out_hw = tuple(spec.output_shapes((2, cin, 5, 4), [(o, i // gr, k, k) for o, i, k, gr, _, _ in convs])
+                   [spec.n_main - 1][2:])
     return dict(
         x=rnd(2, cin, 5, 4).requires_grad_(),
         weights=[rnd(o, i // gr, k, k).requires_grad_() for o, i, k, gr, _, _ in convs],

@@ -33,10 +33,9 @@ FAMILIES = {
                                num_classes=4), 32, None),
     # seresnet50 / ecaresnet50d: open blocks, timm's SE module in the closing
     "seresnet": (lambda: _timm("seresnet18"), 64, None),
-    # drop_path_rate > 0: stochastic depth inside the op on reference, open blocks (timm's DropPath) on cuda; the
-    # same draws in every run (seeded)
+    # drop_path_rate > 0: stochastic depth inside the op's closing; the same draws in every run (seeded)
     "drop_path": (lambda: _timm("resnet18", drop_path_rate=0.2), 64, 5),
-    # resnet26d / resnet50d: deep stem, avg-pool + conv + BN shortcut added as a tensor
+    # resnet26d / resnet50d: deep stem, avg-pool + conv + BN shortcut: the op's projection, pooling inside
     "resnet-d": (lambda: _timm("resnet26d"), 64, None),
 }
 

@@ -190,12 +190,6 @@ def _backbone_stem_fuses() -> bool:
     return _fully_fused("deeplabv3_resnet50 (backbone)")
 
 
-def _avg_pool_in_a_conv() -> bool:
-    """Whether a conv kernel of either backend pools its input while loading it (an avg-pool prologue)."""
-    sources = [(ROOT / "kernels" / "conv.py").read_text(), *(p.read_text() for p in (ROOT / "csrc").glob("*.c*"))]
-    return any(re.search(r"POOL|avg_pool", src) for src in sources)
-
-
 def _timm_stem_fuses() -> bool:
     """Whether convert fuses the stem of timm's resnet18."""
     import warnings
@@ -272,7 +266,8 @@ FEATURES = {
         r"drop.?path inside the fused op", lambda: _capabilities("drop_path")),
     "timm's stems fused": (r"timm's stems", _timm_stem_fuses),
     "torchvision's backbone wrappers' stems fused": (r"IntermediateLayerGetter|BackboneWithFPN", _backbone_stem_fuses),
-    "the avg-pool shortcut inside its conv": (r"avg-pool inside its conv", _avg_pool_in_a_conv),
+    "the avg-pool shortcut inside its conv on every backend": (r"avg-pool inside (its|the projection) conv",
+                                                               lambda: _capabilities("avg_pool")),
     "timm's deep stem fused": (r"timm's deep stem", lambda: _fully_fused("timm resnet26d")),
     "double backward": (r"double backward", _double_backward_runs),
 }

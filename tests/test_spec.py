@@ -27,6 +27,8 @@ SPECS = [
     BlockSpec((UnitSpec(eps=0.5, momentum=0.0),), Shortcut.TENSOR),
     BlockSpec((UnitSpec(), UnitSpec(batch_stats=True, update_running=False)), Shortcut.NONE),
     BlockSpec((UnitSpec(), UnitSpec((2, 2), (1, 1), groups=2)), Shortcut.OPEN),
+    BlockSpec((UnitSpec((2, 2), (1, 1)), UnitSpec(padding=(1, 1)), UnitSpec(avg_pool=2)), Shortcut.PROJECTION),
+    BlockSpec((UnitSpec(avg_pool=3),), Shortcut.OPEN),
 ]
 
 
@@ -50,6 +52,24 @@ def test_malformed_schema_is_refused():
         BlockSpec((UnitSpec(),), Shortcut.PROJECTION)
     with pytest.raises(TypeError, match="shortcut must be a Shortcut"):
         BlockSpec((UnitSpec(),), 1)
+
+
+@pytest.mark.parametrize("units,shortcut,dim", [
+    ((UnitSpec(), UnitSpec(avg_pool=2)), Shortcut.IDENTITY, 2),  # the second unit reads the first's output
+    ((UnitSpec(avg_pool=2), UnitSpec()), Shortcut.PROJECTION, 2),  # the input reaches the projection too
+    ((UnitSpec(avg_pool=0),), Shortcut.OPEN, 2),
+    ((UnitSpec(avg_pool=2),), Shortcut.OPEN, 1),
+])
+def test_a_pool_is_only_where_a_unit_alone_reads_the_block_input(units, shortcut, dim):
+    with pytest.raises(ValueError, match="avg_pool"):
+        BlockSpec(units, shortcut, dim=dim)
+
+
+def test_pooled_output_shapes_are_avg_pool2d_ceil_mode():
+    spec = SPECS[6]
+    shapes = spec.output_shapes((2, 4, 7, 9), [(6, 4, 3, 3), (6, 6, 3, 3), (6, 4, 1, 1)])
+    pooled = torch.nn.functional.avg_pool2d(torch.zeros(2, 4, 7, 9), 2, 2, ceil_mode=True, count_include_pad=False)
+    assert shapes[0] == [2, 6, 4, 5] and shapes[2] == [2, 6, *pooled.shape[2:]]
 
 
 def test_compiled_code_builds_specs():
@@ -113,9 +133,11 @@ def test_op_schemas_take_the_flat_spec():
                                                                                      "counts")
     if extension.load() is None:
         pytest.skip(f"extension not built: {extension.status()['reason']}")
-    assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS + ("graphs",)
+    # the extension's: the same trailing order, backend's place taken by graphs
+    assert _input_names(torch.ops.fused_resnet_C.block_forward) == FORWARD_INPUTS + ("graphs", "sample_scale")
     assert _input_names(torch.ops.fused_resnet_C.block_inference) == FORWARD_INPUTS + ("graphs",)
-    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS + ("graphs", "counts")
+    assert _input_names(torch.ops.fused_resnet_C.block_backward) == BACKWARD_INPUTS + ("graphs", "sample_scale",
+                                                                                       "counts")
 
 
 def test_from_modules_follows_torch_batchnorm_rules():

@@ -8,6 +8,7 @@ timm's draws (reference in float64, triton's kernels against the oracle); blocks
 DropBlock are left as timm's with a warning; a block changed after convert runs timm's own forward; revert gives
 timm's classes back; timm's feature APIs (features_only=True models, forward_intermediates) on converted models give
 the unconverted model's features and gradients in float64."""
+import dataclasses
 import warnings
 
 import pytest
@@ -48,9 +49,10 @@ def test_timm_resnets_fuse_every_block_and_match_timm(name, blocks):
     assert_checks(checks, name)
 
 
-# (model, kwargs, a backend on which its blocks are open): stochastic depth is open on a backend without the
-# capability (cuda's CPU registrations here)
-OPEN = [("seresnet18", {}, "reference"), ("resnet18", {"drop_path_rate": 0.2}, "cuda")]
+# (model, kwargs, a backend on which its blocks are open): an se makes them open, a drop_path after it is then
+# timm's module in the torch closing (every backend computes a drop_path the op closes: capability drop_path)
+OPEN = [("seresnet18", {}, "reference"), ("seresnet18", {"drop_path_rate": 0.2}, "cuda")]
+OPEN_IDS = ["seresnet18", "seresnet18-drop_path-cuda"]
 
 
 def _open_blocks(model):
@@ -62,7 +64,7 @@ def _available(backend):
         pytest.skip(f"backend {backend!r} is not available here: {backends.backend_status()[backend]}")
 
 
-@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=[n for n, _, _ in OPEN])
+@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=OPEN_IDS)
 def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwargs, backend):
     _available(backend)
     model = _model(name, **kwargs)
@@ -74,7 +76,7 @@ def test_se_and_drop_path_blocks_fuse_their_units_and_close_in_torch(name, kwarg
     assert len(_open_blocks(fused)) == sum(m.se is not None or m.drop_path is not None for m in blocks) >= 7
     assert list(fused.state_dict()) == list(model.state_dict())
     report = fused_resnet.conversion_report(fused)
-    part = "se (SEModule)" if name == "seresnet18" else "drop_path (DropPath)"
+    part = "se (SEModule), drop_path (DropPath)" if kwargs else "se (SEModule)"
     assert f"conv-BN units fused; closing in torch: {part}, + shortcut, act2 (ReLU)" in report
     assert (f"conv-BN units fused (the shortcut's as an op of its own); closing in torch: {part}, + shortcut, "
             f"act2 (ReLU)") in report  # layer2.0, layer3.0, layer4.0
@@ -92,7 +94,7 @@ def _run(model, x, grad, seed):
     return {"y": y, "dx": xi.grad, **{n: p.grad for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=[n for n, _, _ in OPEN])
+@pytest.mark.parametrize("name,kwargs,backend", OPEN, ids=OPEN_IDS)
 def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs, backend):
     """float64 (the ops on backend reference: cuda's fall back to it for float64) against the unconverted model
     under the same seed (DropPath's draws are timm's): train (two passes: running statistics too) and eval, forward
@@ -106,7 +108,7 @@ def test_open_blocks_give_timms_numbers_and_gradients_in_float64(name, kwargs, b
     if kwargs:  # the paths were dropped for some samples in training (else DropPath was never exercised)
         torch.manual_seed(1)
         assert any((m.drop_path(torch.ones(8, 1, 1, 1, dtype=torch.float64)) == 0).any()
-                   for m in _open_blocks(fused.train()))
+                   for m in _open_blocks(fused.train()) if m.drop_path is not None)
 
 
 def _same_as_timm(model, fused):
@@ -186,10 +188,12 @@ def test_drop_path_runs_in_torch_where_the_op_cannot_compute_it_exactly(monkeypa
     assert len(seen) == 27 and seen[4] is not None and seen[9 + 4] is None and seen[18:] == [None] * 9
 
 
-def test_drop_path_inside_the_op_matches_the_oracle_on_triton(monkeypatch):
-    """Triton's closing and first backward reduction with stochastic depth (a projection Bottleneck: the shortcut
-    BN's sums of the unscaled gradient; an identity BasicBlock), against the oracle, samples dropped."""
-    _available("triton")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_drop_path_inside_the_op_matches_the_oracle(monkeypatch, backend):
+    """The Triton kernels' and the extension's closing and first backward reduction with stochastic depth (a
+    projection Bottleneck: the shortcut BN's sums of the unscaled gradient; an identity BasicBlock), against the
+    oracle, samples dropped."""
+    _available(backend)
     from timm.layers import DropPath
 
     seen = _scales_seen(monkeypatch)
@@ -201,10 +205,13 @@ def test_drop_path_inside_the_op_matches_the_oracle_on_triton(monkeypatch):
         else:
             block = timm.models.resnet.BasicBlock(8, 8, drop_path=DropPath(0.5))
         testing.randomize_batchnorm(block, torch.Generator().manual_seed(0))
-        checks = testing.compare_models(block, lambda m: fused_resnet.convert(m, backend="triton", inplace=True),
+        fused = []
+        checks = testing.compare_models(block, lambda m: fused.append(fused_resnet.convert(m, backend=backend,
+                                                                                           inplace=True)) or fused[-1],
                                         torch.randn(4, 8, 6, 6), torch.float32, torch.device("cpu"),
                                         train_steps=2, lr=0.01, seed=3)
-        assert_checks(checks, f"DropPath {'Bottleneck' if projection else 'BasicBlock'} on triton")
+        assert_checks(checks, f"DropPath {'Bottleneck' if projection else 'BasicBlock'} on {backend}")
+        assert not timm_blocks.is_open(fused[-1])
     drawn = torch.cat(seen)
     assert (drawn == 0).any() and (drawn == 2).any()
 
@@ -248,23 +255,75 @@ def test_an_open_blocks_closing_modules_run_as_themselves():
         fused_resnet.convert(_model("resnet18", drop_block_rate=0.1), backend="reference")
 
 
-def test_the_avg_pool_shortcuts_conv_bn_is_an_op_of_its_own():
-    """resnet26d's "-d" shortcut (avg-pool, conv, BN): the pool runs in torch, the conv-BN as a one-unit open op
-    whose output the block's op adds; warm_up and conversion_report(model, x) see both ops; a conv given a bias
-    after convert makes the downsample run as timm's modules (no warning: exact either way)."""
-    fused = fused_resnet.convert(_model("resnet26d"), backend="cuda" if not backends.backend_status()["cuda"]
-                                 else "reference")
+def _pooling_backend():
+    """A backend that pools inside its ops here: cuda's CPU registrations where the extension loaded, else
+    reference."""
+    return "cuda" if not backends.backend_status()["cuda"] else "reference"
+
+
+def test_the_avg_pool_shortcut_is_the_ops_projection():
+    """resnet26d's "-d" shortcuts (AvgPool2d + conv + BN, and nn.Identity + conv + BN in layer1) are the block op's
+    projection: the pool inside it (capability avg_pool), the identity skipped, one op per block, timm's numbers
+    in float64. Changed after convert — the pool's ceil_mode, the conv given a bias — the call runs timm's forward
+    after a warning naming the submodule; a hook on the pool makes it run as itself, the conv-BN an op of its own,
+    the hook firing; a block planned anew with a biased conv runs its downsample as timm's modules."""
+    model = _model("resnet26d").double()
+    fused = fused_resnet.convert(_model("resnet26d").double(), backend="reference")
+    _same_as_timm(model, fused)
+    fused = fused_resnet.convert(_model("resnet26d"), backend=_pooling_backend())
+    first, block = fused.layer1[0], fused.layer2[0]
+    for b, k in ((first, 1), (block, 2)):
+        assert b._next_ops() == [[b.bn1, b.bn2, b.bn3, b.downsample[2]]] and b._torch_part() is None
+        spec = b.block_spec()
+        assert spec.shortcut == Shortcut.PROJECTION and [u.avg_pool for u in spec.units] == [1, 1, 1, k]
+    x = torch.randn(2, 3, 64, 64)
+    calls = [(c.name, tuple(c.unit_names)) for c in fused_resnet.warmup.block_calls(fused, x)]
+    assert calls[0] == ("layer1.0", ("conv1", "conv2", "conv3", "downsample.1")) and len(calls) == 8
+    block.downsample[0].ceil_mode = False
+    with pytest.warns(RuntimeWarning, match="downsample.0 / downsample.1 / downsample.2: AvgPool2d.*ceil_mode=False"):
+        fused(x)
+    block.downsample[0].ceil_mode = True
+    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
+    with pytest.warns(RuntimeWarning, match="downsample.1 / downsample.2: conv has a bias"):
+        fused(x)
+    block.downsample[1].bias = None
+    seen = []
+    handle = block.downsample[0].register_forward_hook(lambda *a: seen.append(1))
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3], [block.downsample[2]]]
+    assert "the shortcut's conv-BN fused as an op of its own after its AvgPool2d in torch" in block._torch_part()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
+    assert seen == [1]
+    handle.remove()  # a new structure: a conv bias now makes the downsample run as itself, exactly, no warning
+    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
+    assert block._next_ops() == [[block.bn1, block.bn2, block.bn3]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(x)
+
+
+def test_without_capability_avg_pool_the_pool_runs_in_torch(monkeypatch):
+    """On a backend that does not declare avg_pool, a "-d" shortcut's pool runs in torch and its conv-BN as a
+    one-unit open op whose output the block's op adds; warm_up and conversion_report(model, x) see both ops; a conv
+    given a bias after convert makes the downsample run as timm's modules (no warning: exact either way)."""
+    backend = backends.get("reference")
+    monkeypatch.setattr(backend, "capabilities", dataclasses.replace(backend.capabilities, avg_pool=False))
+    monkeypatch.setattr(backends.registry, "_RESOLVED", {})  # resolutions under these capabilities: dropped after
+    model = _model("resnet26d").double()
+    fused = fused_resnet.convert(_model("resnet26d").double(), backend="reference")
     block = fused.layer2[0]
     assert block._next_ops() == [[block.bn1, block.bn2, block.bn3], [block.downsample[2]]]
     assert "the shortcut's conv-BN fused as an op of its own after its AvgPool2d in torch" in block._torch_part()
-    x = torch.randn(2, 3, 64, 64)
+    _same_as_timm(model, fused)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     calls = [(c.name, tuple(c.unit_names)) for c in fused_resnet.warmup.block_calls(fused, x)]
-    assert calls[:3] == [("layer1.0", ("conv1", "conv2", "conv3")), ("layer1.0", ("downsample.1",)),
+    assert calls[:2] == [("layer1.0", ("conv1", "conv2", "conv3", "downsample.1")),  # nn.Identity: no pool
                          ("layer1.1", ("conv1", "conv2", "conv3"))]  # the deep stem runs in torch
-    assert len(calls) == 8 + 4
-    if block.backend == "cuda":
-        assert "downsample.1: " in fused_resnet.conversion_report(fused, x)
-    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels))
+    assert len(calls) == 8 + 3
+    assert "after its AvgPool2d in torch" in fused_resnet.conversion_report(fused, x)
+    block.downsample[1].bias = torch.nn.Parameter(torch.zeros(block.downsample[1].out_channels,
+                                                              dtype=torch.float64))
     assert block._next_ops() == [[block.bn1, block.bn2, block.bn3]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -406,8 +465,8 @@ def _assert_same_features(timm_model, fused, x, run, calls, blocks):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-# ops: fused op calls per forward; resnet26d's avg-pool shortcuts run their conv-BN as an op of their own
-@pytest.mark.parametrize("name,blocks,ops", [("resnet18", 8, 8), ("resnet26d", 8, 12)])
+# ops: fused op calls per forward (resnet26d's avg-pool shortcuts are their blocks' projections: no op of their own)
+@pytest.mark.parametrize("name,blocks,ops", [("resnet18", 8, 8), ("resnet26d", 8, 8)])
 def test_features_only_models_convert_and_give_timms_features(name, blocks, ops, backend, monkeypatch, one_thread):
     """timm.create_model(..., features_only=True) (a FeatureListNet holding the model's stages): convert fuses
     every block, and the converted model gives the unconverted one's feature maps, input and parameter gradients

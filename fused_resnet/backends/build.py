@@ -20,7 +20,7 @@ from typing import List, Optional
 
 # relative to the repository root
 SOURCES = ["csrc/ops.cpp", "csrc/block.cpp", "csrc/cudnn_fusion.cpp", "csrc/account.cpp", "csrc/bn_stats.cu", "csrc/bn_act.cu",
-           "csrc/dbn.cu"]
+           "csrc/dbn.cu", "csrc/pool.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 

@@ -11,10 +11,13 @@ For unit i (training mode, per output channel c, M = N·H·W elements per channe
     r_i  = relu(a_i·s_i + t_i)          NEVER saved: recomputed from a_i where needed
     y    = relu(a_last·s_last + t_last + sc)        (stochastic depth: relu(d_n·(a_last·s_last + t_last) + sc))
 
-with the shortcut ``sc`` one of: none (plain network), identity (x), projection (BN_sc(conv_sc(x)), its unit
-stored after the main-path units), option A (x subsampled by the stride, channels zero-padded at the end),
-or a tensor computed outside (any other downsample module). An open block (``Shortcut.OPEN``) returns
-y = a_last·s_last + t_last, no shortcut and no ReLU: its module closes it (backward: dz = dy, no mask).
+where a unit reading the block input with ``avg_pool`` k reads
+avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False) instead of x (timm's "-d" shortcut; its gradient goes
+back through the pool), and with the shortcut ``sc`` one of: none (plain network), identity (x), projection
+(BN_sc(conv_sc(x)), its unit stored after the main-path units), option A (x subsampled by the stride, channels
+zero-padded at the end), or a tensor computed outside (any other downsample module). An open block
+(``Shortcut.OPEN``) returns y = a_last·s_last + t_last, no shortcut and no ReLU: its module closes it (backward:
+dz = dy, no mask).
 
 Stochastic depth (timm's drop_path) scales the last BN's output of sample n by d_n (0 for a dropped sample, 1/keep
 for a kept one), drawn by the block: ``sample_scale`` [N] in x's dtype.
@@ -63,6 +66,23 @@ def conv_backward(dout: Tensor, inp: Tensor, w: Tensor, unit: UnitSpec,
         [need_input_grad, True, False],
     )
     return d_inp, dw
+
+
+def pool(x: Tensor, unit: UnitSpec) -> Tensor:
+    """A unit's conv input from the block input: x itself, or average-pooled as timm's "-d" shortcut pools
+    (``UnitSpec.avg_pool``), in x's layout."""
+    if unit.avg_pool == 1:
+        return x
+    k = unit.avg_pool
+    return F.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False).contiguous(memory_format=memory_format_of(x))
+
+
+def pool_backward(d: Optional[Tensor], x: Tensor, unit: UnitSpec) -> Optional[Tensor]:
+    """The gradient at the block input from the gradient ``d`` at :func:`pool`'s output."""
+    if unit.avg_pool == 1 or d is None:
+        return d
+    k = unit.avg_pool
+    return torch.ops.aten.avg_pool2d_backward(d, x, [k, k], [k, k], [0, 0], True, False, None)
 
 
 def bn_stats(a: Tensor) -> Tuple[Tensor, Tensor]:
@@ -159,8 +179,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Params, residual: Optional
     acts, means, variances, affine, counts = [], [], [], [], []
     inp = x
     for i, unit in enumerate(spec.units):
-        if i == n_main:  # the projection shortcut reads the block input
-            inp = x
+        if spec.reads_input(i):  # the first unit and the projection read the block input (pooled, maybe)
+            inp = pool(x, unit)
         a = conv(inp, params.weights[i], unit, fmt)
         counts.append(a.numel() // a.shape[1])
         if unit.batch_stats:
@@ -221,6 +241,8 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
     dz_out = dy.to(acc) * (saved.y > 0) if spec.final_relu else dy.to(acc)
 
     def unit_backward(i: int, dz: Tensor, inp: Tensor, need_inp_grad: bool) -> Optional[Tensor]:
+        """Unit i's BN and conv backward: the gradient at its input ``inp`` (the block input's, through the
+        unit's pool, where it reads the block input)."""
         s, _, rstd = affine[i]
         unit = spec.units[i]
         sum_dz, sum_dz_xhat = drelu_dbn_reduce(dz, acts[i], means[i], rstd)
@@ -231,8 +253,11 @@ def block_backward(spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved
             sum_dz, sum_dz_xhat = distributed.reduce_grad_sums(unit.sync_group, sum_dz, sum_dz_xhat, rstd)
             count = saved.counts[i]
         da = dbn_apply(dz, acts[i], means[i], rstd, s, sum_dz, sum_dz_xhat, unit.batch_stats, count)
-        d_inp, dws[i] = conv_backward(da, inp, weights[i], unit, need_inp_grad)
-        return d_inp
+        if not spec.reads_input(i):
+            d_inp, dws[i] = conv_backward(da, inp, weights[i], unit, need_inp_grad)
+            return d_inp
+        d_inp, dws[i] = conv_backward(da, pool(inp, unit), weights[i], unit, need_inp_grad)
+        return pool_backward(d_inp, inp, unit)
 
     # The projection's unit goes first, then the main path's from the last: every backend reduces synchronised
     # statistics in this order (and torch's autograd runs eager SyncBatchNorms in it: the later-created first).
@@ -268,7 +293,7 @@ class ReferenceBackend(Backend):
     """Pure PyTorch, any device and dtype: the semantics every backend matches, and the oracle's twin."""
 
     name = "reference"
-    capabilities = Capabilities(dtypes=FLOAT_DTYPES, groups=True, dilation=True, drop_path=True,
+    capabilities = Capabilities(dtypes=FLOAT_DTYPES, groups=True, dilation=True, drop_path=True, avg_pool=True,
                                 running_update_dtypes=FLOAT_DTYPES)
 
     def saved_format(self, x: Tensor) -> torch.memory_format:

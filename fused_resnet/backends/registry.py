@@ -6,7 +6,8 @@ defines the semantics. Registration checks that every method is there: a backend
 computation silently.
 
 What a backend runs is data, its :class:`Capabilities` (dtypes, grouped and dilated convs, dimensionality,
-shortcut kinds, synchronised BN, residual scale, stochastic depth, the running-statistics update's dtypes): dispatch
+shortcut kinds, synchronised BN, residual scale, stochastic depth, pooled inputs, the running-statistics update's
+dtypes): dispatch
 (``resolve``), ``convert`` and ``conversion_report`` (``block_refusal``) all ask ``Capabilities.refusal``, the one
 place that compares a block with what a backend declares. Only where a backend runs (its device types, probed
 at run time) is code, ``device_refusal``.
@@ -40,7 +41,8 @@ class Capabilities:
     ``dilation``: convs with dilation > 1; ``dims``: the user's dimensionalities (1: Conv1d / BatchNorm1d);
     ``shortcuts``: the closing kinds; ``synced_bn``: BNs synchronised over a process group; ``residual_scale``:
     y = relu(α·bn(...) + shortcut); ``drop_path``: stochastic depth in the closing, y = relu(d_n·bn(...) +
-    shortcut) with a per-sample d (the ops' ``sample_scale``; off by default: a backend opts in);
+    shortcut) with a per-sample d (the ops' ``sample_scale``; off by default: a backend opts in); ``avg_pool``: a
+    unit that reads the block input average-pooled (``UnitSpec.avg_pool``, timm's "-d" shortcut; opt-in);
     ``running_update_dtypes``: the dtypes of the batch statistics the running-statistics update takes."""
 
     dtypes: FrozenSet[torch.dtype] = KERNEL_DTYPES
@@ -51,6 +53,7 @@ class Capabilities:
     synced_bn: bool = True
     residual_scale: bool = True
     drop_path: bool = False
+    avg_pool: bool = False
     running_update_dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32})
 
     def refusal(self, spec: BlockSpec, dtype: Optional[torch.dtype] = None, residual_scale: bool = False,
@@ -72,6 +75,8 @@ class Capabilities:
             return "capability 'synced_bn' (a BN synchronised over a process group)"
         if not self.residual_scale and residual_scale:
             return "capability 'residual_scale' (a residual scale α)"
+        if not self.avg_pool and spec.pooled:
+            return f"capability 'avg_pool' (avg_pool {[u.avg_pool for u in spec.units]})"
         if not self.drop_path and drop_path:
             return "capability 'drop_path' (stochastic depth in the closing)"
         if drop_path and not spec.final_relu:

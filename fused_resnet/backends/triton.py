@@ -26,7 +26,9 @@ PyTorch's whole step. What torch ops remain are layout copies of tensors not in 
 channel padding.
 
 Grouped convs (one GEMM per group, a grid axis) and dilated ones (the taps' offsets) run in the same kernels: the
-backend declares both in its capabilities. An open block (``Shortcut.OPEN``: its module closes it in torch) ends
+backend declares both in its capabilities. So does a unit that reads the block input average-pooled (timm's "-d"
+shortcut, capability ``avg_pool``): its fprop and wgrad pool while loading the input, its dgrad's epilogue
+spreads the gradient back over the pool's windows. An open block (``Shortcut.OPEN``: its module closes it in torch) ends
 with the last BN-apply without ReLU (eval: the last conv's epilogue without ReLU), and its backward's first
 reduction reads dy unmasked. Stochastic depth (capability ``drop_path``) is one more per-sample factor in the
 closing kernel, and in the backward's first reduction, which then writes the last unit's scaled gradient beside
@@ -76,8 +78,9 @@ def _device_guard(device: torch.device):
 
 
 def _geometry(unit) -> dict:
-    """The conv kernels' keywords for a unit's dilation and groups (stride and padding go positionally)."""
-    return {"dilation": unit.dilation, "groups": unit.groups}
+    """The conv kernels' keywords for a unit's dilation, groups and input pool (stride and padding go
+    positionally)."""
+    return {"dilation": unit.dilation, "groups": unit.groups, "avg_pool": unit.avg_pool}
 
 
 def _on_input_device(op):
@@ -92,7 +95,7 @@ def _on_input_device(op):
 class TritonBackend(Backend):
     name = "triton"
     auto_rank = 1
-    capabilities = Capabilities(groups=True, dilation=True, drop_path=True)
+    capabilities = Capabilities(groups=True, dilation=True, drop_path=True, avg_pool=True)
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:

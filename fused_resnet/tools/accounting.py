@@ -88,6 +88,11 @@ def _backend_fused_op(name: str) -> Callable[["StepMode", kernel_table.Call], ob
     return lambda mode, call: _run_backend(backends.get(name), mode, call)
 
 
+def _drop_path(args: dict) -> dict:
+    """The training op's stochastic depth, as the backend takes it (a keyword only where the call had one)."""
+    return {} if args.get("sample_scale") is None else {"sample_scale": args["sample_scale"]}
+
+
 def _run_backend(backend, mode: "StepMode", call: kernel_table.Call):
     a = call.args
     with mode:  # the backend's aten ops go through this mode again
@@ -99,7 +104,7 @@ def _run_backend(backend, mode: "StepMode", call: kernel_table.Call):
         spec = BlockSpec.from_schema(a["spec"], a["spec_floats"])
         if call.name == "fused_resnet::block_forward":
             params = Params(a["weights"], a["gammas"], a["betas"], a["running_means"], a["running_vars"])
-            return pack_forward(backend.block_forward(spec, a["x"], params, a["residual"]))
+            return pack_forward(backend.block_forward(spec, a["x"], params, a["residual"], **_drop_path(a)))
         if call.name == "fused_resnet::block_inference":
             params = Params(a["weights"], a["gammas"], a["betas"], a["running_means"], a["running_vars"])
             return backend.block_inference(spec, a["x"], params, a["residual"])
@@ -107,8 +112,8 @@ def _run_backend(backend, mode: "StepMode", call: kernel_table.Call):
             n = len(a["weights"])
             params = Params(a["weights"], a["gammas"], a["betas"], [None] * n, [None] * n)
             saved = Forward(a["y"], a["acts"], a["means"], a["variances"], a["counts"])
-            return pack_grads(backend.block_backward(spec, a["dy"], a["x"], params, saved, a["need_input_grad"]),
-                              a["x"])
+            return pack_grads(backend.block_backward(spec, a["dy"], a["x"], params, saved, a["need_input_grad"],
+                                                     **_drop_path(a)), a["x"])
     raise kernel_table.UnmappedOp(f"backend {backend.name!r} has no route for {call.func}")
 
 

@@ -47,7 +47,13 @@ def _probes():
                Probe("residual_scale", "alpha", lambda c: c.residual_scale, kind="residual_scale"),
                Probe("drop_path", "drop-path", lambda c: c.drop_path, kind="drop_path"),
                Probe("drop_path", "drop-path-projection", lambda c: c.drop_path,
-                     block=(Shortcut.PROJECTION, 2, True), kind="drop_path")]
+                     block=(Shortcut.PROJECTION, 2, True), kind="drop_path"),
+               # timm's "-d" shortcut: the projection reads the input through AvgPool2d(2, 2, ceil_mode=True)
+               Probe("avg_pool", "pooled-projection", lambda c: c.avg_pool,
+                     block=(Shortcut.PROJECTION, 3, True, 1, 1, 0, 2)),
+               Probe("avg_pool", "pooled-projection-eval", lambda c: c.avg_pool,
+                     block=(Shortcut.PROJECTION, 2, False, 1, 1, 0, 2)),
+               Probe("avg_pool", "pooled-open-unit", lambda c: c.avg_pool, block=(Shortcut.OPEN, 1, True, 1, 1, 0, 2))]
     probes += [Probe("shortcuts", k.name.lower(), lambda c, k=k: k in c.shortcuts,
                      block=(k, 1 if k == Shortcut.NONE else 2, True)) for k in Shortcut]
     probes += [Probe("running_update_dtypes", str(d).replace("torch.", ""),

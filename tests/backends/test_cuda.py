@@ -3,7 +3,8 @@
 * Every kernel op against fused_resnet.reference with the float64 rule, in float32 / float16 / bfloat16, over
   channel counts 24, 40, 13 and 64 (C not a multiple of 8, so the one-element path runs too), N·H·W not a
   multiple of any block size, 4-D channels_last and 2-D [M, C] tensors.
-* The whole-block ops through fused modules and converted models, train and eval mode, every shortcut kind.
+* The whole-block ops through fused modules and converted models, train and eval mode, every shortcut kind; blocks
+  whose projection or first unit reads the input average-pooled (timm's "-d" shortcut) against the reference.
 * The ops' fakes, autograd, opcheck and torch.compile; clear errors for bad arguments.
 
 Without a GPU the ops run their CPU registrations — the same kernel bodies in host loops (conftest sets
@@ -20,7 +21,7 @@ import torchvision
 import fused_resnet
 from fused_resnet import backends, models, ops, testing
 from fused_resnet.backends import cuda as cuda_backend, extension, reference, registry
-from fused_resnet.spec import BlockSpec, Shortcut, UnitSpec
+from fused_resnet.spec import HEADER_INTS, UNIT_INTS, BlockSpec, Shortcut, UnitSpec
 from fused_resnet.tensors import Params, pack_forward
 
 from conftest import (GPU, MODELS, assert_checks, case_id, check_frozen_bn_and_no_input_grad, make_block,
@@ -385,7 +386,7 @@ def _block_args(case=testing.BLOCK_CASES[7], dtype=torch.float32, grad=False):
     real = ops.forward
 
     def spy(spec, x, params, residual, backend, sample_scale=None):
-        captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats, True])
+        captured.update(spec=spec, args=[x, *params, residual, spec.ints, spec.floats, True, sample_scale])
         return real(spec, x, params, residual, backend, sample_scale)
 
     original, ops.forward = ops.forward, spy
@@ -481,7 +482,7 @@ def test_grouped_and_dilated_convs_in_the_block_ops():
     betas = [torch.randn(8, generator=g).to(DEVICE) for _ in range(2)]
     spec = BlockSpec((UnitSpec((1, 1), (2, 2), (2, 2), 2, EPS), UnitSpec((1, 1), (1, 1), (1, 1), 4, EPS)))
     nones = [None, None]
-    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats, True)
+    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats, True, None)
     p64 = Params(*[[t.double() for t in ts] for ts in (weights, gammas, betas)], nones, nones)
     ref = reference.block_forward(spec, x.double(), p64, None)
     same = reference.block_forward(spec, x, Params(weights, gammas, betas, nones, nones), None)  # torch in fp32
@@ -499,6 +500,265 @@ def test_grouped_and_dilated_convs_in_the_block_ops():
 
     for got, want, fp32 in zip([grads[0]] + list(grads[2:]), flat(ref_grads), flat(same_grads), strict=True):
         _check("grad", got, want, fp32, want, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- pooled units
+# Blocks whose projection, or whose first unit where no shortcut reads the block input, reads the block input
+# average-pooled (UnitSpec.avg_pool; timm's "-d" shortcut), on a 7x9 input: ceil_mode's last windows are cut in both
+# directions. name → (shortcut, convs (out, in, kernel, stride, avg_pool) with the projection last).
+POOLED_BLOCKS = {
+    "bottleneck-d": (Shortcut.PROJECTION, [(4, 4, 1, 1, 1), (4, 4, 3, 2, 1), (8, 4, 1, 1, 1), (8, 4, 1, 1, 2)]),
+    "basic-d": (Shortcut.PROJECTION, [(8, 4, 3, 2, 1), (8, 8, 3, 1, 1), (8, 4, 1, 1, 2)]),
+    "open": (Shortcut.OPEN, [(6, 4, 3, 1, 2)]),
+    "plain": (Shortcut.NONE, [(6, 4, 1, 1, 3), (6, 6, 3, 1, 1)]),
+}
+
+
+def _pooled_problem(name, fmt, dtype=torch.float64):
+    """(spec, x, params with running statistics) of a POOLED_BLOCKS block, float64 unless asked, on DEVICE."""
+    shortcut, convs = POOLED_BLOCKS[name]
+    units = tuple(UnitSpec((st, st), (k // 2, k // 2), eps=EPS, momentum=0.1, avg_pool=pool)
+                  for _, _, k, st, pool in convs)
+    spec = BlockSpec(units, shortcut)
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+    x = rnd(2, 4, 7, 9).contiguous(memory_format=fmt)
+    params = Params([rnd(o, i, k, k) for o, i, k, _, _ in convs], [rnd(c[0]) * 0.3 + 1 for c in convs],
+                    [rnd(c[0]) * 0.3 for c in convs], [rnd(c[0]) * 0.1 for c in convs],
+                    [rnd(c[0]).abs() + 0.5 for c in convs])
+    return spec, x, params
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+
+
+def _cast_params(params, dtype):
+    return Params(*[[_cast(t, dtype) for t in ts] for ts in params])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("name", list(POOLED_BLOCKS))
+def test_pooled_units_match_the_reference(name, fmt, dtype):
+    """Training forward (y, pre-BN outputs, statistics), backward (dx, every dW, dγ, dβ), the running statistics'
+    update from the batch statistics, eval and eval with BN folded, against the reference backend in float64 with
+    the rule (the reference in the same dtype is torch's error). bfloat16 runs the fusion graphs' routes (their
+    CPU twins without a GPU)."""
+    spec, x64, p64 = _pooled_problem(name, fmt)
+    x, params = x64.to(dtype), _cast_params(p64, dtype)
+    cuda, n = backends.get("cuda"), len(spec.units)
+    out = cuda.block_forward(spec, x, params, None)
+    ref = reference.block_forward(spec, x64, p64, None)
+    same = reference.block_forward(spec, x, params, None)
+    assert out.y.shape == ref.y.shape and out.y.dtype == dtype and out.y.is_contiguous(memory_format=fmt)
+    _check("y", out.y, ref.y, same.y, ref.y, dtype)
+    # Statistics to a tolerance on the channel's spread: a mean near zero is all cancellation (the statistics
+    # kernels themselves are checked above)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for i in range(n):
+        assert out.acts[i].shape == ref.acts[i].shape, i
+        _check(f"a{i}", out.acts[i], ref.acts[i], same.acts[i], ref.acts[i], dtype)
+        spread = float(ref.variances[i].max().sqrt())
+        # the update's count is the pooled unit's N·P·Q
+        count = out.acts[i].numel() // out.acts[i].shape[1]
+        got = [t.float().clone() for t in (p64.running_means[i], p64.running_vars[i])]
+        want = [t.clone() for t in (p64.running_means[i], p64.running_vars[i])]
+        cuda.bn_running_update(*got, None, out.means[i], out.variances[i], count, 0.1)
+        reference.bn_running_update(*want, None, ref.means[i], ref.variances[i], count, 0.1)
+        for what, g, w in zip(("mean", "var", "running_mean", "running_var"),
+                              [out.means[i], out.variances[i], *got], [ref.means[i], ref.variances[i], *want],
+                              strict=True):
+            torch.testing.assert_close(g.double(), w, rtol=rel, atol=rel * spread, msg=f"{what}{i}")
+
+    dy64 = torch.randn(ref.y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(DEVICE)
+    dy = dy64.to(dtype).contiguous(memory_format=fmt)
+    grads = cuda.block_backward(spec, dy, x, params, out, True)
+    ref_grads = reference.block_backward(spec, dy64, x64, p64, ref, True)
+    same_grads = reference.block_backward(spec, dy, x, params, same, True)
+    assert grads.dx.shape == x.shape and grads.dx.is_contiguous(memory_format=fmt)
+    _check("dx", grads.dx, ref_grads.dx, same_grads.dx, ref_grads.dx, dtype)
+    for what in ("dws", "dgammas", "dbetas"):
+        for i, (got, want, fp) in enumerate(zip(getattr(grads, what), getattr(ref_grads, what),
+                                                getattr(same_grads, what), strict=True)):
+            _check(f"{what}[{i}]", got, want, fp, want, dtype)
+    without_dx = cuda.block_backward(spec, dy, x, params, out, False)
+    assert without_dx.dx is None
+    for got, want in zip(without_dx.dws, grads.dws, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    eval_spec = spec.with_batch_stats([False] * n)
+    want = reference.block_inference(eval_spec, x64, p64, None)
+    same_eval = reference.block_inference(eval_spec, x, params, None)
+    y = cuda.block_inference(eval_spec, x, params, None)
+    assert y.shape == want.shape and y.is_contiguous(memory_format=fmt)
+    _check("eval y", y, want, same_eval, want, dtype)
+    if spec.final_relu:  # an open block's eval is the training op's (no folded op)
+        folded = fused_resnet.backends.folding.fold_block(params, spec.units)
+        y = _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], None, eval_spec.ints,
+                                          eval_spec.floats, True)
+        _check("eval y (BN folded)", y, want, same_eval, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [8, 13, 16])
+def test_avg_pool_kernels_are_torchs(C, dtype):
+    """The pool and its gradient bit for bit as torch's avg_pool2d (ceil_mode, count_include_pad=False) and its
+    backward, for k = 1, 2, 3 on 7x9 (cut windows); the gradient kernel adds d_main (rounded once)."""
+    x = _act((2, C, 7, 9), dtype, 1)
+    for k in (1, 2, 3):
+        y = _ops().avg_pool(x, k)
+        want = torch.nn.functional.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False)
+        assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, want), k
+        d = _act(y.shape, dtype, 2)
+        d_main = _act(x.shape, dtype, 3)
+        back = torch.ops.aten.avg_pool2d_backward(d, x, [k, k], [k, k], [0, 0], True, False, None)
+        assert torch.equal(_ops().avg_pool_grad_add(None, d, x, k), back), k
+        back64 = torch.ops.aten.avg_pool2d_backward(d.double(), x.double(), [k, k], [k, k], [0, 0], True, False,
+                                                    None)
+        torch.testing.assert_close(_ops().avg_pool_grad_add(d_main, d, x, k), (back64 + d_main.double()).to(dtype))
+    with pytest.raises(RuntimeError, match="expected d_pooled with sizes \\[2, 8, 4, 5\\]"):
+        _ops().avg_pool_grad_add(None, _act((2, 8, 3, 5), torch.float32, 2), _act((2, 8, 7, 9), torch.float32, 1), 2)
+    with pytest.raises(RuntimeError, match="pool size k >= 1"):
+        _ops().avg_pool(x, 0)
+    torch.library.opcheck(_ops().avg_pool, (x, 2))
+    torch.library.opcheck(_ops().avg_pool_grad_add, (_act(x.shape, dtype, 3), _ops().avg_pool(x, 2), x, 2))
+
+
+def test_pooled_blocks_dry_account_is_what_they_launch():
+    """A pooled block's step recorded as it really runs (the graphs' CPU twins in bfloat16) and as a dry run on
+    fake tensors: the same launches, one pool per op call (the backward recomputes it for the wgrad), and the
+    projection's gradient unpooled and added to dx in one kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    from fused_resnet import launches
+
+    spec, x, params = _pooled_problem("bottleneck-d", torch.channels_last, torch.bfloat16)
+    cuda = backends.get("cuda")
+    eval_spec = spec.with_batch_stats([False] * len(spec.units))
+
+    def step(x, params):
+        saved = cuda.block_forward(spec, x, params, None)
+        grads = cuda.block_backward(spec, torch.ones_like(saved.y), x, params, saved, True)
+        return saved.y, grads.dx
+
+    with launches.recording(dry=False) as real:
+        shapes = [t.shape for t in step(x, params)]
+    fake_mode = FakeTensorMode()
+    fake = tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, (x, params))
+    with fake_mode, launches.recording(dry=True) as dry:
+        assert [t.shape for t in step(*fake)] == shapes == [(2, 8, 4, 5), x.shape]
+    traffic = [(r.name, r.kind, r.reads, r.writes, r.flops) for r in real]
+    assert traffic == [(r.name, r.kind, r.reads, r.writes, r.flops) for r in dry]
+    names = [r.name for r in real]
+    assert names.count("avg_pool") == 2 and names.count("avg_pool_grad_add") == 1, names
+    assert "add the projection's gradient" not in names
+    # eval's dry run (BN folded, as on the GPU): one pool
+    with fake_mode, launches.recording(dry=True) as dry:
+        assert cuda.block_inference(eval_spec, *fake, None).shape == (2, 8, 4, 5)
+    assert [r.name for r in dry].count("avg_pool") == 1
+
+
+def test_cuda_backends_declare_pooled_units_and_the_ops_check_where_they_pool():
+    spec, x, params = _pooled_problem("bottleneck-d", torch.channels_last, torch.float32)
+    for name in ("cuda", "cuda-unfused"):
+        assert backends.get(name).capabilities.avg_pool
+        assert backends.get(name).capabilities.refusal(spec, torch.float32) is None
+    # a first unit pooling beside the projection, and a unit reading the unit below pooling: refused, as the
+    # Python spec refuses them
+    for unit in (0, 1):
+        ints = list(spec.ints)
+        ints[len(HEADER_INTS) + len(UNIT_INTS) * unit + UNIT_INTS.index("avg_pool")] = 2
+        with pytest.raises(RuntimeError, match=f"unit {unit} has avg_pool 2"):
+            _ops().block_inference(x, *params, None, ints, spec.floats, True)
+
+
+# --------------------------------------------------------------------------------------------- stochastic depth
+# name → (shortcut, input [N, C, H, W], convs (out, in, kernel, stride) with the projection last)
+DROP_PATH_BLOCKS = {
+    "bottleneck-projection": (Shortcut.PROJECTION, (3, 8, 7, 9),
+                              [(8, 8, 1, 1), (8, 8, 3, 2), (16, 8, 1, 1), (16, 8, 1, 2)]),
+    "basic-identity": (Shortcut.IDENTITY, (3, 8, 5, 6), [(8, 8, 3, 1), (8, 8, 3, 1)]),
+}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cuda-unfused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(DROP_PATH_BLOCKS))
+def test_drop_path_in_the_block_ops_matches_the_reference(name, dtype, backend):
+    """Stochastic depth's per-sample scale d (sample 1 dropped, the others kept at 1/0.8) in the closing kernel and
+    the last unit's BN backward: y, dx and every dW, dγ, dβ against the reference backend in float64 with the rule,
+    channels_last. The projection's BN takes the shortcut's unscaled gradient."""
+    shortcut, shape, convs = DROP_PATH_BLOCKS[name]
+    spec = BlockSpec(tuple(UnitSpec((st, st), (k // 2, k // 2), eps=EPS) for _, _, k, st in convs), shortcut)
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64).to(DEVICE)
+
+    x64 = rnd(*shape).contiguous(memory_format=torch.channels_last)
+    nones = [None] * len(convs)
+    p64 = Params([rnd(o, i, k, k) for o, i, k, _ in convs], [rnd(c[0]) * 0.3 + 1 for c in convs],
+                 [rnd(c[0]) * 0.3 for c in convs], nones, nones)
+    d64 = torch.tensor([1 / 0.8, 0.0, 1 / 0.8], dtype=torch.float64, device=DEVICE)
+    x, params, d = x64.to(dtype), _cast_params(p64, dtype), d64.to(dtype)
+    fused = backends.get(backend)
+    assert fused.capabilities.drop_path and fused.capabilities.refusal(spec, dtype, drop_path=True) is None
+
+    out = fused.block_forward(spec, x, params, None, sample_scale=d)
+    ref = reference.block_forward(spec, x64, p64, None, d64)
+    same = reference.block_forward(spec, x, params, None, d)
+    assert out.y.is_contiguous(memory_format=torch.channels_last)
+    _check("y", out.y, ref.y, same.y, ref.y, dtype)
+    # the dropped sample's output is the shortcut's alone: not the block without stochastic depth
+    plain = fused.block_forward(spec, x, params, None)
+    assert not torch.equal(out.y[1], plain.y[1])
+
+    dy64 = rnd(*ref.y.shape).contiguous(memory_format=torch.channels_last)
+    dy = dy64.to(dtype)
+    grads = fused.block_backward(spec, dy, x, params, out, True, sample_scale=d)
+    ref_grads = reference.block_backward(spec, dy64, x64, p64, ref, True, d64)
+    same_grads = reference.block_backward(spec, dy, x, params, same, True, d)
+    _check("dx", grads.dx, ref_grads.dx, same_grads.dx, ref_grads.dx, dtype)
+    for what in ("dws", "dgammas", "dbetas"):
+        for i, (got, want, fp) in enumerate(zip(getattr(grads, what), getattr(ref_grads, what),
+                                                getattr(same_grads, what), strict=True)):
+            _check(f"{what}[{i}]", got, want, fp, want, dtype)
+
+    # The C++ op's own autograd formula takes d to its backward op: the backend's gradients, bit for bit (running
+    # statistics given, unread in training: register_autograd's structure check refuses a list of Nones)
+    xg = x.detach().clone().requires_grad_(True)
+    wg = [w.detach().clone().requires_grad_(True) for w in params.weights]
+    running = [torch.ones(c[0], device=DEVICE) for c in convs]
+    flat = _ops().block_forward(xg, wg, params.gammas, params.betas, running, running, None, spec.ints, spec.floats,
+                                backend == "cuda", d)
+    assert torch.equal(flat[0], out.y)
+    flat[0].backward(dy)
+    assert torch.equal(xg.grad, grads.dx)
+    for got, want in zip([w.grad for w in wg], grads.dws, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_block_ops_refuse_a_sample_scale_of_the_wrong_length():
+    shortcut, shape, convs = DROP_PATH_BLOCKS["basic-identity"]
+    spec = BlockSpec(tuple(UnitSpec((st, st), (k // 2, k // 2), eps=EPS) for _, _, k, st in convs), shortcut)
+    x = _act(shape, torch.float32, 1)
+    weights = [_act((o, i, k, k), torch.float32, 2 + j) for j, (o, i, k, _) in enumerate(convs)]
+    gammas, betas = [_vec(8, 5), _vec(8, 6)], [_vec(8, 7, low=True), _vec(8, 8, low=True)]
+    nones = [None, None]
+    d = torch.ones(shape[0], device=DEVICE)
+    out = _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats, False, d)
+    for bad in (torch.ones(shape[0] + 1, device=DEVICE), torch.ones(1, shape[0], device=DEVICE)):
+        with pytest.raises(RuntimeError, match="sample_scale"):
+            _ops().block_forward(x, weights, gammas, betas, nones, nones, None, spec.ints, spec.floats, False, bad)
+        with pytest.raises(RuntimeError, match="sample_scale"):
+            _ops().block_backward(torch.ones_like(out[0]), x, out[0], weights, gammas, betas, out[1:3], out[3:5],
+                                  out[5:7], spec.ints, spec.floats, True, False, bad)
 
 
 # --------------------------------------------------------------------------------------------- GPU only

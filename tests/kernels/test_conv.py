@@ -605,3 +605,44 @@ def test_channel_counts_share_one_compiled_variant(K, monkeypatch):
     fprop16, wgrad16, fprop32, wgrad32, fprop3, wgrad3 = consts
     assert fprop16 == fprop32 and wgrad16 == wgrad32
     assert fprop3[1]["ROW"] and fprop3[1]["CP"] == 4 and wgrad3[1]["FLAT"] and wgrad3[1]["CP"] == 4  # float32
+
+
+def _pooled_conv(x, w, k, stride=1, pad=0):
+    return F.conv2d(F.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False), w, None, stride, pad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hw,c,k", [((7, 9), 32, 2), ((8, 8), 16, 2), ((5, 7), 16, 3), ((6, 6), 4, 2)], ids=str)
+def test_avg_pool_on_load_and_on_store(K, hw, c, k, dtype):
+    """timm's "-d" shortcut, AvgPool2d(k, k, ceil_mode=True, count_include_pad=False) → 1x1 conv: fprop and wgrad
+    pool their input while loading it, dgrad spreads the gradient over the pool's windows in its epilogue (odd
+    sizes: the windows the edge cuts divide by what they hold; every element of dx written). Four input channels:
+    the small-C layouts take torch's pool first. The float64 rule against torch's pool + conv and autograd."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c, *hw, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(24, c, 1, 1, generator=g) / math.sqrt(c)).to(DEVICE, dtype)
+    y64 = _pooled_conv(x.double(), w.double(), k)
+    dy = torch.randn(y64.shape, generator=g).to(DEVICE, dtype)
+    y = K.conv_fprop(x, w, avg_pool=k)
+    dx = K.conv_dgrad(dy, w, hw, avg_pool=k)
+    dw = K.conv_wgrad(dy, x, (1, 1), avg_pool=k)
+    assert dx.shape == x.shape and dw.shape == w.shape and y.shape == y64.shape
+
+    def grads(x_, w_, dy_):
+        x_, w_ = x_.detach().requires_grad_(), w_.detach().requires_grad_()
+        _pooled_conv(x_, w_, k).backward(dy_)
+        return x_.grad, w_.grad
+
+    dx64, dw64 = grads(x.double(), w.double(), dy.double())
+    dx_same, dw_same = grads(x, w, dy)
+    _assert_rule("fprop", y, y64, _pooled_conv(x, w, k), dtype)
+    _assert_rule("dgrad", dx, dx64, dx_same, dtype)
+    _assert_rule("wgrad", dw, dw64, dw_same, dtype)
+
+
+def test_avg_pool_refuses_what_it_cannot_pool(K):
+    x, w = torch.randn(1, 16, 4, 4), torch.randn(8, 16, 1, 1)
+    with pytest.raises(ValueError, match="avg_pool"):
+        K.conv_fprop(x, w, in_affine=(torch.ones(16), torch.zeros(16)), avg_pool=2)
+    with pytest.raises(ValueError, match="avg_pool spreads"):
+        K.conv_dgrad(torch.randn(1, 8, 2, 2), w, (4, 4), residual=torch.randn(1, 16, 4, 4), avg_pool=2)

@@ -5,8 +5,13 @@ Each block is one C++ op per direction — ``block_forward`` (training), ``block
 (cuDNN) and everything memory-bound is the extension's NHWC kernels: BN statistics (fp32 Welford partials merged
 with Chan's formula) and finalize, BN-apply + ReLU, the closing scale-shift + shortcut + ReLU (dual scale-shift
 for a projection, option A read in place), the dReLU + Σdz / Σdz·x̂ reduction, the dBN apply with the dReLU
-recomputed inside it, and the shortcut's gradient. The running-statistics update is one kernel as well
-(``fused_resnet::bn_running_update`` uses it for CUDA tensors).
+recomputed inside it, the shortcut's gradient, and the average pool a unit may read the block input through
+(timm's "-d" shortcut; its gradient added to the rest of dx in the same pass). The running-statistics update is
+one kernel as well (``fused_resnet::bn_running_update`` uses it for CUDA tensors).
+
+Stochastic depth (timm's drop_path, the training ops' ``sample_scale`` d [N]) is inside the same kernels: the
+closing computes y = relu(d_n·(a_last·s + t) + shortcut), and backward scales the last main unit's dz by d_n in its
+dReLU + Σ reduction and its dBN apply, while the shortcut's gradient (a projection's BN included) stays unscaled.
 
 The ops' fake (meta) kernels and the block forward's autograd formula are registered by :mod:`.ops` whenever the
 extension loads, so ``torch.compile`` traces them and ``torch.library.opcheck`` checks them. Saved pre-BN outputs
@@ -20,13 +25,13 @@ graph cuDNN has no engine for runs the path above for that unit and is counted (
 ``cuda-unfused`` is the same backend with the graphs off: the unfused path, measurable beside the fused one.
 ``fused_resnet.warm_up`` builds a model's plans ahead (CUDA graph captures never build one).
 
-An open block (``Shortcut.OPEN``, y = bn(a_last) for a module that closes the block in torch: timm's se /
-drop_path) is not a kind the extension parses (csrc/spec.h); this layer runs it through the C++ ops' ``NONE``
-closing: the training op's forward (in eval too, with the running statistics: the eval op returns no pre-BN
-output) gives every unit's pre-BN output and statistics, and y = a_last·s + t is one torch op on them (the
-C++ closing's relu(a_last·s + t) is discarded); the backward op gets an all-ones y, so its final-ReLU mask
-[y > 0] passes every element (dz = dy). Exact, at the cost of that discarded output, the torch op and a fill
-(each recorded in the launch account) until the extension gains an open closing.
+An open block (``Shortcut.OPEN``, y = bn(a_last) for a module that closes the block in torch: timm's se, or a
+drop_path the op does not compute, fused_resnet.timm_blocks) is not a kind the extension parses (csrc/spec.h);
+this layer runs it through the C++ ops' ``NONE`` closing: the training op's forward (in eval too, with the running
+statistics: the eval op returns no pre-BN output) gives every unit's pre-BN output and statistics, and
+y = a_last·s + t is one torch op on them (the C++ closing's relu(a_last·s + t) is discarded); the backward op gets
+an all-ones y, so its final-ReLU mask [y > 0] passes every element (dz = dy). Exact, at the cost of that discarded
+output, the torch op and a fill (each recorded in the launch account) until the extension gains an open closing.
 
 Every op is also registered for CPU tensors, running the same kernel bodies in host loops: that is how the CPU
 test suite checks them. With ``FUSED_RESNET_EXT_ON_CPU=1`` (set by the tests on a machine without a GPU) the
@@ -106,8 +111,9 @@ class CudaBackend(Backend):
     """``graphs``: units may run cuDNN fusion graphs (backend cuda), or never (cuda-unfused)."""
 
     # The convs are ATen's, so grouped and dilated ones run (a grouped unit's cuDNN graph is refused, and the
-    # unit runs the unfused path: fusion.routes says so).
-    capabilities = Capabilities(groups=True, dilation=True)
+    # unit runs the unfused path: fusion.routes says so). Stochastic depth never touches a graph: its scale lives
+    # in the closing kernel and in the last unit's BN backward, which run unfused in both backends.
+    capabilities = Capabilities(groups=True, dilation=True, avg_pool=True, drop_path=True)
 
     def __init__(self, name: str, graphs: bool, auto_rank: Optional[int]):
         self.name, self.graphs, self.auto_rank = name, graphs, auto_rank
@@ -128,9 +134,11 @@ class CudaBackend(Backend):
     def saved_format(self, x: Tensor) -> torch.memory_format:
         return torch.channels_last
 
-    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Forward:
+    def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor],
+                      sample_scale: Optional[Tensor] = None) -> Forward:
         cpp_spec = _extension_spec(spec)
-        flat = run("block_forward", x.device, x, *params, residual, cpp_spec.ints, cpp_spec.floats, self.graphs)
+        flat = run("block_forward", x.device, x, *params, residual, cpp_spec.ints, cpp_spec.floats, self.graphs,
+                   sample_scale)
         out = unpack_forward(flat, len(spec.units))
         return _opened(spec, x, params, out) if not spec.final_relu else out
 
@@ -145,14 +153,14 @@ class CudaBackend(Backend):
         return run("block_inference", x.device, x, *params, residual, spec.ints, spec.floats, self.graphs)
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
-                       need_input_grad: bool) -> Grads:
+                       need_input_grad: bool, sample_scale: Optional[Tensor] = None) -> Grads:
         y, cpp_spec = saved.y, _extension_spec(spec)
         if not spec.final_relu:  # the C++ op's final-ReLU mask [y > 0] passes every element: dz = dy
             y = torch.ones_like(saved.acts[spec.n_main - 1])
             launches.record("open closing: all-pass mask (fill)", "elementwise", [], [y])
         flat = run("block_backward", x.device, dy, x, y, params.weights, params.gammas, params.betas,
                    saved.acts, saved.means, saved.variances, cpp_spec.ints, cpp_spec.floats, need_input_grad,
-                   self.graphs, saved.counts)
+                   self.graphs, sample_scale, saved.counts)
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
     def bn_running_update(self, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):

@@ -30,20 +30,24 @@ def _register() -> None:
     fake("bn_scale_shift")(lambda gamma, beta, mean, var, eps: _vectors(mean, mean.shape[0], 3))
     fake("bn_running_update")(lambda running_mean, running_var, nbt, mean, var, count, momentum: None)
     fake("bn_act")(lambda a, scale, shift, residual, relu, residual_scale=None, residual_shift=None,
-                   option_a_stride=(): torch.empty_like(a))
-    fake("drelu_dbn_reduce")(lambda g, y, a, mean, rstd, scale, shift: _vectors(a, a.shape[1], 2))
-    fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats:
+                   option_a_stride=(), sample_scale=None: torch.empty_like(a))
+    fake("drelu_dbn_reduce")(lambda g, y, a, mean, rstd, scale, shift, sample_scale=None:
+                             _vectors(a, a.shape[1], 2))
+    fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale=None:
                       torch.empty_like(a))
     fake("residual_grad")(lambda d_main, dy, y, like, option_a_stride: torch.empty_like(like))
+    fake("avg_pool")(lambda x, k: x.new_empty((*x.shape[:2], -(-x.shape[2] // k), -(-x.shape[3] // k))).contiguous(
+        memory_format=torch.channels_last))
+    fake("avg_pool_grad_add")(lambda d_main, d_pooled, like, k: torch.empty_like(like))
     fake("block_forward")(lambda x, weights, gammas, betas, running_means, running_vars, residual, spec_ints,
-                          spec_floats, graphs: forward_fake(x, weights, spec(spec_ints, spec_floats),
-                                                            torch.channels_last))
+                          spec_floats, graphs, sample_scale=None:
+                          forward_fake(x, weights, spec(spec_ints, spec_floats), torch.channels_last))
     fake("block_inference")(lambda x, weights, gammas, betas, running_means, running_vars, residual, spec_ints,
                             spec_floats, graphs: inference_fake(x, weights, spec(spec_ints, spec_floats)))
     fake("block_inference_folded")(lambda x, weights, shifts, residual, spec_ints, spec_floats, graphs:
                                    inference_fake(x, weights, spec(spec_ints, spec_floats)))
     fake("block_backward")(lambda dy, x, y, weights, gammas, betas, acts, means, variances, spec_ints, spec_floats,
-                           need_input_grad, graphs, counts=None:
+                           need_input_grad, graphs, sample_scale=None, counts=None:
                            backward_fake(x, y, Params(weights, gammas, betas, [], []), spec(spec_ints, spec_floats),
                                          need_input_grad))
     backward, setup_context = block_autograd(lambda *args, **kw: cpp().block_backward(*args, **kw))
