@@ -8,6 +8,9 @@
 //   backward  Σdz, Σdz·x̂ = drelu_dbn_reduce;  da = dbn_apply (the ReLU mask recomputed inside both);
 //             dgrad / wgrad through ATen (r_{i-1} recomputed for wgrad);  the shortcut's gradient in one kernel
 //
+// An open block (Shortcut::kOpen) closes with y = a_last·s + t (no shortcut, no ReLU: its module closes the block
+// in torch): the same closing kernel without its ReLU, and backward starts from dz = dy, unmasked.
+//
 // Stochastic depth (the training ops' `sample_scale` d [N]): the closing kernel computes
 // y = relu(d_n·(a_last·s + t) + shortcut), and backward scales the last main unit's dz = dy·[y > 0] by d_n inside
 // its drelu_dbn_reduce and dbn_apply; the shortcut's gradient (the projection's BN included) takes dz unscaled.
@@ -107,7 +110,8 @@ void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
   const size_t n_main = spec.n_main();
   for (size_t i = 0; i < spec.units.size(); ++i) {
     const bool reads_input = i == 0 || i == n_main;
-    const bool first_alone = i != 0 || spec.shortcut == Shortcut::kNone || spec.shortcut == Shortcut::kTensor;
+    const bool first_alone = i != 0 || spec.shortcut == Shortcut::kNone || spec.shortcut == Shortcut::kTensor ||
+                             spec.shortcut == Shortcut::kOpen;
     TORCH_CHECK(spec.units[i].avg_pool == 1 || (reads_input && first_alone), op, ": unit ", i, " has avg_pool ",
                 spec.units[i].avg_pool, " (only the projection, or the first unit where no shortcut reads the "
                 "block input, pools it)");
@@ -172,17 +176,20 @@ at::Tensor bn_relu(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t
   return bn_act(a, s, t, std::nullopt, true, std::nullopt, std::nullopt, {});
 }
 
-// y = relu([d_n·](a·s + t) + shortcut), one kernel
-at::Tensor close_block(const at::Tensor& a, const at::Tensor& s, const at::Tensor& t, const ShortcutInput& sc,
-                       const std::optional<at::Tensor>& sample_scale = std::nullopt) {
-  return bn_act(a, s, t, sc.res, true, sc.scale, sc.shift, sc.option_a_stride, sample_scale);
+// y = relu([d_n·](a·s + t) + shortcut), one kernel; an open block's y = a·s + t (no shortcut, no ReLU)
+at::Tensor close_block(const BlockSpec& spec, const at::Tensor& a, const at::Tensor& s, const at::Tensor& t,
+                       const ShortcutInput& sc, const std::optional<at::Tensor>& sample_scale = std::nullopt) {
+  return bn_act(a, s, t, sc.res, spec.final_relu(), sc.scale, sc.shift, sc.option_a_stride, sample_scale);
 }
 
 // d as the kernels take it: in its own dtype where that is float32, bf16 or fp16 (ops.cpp's check_sample_scale),
-// else in float32; checked against the block input first.
-std::optional<at::Tensor> sample_scale_of(const char* op, const std::optional<at::Tensor>& sample_scale,
-                                          const at::Tensor& x) {
+// else in float32; checked against the block input first. An open block has no closing for d to scale: its module
+// applies its drop_path in torch (fused_resnet.backends.registry.Capabilities refuses the pair too).
+std::optional<at::Tensor> sample_scale_of(const char* op, const BlockSpec& spec,
+                                          const std::optional<at::Tensor>& sample_scale, const at::Tensor& x) {
   if (!sample_scale.has_value()) return std::nullopt;
+  TORCH_CHECK(spec.final_relu(), op, ": an open block (shortcut 5: y = bn(a_last), no closing) takes no "
+              "sample_scale (stochastic depth scales a closing)");
   const at::Tensor& d = *sample_scale;
   TORCH_CHECK(d.dim() == 1 && d.size(0) == x.size(0) && d.device() == x.device() && d.is_floating_point(), op,
               ": expected sample_scale (stochastic depth's per-sample scale) as a floating [", x.size(0),
@@ -257,7 +264,7 @@ Forward forward(const BlockSpec& spec, const at::Tensor& x, at::TensorList weigh
     shifts.push_back(t);
   }
   const ShortcutInput sc = shortcut_input(spec, xc, residual, out.acts.back(), scales.back(), shifts.back());
-  out.y = close_block(out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc, sample_scale);
+  out.y = close_block(spec, out.acts[n_main - 1], scales[n_main - 1], shifts[n_main - 1], sc, sample_scale);
   return out;
 }
 
@@ -299,9 +306,9 @@ at::Tensor inference(const BlockSpec& spec, const at::Tensor& x, at::TensorList 
                                      : shortcut_input(spec, xc, residual, proj_a, s.back(), t.back());
   const size_t last = n_main - 1;
   if (sc.option_a_stride.empty() && !sc.scale) {  // the closing graph adds a plain tensor
-    if (auto y = fused(last, r, sc.res, true)) return *y;
+    if (auto y = fused(last, r, sc.res, spec.final_relu())) return *y;
   }
-  return close_block(conv_fprop(spec.units[last], r, weights[last]), s[last], t[last], sc);
+  return close_block(spec, conv_fprop(spec.units[last], r, weights[last]), s[last], t[last], sc);
 }
 
 std::vector<std::optional<at::Tensor>> optionals(const c10::List<std::optional<at::Tensor>>& list) {
@@ -323,7 +330,7 @@ std::vector<at::Tensor> block_forward(const at::Tensor& x, at::TensorList weight
               {weights.size(), gammas.size(), betas.size(), running_means.size(), running_vars.size()},
               residual.has_value());
   Forward f = forward(spec, x, weights, gammas, betas, optionals(running_means), optionals(running_vars), residual,
-                      graphs, sample_scale_of("block_forward", sample_scale, x));
+                      graphs, sample_scale_of("block_forward", spec, sample_scale, x));
   std::vector<at::Tensor> out{in_format(f.y, format_of(x))};
   out.insert(out.end(), f.acts.begin(), f.acts.end());  // NHWC, as backward reads them
   out.insert(out.end(), f.means.begin(), f.means.end());
@@ -379,8 +386,10 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   check_block("block_backward", x, spec,
               {weights.size(), gammas.size(), betas.size(), acts.size(), means.size(), variances.size()},
               spec.shortcut == Shortcut::kTensor);
-  const std::optional<at::Tensor> d = sample_scale_of("block_backward", sample_scale, x);
-  const at::Tensor xc = nhwc(x), yc = nhwc(y), dyc = nhwc(converted("to y's dtype", dy, dy.to(y.scalar_type())));
+  const std::optional<at::Tensor> d = sample_scale_of("block_backward", spec, sample_scale, x);
+  // an open block's y is never read (no final ReLU to mask with, no shortcut): not converted either
+  const at::Tensor xc = nhwc(x), yc = spec.final_relu() ? nhwc(y) : y;
+  const at::Tensor dyc = nhwc(converted("to y's dtype", dy, dy.to(y.scalar_type())));
   std::vector<at::Tensor> a(n), mean(n), s(n), t(n), rstd(n), dws(n), dgammas(n), dbetas(n);
   for (size_t i = 0; i < n; ++i) {
     a[i] = nhwc(acts[i]);
@@ -389,16 +398,17 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
         bn_scale_shift(param(gammas[i]), param(betas[i]), mean[i], f32(variances[i]), spec.units[i].eps);
   }
   // Unit i's BN + ReLU backward: da_i from g, the gradient at the unit's ReLU output, with the mask [y > 0] when
-  // `mask_y` is given, else [a_i·s_i + t_i > 0], and dz scaled per sample by `scale` where given (the last main
-  // unit's under stochastic depth). `sums`: Σdz, Σdz·x̂ already reduced by the fused dgrad above.
+  // `mask_y` is given, else [a_i·s_i + t_i > 0], or none without `mask` (an open block's last unit: no ReLU), and
+  // dz scaled per sample by `scale` where given (the last main unit's under stochastic depth). `sums`: Σdz, Σdz·x̂
+  // already reduced by the fused dgrad above.
   struct Sums {
     at::Tensor dz, dz_xhat;
   };
   auto unit_da = [&](size_t i, const at::Tensor& g, const std::optional<at::Tensor>& mask_y,
-                     std::optional<Sums> sums, const std::optional<at::Tensor>& scale) {
+                     std::optional<Sums> sums, const std::optional<at::Tensor>& scale, bool mask) {
     const UnitSpec& u = spec.units[i];
     if (!sums) {
-      auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], scale);
+      auto [sum_dz, sum_dz_xhat] = drelu_dbn_reduce(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], scale, mask);
       sums = Sums{sum_dz, sum_dz_xhat};
     }
     auto [sum_dz, sum_dz_xhat] = *sums;
@@ -414,7 +424,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
       sum_dz = sum_dz * ratio;
       sum_dz_xhat = sum_dz_xhat * ratio;
     }
-    return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats, scale);
+    return dbn_apply(g, mask_y, a[i], mean[i], rstd[i], s[i], t[i], sum_dz, sum_dz_xhat, u.batch_stats, scale,
+                     mask);
   };
   // Unit i's conv backward: dw_i, and when need_inp the gradient at its input — the block input, or
   // r_below = relu(a_below·s + t). Fused, dgrad also applies the unit below's dReLU, reduces its sums and writes
@@ -479,14 +490,15 @@ std::vector<at::Tensor> block_backward(const at::Tensor& dy, const at::Tensor& x
   // statistics in this order (fused_resnet.reference.block_backward).
   at::Tensor d_sc;
   if (spec.shortcut == Shortcut::kProjection) {
-    d_sc = conv_backward(n_main, unit_da(n_main, dyc, yc, std::nullopt, std::nullopt), std::nullopt,
+    d_sc = conv_backward(n_main, unit_da(n_main, dyc, yc, std::nullopt, std::nullopt, true), std::nullopt,
                          need_input_grad).first;
   }
   at::Tensor g = dyc, dx;
-  std::optional<at::Tensor> mask_y = yc;
+  std::optional<at::Tensor> mask_y = spec.final_relu() ? std::optional<at::Tensor>(yc) : std::nullopt;
   std::optional<Sums> sums;
   for (size_t i = n_main; i-- > 0;) {
-    const at::Tensor da = unit_da(i, g, mask_y, sums, i == n_main - 1 ? d : std::nullopt);
+    const bool last = i == n_main - 1;
+    const at::Tensor da = unit_da(i, g, mask_y, sums, last ? d : std::nullopt, !last || spec.final_relu());
     auto [d, below_sums] = conv_backward(i, da, i > 0 ? std::optional<size_t>(i - 1) : std::nullopt,
                                          i > 0 || need_input_grad);
     if (i > 0) {

@@ -225,7 +225,10 @@ std::vector<Request> block_requests(const BlockSpec& spec, const at::Tensor& x, 
   if (spec.shortcut == Shortcut::kProjection) add(n_main, Graph::kFprop, kBias);
   for (size_t i = 0; i + 1 < n_main; ++i) add(i, Graph::kFprop, kBias | kRelu);
   if (spec.shortcut != Shortcut::kOptionA) {  // option A's zero-padded shortcut closes in the extension's kernel
-    add(n_main - 1, Graph::kFprop, kBias | kRelu | (spec.shortcut == Shortcut::kNone ? 0 : kResidual));
+    // an open block's closing unit ends in its BN (no shortcut, no ReLU: its module closes the block)
+    const bool open = spec.shortcut == Shortcut::kOpen;
+    add(n_main - 1, Graph::kFprop,
+        kBias | (open ? 0 : kRelu) | (spec.shortcut == Shortcut::kNone || open ? 0 : kResidual));
   }
   return out;
 }

@@ -6,9 +6,9 @@
 //   residual_grad      the shortcut's gradient: d_main + dz (identity) or + option A's gradient
 //
 // mask = [y > 0] for the block's closing ReLU (y is stored), [a·s + t > 0] for a ReLU inside the block (the
-// BN's own output, recomputed from its pre-BN input a). d: stochastic depth's per-sample scale of the closing's
-// last BN (its output was scaled by d before the shortcut joined, so its gradient is d·dz); the shortcut's
-// gradient is unscaled.
+// BN's own output, recomputed from its pre-BN input a), or none for a BN with no ReLU after it (an open block's
+// last: y = bn(a_last)). d: stochastic depth's per-sample scale of the closing's last BN (its output was scaled
+// by d before the shortcut joined, so its gradient is d·dz); the shortcut's gradient is unscaled.
 #include <type_traits>
 
 #include "common.cuh"
@@ -42,23 +42,31 @@ struct SampleScale {
   C10_HOST_DEVICE float at(int64_t e) const { return d[e / per_sample]; }
 };
 
+// Where dz's mask comes from: a compile-time choice, so an unmasked kernel does no mask loads or compares.
+enum Mask : int { kMaskBn = 0, kMaskY = 1, kMaskNone = 2 };
+
 // dz for VEC channels starting at c0 of element offset e (a vector never straddles two pixels, so one sample).
-template <typename T, int VEC, bool MASK_Y, bool SCALED>
+template <typename T, int VEC, int MASK, bool SCALED>
 C10_HOST_DEVICE inline void masked_grad(const T* g, const T* y, const float* s, const float* t, const float (&a)[VEC],
                                         const SampleScale& d, int64_t e, int64_t c0, float (&dz)[VEC]) {
   load_floats<T, VEC>(g, e, dz);
   float yv[VEC];
-  if constexpr (MASK_Y) load_floats<T, VEC>(y, e, yv);
+  if constexpr (MASK == kMaskY) load_floats<T, VEC>(y, e, yv);
   float dn = 1.f;
   if constexpr (SCALED) dn = d.at(e);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const bool on = MASK_Y ? yv[k] > 0.f : affine(a[k], s[c0 + k], t[c0 + k]) > 0.f;
+    bool on = true;
+    if constexpr (MASK == kMaskY) on = yv[k] > 0.f;
+    if constexpr (MASK == kMaskBn) on = affine(a[k], s[c0 + k], t[c0 + k]) > 0.f;
     dz[k] = on ? (SCALED ? dz[k] * dn : dz[k]) : 0.f;
   }
 }
 
-template <typename T, int VEC, bool MASK_Y, bool SCALED>
+template <int M>
+using MaskOf = std::integral_constant<int, M>;
+
+template <typename T, int VEC, int MASK, bool SCALED>
 struct DreluReduceOp {
   using Acc = SumAcc<VEC>;
   const T* g;
@@ -77,7 +85,7 @@ struct DreluReduceOp {
     const int64_t c0 = group * VEC, e = row * C + c0;
     float av[VEC], dz[VEC];
     load_floats<T, VEC>(a, e, av);
-    masked_grad<T, VEC, MASK_Y, SCALED>(g, y, s, t, av, d, e, c0, dz);
+    masked_grad<T, VEC, MASK, SCALED>(g, y, s, t, av, d, e, c0, dz);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       acc.dz[k] += dz[k];
@@ -113,7 +121,7 @@ struct DreluFinalizeOp {
   }
 };
 
-template <typename T, int VEC, bool MASK_Y, bool BATCH, bool SCALED>
+template <typename T, int VEC, int MASK, bool BATCH, bool SCALED>
 struct DbnApplyOp {
   const T* g;
   const T* y;
@@ -133,7 +141,7 @@ struct DbnApplyOp {
     const int64_t e = i * VEC, c0 = e % C;
     float av[VEC], dz[VEC];
     load_floats<T, VEC>(a, e, av);
-    masked_grad<T, VEC, MASK_Y, SCALED>(g, y, s, t, av, d, e, c0, dz);
+    masked_grad<T, VEC, MASK, SCALED>(g, y, s, t, av, d, e, c0, dz);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int64_t c = c0 + k;
@@ -193,12 +201,12 @@ SampleScale sample_scale_of(const std::optional<at::Tensor>& sample_scale, const
 
 }  // namespace
 
-// Only the closing's mask [y > 0] comes with a per-sample scale (the ops refuse one without y), so the scaled
-// kernels are built with MASK_Y alone.
+// Only the closing's mask [y > 0] comes with a per-sample scale (the ops refuse one without y, and y without the
+// mask), so the scaled kernels are built with kMaskY alone.
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
                                                 const at::Tensor& scale, const at::Tensor& shift,
-                                                const std::optional<at::Tensor>& sample_scale) {
+                                                const std::optional<at::Tensor>& sample_scale, bool mask) {
   const Runs runs = runs_on(a);
   const c10::OptionalDeviceGuard guard(a.device());
   const int64_t C = a.size(1);
@@ -211,14 +219,14 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
     const T* pg = read_ptr<T>(g);
     const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
     const T* pa = read_ptr<T>(a);
-    auto run = [&](auto vec, auto mask_y, auto scaled) {
+    auto run = [&](auto vec, auto mask_mode, auto scaled) {
       constexpr int V = decltype(vec)::value;
       const int64_t groups = C / V;
       const ReduceGeometry geo = reduce_geometry(M, groups, runs);
       at::Tensor partials = at::empty({2, geo.parts, C}, f32);
       float* p1 = write_ptr<float>(partials[0]);
       float* p2 = write_ptr<float>(partials[1]);
-      reduce_partials(DreluReduceOp<T, V, decltype(mask_y)::value, decltype(scaled)::value>{
+      reduce_partials(DreluReduceOp<T, V, decltype(mask_mode)::value, decltype(scaled)::value>{
                           pg, py, pa, read_ptr<float>(mean), read_ptr<float>(scale), read_ptr<float>(shift), d, C,
                           p1, p2},
                       M, groups, runs, geo);
@@ -231,9 +239,10 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
       account::launch("drelu_dbn_reduce finalize", "elementwise", {partials, rstd}, {sum_dz, sum_dz_xhat});
     };
     auto with_vec = [&](auto vec) {
-      if (sample_scale.has_value()) run(vec, std::true_type{}, std::true_type{});
-      else if (py != nullptr) run(vec, std::true_type{}, std::false_type{});
-      else run(vec, std::false_type{}, std::false_type{});
+      if (sample_scale.has_value()) run(vec, MaskOf<kMaskY>{}, std::true_type{});
+      else if (py != nullptr) run(vec, MaskOf<kMaskY>{}, std::false_type{});
+      else if (mask) run(vec, MaskOf<kMaskBn>{}, std::false_type{});
+      else run(vec, MaskOf<kMaskNone>{}, std::false_type{});
     };
     constexpr int VEC = 16 / sizeof(T);
     if (vector_width<T>(C, {pg, py, pa}) == VEC) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
@@ -244,7 +253,7 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
 at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                             const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
                             const at::Tensor& shift, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
-                            bool batch_stats, const std::optional<at::Tensor>& sample_scale) {
+                            bool batch_stats, const std::optional<at::Tensor>& sample_scale, bool mask) {
   const c10::OptionalDeviceGuard guard(a.device());
   at::Tensor da = at::empty_like(a);
   const int64_t C = a.size(1);
@@ -256,18 +265,19 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
     const T* py = y.has_value() ? read_ptr<T>(*y) : nullptr;
     const T* pa = read_ptr<T>(a);
     T* pd = write_ptr<T>(da);
-    auto run = [&](auto vec, auto mask_y, auto batch, auto scaled) {
+    auto run = [&](auto vec, auto mask_mode, auto batch, auto scaled) {
       constexpr int V = decltype(vec)::value;
-      DbnApplyOp<T, V, decltype(mask_y)::value, decltype(batch)::value, decltype(scaled)::value> op{
+      DbnApplyOp<T, V, decltype(mask_mode)::value, decltype(batch)::value, decltype(scaled)::value> op{
           pg, py, pa, read_ptr<float>(mean), read_ptr<float>(rstd), read_ptr<float>(scale),
           read_ptr<float>(shift), d, read_ptr<float>(sum_dz), read_ptr<float>(sum_dz_xhat),
           count, pd, C};
       for_each_index(op, a.numel() / V, runs_on(a));
     };
     auto with_mask = [&](auto vec, auto batch) {
-      if (sample_scale.has_value()) run(vec, std::true_type{}, batch, std::true_type{});
-      else if (py != nullptr) run(vec, std::true_type{}, batch, std::false_type{});
-      else run(vec, std::false_type{}, batch, std::false_type{});
+      if (sample_scale.has_value()) run(vec, MaskOf<kMaskY>{}, batch, std::true_type{});
+      else if (py != nullptr) run(vec, MaskOf<kMaskY>{}, batch, std::false_type{});
+      else if (mask) run(vec, MaskOf<kMaskBn>{}, batch, std::false_type{});
+      else run(vec, MaskOf<kMaskNone>{}, batch, std::false_type{});
     };
     auto with_vec = [&](auto vec) {
       batch_stats ? with_mask(vec, std::true_type{}) : with_mask(vec, std::false_type{});

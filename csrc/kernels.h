@@ -41,18 +41,19 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
                          const std::optional<at::Tensor>& sample_scale);
 
 // dbn.cu --------------------------------------------------------------------------------------------------
-// dz = g·mask with mask = [y > 0] when y is given, else [a·s + t > 0] (the BN's own ReLU, recomputed), times d_n
-// where stochastic depth's `sample_scale` d [N] is given (as bn_act reads it; only with y: the closing's last BN);
-// returns {Σdz, Σdz·x̂} with x̂ = (a − mean)·rstd. dz is not written.
+// dz = g·mask with mask = [y > 0] when y is given, else [a·s + t > 0] (the BN's own ReLU, recomputed), or no mask
+// at all with `mask` false (a BN no ReLU follows: an open block's last; y then absent), times d_n where stochastic
+// depth's `sample_scale` d [N] is given (as bn_act reads it; only with y: the closing's last BN); returns
+// {Σdz, Σdz·x̂} with x̂ = (a − mean)·rstd. dz is not written.
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
                                                 const at::Tensor& scale, const at::Tensor& shift,
-                                                const std::optional<at::Tensor>& sample_scale);
+                                                const std::optional<at::Tensor>& sample_scale, bool mask);
 // da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) (batch statistics) or s·dz (fixed statistics), dz recomputed as above.
 at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                             const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
                             const at::Tensor& shift, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat,
-                            bool batch_stats, const std::optional<at::Tensor>& sample_scale);
+                            bool batch_stats, const std::optional<at::Tensor>& sample_scale, bool mask);
 // The shortcut's gradient, shaped like `like` (the block input, or the residual): d_main + dz (identity, tensor
 // shortcut without d_main) or, with option_a_stride, d_main + option A's gradient (dz[n, c, h/s_h, w/s_w] where both
 // divide, c < C_in). dz = dy·[y > 0]; out in like's dtype.

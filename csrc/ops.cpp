@@ -196,7 +196,7 @@ at::Tensor bn_act(const at::Tensor& a, const at::Tensor& scale, const at::Tensor
 namespace {
 void check_dbn_args(const char* op, const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                     std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors,
-                    const std::optional<at::Tensor>& sample_scale) {
+                    const std::optional<at::Tensor>& sample_scale, bool mask) {
   check_act(op, "the pre-BN activations a", a);
   check_like(op, "the gradient g", g, a);
   if (y.has_value()) check_like(op, "the ReLU output y", *y, a);
@@ -206,6 +206,8 @@ void check_dbn_args(const char* op, const at::Tensor& g, const std::optional<at:
     TORCH_CHECK(y.has_value(), op, ": a sample_scale (stochastic depth) scales the closing's last BN, whose mask "
                 "is [y > 0]: expected y");
   }
+  TORCH_CHECK(mask || !y.has_value(), op, ": mask=False (a BN no ReLU follows: an open block's last) takes no y, "
+              "whose [y > 0] it would not apply");
 }
 }  // namespace
 
@@ -213,22 +215,22 @@ std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const s
                                                     const at::Tensor& a, const at::Tensor& mean,
                                                     const at::Tensor& rstd, const at::Tensor& scale,
                                                     const at::Tensor& shift,
-                                                    const std::optional<at::Tensor>& sample_scale) {
+                                                    const std::optional<at::Tensor>& sample_scale, bool mask) {
   check_dbn_args("drelu_dbn_reduce", g, y, a,
-                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}}, sample_scale);
-  auto out = drelu_dbn_reduce_launch(g, y, a, mean, rstd, scale, shift, sample_scale);
+                 {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}}, sample_scale, mask);
+  auto out = drelu_dbn_reduce_launch(g, y, a, mean, rstd, scale, shift, sample_scale, mask);
   return {out[0], out[1]};
 }
 
 at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
                      const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats,
-                     const std::optional<at::Tensor>& sample_scale) {
+                     const std::optional<at::Tensor>& sample_scale, bool mask) {
   check_dbn_args("dbn_apply", g, y, a,
                  {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"shift", &shift}, {"sum_dz", &sum_dz},
                   {"sum_dz_xhat", &sum_dz_xhat}},
-                 sample_scale);
-  return dbn_apply_launch(g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale);
+                 sample_scale, mask);
+  return dbn_apply_launch(g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale, mask);
 }
 
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
@@ -453,10 +455,11 @@ TORCH_LIBRARY(fused_resnet_C, m) {
         "Tensor mean, Tensor var, int count, float? momentum) -> ()");
   m.def("bn_act(Tensor a, Tensor scale, Tensor shift, Tensor? residual, bool relu, Tensor? residual_scale=None, "
         "Tensor? residual_shift=None, int[] option_a_stride=[], Tensor? sample_scale=None) -> Tensor");
+  // mask=False: dz = g, no ReLU after the BN (an open block's last unit)
   m.def("drelu_dbn_reduce(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
-        "Tensor? sample_scale=None) -> (Tensor, Tensor)");
+        "Tensor? sample_scale=None, bool mask=True) -> (Tensor, Tensor)");
   m.def("dbn_apply(Tensor g, Tensor? y, Tensor a, Tensor mean, Tensor rstd, Tensor scale, Tensor shift, "
-        "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats, Tensor? sample_scale=None) -> Tensor");
+        "Tensor sum_dz, Tensor sum_dz_xhat, bool batch_stats, Tensor? sample_scale=None, bool mask=True) -> Tensor");
   m.def("residual_grad(Tensor? d_main, Tensor dy, Tensor y, Tensor like, int[] option_a_stride) -> Tensor");
   m.def("avg_pool(Tensor x, int k) -> Tensor");
   m.def("avg_pool_grad_add(Tensor? d_main, Tensor d_pooled, Tensor like, int k) -> Tensor");

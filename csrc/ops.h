@@ -37,11 +37,12 @@ std::tuple<at::Tensor, at::Tensor> drelu_dbn_reduce(const at::Tensor& g, const s
                                                     const at::Tensor& a, const at::Tensor& mean,
                                                     const at::Tensor& rstd, const at::Tensor& scale,
                                                     const at::Tensor& shift,
-                                                    const std::optional<at::Tensor>& sample_scale = std::nullopt);
+                                                    const std::optional<at::Tensor>& sample_scale = std::nullopt,
+                                                    bool mask = true);
 at::Tensor dbn_apply(const at::Tensor& g, const std::optional<at::Tensor>& y, const at::Tensor& a,
                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale, const at::Tensor& shift,
                      const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, bool batch_stats,
-                     const std::optional<at::Tensor>& sample_scale = std::nullopt);
+                     const std::optional<at::Tensor>& sample_scale = std::nullopt, bool mask = true);
 at::Tensor residual_grad(const std::optional<at::Tensor>& d_main, const at::Tensor& dy, const at::Tensor& y,
                          const at::Tensor& like, at::IntArrayRef option_a_stride);
 at::Tensor avg_pool(const at::Tensor& x, int64_t k);

@@ -16,8 +16,9 @@
 
 namespace fused_resnet {
 
-// What the block adds before its final ReLU (fused_resnet.spec.Shortcut).
-enum class Shortcut : int64_t { kNone = 0, kIdentity = 1, kProjection = 2, kOptionA = 3, kTensor = 4 };
+// What the block adds before its final ReLU (fused_resnet.spec.Shortcut). kOpen: y = bn(a_last), no shortcut and
+// no final ReLU (the module closes the block in torch), so its backward starts from dz = dy, unmasked.
+enum class Shortcut : int64_t { kNone = 0, kIdentity = 1, kProjection = 2, kOptionA = 3, kTensor = 4, kOpen = 5 };
 
 // What a closing epilogue adds to its result (fused_resnet.spec.Residual; the Triton kernels' RES_MODE).
 enum Residual : int { kResidualNone = 0, kResidualTensor = 1, kResidualAffine = 2, kResidualOptionA = 3 };
@@ -43,6 +44,7 @@ struct BlockSpec {
   std::array<int64_t, 2> option_a_stride;
 
   size_t n_main() const { return shortcut == Shortcut::kProjection ? units.size() - 1 : units.size(); }
+  bool final_relu() const { return shortcut != Shortcut::kOpen; }
   bool synced() const {
     for (const auto& u : units) {
       if (u.sync_group != 0) return true;
@@ -59,8 +61,9 @@ struct BlockSpec {
                     floats.size() == static_cast<size_t>(kSpecUnitFloats * n),
                 op, ": malformed block spec: ", ints.size(), " ints and ", floats.size(), " floats for ", n,
                 " unit(s)");
-    TORCH_CHECK(ints[1] >= 0 && ints[1] <= static_cast<int64_t>(Shortcut::kTensor), op,
-                ": unknown shortcut kind ", ints[1], " (0 none, 1 identity, 2 projection, 3 option A, 4 tensor)");
+    TORCH_CHECK(ints[1] >= 0 && ints[1] <= static_cast<int64_t>(Shortcut::kOpen), op,
+                ": unknown shortcut kind ", ints[1],
+                " (0 none, 1 identity, 2 projection, 3 option A, 4 tensor, 5 open)");
     BlockSpec spec;
     spec.shortcut = static_cast<Shortcut>(ints[1]);
     spec.option_a_stride = {ints[2], ints[3]};

@@ -29,21 +29,16 @@ from . import distributed
 
 
 class Shortcut(enum.IntEnum):
-    """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``, which has every kind but ``OPEN``)."""
+    """What the block adds before its final ReLU (csrc/spec.h ``Shortcut``: the same kinds)."""
 
     NONE = 0  # plain network: y = relu(bn(a_last))
     IDENTITY = 1  # y = relu(bn(a_last) + x)
     PROJECTION = 2  # y = relu(bn(a_last) + bn_sc(conv_sc(x))); the projection is the last unit of the spec
     OPTION_A = 3  # y = relu(bn(a_last) + x[:, :, ::s, ::s] with channels zero-filled up to the output's)
     TENSOR = 4  # y = relu(bn(a_last) + residual), the residual computed by any module outside the op
-    # y = bn(a_last): no shortcut and no final ReLU; the module closes the block itself in torch (timm's se /
-    # drop_path, its shortcut add and its last activation). The Python layers' kind only: the extension's spec
-    # parser has no 5, and backend cuda runs it through the C++ ops' NONE closing (fused_resnet/backends/cuda).
+    # y = bn(a_last): no shortcut and no final ReLU; the module closes the block itself in torch (timm's se, a
+    # drop_path the op does not compute, its shortcut add and its last activation)
     OPEN = 5
-
-
-# The kinds csrc/spec.h parses (tests/test_spec.py holds the two tables together).
-EXTENSION_SHORTCUTS = frozenset(Shortcut) - {Shortcut.OPEN}
 
 
 class Residual(enum.IntEnum):
@@ -166,7 +161,7 @@ class BlockSpec:
         return dataclasses.replace(self, units=units)
 
     def with_shortcut(self, shortcut: Shortcut) -> "BlockSpec":
-        """The same units closed by another kind (backend cuda: ``OPEN`` runs as the C++ ops' ``NONE``)."""
+        """The same units closed by another kind (an open block beside its closed twin)."""
         return dataclasses.replace(self, shortcut=shortcut)
 
     # ------------------------------------------------------------------ the schema form (torch.library layer only)

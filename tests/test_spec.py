@@ -97,9 +97,7 @@ def test_cpp_tables_are_the_python_ones():
     text = _header()
     cpp_shortcut = _enum(text, "Shortcut")
     assert {k[1:].lower(): v for k, v in cpp_shortcut.items()} == {
-        m.name.replace("_", "").lower(): m.value for m in spec_mod.EXTENSION_SHORTCUTS}
-    # the one Python-only kind: backend cuda's Python layer runs it through the C++ NONE closing
-    assert set(Shortcut) - spec_mod.EXTENSION_SHORTCUTS == {Shortcut.OPEN}
+        m.name.replace("_", "").lower(): m.value for m in Shortcut}
     cpp_residual = _enum(text, "Residual")
     assert {k[len("kResidual"):].lower(): v for k, v in cpp_residual.items()} == {
         m.name.replace("_", "").lower(): m.value for m in Residual}

@@ -178,27 +178,30 @@ def _dbn_inputs(shape, dtype, mask):
     return g, y, a, mean, rstd, s, t
 
 
-def _masked(g, y, a, s, t, d):
+def _masked(g, y, a, s, t, d, mask=True):
     """dz = g·mask in dtype d (fp32 for low precision, as the reference computes it)."""
     acc = torch.promote_types(d, torch.float32)
     view = (lambda v: v.view(1, -1, 1, 1)) if a.dim() == 4 else (lambda v: v.view(1, -1))
+    if not mask:
+        return g.to(acc)
     if y is not None:
         return g.to(acc) * (y > 0)
     return g.to(acc) * ((a.to(acc) * view(s.to(acc)) + view(t.to(acc))) > 0)
 
 
-@pytest.mark.parametrize("mask", ["y", "own relu"])
+@pytest.mark.parametrize("mask", ["y", "own relu", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_drelu_dbn_reduce_and_apply(shape, dtype, mask):
     """Σdz, Σdz·x̂ and da = s·(dz − Σdz/M − x̂·Σdz·x̂/M) (and s·dz with fixed statistics), the dReLU recomputed
-    from y or from the BN's own input, against float64."""
+    from y or from the BN's own input, or no mask at all (mask=False: an open block's last BN), against float64."""
     g, y, a, mean, rstd, s, t = _dbn_inputs(shape, dtype, mask)
-    sum_dz, sum_dz_xhat = _ops().drelu_dbn_reduce(g, y, a, mean, rstd, s, t)
+    masked = mask != "none"
+    sum_dz, sum_dz_xhat = _ops().drelu_dbn_reduce(g, y, a, mean, rstd, s, t, mask=masked)
 
     def ref(d):
         acc = torch.promote_types(d, torch.float32)
-        dz = _nchw(_masked(g, y, a, s, t, acc))
+        dz = _nchw(_masked(g, y, a, s, t, acc, masked))
         vecs = [v.to(acc) for v in (mean, rstd, s)]
         sums = reference.drelu_dbn_reduce(dz, _nchw(a).to(d), vecs[0], vecs[1])
         das = [reference.dbn_apply(dz, _nchw(a).to(d), vecs[0], vecs[1], vecs[2], *sums, batch).view(a.shape)
@@ -210,7 +213,7 @@ def test_drelu_dbn_reduce_and_apply(shape, dtype, mask):
     _check("Σdz", sum_dz, r_sum, s_sum, r_sum, torch.float32)
     _check("Σdz·x̂", sum_dz_xhat, r_sumx, s_sumx, r_sumx, torch.float32)
     for batch, want, same in zip((True, False), r_da, s_da, strict=True):
-        da = _ops().dbn_apply(g, y, a, mean, rstd, s, t, sum_dz, sum_dz_xhat, batch)
+        da = _ops().dbn_apply(g, y, a, mean, rstd, s, t, sum_dz, sum_dz_xhat, batch, mask=masked)
         assert da.dtype == dtype and da.shape == a.shape and da.stride() == a.stride()
         _check(f"da (batch statistics {batch})", da, want, same, want, dtype)
 
@@ -432,6 +435,8 @@ def test_opcheck_on_the_extension_ops():
     g, y, a, mean, rstd, s, t = _dbn_inputs((2, 24, 5, 7), torch.float32, "y")
     torch.library.opcheck(_ops().drelu_dbn_reduce, (g, y, a, mean, rstd, s, t))
     torch.library.opcheck(_ops().dbn_apply, (g, None, a, mean, rstd, s, t, mean, rstd, True))
+    torch.library.opcheck(_ops().drelu_dbn_reduce, (g, None, a, mean, rstd, s, t), {"mask": False})
+    torch.library.opcheck(_ops().dbn_apply, (g, None, a, mean, rstd, s, t, mean, rstd, True), {"mask": False})
     torch.library.opcheck(_ops().bn_stats, (a, s, t, EPS))
     torch.library.opcheck(_ops().bn_act, (a, s, t, y, True), {"residual_scale": s, "residual_shift": t})
     torch.library.opcheck(_ops().residual_grad, (a, g, y, a, []))
@@ -596,11 +601,10 @@ def test_pooled_units_match_the_reference(name, fmt, dtype):
     y = cuda.block_inference(eval_spec, x, params, None)
     assert y.shape == want.shape and y.is_contiguous(memory_format=fmt)
     _check("eval y", y, want, same_eval, want, dtype)
-    if spec.final_relu:  # an open block's eval is the training op's (no folded op)
-        folded = fused_resnet.backends.folding.fold_block(params, spec.units)
-        y = _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], None, eval_spec.ints,
-                                          eval_spec.floats, True)
-        _check("eval y (BN folded)", y, want, same_eval, want, dtype)
+    folded = fused_resnet.backends.folding.fold_block(params, spec.units)
+    y = _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], None, eval_spec.ints,
+                                      eval_spec.floats, True)
+    _check("eval y (BN folded)", y, want, same_eval, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -759,6 +763,147 @@ def test_block_ops_refuse_a_sample_scale_of_the_wrong_length():
         with pytest.raises(RuntimeError, match="sample_scale"):
             _ops().block_backward(torch.ones_like(out[0]), x, out[0], weights, gammas, betas, out[1:3], out[3:5],
                                   out[5:7], spec.ints, spec.floats, True, False, bad)
+
+
+# --------------------------------------------------------------------------------------------- open blocks
+# Shortcut.OPEN: y = bn(a_last), no shortcut and no final ReLU (the module closes the block in torch). The
+# extension parses it: its closing is the BN-apply kernel without ReLU, its backward starts from dz = dy unmasked.
+OPEN_CONVS = [(4, 4, 1, 1), (4, 4, 3, 2), (8, 4, 1, 1)]  # (out, in, kernel, stride): a bottleneck's main path
+
+
+def _open_problem(dtype, shortcut=Shortcut.OPEN):
+    """(spec, x64, params64, x, params) of a three-unit block on a 7x9 channels_last input, on DEVICE."""
+    spec = BlockSpec(tuple(UnitSpec((st, st), (k // 2, k // 2), eps=EPS, momentum=0.1) for _, _, k, st in OPEN_CONVS),
+                     shortcut)
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    x64 = rnd(2, 4, 7, 9).contiguous(memory_format=torch.channels_last)
+    p64 = Params([rnd(o, i, k, k) for o, i, k, _ in OPEN_CONVS], [rnd(c[0]) * 0.3 + 1 for c in OPEN_CONVS],
+                 [rnd(c[0]) * 0.3 for c in OPEN_CONVS], [rnd(c[0]) * 0.1 for c in OPEN_CONVS],
+                 [rnd(c[0]).abs() + 0.5 for c in OPEN_CONVS])
+    return spec, x64, p64, x64.to(dtype), _cast_params(p64, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cuda-unfused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_open_block_runs_in_the_extension(dtype, backend):
+    """An open block's training step, eval and folded eval against the reference backend in float64 with the rule
+    (y negative where bn(a_last) is: no ReLU; dz = dy unmasked), the step's launches those of the same units closed
+    by NONE (one closing kernel, no torch op, no fill), recorded alike by the real run and the dry one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    from fused_resnet import launches
+
+    spec, x64, p64, x, params = _open_problem(dtype)
+    cuda, n = backends.get(backend), len(spec.units)
+    out = cuda.block_forward(spec, x, params, None)
+    ref = reference.block_forward(spec, x64, p64, None)
+    same = reference.block_forward(spec, x, params, None)
+    assert out.y.shape == ref.y.shape and out.y.dtype == dtype and (out.y < 0).any()
+    _check("y", out.y, ref.y, same.y, ref.y, dtype)
+    dy64 = torch.randn(ref.y.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64).to(DEVICE)
+    dy = dy64.to(dtype).contiguous(memory_format=torch.channels_last)
+    grads = cuda.block_backward(spec, dy, x, params, out, True)
+    ref_grads = reference.block_backward(spec, dy64, x64, p64, ref, True)
+    same_grads = reference.block_backward(spec, dy, x, params, same, True)
+    _check("dx", grads.dx, ref_grads.dx, same_grads.dx, ref_grads.dx, dtype)
+    for what in ("dws", "dgammas", "dbetas"):
+        for i, (got, want, fp) in enumerate(zip(getattr(grads, what), getattr(ref_grads, what),
+                                                getattr(same_grads, what), strict=True)):
+            _check(f"{what}[{i}]", got, want, fp, want, dtype)
+
+    eval_spec = spec.with_batch_stats([False] * n)
+    want = reference.block_inference(eval_spec, x64, p64, None)
+    same_eval = reference.block_inference(eval_spec, x, params, None)
+    assert (want < 0).any()
+    _check("eval y", cuda.block_inference(eval_spec, x, params, None), want, same_eval, want, dtype)
+    folded = fused_resnet.backends.folding.fold_block(params, spec.units)
+    y = _ops().block_inference_folded(x, [w for w, _ in folded], [t for _, t in folded], None, eval_spec.ints,
+                                      eval_spec.floats, cuda.graphs)
+    _check("eval y (BN folded)", y, want, same_eval, want, dtype)
+
+    def step(spec, x, params):
+        saved = cuda.block_forward(spec, x, params, None)
+        return saved.y, cuda.block_backward(spec, torch.ones_like(saved.y), x, params, saved, True).dx
+
+    def traffic(records):
+        return [(r.name, r.kind, r.reads, r.writes, r.flops) for r in records]
+
+    with launches.recording(dry=False) as real:
+        y = step(spec, x, params)[0]
+    with launches.recording(dry=False) as closed:
+        step(spec.with_shortcut(Shortcut.NONE), x, params)
+    # the same launches, but the last unit's BN backward (the first of each kernel) does not read y: no mask
+    unread = {"drelu_dbn_reduce partials": y.nbytes, "dbn_apply": y.nbytes}
+    assert [(r.name, r.kind, r.reads + unread.pop(r.name, 0), r.writes, r.flops) for r in real] == traffic(closed)
+    assert not unread
+    assert not [r.name for r in real if "open" in r.name or r.name in ("ones", "fill")]
+    fake_mode = FakeTensorMode()
+    fake = tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, (x, params))
+    with fake_mode, launches.recording(dry=True) as dry:
+        step(spec, *fake)
+    assert traffic(dry) == traffic(real)
+    # eval (BN folded in bfloat16, as on the GPU): the NONE closing's launches, its closing graph without the ReLU
+    with fake_mode, launches.recording(dry=True) as dry_eval:
+        cuda.block_inference(eval_spec, *fake, None)
+    with fake_mode, launches.recording(dry=True) as dry_closed:
+        cuda.block_inference(eval_spec.with_shortcut(Shortcut.NONE), *fake, None)
+    closed_eval = traffic(dry_closed)
+    if closed_eval[-1][0] == "cudnn fprop+bias+relu":
+        closed_eval[-1] = ("cudnn fprop+bias",) + closed_eval[-1][1:]
+    else:
+        assert dtype == torch.float32 or not cuda.graphs, closed_eval
+    assert traffic(dry_eval) == closed_eval
+
+
+def test_open_block_requests_its_eval_closing_without_relu():
+    """fusion.requests for an open block: the NONE closing's training graphs, and an eval closing unit of conv +
+    bias with no ReLU (what block_inference asks for)."""
+    from fused_resnet.backends.cuda import fusion
+
+    spec, _, _, x, params = _open_problem(torch.bfloat16)
+    closed = spec.with_shortcut(Shortcut.NONE)
+
+    def listed(spec, train):
+        return [(r.graph, r.features, r.unit) for r in fusion.requests(spec, x, params.weights, train)]
+
+    assert listed(spec, True) == listed(closed, True)
+    evals, closed_evals = listed(spec, False), listed(closed, False)
+    if not closed_evals:  # no cuDNN frontend in this build: no graphs to ask for
+        return
+    assert evals[:-1] == closed_evals[:-1]
+    assert evals[-1] == (closed_evals[-1][0], closed_evals[-1][1] & ~fusion.RELU, closed_evals[-1][2])
+    assert evals[-1][1] & fusion.BIAS and not evals[-1][1] & (fusion.RELU | fusion.RESIDUAL)
+
+
+def test_open_block_ops_refuse_a_sample_scale_and_an_unmasked_y():
+    spec, _, _, x, params = _open_problem(torch.float32)
+    nones = [None] * len(spec.units)
+    d = torch.ones(x.shape[0], device=DEVICE)
+    out = _ops().block_forward(x, params.weights, params.gammas, params.betas, nones, nones, None, spec.ints,
+                               spec.floats, False, None)
+    with pytest.raises(RuntimeError, match="open block .* takes no sample_scale"):
+        _ops().block_forward(x, params.weights, params.gammas, params.betas, nones, nones, None, spec.ints,
+                             spec.floats, False, d)
+    n = len(spec.units)
+    with pytest.raises(RuntimeError, match="open block .* takes no sample_scale"):
+        _ops().block_backward(torch.ones_like(out[0]), x, out[0], params.weights, params.gammas, params.betas,
+                              out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:1 + 3 * n], spec.ints, spec.floats,
+                              True, False, d)
+    g, y, a, mean, rstd, s, t = _dbn_inputs((2, 24, 5, 7), torch.float32, "y")
+    with pytest.raises(RuntimeError, match="mask=False .* takes no y"):
+        _ops().drelu_dbn_reduce(g, y, a, mean, rstd, s, t, mask=False)
+    with pytest.raises(RuntimeError, match="mask=False .* takes no y"):
+        _ops().dbn_apply(g, y, a, mean, rstd, s, t, mean, mean, True, mask=False)
+    # a kind past the last is still refused, naming them all
+    ints = list(spec.ints)
+    ints[HEADER_INTS.index("shortcut")] = 6
+    with pytest.raises(RuntimeError, match="unknown shortcut kind 6 .*5 open"):
+        _ops().block_inference(x, *params, None, ints, spec.floats, False)
 
 
 # --------------------------------------------------------------------------------------------- GPU only

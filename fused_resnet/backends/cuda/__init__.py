@@ -26,12 +26,10 @@ graph cuDNN has no engine for runs the path above for that unit and is counted (
 ``fused_resnet.warm_up`` builds a model's plans ahead (CUDA graph captures never build one).
 
 An open block (``Shortcut.OPEN``, y = bn(a_last) for a module that closes the block in torch: timm's se, or a
-drop_path the op does not compute, fused_resnet.timm_blocks) is not a kind the extension parses (csrc/spec.h);
-this layer runs it through the C++ ops' ``NONE`` closing: the training op's forward (in eval too, with the running
-statistics: the eval op returns no pre-BN output) gives every unit's pre-BN output and statistics, and
-y = a_last·s + t is one torch op on them (the C++ closing's relu(a_last·s + t) is discarded); the backward op gets
-an all-ones y, so its final-ReLU mask [y > 0] passes every element (dz = dy). Exact, at the cost of that discarded
-output, the torch op and a fill (each recorded in the launch account) until the extension gains an open closing.
+drop_path the op does not compute, fused_resnet.timm_blocks) is one of the kinds the extension parses
+(csrc/spec.h): its closing is the same BN-apply kernel without the ReLU and shortcut (in eval, the last unit's
+conv + bias graph, or that kernel), and backward starts from dz = dy in the last unit's dBN kernels built without a
+mask. Every op takes the spec as it is: no step of an open block runs outside the extension.
 
 Every op is also registered for CPU tensors, running the same kernel bodies in host loops: that is how the CPU
 test suite checks them. With ``FUSED_RESNET_EXT_ON_CPU=1`` (set by the tests on a machine without a GPU) the
@@ -48,7 +46,7 @@ from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ... import launches
-from ...spec import BlockSpec, Shortcut, memory_format_of
+from ...spec import BlockSpec
 from ...tensors import Forward, Grads, Params, unpack_forward, unpack_grads
 from .. import extension, folding, reference
 from ..registry import Backend, Capabilities, register
@@ -136,15 +134,11 @@ class CudaBackend(Backend):
 
     def block_forward(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor],
                       sample_scale: Optional[Tensor] = None) -> Forward:
-        cpp_spec = _extension_spec(spec)
-        flat = run("block_forward", x.device, x, *params, residual, cpp_spec.ints, cpp_spec.floats, self.graphs,
+        flat = run("block_forward", x.device, x, *params, residual, spec.ints, spec.floats, self.graphs,
                    sample_scale)
-        out = unpack_forward(flat, len(spec.units))
-        return _opened(spec, x, params, out) if not spec.final_relu else out
+        return unpack_forward(flat, len(spec.units))
 
     def block_inference(self, spec: BlockSpec, x: Tensor, params: Params, residual: Optional[Tensor]) -> Tensor:
-        if not spec.final_relu:  # an open block's eval: the training op with the running statistics
-            return self.block_forward(spec.with_batch_stats([False] * len(spec.units)), x, params, residual).y
         # On the GPU (and in its launch account) float16 / bfloat16 eval folds BN into the weights, cached
         if (x.is_cuda or launches.dry()) and x.dtype in _FOLDED_DTYPES and self.graphs:
             folded = folding.fold_block(params, spec.units)
@@ -154,12 +148,8 @@ class CudaBackend(Backend):
 
     def block_backward(self, spec: BlockSpec, dy: Tensor, x: Tensor, params: Params, saved: Forward,
                        need_input_grad: bool, sample_scale: Optional[Tensor] = None) -> Grads:
-        y, cpp_spec = saved.y, _extension_spec(spec)
-        if not spec.final_relu:  # the C++ op's final-ReLU mask [y > 0] passes every element: dz = dy
-            y = torch.ones_like(saved.acts[spec.n_main - 1])
-            launches.record("open closing: all-pass mask (fill)", "elementwise", [], [y])
-        flat = run("block_backward", x.device, dy, x, y, params.weights, params.gammas, params.betas,
-                   saved.acts, saved.means, saved.variances, cpp_spec.ints, cpp_spec.floats, need_input_grad,
+        flat = run("block_backward", x.device, dy, x, saved.y, params.weights, params.gammas, params.betas,
+                   saved.acts, saved.means, saved.variances, spec.ints, spec.floats, need_input_grad,
                    self.graphs, sample_scale, saved.counts)
         return unpack_grads(flat, len(spec.units), spec, need_input_grad)
 
@@ -170,32 +160,14 @@ class CudaBackend(Backend):
         run("bn_running_update", mean.device, running_mean, running_var, num_batches_tracked, mean, var, count,
             momentum)
 
-    # An open block runs the training op in eval too: its graphs are the training ones.
     def prepare(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
-        return fusion.prepare(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
+        return fusion.prepare(spec, x, weights, train, self.graphs)
 
     def capture_refusal(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> Optional[str]:
-        return fusion.capture_refusal(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
+        return fusion.capture_refusal(spec, x, weights, train, self.graphs)
 
     def routes(self, spec: BlockSpec, x: Tensor, weights: List[Tensor], train: bool) -> List[str]:
-        return fusion.routes(_extension_spec(spec), x, weights, train or not spec.final_relu, self.graphs)
-
-
-def _extension_spec(spec: BlockSpec) -> BlockSpec:
-    """The spec the C++ ops parse: an open block's units with the NONE closing (csrc/spec.h has no OPEN)."""
-    return spec.with_shortcut(Shortcut.NONE) if spec.shortcut == Shortcut.OPEN else spec
-
-
-def _opened(spec: BlockSpec, x: Tensor, params: Params, out: Forward) -> Forward:
-    """An open block's forward from the C++ op's NONE-closed one: y = a_last·s + t (what the C++ closing computes
-    before its ReLU: the scale and shift from the statistics the op used, in float32), in x's layout."""
-    last = spec.n_main - 1
-    a = out.acts[last]
-    s, t, _ = reference.scale_shift(params.gammas[last], params.betas[last], out.means[last], out.variances[last],
-                                    spec.units[last].eps)
-    y = reference.bn_act(a, s, t, relu=False).contiguous(memory_format=memory_format_of(x))
-    launches.record("open closing: BN-apply (torch)", "elementwise", [a, s, t], [y])
-    return out._replace(y=y)
+        return fusion.routes(spec, x, weights, train, self.graphs)
 
 
 register(CudaBackend("cuda", graphs=True, auto_rank=0))

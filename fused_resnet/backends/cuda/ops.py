@@ -31,10 +31,10 @@ def _register() -> None:
     fake("bn_running_update")(lambda running_mean, running_var, nbt, mean, var, count, momentum: None)
     fake("bn_act")(lambda a, scale, shift, residual, relu, residual_scale=None, residual_shift=None,
                    option_a_stride=(), sample_scale=None: torch.empty_like(a))
-    fake("drelu_dbn_reduce")(lambda g, y, a, mean, rstd, scale, shift, sample_scale=None:
+    fake("drelu_dbn_reduce")(lambda g, y, a, mean, rstd, scale, shift, sample_scale=None, mask=True:
                              _vectors(a, a.shape[1], 2))
-    fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale=None:
-                      torch.empty_like(a))
+    fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale=None,
+                      mask=True: torch.empty_like(a))
     fake("residual_grad")(lambda d_main, dy, y, like, option_a_stride: torch.empty_like(like))
     fake("avg_pool")(lambda x, k: x.new_empty((*x.shape[:2], -(-x.shape[2] // k), -(-x.shape[3] // k))).contiguous(
         memory_format=torch.channels_last))
