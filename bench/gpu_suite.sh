@@ -134,7 +134,8 @@ if want quick; then
     declare -A mlimit=([cifar_resnet8]=240)  # compile and the interpreter on 2 cores: about 75 s seen
   else
     # scale-out's GPU tests (CUDA graph capture, NCCL) run in stage tests, not in quick's 110 s
-    sel=(-k "(gpu or test_block_matches_reference or test_train_block or test_eval_block or test_bn_act or drelu) and not test_graphs and not nccl")
+    # + the extension's kernels no GPU has run yet: the avg-pool unit, stochastic depth, the open closing
+    sel=(-k "(gpu or test_block_matches_reference or test_train_block or test_eval_block or test_bn_act or drelu or test_pooled_units or test_avg_pool_kernels or test_drop_path_in_the_block_ops or test_open_block_runs) and not test_graphs and not nccl")
     vargs=(--device cuda --model resnet18 --batch 4 --size 64)
     vcfgs=("float32" "bfloat16" "bfloat16 --channels-last")
     vlimit=16
