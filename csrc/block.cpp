@@ -86,7 +86,7 @@ at::Tensor conv_fprop(const UnitSpec& u, const at::Tensor& input, const at::Tens
 }
 
 // The conv input of a unit reading the block input: xc itself, or its average pool (UnitSpec::avg_pool). One
-// unit of a block pools at most (check_block), so each op call pools once.
+// unit of a block pools at most (BlockSpec::parse), so each op call pools once.
 at::Tensor block_input_of(const UnitSpec& u, const at::Tensor& xc) {
   return u.avg_pool == 1 ? xc : avg_pool(xc, u.avg_pool);
 }
@@ -105,17 +105,6 @@ void check_block(const char* op, const at::Tensor& x, const BlockSpec& spec,
   }
   TORCH_CHECK(has_residual == (spec.shortcut == Shortcut::kTensor), op,
               ": a residual tensor is given exactly when the shortcut is a tensor");
-  // backward takes a pooled first unit's gradient back through its pool as the input's whole gradient
-  // (fused_resnet.spec.BlockSpec has the same rule)
-  const size_t n_main = spec.n_main();
-  for (size_t i = 0; i < spec.units.size(); ++i) {
-    const bool reads_input = i == 0 || i == n_main;
-    const bool first_alone = i != 0 || spec.shortcut == Shortcut::kNone || spec.shortcut == Shortcut::kTensor ||
-                             spec.shortcut == Shortcut::kOpen;
-    TORCH_CHECK(spec.units[i].avg_pool == 1 || (reads_input && first_alone), op, ": unit ", i, " has avg_pool ",
-                spec.units[i].avg_pool, " (only the projection, or the first unit where no shortcut reads the "
-                "block input, pools it)");
-  }
 }
 
 struct Forward {

@@ -25,8 +25,7 @@ struct BnActOp {
   const float* rt;
   T* y;
   int64_t C;
-  ChannelParam d;      // stochastic depth's per-sample scale, in the activations' dtype (SCALED only)
-  int64_t per_sample;  // elements of one sample (H·W·C): e / per_sample is e's sample
+  SampleScale d;  // stochastic depth's (SCALED only)
   // option A geometry: output P×Q, input H×W×C_in, strides
   int64_t P, Q, H, W, C_in, stride_h, stride_w;
 
@@ -38,7 +37,7 @@ struct BnActOp {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) z[k] = affine(z[k], s[c0 + k], t[c0 + k]);
     if constexpr (SCALED) {
-      const float dn = d[e / per_sample];  // a vector never straddles two pixels, so never two samples
+      const float dn = d.at(e);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) z[k] *= dn;
     }
@@ -74,7 +73,7 @@ using BnActArgs = BnActOp<T, 1, kResidualNone, false, false>;
 template <typename T, int VEC, int RES, bool RELU, bool SCALED>
 void run(const BnActArgs<T>& args, int64_t n, Runs runs) {
   BnActOp<T, VEC, RES, RELU, SCALED> op{args.a, args.s, args.t, args.r, args.rs, args.rt, args.y, args.C,
-                                        args.d, args.per_sample, args.P, args.Q, args.H, args.W, args.C_in,
+                                        args.d, args.P, args.Q, args.H, args.W, args.C_in,
                                         args.stride_h, args.stride_w};
   for_each_index(op, n / VEC, runs);
 }
@@ -117,11 +116,7 @@ at::Tensor bn_act_launch(const at::Tensor& a, const at::Tensor& scale, const at:
     BnActArgs<T> args{read_ptr<T>(a),
                       read_ptr<float>(scale), read_ptr<float>(shift),
                       nullptr, nullptr, nullptr, write_ptr<T>(y),
-                      C, ChannelParam{}, 1, 1, 1, 1, 1, 0, 1, 1};
-    if (sample_scale.has_value() && a.size(0) > 0) {
-      args.d = param_ptr(*sample_scale);
-      args.per_sample = a.numel() / a.size(0);
-    }
+                      C, sample_scale_over(sample_scale, a), 1, 1, 1, 1, 0, 1, 1};
     int64_t c_in = C;
     if (residual.has_value()) {
       args.r = read_ptr<T>(*residual);

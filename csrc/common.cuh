@@ -64,6 +64,21 @@ struct ChannelParam {
 };
 inline ChannelParam param_ptr(const at::Tensor& t) { return {read_ptr<void>(t), t.scalar_type()}; }
 
+// Stochastic depth's per-sample scale d [N] as the closing and the BN backward read it: element e of an
+// [N, H, W, C] tensor belongs to sample e / per_sample (a 16-byte vector never straddles two pixels, so one sample).
+struct SampleScale {
+  ChannelParam d;          // in its own dtype, read as float like γ
+  int64_t per_sample = 1;  // elements of one sample (H·W·C)
+
+  C10_HOST_DEVICE float at(int64_t e) const { return d[e / per_sample]; }
+};
+
+// d for the kernels over `a`: none (never read) without a sample_scale, or for an empty batch.
+inline SampleScale sample_scale_over(const std::optional<at::Tensor>& sample_scale, const at::Tensor& a) {
+  if (!sample_scale.has_value() || a.size(0) == 0) return {};
+  return {param_ptr(*sample_scale), a.numel() / a.size(0)};
+}
+
 // 16 bytes of T (VEC = 16 / sizeof(T)), or one element when VEC = 1.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {

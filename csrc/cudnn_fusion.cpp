@@ -196,8 +196,8 @@ std::vector<Request> block_requests(const BlockSpec& spec, const at::Tensor& x, 
     in[i] = reads_below ? conv_out_sizes(in[i - 1], weights[i - 1].sizes(), spec.units[i - 1]) : x.sizes().vec();
     if (!reads_below && spec.units[i].avg_pool > 1) {  // the conv reads the block input pooled (ceil_mode)
       const int64_t k = spec.units[i].avg_pool;
-      in[i][2] = (in[i][2] + k - 1) / k;
-      in[i][3] = (in[i][3] + k - 1) / k;
+      in[i][2] = pooled_size(in[i][2], k);
+      in[i][3] = pooled_size(in[i][3], k);
     }
     eligible[i] = !config_ineligible(x, weights[i], spec.units[i], graphs);
   }

@@ -34,14 +34,6 @@ struct SumAcc {
   }
 };
 
-// Stochastic depth's per-sample scale d as the backward kernels read it (SCALED only).
-struct SampleScale {
-  ChannelParam d;      // in the activations' dtype, read as float like γ
-  int64_t per_sample;  // elements of one sample (H·W·C): e / per_sample is e's sample
-
-  C10_HOST_DEVICE float at(int64_t e) const { return d[e / per_sample]; }
-};
-
 // Where dz's mask comes from: a compile-time choice, so an unmasked kernel does no mask loads or compares.
 enum Mask : int { kMaskBn = 0, kMaskY = 1, kMaskNone = 2 };
 
@@ -192,17 +184,19 @@ struct ResidualGradOp {
   }
 };
 
-// d as the kernels read it: none (per_sample 1, never read) or the tensor's data with a's per-sample extent.
-SampleScale sample_scale_of(const std::optional<at::Tensor>& sample_scale, const at::Tensor& a) {
-  SampleScale d{ChannelParam{}, 1};
-  if (sample_scale.has_value() && a.size(0) > 0) d = {param_ptr(*sample_scale), a.numel() / a.size(0)};
-  return d;
+// `run(mask mode, scaled)` with the kernel variant a call needs. Only the closing's mask [y > 0] comes with a
+// per-sample scale (the ops refuse one without y, and y without the mask), so the scaled kernels are built with
+// kMaskY alone.
+template <typename Run>
+void with_mask_mode(bool scaled, bool has_y, bool mask, const Run& run) {
+  if (scaled) run(MaskOf<kMaskY>{}, std::true_type{});
+  else if (has_y) run(MaskOf<kMaskY>{}, std::false_type{});
+  else if (mask) run(MaskOf<kMaskBn>{}, std::false_type{});
+  else run(MaskOf<kMaskNone>{}, std::false_type{});
 }
 
 }  // namespace
 
-// Only the closing's mask [y > 0] comes with a per-sample scale (the ops refuse one without y, and y without the
-// mask), so the scaled kernels are built with kMaskY alone.
 std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::optional<at::Tensor>& y,
                                                 const at::Tensor& a, const at::Tensor& mean, const at::Tensor& rstd,
                                                 const at::Tensor& scale, const at::Tensor& shift,
@@ -213,7 +207,7 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
   const int64_t M = C == 0 ? 0 : a.numel() / C;
   const auto f32 = mean.options();
   at::Tensor sum_dz = at::empty({C}, f32), sum_dz_xhat = at::empty({C}, f32);
-  const SampleScale d = sample_scale_of(sample_scale, a);
+  const SampleScale d = sample_scale_over(sample_scale, a);
   FR_DISPATCH_FLOATING(a.scalar_type(), "drelu_dbn_reduce", [&] {
     using T = scalar_t;
     const T* pg = read_ptr<T>(g);
@@ -239,10 +233,8 @@ std::vector<at::Tensor> drelu_dbn_reduce_launch(const at::Tensor& g, const std::
       account::launch("drelu_dbn_reduce finalize", "elementwise", {partials, rstd}, {sum_dz, sum_dz_xhat});
     };
     auto with_vec = [&](auto vec) {
-      if (sample_scale.has_value()) run(vec, MaskOf<kMaskY>{}, std::true_type{});
-      else if (py != nullptr) run(vec, MaskOf<kMaskY>{}, std::false_type{});
-      else if (mask) run(vec, MaskOf<kMaskBn>{}, std::false_type{});
-      else run(vec, MaskOf<kMaskNone>{}, std::false_type{});
+      with_mask_mode(sample_scale.has_value(), py != nullptr, mask,
+                     [&](auto mask_mode, auto scaled) { run(vec, mask_mode, scaled); });
     };
     constexpr int VEC = 16 / sizeof(T);
     if (vector_width<T>(C, {pg, py, pa}) == VEC) with_vec(Vec<VEC>{}); else with_vec(Vec<1>{});
@@ -258,7 +250,7 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
   at::Tensor da = at::empty_like(a);
   const int64_t C = a.size(1);
   const float count = C == 0 ? 1.f : static_cast<float>(a.numel() / C);
-  const SampleScale d = sample_scale_of(sample_scale, a);
+  const SampleScale d = sample_scale_over(sample_scale, a);
   FR_DISPATCH_FLOATING(a.scalar_type(), "dbn_apply", [&] {
     using T = scalar_t;
     const T* pg = read_ptr<T>(g);
@@ -274,10 +266,8 @@ at::Tensor dbn_apply_launch(const at::Tensor& g, const std::optional<at::Tensor>
       for_each_index(op, a.numel() / V, runs_on(a));
     };
     auto with_mask = [&](auto vec, auto batch) {
-      if (sample_scale.has_value()) run(vec, MaskOf<kMaskY>{}, batch, std::true_type{});
-      else if (py != nullptr) run(vec, MaskOf<kMaskY>{}, batch, std::false_type{});
-      else if (mask) run(vec, MaskOf<kMaskBn>{}, batch, std::false_type{});
-      else run(vec, MaskOf<kMaskNone>{}, batch, std::false_type{});
+      with_mask_mode(sample_scale.has_value(), py != nullptr, mask,
+                     [&](auto mask_mode, auto scaled) { run(vec, mask_mode, batch, scaled); });
     };
     auto with_vec = [&](auto vec) {
       batch_stats ? with_mask(vec, std::true_type{}) : with_mask(vec, std::false_type{});

@@ -270,8 +270,8 @@ at::Tensor avg_pool_grad_add(const std::optional<at::Tensor>& d_main, const at::
   const char* op = "avg_pool_grad_add";
   check_pool(op, like, k);
   check_act(op, "d_pooled", d_pooled);
-  const std::vector<int64_t> pooled{like.size(0), like.size(1), (like.size(2) + k - 1) / k,
-                                    (like.size(3) + k - 1) / k};
+  const std::vector<int64_t> pooled{like.size(0), like.size(1), pooled_size(like.size(2), k),
+                                    pooled_size(like.size(3), k)};
   TORCH_CHECK(d_pooled.sizes() == at::IntArrayRef(pooled) && d_pooled.scalar_type() == like.scalar_type() &&
                   d_pooled.device() == like.device(),
               op, ": expected d_pooled with sizes ", shape_str(pooled), " (the pool of ", shape_str(like.sizes()),

@@ -13,6 +13,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "spec.h"
 
 namespace fused_resnet {
 namespace {
@@ -20,9 +21,7 @@ namespace {
 template <int V>
 using Vec = std::integral_constant<int, V>;
 
-// Pooled sizes and a window's extent along one axis (`size` >= 1: every window starts inside, as ceil_mode's do).
-inline int64_t pooled_size(int64_t size, int64_t k) { return (size + k - 1) / k; }
-
+// A window's extent along one axis (`size` >= 1: every window starts inside, as ceil_mode's do).
 C10_HOST_DEVICE inline int64_t window_end(int64_t j, int64_t k, int64_t size) {
   return j * k + k < size ? j * k + k : size;
 }

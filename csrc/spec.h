@@ -38,12 +38,18 @@ struct UnitSpec {
   int64_t avg_pool;
 };
 
+// The size AvgPool2d(k, k, ceil_mode=True) makes of `size` (>= 1): every window starts inside
+// (fused_resnet.spec.pooled_size).
+inline int64_t pooled_size(int64_t size, int64_t k) { return (size + k - 1) / k; }
+
 struct BlockSpec {
   std::vector<UnitSpec> units;
   Shortcut shortcut;
   std::array<int64_t, 2> option_a_stride;
 
   size_t n_main() const { return shortcut == Shortcut::kProjection ? units.size() - 1 : units.size(); }
+  // Whether unit i's conv reads the block input (the first unit, the projection), not the unit below's output.
+  bool reads_input(size_t i) const { return i == 0 || i == n_main(); }
   bool final_relu() const { return shortcut != Shortcut::kOpen; }
   bool synced() const {
     for (const auto& u : units) {
@@ -77,6 +83,15 @@ struct BlockSpec {
       TORCH_CHECK(u.groups >= 1, op, ": unit ", i, " has groups ", u.groups);
       TORCH_CHECK(u.avg_pool >= 1, op, ": unit ", i, " has avg_pool ", u.avg_pool);
       spec.units.push_back(u);
+    }
+    // backward takes a pooled first unit's gradient back through its pool as the input's whole gradient
+    // (fused_resnet.spec.BlockSpec has the same rule)
+    for (size_t i = 0; i < spec.units.size(); ++i) {
+      const bool first_alone = i != 0 || spec.shortcut == Shortcut::kNone || spec.shortcut == Shortcut::kTensor ||
+                               spec.shortcut == Shortcut::kOpen;
+      TORCH_CHECK(spec.units[i].avg_pool == 1 || (spec.reads_input(i) && first_alone), op, ": unit ", i,
+                  " has avg_pool ", spec.units[i].avg_pool, " (only the projection, or the first unit where no "
+                  "shortcut reads the block input, pools it)");
     }
     return spec;
   }

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import launches
-from ..spec import Residual
+from ..spec import Residual, pooled_size
 from . import autotune_mode
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -129,8 +129,14 @@ def _pooled_on_load(x_ptr, img, h, w, chan, ok, XH, XW, XC, POOL: tl.constexpr):
             m = ok & (h0 + i < XH) & (w0 + j < XW)
             total += tl.load(x_ptr + ((img.to(tl.int64) * XH + h0 + i) * XW + w0 + j) * XC + chan, mask=m,
                              other=0.0).to(tl.float32)
-    count = tl.maximum((tl.minimum(h0 + POOL, XH) - h0) * (tl.minimum(w0 + POOL, XW) - w0), 1).to(tl.float32)
-    return tl.where(ok, total / count, 0.0).to(x_ptr.dtype.element_ty)
+    return tl.where(ok, total / _window_count(h0, w0, XH, XW, POOL), 0.0).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _window_count(h0, w0, XH, XW, POOL: tl.constexpr):
+    """The divisor of the pool windows starting at (h0, w0) of an XH x XW input: what each holds inside it
+    (count_include_pad=False); at least 1, so a masked lane divides by something."""
+    return tl.maximum((tl.minimum(h0 + POOL, XH) - h0) * (tl.minimum(w0 + POOL, XW) - w0), 1).to(tl.float32)
 
 
 @triton.jit
@@ -404,8 +410,7 @@ def conv_dgrad_kernel(
         share = out.to(tl.float32)
         h0 = h_in * POOL
         w0 = w_in * POOL
-        count = tl.maximum((tl.minimum(h0 + POOL, XH) - h0) * (tl.minimum(w0 + POOL, XW) - w0), 1).to(tl.float32)
-        share = (share / count[:, None]).to(dx_ptr.dtype.element_ty)
+        share = (share / _window_count(h0, w0, XH, XW, POOL)[:, None]).to(dx_ptr.dtype.element_ty)
         for i in tl.static_range(POOL):
             for j in tl.static_range(POOL):
                 ok = out_ok & ((h0 + i < XH) & (w0 + j < XW))[:, None]
@@ -867,7 +872,7 @@ def _pool_input(x: torch.Tensor, avg_pool: int, groups: int, prologue: bool) -> 
 
 def _pooled_hw(x: torch.Tensor, avg_pool: int) -> Tuple[int, int]:
     """The spatial size a conv sees of x read through the pool: ceil(H / k) x ceil(W / k)."""
-    return -(-x.shape[2] // avg_pool), -(-x.shape[3] // avg_pool)
+    return pooled_size(x.shape[2], avg_pool), pooled_size(x.shape[3], avg_pool)
 
 
 def conv_fprop(
@@ -1012,7 +1017,7 @@ def conv_dgrad(
     if avg_pool > 1 and (relu_of is not None or residual is not None or relu_out):
         raise ValueError("conv_dgrad: avg_pool spreads the gradient over the pool's windows: no relu_of, residual "
                          "or relu_out with it")
-    h, wd = -(-xh // avg_pool), -(-xw // avg_pool)
+    h, wd = pooled_size(xh, avg_pool), pooled_size(xw, avg_pool)
     _groups("conv_dgrad", c, c_w, k, groups)
     if k_w != k or (_out_size(h, r, stride[0], padding[0], dilation[0]),
                     _out_size(wd, s, stride[1], padding[1], dilation[1])) != (p, q):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...spec import BlockSpec
+from ...spec import BlockSpec, pooled_size
 from ...tensors import Params, backward_fake, block_autograd, forward_fake, inference_fake
 from .. import extension
 
@@ -36,8 +36,8 @@ def _register() -> None:
     fake("dbn_apply")(lambda g, y, a, mean, rstd, scale, shift, sum_dz, sum_dz_xhat, batch_stats, sample_scale=None,
                       mask=True: torch.empty_like(a))
     fake("residual_grad")(lambda d_main, dy, y, like, option_a_stride: torch.empty_like(like))
-    fake("avg_pool")(lambda x, k: x.new_empty((*x.shape[:2], -(-x.shape[2] // k), -(-x.shape[3] // k))).contiguous(
-        memory_format=torch.channels_last))
+    fake("avg_pool")(lambda x, k: x.new_empty((*x.shape[:2], pooled_size(x.shape[2], k), pooled_size(x.shape[3], k)))
+                     .contiguous(memory_format=torch.channels_last))
     fake("avg_pool_grad_add")(lambda d_main, d_pooled, like, k: torch.empty_like(like))
     fake("block_forward")(lambda x, weights, gammas, betas, running_means, running_vars, residual, spec_ints,
                           spec_floats, graphs, sample_scale=None:
